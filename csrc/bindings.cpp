@@ -1,0 +1,286 @@
+// Python bindings of mlx-fused-sgd (module mlx_fused_sgd._ext).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include "mlx/version.h"
+
+#include "sgd_update.h"
+#include "step_decay.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+namespace mfs = mlx_fused_sgd;
+namespace mx = mlx::core;
+
+#define MFS_STR2(x) #x
+#define MFS_STR(x) MFS_STR2(x)
+
+namespace {
+
+using OptionalArray = std::optional<mx::array>;
+
+std::pair<mx::array, OptionalArray> single_result(mfs::SGDResult r) {
+  OptionalArray v;
+  if (!r.velocities.empty()) {
+    v = r.velocities[0];
+  }
+  return {r.params[0], v};
+}
+
+std::vector<mx::array> as_list(const OptionalArray& v) {
+  return v ? std::vector<mx::array>{*v} : std::vector<mx::array>{};
+}
+
+} // namespace
+
+NB_MODULE(_ext, m) {
+  m.doc() = "C++ MLX primitives of mlx_fused_sgd (step decay, fused SGD).";
+
+  // The MLX release whose headers this extension was compiled against.
+  m.attr("mlx_build_version") = MFS_STR(MLX_VERSION_MAJOR) "." MFS_STR(
+      MLX_VERSION_MINOR) "." MFS_STR(MLX_VERSION_PATCH);
+  m.attr("DEFAULT_TENSORS_PER_PRIMITIVE") = mfs::kDefaultTensorsPerPrimitive;
+
+  m.def(
+      "validate_sgd_settings",
+      [](double momentum, double weight_decay, double dampening, bool nesterov) {
+        mfs::SGDSettings{momentum, weight_decay, dampening, nesterov}
+            .validate();
+      },
+      "momentum"_a,
+      "weight_decay"_a,
+      "dampening"_a,
+      "nesterov"_a,
+      "Raise ValueError naming the first invalid SGD hyperparameter.");
+
+  m.def(
+      "validate_step_decay",
+      [](double init, double decay_rate, int64_t step_size) {
+        mfs::StepDecay{init, decay_rate, step_size}.validate();
+      },
+      "init"_a,
+      "decay_rate"_a,
+      "step_size"_a,
+      "Raise ValueError naming the first invalid step-decay number.");
+
+  m.def(
+      "step_decay_lr",
+      &mfs::step_decay_lr,
+      "step"_a,
+      "init"_a,
+      "decay_rate"_a,
+      "step_size"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      nb::sig(
+          "def step_decay_lr(step: mlx.core.array, init: float, "
+          "decay_rate: float, step_size: int, *, "
+          "stream: mlx.core.Stream | mlx.core.Device | None = None) "
+          "-> mlx.core.array"),
+      R"(Step-decay learning rate of an integer step array, as one primitive.
+
+Computes ``float32(init) * float32(decay_rate) ** float32(step // step_size)``
+for every element of ``step``, bit-identical to
+``mlx.optimizers.step_decay(init, decay_rate, step_size)(step)`` on the CPU.
+
+Args:
+    step (array): Integer array of steps, any shape.
+    init (float): Initial value.
+    decay_rate (float): Multiplicative factor to decay by.
+    step_size (int): Decay every ``step_size`` steps (>= 1).
+    stream (Stream or Device, optional): Where to run the op.
+
+Returns:
+    array: float32 learning rates of ``step``'s shape.)");
+
+  m.def(
+      "sgd_update",
+      [](const mx::array& param,
+         const mx::array& grad,
+         const OptionalArray& velocity,
+         const mx::array& learning_rate,
+         double momentum,
+         double weight_decay,
+         double dampening,
+         bool nesterov,
+         mx::StreamOrDevice s) {
+        return single_result(mfs::sgd_update_many(
+            {param},
+            {grad},
+            as_list(velocity),
+            learning_rate,
+            {momentum, weight_decay, dampening, nesterov},
+            1,
+            s));
+      },
+      "param"_a,
+      "grad"_a,
+      "velocity"_a = nb::none(),
+      nb::kw_only(),
+      "learning_rate"_a,
+      "momentum"_a = 0.0,
+      "weight_decay"_a = 0.0,
+      "dampening"_a = 0.0,
+      "nesterov"_a = false,
+      "stream"_a = nb::none(),
+      nb::sig(
+          "def sgd_update(param: mlx.core.array, grad: mlx.core.array, "
+          "velocity: mlx.core.array | None = None, *, "
+          "learning_rate: mlx.core.array, momentum: float = 0.0, "
+          "weight_decay: float = 0.0, dampening: float = 0.0, "
+          "nesterov: bool = False, "
+          "stream: mlx.core.Stream | mlx.core.Device | None = None) "
+          "-> tuple[mlx.core.array, mlx.core.array | None]"),
+      R"(One fused SGD step of one tensor (one primitive, one pass).
+
+Returns ``(new_param, new_velocity)``; ``new_velocity`` is ``velocity``
+unchanged when momentum is 0. ``learning_rate`` is a scalar array.)");
+
+  m.def(
+      "sgd_update_scheduled",
+      [](const mx::array& param,
+         const mx::array& grad,
+         const OptionalArray& velocity,
+         const mx::array& step,
+         double init,
+         double decay_rate,
+         int64_t step_size,
+         double momentum,
+         double weight_decay,
+         double dampening,
+         bool nesterov,
+         mx::StreamOrDevice s) {
+        return single_result(mfs::sgd_update_many_scheduled(
+            {param},
+            {grad},
+            as_list(velocity),
+            step,
+            {init, decay_rate, step_size},
+            {momentum, weight_decay, dampening, nesterov},
+            1,
+            s));
+      },
+      "param"_a,
+      "grad"_a,
+      "velocity"_a = nb::none(),
+      nb::kw_only(),
+      "step"_a,
+      "init"_a,
+      "decay_rate"_a,
+      "step_size"_a,
+      "momentum"_a = 0.0,
+      "weight_decay"_a = 0.0,
+      "dampening"_a = 0.0,
+      "nesterov"_a = false,
+      "stream"_a = nb::none(),
+      nb::sig(
+          "def sgd_update_scheduled(param: mlx.core.array, "
+          "grad: mlx.core.array, velocity: mlx.core.array | None = None, *, "
+          "step: mlx.core.array, init: float, decay_rate: float, "
+          "step_size: int, momentum: float = 0.0, weight_decay: float = 0.0, "
+          "dampening: float = 0.0, nesterov: bool = False, "
+          "stream: mlx.core.Stream | mlx.core.Device | None = None) "
+          "-> tuple[mlx.core.array, mlx.core.array | None]"),
+      R"(One fused SGD step with the step-decay learning rate computed in the
+kernel from the integer ``step`` counter (the step *before* increment).)");
+
+  m.def(
+      "sgd_update_many",
+      [](const std::vector<mx::array>& params,
+         const std::vector<mx::array>& grads,
+         const std::vector<mx::array>& velocities,
+         const mx::array& learning_rate,
+         double momentum,
+         double weight_decay,
+         double dampening,
+         bool nesterov,
+         int tensors_per_primitive,
+         mx::StreamOrDevice s) {
+        auto r = mfs::sgd_update_many(
+            params,
+            grads,
+            velocities,
+            learning_rate,
+            {momentum, weight_decay, dampening, nesterov},
+            tensors_per_primitive,
+            s);
+        return std::make_pair(std::move(r.params), std::move(r.velocities));
+      },
+      "params"_a,
+      "grads"_a,
+      "velocities"_a,
+      nb::kw_only(),
+      "learning_rate"_a,
+      "momentum"_a = 0.0,
+      "weight_decay"_a = 0.0,
+      "dampening"_a = 0.0,
+      "nesterov"_a = false,
+      "tensors_per_primitive"_a = mfs::kDefaultTensorsPerPrimitive,
+      "stream"_a = nb::none(),
+      nb::sig(
+          "def sgd_update_many(params: list[mlx.core.array], "
+          "grads: list[mlx.core.array], velocities: list[mlx.core.array], *, "
+          "learning_rate: mlx.core.array, momentum: float = 0.0, "
+          "weight_decay: float = 0.0, dampening: float = 0.0, "
+          "nesterov: bool = False, tensors_per_primitive: int = 8, "
+          "stream: mlx.core.Stream | mlx.core.Device | None = None) "
+          "-> tuple[list[mlx.core.array], list[mlx.core.array]]"),
+      R"(Fused SGD step of many tensors: grouped by dtype, chunked into
+primitives of ``tensors_per_primitive`` tensors each.)");
+
+  m.def(
+      "sgd_update_many_scheduled",
+      [](const std::vector<mx::array>& params,
+         const std::vector<mx::array>& grads,
+         const std::vector<mx::array>& velocities,
+         const mx::array& step,
+         double init,
+         double decay_rate,
+         int64_t step_size,
+         double momentum,
+         double weight_decay,
+         double dampening,
+         bool nesterov,
+         int tensors_per_primitive,
+         mx::StreamOrDevice s) {
+        auto r = mfs::sgd_update_many_scheduled(
+            params,
+            grads,
+            velocities,
+            step,
+            {init, decay_rate, step_size},
+            {momentum, weight_decay, dampening, nesterov},
+            tensors_per_primitive,
+            s);
+        return std::make_pair(std::move(r.params), std::move(r.velocities));
+      },
+      "params"_a,
+      "grads"_a,
+      "velocities"_a,
+      nb::kw_only(),
+      "step"_a,
+      "init"_a,
+      "decay_rate"_a,
+      "step_size"_a,
+      "momentum"_a = 0.0,
+      "weight_decay"_a = 0.0,
+      "dampening"_a = 0.0,
+      "nesterov"_a = false,
+      "tensors_per_primitive"_a = mfs::kDefaultTensorsPerPrimitive,
+      "stream"_a = nb::none(),
+      nb::sig(
+          "def sgd_update_many_scheduled(params: list[mlx.core.array], "
+          "grads: list[mlx.core.array], velocities: list[mlx.core.array], *, "
+          "step: mlx.core.array, init: float, decay_rate: float, "
+          "step_size: int, momentum: float = 0.0, weight_decay: float = 0.0, "
+          "dampening: float = 0.0, nesterov: bool = False, "
+          "tensors_per_primitive: int = 8, "
+          "stream: mlx.core.Stream | mlx.core.Device | None = None) "
+          "-> tuple[list[mlx.core.array], list[mlx.core.array]]"),
+      R"(Fused SGD step of many tensors with the step-decay learning rate
+computed in the kernel from the integer ``step`` counter.)");
+}

@@ -1,0 +1,605 @@
+#include "sgd_update.h"
+
+#include <cmath>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+
+#include "mlx/backend/cpu/encoder.h"
+
+#include "utils.h"
+
+namespace mlx_fused_sgd {
+
+// ---------------------------------------------------------------------------
+// Settings and validation
+// ---------------------------------------------------------------------------
+
+void SGDSettings::validate() const {
+  auto fail = [](const std::string& msg) {
+    throw std::invalid_argument(msg);
+  };
+  std::ostringstream os;
+  if (!std::isfinite(momentum) || momentum < 0) {
+    os << "momentum must be a finite number >= 0, but got " << momentum << ".";
+    fail(os.str());
+  }
+  if (!std::isfinite(weight_decay)) {
+    os << "weight_decay must be a finite number, but got " << weight_decay
+       << ".";
+    fail(os.str());
+  }
+  if (!(dampening >= 0 && dampening <= 1)) {
+    os << "dampening must be in [0, 1], but got " << dampening << ".";
+    fail(os.str());
+  }
+  if (nesterov && (momentum <= 0 || dampening != 0)) {
+    fail("Nesterov momentum requires a momentum and zero dampening.");
+  }
+}
+
+SGDVariant SGDVariant::from(const SGDSettings& s) {
+  SGDVariant v;
+  v.weight_decay = s.weight_decay != 0;
+  v.momentum = s.momentum > 0;
+  v.dampening = v.momentum && s.dampening > 0;
+  v.nesterov = v.momentum && s.nesterov;
+  v.hyper.weight_decay = static_cast<float>(s.weight_decay);
+  v.hyper.momentum = static_cast<float>(s.momentum);
+  // Stock computes (1 - dampening) on Python floats, then rounds once.
+  v.hyper.dampening_scale = static_cast<float>(1.0 - s.dampening);
+  return v;
+}
+
+bool SGDVariant::operator==(const SGDVariant& o) const {
+  return weight_decay == o.weight_decay && momentum == o.momentum &&
+      dampening == o.dampening && nesterov == o.nesterov &&
+      hyper.weight_decay == o.hyper.weight_decay &&
+      hyper.momentum == o.hyper.momentum &&
+      hyper.dampening_scale == o.hyper.dampening_scale;
+}
+
+namespace {
+
+bool is_supported_float(mx::Dtype dtype) {
+  return dtype == mx::float32 || dtype == mx::float16 || dtype == mx::bfloat16;
+}
+
+std::string indexed(const char* what, size_t i, size_t n) {
+  if (n == 1) {
+    return what;
+  }
+  return std::string(what) + "[" + std::to_string(i) + "]";
+}
+
+// Checks one (param, grad, velocity) triple; returns the grad broadcast to the
+// param's shape when stock would broadcast it.
+mx::array check_tensor(
+    const mx::array& param,
+    const mx::array& grad,
+    const mx::array* velocity,
+    size_t i,
+    size_t n,
+    mx::StreamOrDevice s) {
+  const auto pname = indexed("param", i, n);
+  const auto gname = indexed("grad", i, n);
+  const auto vname = indexed("velocity", i, n);
+  if (!is_supported_float(param.dtype())) {
+    throw std::invalid_argument(
+        pname + " has dtype " + dtype_name(param.dtype()) +
+        "; the fused SGD update supports float32, float16 and bfloat16.");
+  }
+  if (grad.dtype() != param.dtype()) {
+    throw std::invalid_argument(
+        gname + " has dtype " + dtype_name(grad.dtype()) + " but " + pname +
+        " has dtype " + dtype_name(param.dtype()) +
+        "; cast the gradient to the parameter's dtype.");
+  }
+  if (velocity != nullptr) {
+    if (velocity->dtype() != param.dtype()) {
+      throw std::invalid_argument(
+          vname + " has dtype " + dtype_name(velocity->dtype()) + " but " +
+          pname + " has dtype " + dtype_name(param.dtype()) + ".");
+    }
+    if (velocity->shape() != param.shape()) {
+      throw std::invalid_argument(
+          vname + " has shape " + shape_str(velocity->shape()) + " but " +
+          pname + " has shape " + shape_str(param.shape()) +
+          "; the momentum buffer must have the parameter's shape.");
+    }
+  }
+  if (grad.shape() == param.shape()) {
+    return grad;
+  }
+  // Stock `param - lr * grad` broadcasts a gradient to the parameter's shape;
+  // the other way round would change the parameter's shape, so it is refused.
+  bool broadcastable = grad.ndim() <= param.ndim();
+  for (int d = 1; broadcastable && d <= grad.ndim(); ++d) {
+    auto gd = grad.shape(-d);
+    broadcastable = gd == 1 || gd == param.shape(-d);
+  }
+  if (!broadcastable) {
+    throw std::invalid_argument(
+        gname + " has shape " + shape_str(grad.shape()) + " but " + pname +
+        " has shape " + shape_str(param.shape()) +
+        "; a gradient must have the parameter's shape or broadcast to it.");
+  }
+  return mx::broadcast_to(grad, param.shape(), s);
+}
+
+mx::array check_learning_rate(const mx::array& lr, mx::StreamOrDevice s) {
+  if (lr.size() != 1) {
+    throw std::invalid_argument(
+        "learning_rate must be a scalar, but got an array of shape " +
+        shape_str(lr.shape()) + ".");
+  }
+  if (!mx::issubdtype(lr.dtype(), mx::integer) &&
+      !mx::issubdtype(lr.dtype(), mx::floating)) {
+    throw std::invalid_argument(
+        "learning_rate must be a real number, but got dtype " +
+        dtype_name(lr.dtype()) + ".");
+  }
+  auto out = lr.dtype() == mx::float32 ? lr : mx::astype(lr, mx::float32, s);
+  return out.ndim() == 0 ? out : mx::reshape(out, {}, s);
+}
+
+SGDResult sgd_update_impl(
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<mx::array>& velocities,
+    const mx::array& lr_input,
+    const std::optional<StepDecay>& schedule,
+    const SGDSettings& settings,
+    int tensors_per_primitive,
+    mx::StreamOrDevice s) {
+  settings.validate();
+  if (tensors_per_primitive < 1) {
+    throw std::invalid_argument(
+        "tensors_per_primitive must be >= 1, but got " +
+        std::to_string(tensors_per_primitive) + ".");
+  }
+  const size_t n = params.size();
+  if (grads.size() != n) {
+    throw std::invalid_argument(
+        "params and grads must have the same length, but got " +
+        std::to_string(n) + " params and " + std::to_string(grads.size()) +
+        " grads.");
+  }
+  const auto variant = SGDVariant::from(settings);
+  const bool have_velocities = !velocities.empty();
+  if (have_velocities && velocities.size() != n) {
+    throw std::invalid_argument(
+        "velocities must be empty or have one entry per param, but got " +
+        std::to_string(velocities.size()) + " for " + std::to_string(n) +
+        " params.");
+  }
+
+  // Validate everything before building any graph node.
+  std::vector<mx::array> checked_grads;
+  checked_grads.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    checked_grads.push_back(check_tensor(
+        params[i],
+        grads[i],
+        have_velocities ? &velocities[i] : nullptr,
+        i,
+        n,
+        s));
+  }
+
+  SGDResult result;
+  result.params.resize(n, mx::array(0.0f));
+  if (!variant.momentum) {
+    result.velocities = velocities;
+  } else {
+    result.velocities.resize(n, mx::array(0.0f));
+  }
+  auto stream = mx::to_stream(s);
+
+  // Group by dtype (one kernel instantiation per primitive), keep order.
+  std::map<int, std::vector<size_t>> groups;
+  for (size_t i = 0; i < n; ++i) {
+    groups[static_cast<int>(params[i].dtype().val())].push_back(i);
+  }
+  for (auto& [_, indices] : groups) {
+    for (size_t start = 0; start < indices.size();
+         start += tensors_per_primitive) {
+      size_t end = std::min(indices.size(), start + tensors_per_primitive);
+      int count = static_cast<int>(end - start);
+      std::vector<mx::array> inputs;
+      std::vector<mx::Shape> shapes;
+      std::vector<mx::Dtype> dtypes;
+      inputs.reserve(3 * count + 1);
+      for (size_t k = start; k < end; ++k) {
+        inputs.push_back(params[indices[k]]);
+      }
+      for (size_t k = start; k < end; ++k) {
+        inputs.push_back(checked_grads[indices[k]]);
+      }
+      if (variant.momentum) {
+        for (size_t k = start; k < end; ++k) {
+          const auto& p = params[indices[k]];
+          inputs.push_back(
+              have_velocities ? velocities[indices[k]]
+                              : mx::zeros(p.shape(), p.dtype(), s));
+        }
+      }
+      inputs.push_back(lr_input);
+      const int outputs_per_tensor = variant.momentum ? 2 : 1;
+      for (int o = 0; o < outputs_per_tensor; ++o) {
+        for (size_t k = start; k < end; ++k) {
+          shapes.push_back(params[indices[k]].shape());
+          dtypes.push_back(params[indices[k]].dtype());
+        }
+      }
+      auto outs = mx::array::make_arrays(
+          std::move(shapes),
+          dtypes,
+          std::make_shared<SGDUpdate>(stream, count, variant, schedule),
+          inputs);
+      for (int k = 0; k < count; ++k) {
+        result.params[indices[start + k]] = outs[k];
+        if (variant.momentum) {
+          result.velocities[indices[start + k]] = outs[count + k];
+        }
+      }
+    }
+  }
+  return result;
+}
+
+} // namespace
+
+SGDResult sgd_update_many(
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<mx::array>& velocities,
+    const mx::array& learning_rate,
+    const SGDSettings& settings,
+    int tensors_per_primitive,
+    mx::StreamOrDevice s) {
+  auto lr = check_learning_rate(learning_rate, s);
+  return sgd_update_impl(
+      params,
+      grads,
+      velocities,
+      lr,
+      std::nullopt,
+      settings,
+      tensors_per_primitive,
+      s);
+}
+
+SGDResult sgd_update_many_scheduled(
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<mx::array>& velocities,
+    const mx::array& step,
+    const StepDecay& schedule,
+    const SGDSettings& settings,
+    int tensors_per_primitive,
+    mx::StreamOrDevice s) {
+  schedule.validate();
+  check_step_array(step, schedule.step_size, "step");
+  if (step.size() != 1) {
+    throw std::invalid_argument(
+        "step must be a scalar (the optimizer's step counter), but got an "
+        "array of shape " +
+        shape_str(step.shape()) + ".");
+  }
+  if (step.dtype() != mx::uint64) {
+    // The kernels fuse the schedule for the optimizer's uint64 counter; any
+    // other integer step takes one extra scalar op, same numbers.
+    auto lr = step_decay_lr(
+        step, schedule.init, schedule.decay_rate, schedule.step_size, s);
+    return sgd_update_many(
+        params, grads, velocities, lr, settings, tensors_per_primitive, s);
+  }
+  auto step_scalar = step.ndim() == 0 ? step : mx::reshape(step, {}, s);
+  return sgd_update_impl(
+      params,
+      grads,
+      velocities,
+      step_scalar,
+      schedule,
+      settings,
+      tensors_per_primitive,
+      s);
+}
+
+// ---------------------------------------------------------------------------
+// CPU kernel
+// ---------------------------------------------------------------------------
+
+namespace {
+
+struct TensorPointers {
+  const void* param;
+  const void* grad;
+  const void* velocity;
+  void* param_out;
+  void* velocity_out;
+  int64_t size;
+  // Strided inputs (rare: transposed or broadcast) take the general loop.
+  bool contiguous;
+  mx::Shape shape;
+  mx::Strides param_strides;
+  mx::Strides grad_strides;
+  mx::Strides velocity_strides;
+};
+
+template <typename T, bool WD, bool M, bool D, bool N>
+inline void sgd_one(
+    const T* p,
+    const T* g,
+    const T* v,
+    T* p_out,
+    T* v_out,
+    int64_t ip,
+    int64_t ig,
+    int64_t iv,
+    int64_t io,
+    float lr,
+    math::SGDHyper h) {
+  float vi = M ? static_cast<float>(v[iv]) : 0.0f;
+  auto r = math::sgd_update_element<WD, M, D, N>(
+      static_cast<float>(p[ip]), static_cast<float>(g[ig]), vi, lr, h);
+  p_out[io] = static_cast<T>(r.param);
+  if (M) {
+    v_out[io] = static_cast<T>(r.velocity);
+  }
+}
+
+// Contiguous loop. Outputs may alias their inputs (donated buffers), so each
+// block is loaded into locals, updated, then stored: the compiler vectorizes
+// the fixed-width inner loops without runtime alias checks.
+template <typename T, bool WD, bool M, bool D, bool N>
+void sgd_contiguous(
+    const T* p,
+    const T* g,
+    const T* v,
+    T* p_out,
+    T* v_out,
+    int64_t size,
+    float lr,
+    math::SGDHyper h) {
+  constexpr int W = 16;
+  int64_t i = 0;
+  for (; i + W <= size; i += W) {
+    float pb[W], gb[W], vb[W];
+    for (int j = 0; j < W; ++j) {
+      pb[j] = static_cast<float>(p[i + j]);
+      gb[j] = static_cast<float>(g[i + j]);
+      vb[j] = M ? static_cast<float>(v[i + j]) : 0.0f;
+    }
+    for (int j = 0; j < W; ++j) {
+      auto r = math::sgd_update_element<WD, M, D, N>(pb[j], gb[j], vb[j], lr, h);
+      pb[j] = r.param;
+      vb[j] = r.velocity;
+    }
+    for (int j = 0; j < W; ++j) {
+      p_out[i + j] = static_cast<T>(pb[j]);
+    }
+    if (M) {
+      for (int j = 0; j < W; ++j) {
+        v_out[i + j] = static_cast<T>(vb[j]);
+      }
+    }
+  }
+  for (; i < size; ++i) {
+    sgd_one<T, WD, M, D, N>(p, g, v, p_out, v_out, i, i, i, i, lr, h);
+  }
+}
+
+template <typename T, bool WD, bool M, bool D, bool N>
+void sgd_tensor(const TensorPointers& t, float lr, math::SGDHyper h) {
+  auto p = static_cast<const T*>(t.param);
+  auto g = static_cast<const T*>(t.grad);
+  auto v = static_cast<const T*>(t.velocity);
+  auto p_out = static_cast<T*>(t.param_out);
+  auto v_out = static_cast<T*>(t.velocity_out);
+  if (t.contiguous) {
+    sgd_contiguous<T, WD, M, D, N>(p, g, v, p_out, v_out, t.size, lr, h);
+    return;
+  }
+  for (int64_t i = 0; i < t.size; ++i) {
+    int64_t ip = elem_to_loc(i, t.shape, t.param_strides);
+    int64_t ig = elem_to_loc(i, t.shape, t.grad_strides);
+    int64_t iv = M ? elem_to_loc(i, t.shape, t.velocity_strides) : 0;
+    sgd_one<T, WD, M, D, N>(p, g, v, p_out, v_out, ip, ig, iv, i, lr, h);
+  }
+}
+
+// Calls f.template operator()<T, WD, M, D, N>() for the dtype and variant.
+template <typename F>
+void dispatch_sgd(mx::Dtype dtype, const SGDVariant& v, F&& f) {
+  auto with_type = [&]<typename T>() {
+    auto b1 = [&]<bool WD>() {
+      if (!v.momentum) {
+        return f.template operator()<T, WD, false, false, false>();
+      }
+      if (v.nesterov) {
+        return v.dampening ? f.template operator()<T, WD, true, true, true>()
+                           : f.template operator()<T, WD, true, false, true>();
+      }
+      return v.dampening ? f.template operator()<T, WD, true, true, false>()
+                         : f.template operator()<T, WD, true, false, false>();
+    };
+    return v.weight_decay ? b1.template operator()<true>()
+                          : b1.template operator()<false>();
+  };
+  switch (dtype) {
+    case mx::float32:
+      return with_type.template operator()<float>();
+    case mx::float16:
+      return with_type.template operator()<mx::float16_t>();
+    case mx::bfloat16:
+      return with_type.template operator()<mx::bfloat16_t>();
+    default:
+      throw std::invalid_argument(
+          "SGDUpdate: unsupported dtype " + dtype_name(dtype) + ".");
+  }
+}
+
+// Gives `out` the buffer of `in` when MLX says nothing else can read `in`,
+// so a steady-state training loop updates in place.
+bool try_donate(const mx::array& in, mx::array& out) {
+  if (in.is_donatable() && in.flags().row_contiguous &&
+      in.dtype() == out.dtype() && in.size() == out.size()) {
+    out.copy_shared_buffer(in);
+    return true;
+  }
+  return false;
+}
+
+} // namespace
+
+void SGDUpdate::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  release_sibling_inputs(inputs, outputs);
+  const int n = num_tensors_;
+  const bool momentum = variant_.momentum;
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+
+  std::vector<TensorPointers> tensors;
+  tensors.reserve(n);
+  for (int i = 0; i < n; ++i) {
+    const auto& p = inputs[i];
+    const auto& g = inputs[n + i];
+    const auto* v = momentum ? &inputs[2 * n + i] : nullptr;
+    auto& p_out = outputs[i];
+    auto* v_out = momentum ? &outputs[n + i] : nullptr;
+
+    bool grad_taken = false;
+    if (!try_donate(p, p_out)) {
+      grad_taken = try_donate(g, p_out);
+      if (!grad_taken) {
+        p_out.set_data(mx::allocator::malloc(p_out.nbytes()));
+      }
+    }
+    if (momentum && !try_donate(*v, *v_out) &&
+        (grad_taken || !try_donate(g, *v_out))) {
+      v_out->set_data(mx::allocator::malloc(v_out->nbytes()));
+    }
+
+    encoder.set_input_array(p);
+    encoder.set_input_array(g);
+    encoder.set_output_array(p_out);
+    if (momentum) {
+      encoder.set_input_array(*v);
+      encoder.set_output_array(*v_out);
+    }
+    bool contiguous = p.flags().row_contiguous && g.flags().row_contiguous &&
+        (!momentum || v->flags().row_contiguous);
+    TensorPointers t{
+        p.data<void>(),
+        g.data<void>(),
+        momentum ? v->data<void>() : nullptr,
+        p_out.data<void>(),
+        momentum ? v_out->data<void>() : nullptr,
+        static_cast<int64_t>(p.size()),
+        contiguous,
+        {},
+        {},
+        {},
+        {}};
+    if (!contiguous) {
+      t.shape = p.shape();
+      t.param_strides = p.strides();
+      t.grad_strides = g.strides();
+      if (momentum) {
+        t.velocity_strides = v->strides();
+      }
+    }
+    tensors.push_back(std::move(t));
+  }
+
+  const auto& lr_input = inputs.back();
+  encoder.set_input_array(lr_input);
+  const void* lr_ptr = lr_input.data<void>();
+  dispatch_sgd(
+      inputs[0].dtype(),
+      variant_,
+      [&]<typename T, bool WD, bool M, bool D, bool N>() {
+        encoder.dispatch([tensors = std::move(tensors),
+                          lr_ptr,
+                          schedule = schedule_,
+                          hyper = variant_.hyper]() {
+          // The learning rate is read when the task runs, after the ops that
+          // produce it (the schedule or the step counter) have run.
+          float lr;
+          if (schedule) {
+            lr = math::step_decay_lr<uint64_t>(
+                *static_cast<const uint64_t*>(lr_ptr),
+                static_cast<uint64_t>(schedule->step_size),
+                static_cast<float>(schedule->init),
+                static_cast<float>(schedule->decay_rate));
+          } else {
+            lr = *static_cast<const float*>(lr_ptr);
+          }
+          for (const auto& t : tensors) {
+            sgd_tensor<T, WD, M, D, N>(t, lr, hyper);
+          }
+        });
+      });
+}
+
+void SGDUpdate::eval_gpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  throw std::runtime_error(
+      "mlx_fused_sgd: SGDUpdate has no kernel for the GPU device in this "
+      "build (the Metal kernel is not built yet); run it on mx.cpu.");
+}
+
+// ---------------------------------------------------------------------------
+// Transforms and graph facts
+// ---------------------------------------------------------------------------
+
+std::vector<mx::array> SGDUpdate::jvp(
+    const std::vector<mx::array>&,
+    const std::vector<mx::array>&,
+    const std::vector<int>&) {
+  throw std::runtime_error(
+      "mlx_fused_sgd: SGDUpdate is an optimizer step and cannot be "
+      "differentiated (jvp).");
+}
+
+std::vector<mx::array> SGDUpdate::vjp(
+    const std::vector<mx::array>&,
+    const std::vector<mx::array>&,
+    const std::vector<int>&,
+    const std::vector<mx::array>&) {
+  throw std::runtime_error(
+      "mlx_fused_sgd: SGDUpdate is an optimizer step and cannot be "
+      "differentiated (vjp).");
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> SGDUpdate::vmap(
+    const std::vector<mx::array>&,
+    const std::vector<int>&) {
+  throw std::runtime_error(
+      "mlx_fused_sgd: SGDUpdate does not support vmap; update the batched "
+      "tensors directly (the update is elementwise).");
+}
+
+bool SGDUpdate::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const SGDUpdate&>(other);
+  return num_tensors_ == o.num_tensors_ && variant_ == o.variant_ &&
+      schedule_ == o.schedule_;
+}
+
+std::vector<mx::Shape> SGDUpdate::output_shapes(
+    const std::vector<mx::array>& inputs) {
+  std::vector<mx::Shape> shapes;
+  const int outputs_per_tensor = variant_.momentum ? 2 : 1;
+  for (int o = 0; o < outputs_per_tensor; ++o) {
+    for (int i = 0; i < num_tensors_; ++i) {
+      shapes.push_back(inputs[i].shape());
+    }
+  }
+  return shapes;
+}
+
+} // namespace mlx_fused_sgd

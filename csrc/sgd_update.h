@@ -1,0 +1,126 @@
+// The fused SGD update as an MLX primitive: param, grad and momentum buffer in,
+// new param and new momentum buffer out, one pass over memory. One primitive
+// updates a chunk of tensors of one dtype (Apex-style multi-tensor apply); the
+// single-tensor op is a chunk of one.
+#pragma once
+
+#include <optional>
+#include <vector>
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+#include "kernels/sgd_math.h"
+#include "step_decay.h"
+
+namespace mlx_fused_sgd {
+
+namespace mx = mlx::core;
+
+// The optimizer's hyperparameters as the user gave them (Python floats).
+struct SGDSettings {
+  double momentum = 0.0;
+  double weight_decay = 0.0;
+  double dampening = 0.0;
+  bool nesterov = false;
+
+  // Throws std::invalid_argument naming the bad hyperparameter.
+  void validate() const;
+};
+
+// What the kernel is compiled for: the variant flags (decided on the double
+// values, as stock's Python branches are) and the float32 constants.
+struct SGDVariant {
+  bool weight_decay;
+  bool momentum;
+  bool dampening;
+  bool nesterov;
+  math::SGDHyper hyper;
+
+  static SGDVariant from(const SGDSettings& settings);
+  bool operator==(const SGDVariant& other) const;
+};
+
+struct SGDResult {
+  std::vector<mx::array> params;
+  // New momentum buffers; the given ones unchanged (or empty) when momentum
+  // is off.
+  std::vector<mx::array> velocities;
+};
+
+// Default number of tensors per primitive: MLX multi-output primitives cost
+// O(outputs^2) to build, so many tensors are split into chunks of this size.
+inline constexpr int kDefaultTensorsPerPrimitive = 8;
+
+// Updates many tensors with a scalar learning-rate array.
+SGDResult sgd_update_many(
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<mx::array>& velocities,
+    const mx::array& learning_rate,
+    const SGDSettings& settings,
+    int tensors_per_primitive = kDefaultTensorsPerPrimitive,
+    mx::StreamOrDevice s = {});
+
+// Updates many tensors with the learning rate computed inside the kernel from
+// the integer step counter and the step-decay schedule (no extra op).
+SGDResult sgd_update_many_scheduled(
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<mx::array>& velocities,
+    const mx::array& step,
+    const StepDecay& schedule,
+    const SGDSettings& settings,
+    int tensors_per_primitive = kDefaultTensorsPerPrimitive,
+    mx::StreamOrDevice s = {});
+
+// Inputs:  params[n], grads[n], velocities[n] (momentum only), then one
+//          scalar: the float32 learning rate, or the uint64 step counter when
+//          a step-decay schedule is fused in.
+// Outputs: params[n], velocities[n] (momentum only).
+class SGDUpdate : public mx::Primitive {
+ public:
+  SGDUpdate(
+      mx::Stream stream,
+      int num_tensors,
+      SGDVariant variant,
+      std::optional<StepDecay> schedule)
+      : mx::Primitive(stream),
+        num_tensors_(num_tensors),
+        variant_(variant),
+        schedule_(schedule) {}
+
+  void eval_cpu(
+      const std::vector<mx::array>& inputs,
+      std::vector<mx::array>& outputs) override;
+  void eval_gpu(
+      const std::vector<mx::array>& inputs,
+      std::vector<mx::array>& outputs) override;
+
+  std::vector<mx::array> jvp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& tangents,
+      const std::vector<int>& argnums) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
+      const std::vector<mx::array>& inputs,
+      const std::vector<int>& axes) override;
+
+  const char* name() const override {
+    return "SGDUpdate";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(
+      const std::vector<mx::array>& inputs) override;
+
+ private:
+  int num_tensors_;
+  SGDVariant variant_;
+  std::optional<StepDecay> schedule_;
+};
+
+} // namespace mlx_fused_sgd

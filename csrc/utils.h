@@ -1,0 +1,59 @@
+// Small helpers shared by the primitives of mlx-fused-sgd.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "mlx/array.h"
+#include "mlx/dtype.h"
+
+namespace mlx_fused_sgd {
+
+namespace mx = mlx::core;
+
+// Offset (in elements) of the elem-th element, in row-major order, of an array
+// with the given shape and strides. 64-bit throughout so arrays of more than
+// 2^31 elements index correctly.
+inline int64_t elem_to_loc(
+    int64_t elem,
+    const mx::Shape& shape,
+    const mx::Strides& strides) {
+  int64_t loc = 0;
+  for (int i = static_cast<int>(shape.size()) - 1; i >= 0 && elem > 0; --i) {
+    loc += (elem % shape[i]) * strides[i];
+    elem /= shape[i];
+  }
+  return loc;
+}
+
+// MLX gives every output of a multi-output primitive its own copy of the input
+// list, so each input is referenced once per output and is_donatable() (use
+// count == 1) can never hold. The eval loop clears those sibling copies with
+// array::detach() right after this eval; clearing them just before lets the
+// inputs that nothing else references be donated to the outputs. Tracers
+// (inside mx.compile or a transform) keep their graph untouched.
+inline void release_sibling_inputs(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  for (auto& out : outputs) {
+    if (out.is_tracer()) {
+      return;
+    }
+  }
+  for (auto& out : outputs) {
+    if (&out.inputs() != &inputs) {
+      out.inputs().clear();
+    }
+  }
+}
+
+// Directory holding this extension's shared object, where the .metallib is
+// installed next to it.
+std::string extension_dir();
+
+std::string dtype_name(mx::Dtype dtype);
+
+std::string shape_str(const mx::Shape& shape);
+
+} // namespace mlx_fused_sgd

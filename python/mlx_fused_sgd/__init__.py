@@ -1,0 +1,44 @@
+"""mlx-fused-sgd: the SGD step with a step-decay schedule as one fused MLX op.
+
+* :func:`step_decay` - drop-in for :func:`mlx.optimizers.step_decay`.
+* :func:`sgd_update`, :func:`sgd_update_scheduled`, :func:`sgd_update_many`,
+  :func:`sgd_update_many_scheduled` - the fused update as functions.
+* :class:`FusedSGD` - drop-in for :class:`mlx.optimizers.SGD`.
+"""
+
+import mlx.core as _mx
+
+from ._build_info import MLX_BUILD_VERSION as _MLX_BUILD_VERSION
+
+if _mx.__version__ != _MLX_BUILD_VERSION:
+    raise ImportError(
+        f"mlx_fused_sgd was built against MLX {_MLX_BUILD_VERSION} but MLX "
+        f"{_mx.__version__} is installed; an extension must run with the MLX "
+        "release it was compiled against. Rebuild it in this environment: "
+        "pip install --force-reinstall --no-cache-dir mlx-fused-sgd (from its "
+        "source directory: pip install --force-reinstall .), or install "
+        f"mlx=={_MLX_BUILD_VERSION}."
+    )
+
+from . import _ext  # noqa: E402
+from .functional import (  # noqa: E402
+    sgd_update,
+    sgd_update_many,
+    sgd_update_many_scheduled,
+    sgd_update_scheduled,
+)
+from .optimizer import FusedSGD  # noqa: E402
+from .schedules import StepDecay, step_decay  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FusedSGD",
+    "StepDecay",
+    "sgd_update",
+    "sgd_update_many",
+    "sgd_update_many_scheduled",
+    "sgd_update_scheduled",
+    "step_decay",
+    "_ext",
+]

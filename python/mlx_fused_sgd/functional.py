@@ -1,0 +1,175 @@
+"""The fused SGD update as functions (thin wrappers over the C++ ops)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import mlx.core as mx
+
+from . import _ext
+from .schedules import StepDecay
+
+StreamOrDevice = mx.Stream | mx.Device | None
+
+
+def _as_lr(learning_rate: float | mx.array) -> mx.array:
+    if isinstance(learning_rate, mx.array):
+        return learning_rate
+    if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
+        return mx.array(learning_rate, mx.float32)
+    raise TypeError(
+        "learning_rate must be a float or a scalar mx.array, but got "
+        f"{type(learning_rate).__name__}."
+    )
+
+
+def _check_schedule(schedule: StepDecay) -> StepDecay:
+    if not isinstance(schedule, StepDecay):
+        raise TypeError(
+            "schedule must be a mlx_fused_sgd.step_decay(...) schedule, but got "
+            f"{type(schedule).__name__}; pass other schedules' values as "
+            "learning_rate."
+        )
+    return schedule
+
+
+def sgd_update(
+    param: mx.array,
+    grad: mx.array,
+    velocity: mx.array | None = None,
+    *,
+    learning_rate: float | mx.array,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    stream: StreamOrDevice = None,
+) -> tuple[mx.array, mx.array | None]:
+    """One fused SGD step of one tensor, as ``mlx.optimizers.SGD`` computes it.
+
+    One primitive reads ``param``, ``grad`` and ``velocity`` once and writes
+    the new param and the new velocity.
+
+    Args:
+        param: The parameter (float32, float16 or bfloat16).
+        grad: Its gradient: same dtype, same shape or broadcastable to it.
+        velocity: The momentum buffer (``None`` means zeros). Ignored and
+            returned unchanged when ``momentum`` is 0.
+        learning_rate: A float or a scalar array.
+        momentum, weight_decay, dampening, nesterov: As ``optim.SGD``.
+        stream: Stream or device to run on.
+
+    Returns:
+        ``(new_param, new_velocity)``.
+    """
+    return _ext.sgd_update(
+        param,
+        grad,
+        velocity,
+        learning_rate=_as_lr(learning_rate),
+        momentum=momentum,
+        weight_decay=weight_decay,
+        dampening=dampening,
+        nesterov=nesterov,
+        stream=stream,
+    )
+
+
+def sgd_update_scheduled(
+    param: mx.array,
+    grad: mx.array,
+    velocity: mx.array | None = None,
+    *,
+    step: mx.array,
+    schedule: StepDecay,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    stream: StreamOrDevice = None,
+) -> tuple[mx.array, mx.array | None]:
+    """:func:`sgd_update` with the learning rate ``schedule(step)`` computed
+    inside the kernel from the integer step counter (the step before it is
+    incremented, as stock optimizers evaluate schedules)."""
+    s = _check_schedule(schedule)
+    return _ext.sgd_update_scheduled(
+        param,
+        grad,
+        velocity,
+        step=step,
+        init=float(s.init),
+        decay_rate=float(s.decay_rate),
+        step_size=s.step_size,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        dampening=dampening,
+        nesterov=nesterov,
+        stream=stream,
+    )
+
+
+def sgd_update_many(
+    params: Sequence[mx.array],
+    grads: Sequence[mx.array],
+    velocities: Sequence[mx.array] | None = None,
+    *,
+    learning_rate: float | mx.array,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    tensors_per_primitive: int = _ext.DEFAULT_TENSORS_PER_PRIMITIVE,
+    stream: StreamOrDevice = None,
+) -> tuple[list[mx.array], list[mx.array]]:
+    """The fused SGD step of many tensors, in few primitives.
+
+    Tensors are grouped by dtype and packed ``tensors_per_primitive`` to a
+    primitive. Returns ``(new_params, new_velocities)`` (``velocities``
+    unchanged, or ``[]``, when momentum is 0).
+    """
+    return _ext.sgd_update_many(
+        list(params),
+        list(grads),
+        list(velocities or []),
+        learning_rate=_as_lr(learning_rate),
+        momentum=momentum,
+        weight_decay=weight_decay,
+        dampening=dampening,
+        nesterov=nesterov,
+        tensors_per_primitive=tensors_per_primitive,
+        stream=stream,
+    )
+
+
+def sgd_update_many_scheduled(
+    params: Sequence[mx.array],
+    grads: Sequence[mx.array],
+    velocities: Sequence[mx.array] | None = None,
+    *,
+    step: mx.array,
+    schedule: StepDecay,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    tensors_per_primitive: int = _ext.DEFAULT_TENSORS_PER_PRIMITIVE,
+    stream: StreamOrDevice = None,
+) -> tuple[list[mx.array], list[mx.array]]:
+    """:func:`sgd_update_many` with the step-decay learning rate computed in
+    the kernel from ``step``."""
+    s = _check_schedule(schedule)
+    return _ext.sgd_update_many_scheduled(
+        list(params),
+        list(grads),
+        list(velocities or []),
+        step=step,
+        init=float(s.init),
+        decay_rate=float(s.decay_rate),
+        step_size=s.step_size,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        dampening=dampening,
+        nesterov=nesterov,
+        tensors_per_primitive=tensors_per_primitive,
+        stream=stream,
+    )
