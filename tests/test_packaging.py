@@ -1,0 +1,79 @@
+"""Build and install facts: pins, the import-time MLX check, RPATH."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+import mlx_fused_sgd as mfs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject():
+    tomllib = pytest.importorskip("tomllib")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _pins(requirements, name):
+    pins = set()
+    for req in requirements:
+        m = re.match(rf"{name}(\[\w+\])?==([\w.]+)", req)
+        if m:
+            pins.add(m.group(2))
+    return pins
+
+
+def test_build_and_runtime_pin_the_same_mlx():
+    cfg = _pyproject()
+    build = _pins(cfg["build-system"]["requires"], "mlx")
+    runtime = _pins(cfg["project"]["dependencies"], "mlx")
+    assert len(build) == 1 and build == runtime, (build, runtime)
+    assert mx.__version__ in build
+    assert mfs._ext.mlx_build_version == mx.__version__
+
+
+def test_nanobind_is_pinned():
+    cfg = _pyproject()
+    assert len(_pins(cfg["build-system"]["requires"], "nanobind")) == 1
+
+
+def test_import_refuses_a_different_mlx():
+    code = (
+        "import mlx.core as mx; mx.__version__ = '0.0.1'\n"
+        "import mlx_fused_sgd\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "ImportError" in proc.stderr
+    assert "0.0.1" in proc.stderr and mfs._ext.mlx_build_version in proc.stderr
+    assert "Rebuild" in proc.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF only")
+def test_extension_finds_libmlx_through_its_rpath():
+    ext = Path(mfs._ext.__file__)
+    try:
+        dyn = subprocess.run(["readelf", "-d", str(ext)], capture_output=True, text=True, check=True).stdout
+    except (FileNotFoundError, subprocess.CalledProcessError):
+        pytest.skip("readelf not available")
+    assert "$ORIGIN/../mlx/lib" in dyn
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH",)}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import mlx_fused_sgd, mlx.core as mx; print(mlx_fused_sgd.step_decay(0.1, 0.9, 10)(mx.array(20)))"],
+        capture_output=True, text=True, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "0.081" in proc.stdout
+
+
+def test_type_stubs_are_shipped():
+    pkg = Path(mfs.__file__).parent
+    assert (pkg / "py.typed").exists()
+    stub = (pkg / "_ext.pyi").read_text()
+    for name in ["step_decay_lr", "sgd_update", "sgd_update_scheduled", "sgd_update_many", "sgd_update_many_scheduled"]:
+        assert f"def {name}(" in stub
