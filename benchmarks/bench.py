@@ -149,7 +149,9 @@ def torch_runner(kind: str, shapes):
         p.grad = torch.randn(p.shape, generator=gen)
     flag = {"foreach": True} if kind == "torch_foreach" else {"fused": True}
     opt = torch.optim.SGD(params, lr=SCHEDULE[0], **HYPER, **flag)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=SCHEDULE[2], gamma=SCHEDULE[1])
+    sched = torch.optim.lr_scheduler.StepLR(
+        opt, step_size=SCHEDULE[2], gamma=SCHEDULE[1]
+    )
 
     def step():
         opt.step()
@@ -164,15 +166,34 @@ def torch_runner(kind: str, shapes):
 
 
 def _load_triad():
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    cc = (
+        shutil.which(os.environ.get("CC", "cc"))
+        or shutil.which("gcc")
+        or shutil.which("clang")
+    )
     if cc is None:
         return None, "no C compiler"
     out = Path(tempfile.mkdtemp()) / "libtriad.so"
     for flags in (["-fopenmp"], []):
-        cmd = [cc, "-O3", "-march=native", "-shared", "-fPIC", *flags, str(HERE / "triad.c"), "-o", str(out)]
+        cmd = [
+            cc,
+            "-O3",
+            "-march=native",
+            "-shared",
+            "-fPIC",
+            *flags,
+            str(HERE / "triad.c"),
+            "-o",
+            str(out),
+        ]
         if subprocess.run(cmd, capture_output=True).returncode == 0:
             lib = ctypes.CDLL(str(out))
-            lib.triad.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_size_t]
+            lib.triad.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_float,
+                ctypes.c_size_t,
+            ]
             return lib, "C triad" + (" + OpenMP" if flags else " (1 thread)")
     return None, "C triad failed to build"
 
@@ -183,6 +204,7 @@ def triad_bandwidth(n: int = 1 << 25, reps: int = 15) -> tuple[float, str]:
     c = np.ones(n, np.float32)
     lib, how = _load_triad()
     if lib is not None:
+
         def run():
             lib.triad(b.ctypes.data, c.ctypes.data, ctypes.c_float(1e-3), n)
     else:
@@ -218,13 +240,22 @@ LABELS = {
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workloads", nargs="+", default=["large", "gpt", "small"], choices=["large", "gpt", "small"])
+    ap.add_argument(
+        "--workloads",
+        nargs="+",
+        default=["large", "gpt", "small"],
+        choices=["large", "gpt", "small"],
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument(
+        "--dtype", default="float32", choices=["float32", "float16", "bfloat16"]
+    )
     ap.add_argument("--reps", type=int, default=20, help="timed steps per measurement")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
-    ap.add_argument("--out", default=str(HERE / "results"), help="folder for JSON and PNG")
+    ap.add_argument(
+        "--out", default=str(HERE / "results"), help="folder for JSON and PNG"
+    )
     args = ap.parse_args(argv)
 
     device = mx.gpu if args.device == "gpu" else mx.cpu
@@ -263,8 +294,11 @@ def main(argv=None) -> int:
         n_params = sum(int(np.prod(s)) for s in shapes)
         # 20 bytes per fp32 parameter; half types move half as many bytes.
         bytes_per_param = BYTES_PER_PARAM * dtype.size / 4
-        row = {"tensors": len(shapes), "params": n_params,
-               "roofline_ms": bytes_per_param * n_params / bw * 1e3}
+        row = {
+            "tensors": len(shapes),
+            "params": n_params,
+            "roofline_ms": bytes_per_param * n_params / bw * 1e3,
+        }
         for impl in impls:
             progress.advance(f"{wl}: {LABELS[impl]}")
             if impl.startswith("torch"):
@@ -288,18 +322,30 @@ def main(argv=None) -> int:
 
 def print_table(results, impls) -> None:
     m = results["machine"]
-    print(f"\n{m['platform']}, {m['cpus']} CPUs, MLX {m['mlx']}, torch {m['torch']}, "
-          f"device {m['device']}, {m['dtype']}")
+    print(
+        f"\n{m['platform']}, {m['cpus']} CPUs, MLX {m['mlx']}, torch {m['torch']}, "
+        f"device {m['device']}, {m['dtype']}"
+    )
     print(f"triad bandwidth {m['triad_GBps']:.1f} GB/s ({m['triad_method']})\n")
     cols = ["roofline", *impls]
-    head = f"{'workload':<8} {'tensors':>7} {'params':>8} | " + " ".join(f"{LABELS[c]:>16}" for c in cols)
+    head = f"{'workload':<8} {'tensors':>7} {'params':>8} | " + " ".join(
+        f"{LABELS[c]:>16}" for c in cols
+    )
     print(head + f" | {'fused/roofline':>14} {'eager/fused':>11}")
     print("-" * len(head) + "-" * 29)
     for wl, row in results["workloads"].items():
         cells = " ".join(f"{row.get(c + '_ms', float('nan')):>13.2f} ms" for c in cols)
-        ratio_roof = row["fused_ms"] / row["roofline_ms"] if "fused_ms" in row else float("nan")
-        ratio_eager = row.get("stock_eager_ms", float("nan")) / row["fused_ms"] if "fused_ms" in row else float("nan")
-        print(f"{wl:<8} {row['tensors']:>7} {row['params'] / 1e6:>7.1f}M | {cells} | {ratio_roof:>13.2f}x {ratio_eager:>10.1f}x")
+        ratio_roof = (
+            row["fused_ms"] / row["roofline_ms"] if "fused_ms" in row else float("nan")
+        )
+        ratio_eager = (
+            row.get("stock_eager_ms", float("nan")) / row["fused_ms"]
+            if "fused_ms" in row
+            else float("nan")
+        )
+        print(
+            f"{wl:<8} {row['tensors']:>7} {row['params'] / 1e6:>7.1f}M | {cells} | {ratio_roof:>13.2f}x {ratio_eager:>10.1f}x"
+        )
 
 
 def plot(results, impls, path):
@@ -321,7 +367,9 @@ def plot(results, impls, path):
     ax.set_yscale("log")
     ax.set_ylabel("ms per optimizer step (log scale)")
     m = results["machine"]
-    ax.set_title(f"SGD step, {m['dtype']} on {m['device']} ({m['cpus']} CPUs, MLX {m['mlx']})")
+    ax.set_title(
+        f"SGD step, {m['dtype']} on {m['device']} ({m['cpus']} CPUs, MLX {m['mlx']})"
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -16,9 +16,7 @@ namespace mlx_fused_sgd {
 // ---------------------------------------------------------------------------
 
 void SGDSettings::validate() const {
-  auto fail = [](const std::string& msg) {
-    throw std::invalid_argument(msg);
-  };
+  auto fail = [](const std::string &msg) { throw std::invalid_argument(msg); };
   std::ostringstream os;
   if (!std::isfinite(momentum) || momentum < 0) {
     os << "momentum must be a finite number >= 0, but got " << momentum << ".";
@@ -38,7 +36,7 @@ void SGDSettings::validate() const {
   }
 }
 
-SGDVariant SGDVariant::from(const SGDSettings& s) {
+SGDVariant SGDVariant::from(const SGDSettings &s) {
   SGDVariant v;
   v.weight_decay = s.weight_decay != 0;
   v.momentum = s.momentum > 0;
@@ -51,12 +49,12 @@ SGDVariant SGDVariant::from(const SGDSettings& s) {
   return v;
 }
 
-bool SGDVariant::operator==(const SGDVariant& o) const {
+bool SGDVariant::operator==(const SGDVariant &o) const {
   return weight_decay == o.weight_decay && momentum == o.momentum &&
-      dampening == o.dampening && nesterov == o.nesterov &&
-      hyper.weight_decay == o.hyper.weight_decay &&
-      hyper.momentum == o.hyper.momentum &&
-      hyper.dampening_scale == o.hyper.dampening_scale;
+         dampening == o.dampening && nesterov == o.nesterov &&
+         hyper.weight_decay == o.hyper.weight_decay &&
+         hyper.momentum == o.hyper.momentum &&
+         hyper.dampening_scale == o.hyper.dampening_scale;
 }
 
 namespace {
@@ -65,7 +63,7 @@ bool is_supported_float(mx::Dtype dtype) {
   return dtype == mx::float32 || dtype == mx::float16 || dtype == mx::bfloat16;
 }
 
-std::string indexed(const char* what, size_t i, size_t n) {
+std::string indexed(const char *what, size_t i, size_t n) {
   if (n == 1) {
     return what;
   }
@@ -75,9 +73,9 @@ std::string indexed(const char* what, size_t i, size_t n) {
 // Checks one (param, grad, velocity) triple; returns the grad broadcast to the
 // param's shape when stock would broadcast it.
 mx::array check_tensor(
-    const mx::array& param,
-    const mx::array& grad,
-    const mx::array* velocity,
+    const mx::array &param,
+    const mx::array &grad,
+    const mx::array *velocity,
     size_t i,
     size_t n,
     mx::StreamOrDevice s) {
@@ -127,7 +125,7 @@ mx::array check_tensor(
   return mx::broadcast_to(grad, param.shape(), s);
 }
 
-mx::array check_learning_rate(const mx::array& lr, mx::StreamOrDevice s) {
+mx::array check_learning_rate(const mx::array &lr, mx::StreamOrDevice s) {
   if (lr.size() != 1) {
     throw std::invalid_argument(
         "learning_rate must be a scalar, but got an array of shape " +
@@ -144,12 +142,12 @@ mx::array check_learning_rate(const mx::array& lr, mx::StreamOrDevice s) {
 }
 
 SGDResult sgd_update_impl(
-    const std::vector<mx::array>& params,
-    const std::vector<mx::array>& grads,
-    const std::vector<mx::array>& velocities,
-    const mx::array& lr_input,
-    const std::optional<StepDecay>& schedule,
-    const SGDSettings& settings,
+    const std::vector<mx::array> &params,
+    const std::vector<mx::array> &grads,
+    const std::vector<mx::array> &velocities,
+    const mx::array &lr_input,
+    const std::optional<StepDecay> &schedule,
+    const SGDSettings &settings,
     int tensors_per_primitive,
     mx::StreamOrDevice s) {
   settings.validate();
@@ -201,7 +199,7 @@ SGDResult sgd_update_impl(
   for (size_t i = 0; i < n; ++i) {
     groups[static_cast<int>(params[i].dtype().val())].push_back(i);
   }
-  for (auto& [_, indices] : groups) {
+  for (auto &[_, indices] : groups) {
     for (size_t start = 0; start < indices.size();
          start += tensors_per_primitive) {
       size_t end = std::min(indices.size(), start + tensors_per_primitive);
@@ -218,7 +216,7 @@ SGDResult sgd_update_impl(
       }
       if (variant.momentum) {
         for (size_t k = start; k < end; ++k) {
-          const auto& p = params[indices[k]];
+          const auto &p = params[indices[k]];
           inputs.push_back(
               have_velocities ? velocities[indices[k]]
                               : mx::zeros(p.shape(), p.dtype(), s));
@@ -251,11 +249,11 @@ SGDResult sgd_update_impl(
 } // namespace
 
 SGDResult sgd_update_many(
-    const std::vector<mx::array>& params,
-    const std::vector<mx::array>& grads,
-    const std::vector<mx::array>& velocities,
-    const mx::array& learning_rate,
-    const SGDSettings& settings,
+    const std::vector<mx::array> &params,
+    const std::vector<mx::array> &grads,
+    const std::vector<mx::array> &velocities,
+    const mx::array &learning_rate,
+    const SGDSettings &settings,
     int tensors_per_primitive,
     mx::StreamOrDevice s) {
   auto lr = check_learning_rate(learning_rate, s);
@@ -271,12 +269,12 @@ SGDResult sgd_update_many(
 }
 
 SGDResult sgd_update_many_scheduled(
-    const std::vector<mx::array>& params,
-    const std::vector<mx::array>& grads,
-    const std::vector<mx::array>& velocities,
-    const mx::array& step,
-    const StepDecay& schedule,
-    const SGDSettings& settings,
+    const std::vector<mx::array> &params,
+    const std::vector<mx::array> &grads,
+    const std::vector<mx::array> &velocities,
+    const mx::array &step,
+    const StepDecay &schedule,
+    const SGDSettings &settings,
     int tensors_per_primitive,
     mx::StreamOrDevice s) {
   schedule.validate();
@@ -314,11 +312,11 @@ SGDResult sgd_update_many_scheduled(
 namespace {
 
 struct TensorPointers {
-  const void* param;
-  const void* grad;
-  const void* velocity;
-  void* param_out;
-  void* velocity_out;
+  const void *param;
+  const void *grad;
+  const void *velocity;
+  void *param_out;
+  void *velocity_out;
   int64_t size;
   // Strided inputs (rare: transposed or broadcast) take the general loop.
   bool contiguous;
@@ -330,11 +328,11 @@ struct TensorPointers {
 
 template <typename T, bool WD, bool M, bool D, bool N>
 inline void sgd_one(
-    const T* p,
-    const T* g,
-    const T* v,
-    T* p_out,
-    T* v_out,
+    const T *p,
+    const T *g,
+    const T *v,
+    T *p_out,
+    T *v_out,
     int64_t ip,
     int64_t ig,
     int64_t iv,
@@ -355,11 +353,11 @@ inline void sgd_one(
 // the fixed-width inner loops without runtime alias checks.
 template <typename T, bool WD, bool M, bool D, bool N>
 void sgd_contiguous(
-    const T* p,
-    const T* g,
-    const T* v,
-    T* p_out,
-    T* v_out,
+    const T *p,
+    const T *g,
+    const T *v,
+    T *p_out,
+    T *v_out,
     int64_t size,
     float lr,
     math::SGDHyper h) {
@@ -373,7 +371,8 @@ void sgd_contiguous(
       vb[j] = M ? static_cast<float>(v[i + j]) : 0.0f;
     }
     for (int j = 0; j < W; ++j) {
-      auto r = math::sgd_update_element<WD, M, D, N>(pb[j], gb[j], vb[j], lr, h);
+      auto r =
+          math::sgd_update_element<WD, M, D, N>(pb[j], gb[j], vb[j], lr, h);
       pb[j] = r.param;
       vb[j] = r.velocity;
     }
@@ -392,12 +391,12 @@ void sgd_contiguous(
 }
 
 template <typename T, bool WD, bool M, bool D, bool N>
-void sgd_tensor(const TensorPointers& t, float lr, math::SGDHyper h) {
-  auto p = static_cast<const T*>(t.param);
-  auto g = static_cast<const T*>(t.grad);
-  auto v = static_cast<const T*>(t.velocity);
-  auto p_out = static_cast<T*>(t.param_out);
-  auto v_out = static_cast<T*>(t.velocity_out);
+void sgd_tensor(const TensorPointers &t, float lr, math::SGDHyper h) {
+  auto p = static_cast<const T *>(t.param);
+  auto g = static_cast<const T *>(t.grad);
+  auto v = static_cast<const T *>(t.velocity);
+  auto p_out = static_cast<T *>(t.param_out);
+  auto v_out = static_cast<T *>(t.velocity_out);
   if (t.contiguous) {
     sgd_contiguous<T, WD, M, D, N>(p, g, v, p_out, v_out, t.size, lr, h);
     return;
@@ -412,7 +411,7 @@ void sgd_tensor(const TensorPointers& t, float lr, math::SGDHyper h) {
 
 // Calls f.template operator()<T, WD, M, D, N>() for the dtype and variant.
 template <typename F>
-void dispatch_sgd(mx::Dtype dtype, const SGDVariant& v, F&& f) {
+void dispatch_sgd(mx::Dtype dtype, const SGDVariant &v, F &&f) {
   auto with_type = [&]<typename T>() {
     auto b1 = [&]<bool WD>() {
       if (!v.momentum) {
@@ -429,21 +428,21 @@ void dispatch_sgd(mx::Dtype dtype, const SGDVariant& v, F&& f) {
                           : b1.template operator()<false>();
   };
   switch (dtype) {
-    case mx::float32:
-      return with_type.template operator()<float>();
-    case mx::float16:
-      return with_type.template operator()<mx::float16_t>();
-    case mx::bfloat16:
-      return with_type.template operator()<mx::bfloat16_t>();
-    default:
-      throw std::invalid_argument(
-          "SGDUpdate: unsupported dtype " + dtype_name(dtype) + ".");
+  case mx::float32:
+    return with_type.template operator()<float>();
+  case mx::float16:
+    return with_type.template operator()<mx::float16_t>();
+  case mx::bfloat16:
+    return with_type.template operator()<mx::bfloat16_t>();
+  default:
+    throw std::invalid_argument(
+        "SGDUpdate: unsupported dtype " + dtype_name(dtype) + ".");
   }
 }
 
 // Gives `out` the buffer of `in` when MLX says nothing else can read `in`,
 // so a steady-state training loop updates in place.
-bool try_donate(const mx::array& in, mx::array& out) {
+bool try_donate(const mx::array &in, mx::array &out) {
   if (in.is_donatable() && in.flags().row_contiguous &&
       in.dtype() == out.dtype() && in.size() == out.size()) {
     out.copy_shared_buffer(in);
@@ -455,21 +454,20 @@ bool try_donate(const mx::array& in, mx::array& out) {
 } // namespace
 
 void SGDUpdate::eval_cpu(
-    const std::vector<mx::array>& inputs,
-    std::vector<mx::array>& outputs) {
+    const std::vector<mx::array> &inputs, std::vector<mx::array> &outputs) {
   release_sibling_inputs(inputs, outputs);
   const int n = num_tensors_;
   const bool momentum = variant_.momentum;
-  auto& encoder = mx::cpu::get_command_encoder(stream());
+  auto &encoder = mx::cpu::get_command_encoder(stream());
 
   std::vector<TensorPointers> tensors;
   tensors.reserve(n);
   for (int i = 0; i < n; ++i) {
-    const auto& p = inputs[i];
-    const auto& g = inputs[n + i];
-    const auto* v = momentum ? &inputs[2 * n + i] : nullptr;
-    auto& p_out = outputs[i];
-    auto* v_out = momentum ? &outputs[n + i] : nullptr;
+    const auto &p = inputs[i];
+    const auto &g = inputs[n + i];
+    const auto *v = momentum ? &inputs[2 * n + i] : nullptr;
+    auto &p_out = outputs[i];
+    auto *v_out = momentum ? &outputs[n + i] : nullptr;
 
     bool grad_taken = false;
     if (!try_donate(p, p_out)) {
@@ -491,7 +489,7 @@ void SGDUpdate::eval_cpu(
       encoder.set_output_array(*v_out);
     }
     bool contiguous = p.flags().row_contiguous && g.flags().row_contiguous &&
-        (!momentum || v->flags().row_contiguous);
+                      (!momentum || v->flags().row_contiguous);
     TensorPointers t{
         p.data<void>(),
         g.data<void>(),
@@ -515,9 +513,9 @@ void SGDUpdate::eval_cpu(
     tensors.push_back(std::move(t));
   }
 
-  const auto& lr_input = inputs.back();
+  const auto &lr_input = inputs.back();
   encoder.set_input_array(lr_input);
-  const void* lr_ptr = lr_input.data<void>();
+  const void *lr_ptr = lr_input.data<void>();
   dispatch_sgd(
       inputs[0].dtype(),
       variant_,
@@ -531,14 +529,14 @@ void SGDUpdate::eval_cpu(
           float lr;
           if (schedule) {
             lr = math::step_decay_lr<uint64_t>(
-                *static_cast<const uint64_t*>(lr_ptr),
+                *static_cast<const uint64_t *>(lr_ptr),
                 static_cast<uint64_t>(schedule->step_size),
                 static_cast<float>(schedule->init),
                 static_cast<float>(schedule->decay_rate));
           } else {
-            lr = *static_cast<const float*>(lr_ptr);
+            lr = *static_cast<const float *>(lr_ptr);
           }
-          for (const auto& t : tensors) {
+          for (const auto &t : tensors) {
             sgd_tensor<T, WD, M, D, N>(t, lr, hyper);
           }
         });
@@ -546,8 +544,7 @@ void SGDUpdate::eval_cpu(
 }
 
 void SGDUpdate::eval_gpu(
-    const std::vector<mx::array>& inputs,
-    std::vector<mx::array>& outputs) {
+    const std::vector<mx::array> &inputs, std::vector<mx::array> &outputs) {
   throw std::runtime_error(
       "mlx_fused_sgd: SGDUpdate has no kernel for the GPU device in this "
       "build (the Metal kernel is not built yet); run it on mx.cpu.");
@@ -558,40 +555,39 @@ void SGDUpdate::eval_gpu(
 // ---------------------------------------------------------------------------
 
 std::vector<mx::array> SGDUpdate::jvp(
-    const std::vector<mx::array>&,
-    const std::vector<mx::array>&,
-    const std::vector<int>&) {
+    const std::vector<mx::array> &,
+    const std::vector<mx::array> &,
+    const std::vector<int> &) {
   throw std::runtime_error(
       "mlx_fused_sgd: SGDUpdate is an optimizer step and cannot be "
       "differentiated (jvp).");
 }
 
 std::vector<mx::array> SGDUpdate::vjp(
-    const std::vector<mx::array>&,
-    const std::vector<mx::array>&,
-    const std::vector<int>&,
-    const std::vector<mx::array>&) {
+    const std::vector<mx::array> &,
+    const std::vector<mx::array> &,
+    const std::vector<int> &,
+    const std::vector<mx::array> &) {
   throw std::runtime_error(
       "mlx_fused_sgd: SGDUpdate is an optimizer step and cannot be "
       "differentiated (vjp).");
 }
 
-std::pair<std::vector<mx::array>, std::vector<int>> SGDUpdate::vmap(
-    const std::vector<mx::array>&,
-    const std::vector<int>&) {
+std::pair<std::vector<mx::array>, std::vector<int>>
+SGDUpdate::vmap(const std::vector<mx::array> &, const std::vector<int> &) {
   throw std::runtime_error(
       "mlx_fused_sgd: SGDUpdate does not support vmap; update the batched "
       "tensors directly (the update is elementwise).");
 }
 
-bool SGDUpdate::is_equivalent(const mx::Primitive& other) const {
-  const auto& o = static_cast<const SGDUpdate&>(other);
+bool SGDUpdate::is_equivalent(const mx::Primitive &other) const {
+  const auto &o = static_cast<const SGDUpdate &>(other);
   return num_tensors_ == o.num_tensors_ && variant_ == o.variant_ &&
-      schedule_ == o.schedule_;
+         schedule_ == o.schedule_;
 }
 
-std::vector<mx::Shape> SGDUpdate::output_shapes(
-    const std::vector<mx::array>& inputs) {
+std::vector<mx::Shape>
+SGDUpdate::output_shapes(const std::vector<mx::array> &inputs) {
   std::vector<mx::Shape> shapes;
   const int outputs_per_tensor = variant_.momentum ? 2 : 1;
   for (int o = 0; o < outputs_per_tensor; ++o) {

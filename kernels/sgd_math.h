@@ -25,8 +25,7 @@ namespace math {
 
 // Integer floor division with Python semantics, exactly as mx.floor_divide on
 // integers (which the stock schedule uses for `step // step_size`).
-template <typename I>
-MFS_INLINE I floor_div(I a, I b) {
+template <typename I> MFS_INLINE I floor_div(I a, I b) {
   I q = a / b;
   I r = a % b;
   // For unsigned I the sign test is always false and folds away.
@@ -39,7 +38,8 @@ MFS_INLINE I floor_div(I a, I b) {
 // lr_k = float32(init) * pow(float32(decay_rate), float32(k // step_size)),
 // the stock step_decay schedule evaluated on an integer step array.
 template <typename I>
-MFS_INLINE float step_decay_lr(I step, I step_size, float init, float decay_rate) {
+MFS_INLINE float
+step_decay_lr(I step, I step_size, float init, float decay_rate) {
   float exponent = static_cast<float>(floor_div(step, step_size));
   float factor = MFS_POW(decay_rate, exponent);
   return init * factor;

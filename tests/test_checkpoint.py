@@ -5,11 +5,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import pytest
-from conftest import assert_bitwise_equal
 from mlx.utils import tree_flatten, tree_unflatten
-from test_parity import MLP, _loss
 
 import mlx_fused_sgd as mfs
+
+from conftest import assert_bitwise_equal
+from test_parity import MLP, _loss
 
 
 def _run(model, optimizer, steps, seed):
@@ -26,22 +27,38 @@ def _run(model, optimizer, steps, seed):
 
 
 def _save(path, model, optimizer):
-    mx.save_safetensors(str(path / "params.safetensors"), dict(tree_flatten(model.parameters())))
-    mx.save_safetensors(str(path / "opt.safetensors"), dict(tree_flatten(optimizer.state)))
+    mx.save_safetensors(
+        str(path / "params.safetensors"), dict(tree_flatten(model.parameters()))
+    )
+    mx.save_safetensors(
+        str(path / "opt.safetensors"), dict(tree_flatten(optimizer.state))
+    )
 
 
 def _load(path, model, optimizer):
-    model.update(tree_unflatten(list(mx.load(str(path / "params.safetensors")).items())))
-    optimizer.state = tree_unflatten(list(mx.load(str(path / "opt.safetensors")).items()))
+    model.update(
+        tree_unflatten(list(mx.load(str(path / "params.safetensors")).items()))
+    )
+    optimizer.state = tree_unflatten(
+        list(mx.load(str(path / "opt.safetensors")).items())
+    )
 
 
 def _make(cls, schedule):
-    lr = (mfs.step_decay if cls is mfs.FusedSGD else optim.step_decay)(0.1, 0.9, 7) if schedule else 0.05
+    lr = (
+        (mfs.step_decay if cls is mfs.FusedSGD else optim.step_decay)(0.1, 0.9, 7)
+        if schedule
+        else 0.05
+    )
     return cls(lr, momentum=0.9, weight_decay=1e-3)
 
 
 @pytest.mark.parametrize("schedule", [False, True], ids=["float_lr", "step_decay"])
-@pytest.mark.parametrize("first,second", [(optim.SGD, mfs.FusedSGD), (mfs.FusedSGD, optim.SGD)], ids=["stock_to_fused", "fused_to_stock"])
+@pytest.mark.parametrize(
+    "first,second",
+    [(optim.SGD, mfs.FusedSGD), (mfs.FusedSGD, optim.SGD)],
+    ids=["stock_to_fused", "fused_to_stock"],
+)
 def test_resume_across_implementations(tmp_path, first, second, schedule):
     mx.random.seed(0)
     model = MLP()

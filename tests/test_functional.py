@@ -4,16 +4,24 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from conftest import assert_bitwise_equal
 
 import mlx_fused_sgd as mfs
 from mlx_fused_sgd import _ext
 
+from conftest import assert_bitwise_equal
 
-def _stock_step(p, g, v, lr, momentum=0.0, weight_decay=0.0, dampening=0.0, nesterov=False):
+
+def _stock_step(
+    p, g, v, lr, momentum=0.0, weight_decay=0.0, dampening=0.0, nesterov=False
+):
     """One stock SGD step on one tensor, starting from velocity v."""
-    opt = optim.SGD(lr, momentum=momentum, weight_decay=weight_decay,
-                    dampening=dampening, nesterov=nesterov)
+    opt = optim.SGD(
+        lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        dampening=dampening,
+        nesterov=nesterov,
+    )
     opt.init({"p": p})
     if v is not None and momentum > 0:
         opt.state["p"]["v"] = v
@@ -65,7 +73,9 @@ def test_scheduled_matches_lr_form(step):
     p, g, v = mx.ones((37,)), mx.full((37,), 0.5), mx.full((37,), 0.25)
     s = mx.array(np.uint64(step))
     a = mfs.sgd_update_scheduled(p, g, v, step=s, schedule=sched, momentum=0.9)
-    b = mfs.sgd_update(p, g, v, learning_rate=optim.step_decay(0.1, 0.9, 10)(s), momentum=0.9)
+    b = mfs.sgd_update(
+        p, g, v, learning_rate=optim.step_decay(0.1, 0.9, 10)(s), momentum=0.9
+    )
     assert_bitwise_equal(a[0], b[0])
     assert_bitwise_equal(a[1], b[1])
 
@@ -103,22 +113,44 @@ def test_scalar_param():
 
 def test_many_matches_single_for_mixed_dtypes_and_chunks():
     shapes = [(3,), (4, 5), (), (17,), (2, 2, 2), (33,), (1,)]
-    dtypes = [mx.float32, mx.float16, mx.bfloat16, mx.float32, mx.float16, mx.float32, mx.bfloat16]
+    dtypes = [
+        mx.float32,
+        mx.float16,
+        mx.bfloat16,
+        mx.float32,
+        mx.float16,
+        mx.float32,
+        mx.bfloat16,
+    ]
     keys = mx.random.split(mx.random.key(7), 3 * len(shapes))
-    params = [mx.random.normal(s, key=keys[3 * i]).astype(d) for i, (s, d) in enumerate(zip(shapes, dtypes))]
-    grads = [mx.random.normal(s, key=keys[3 * i + 1]).astype(d) for i, (s, d) in enumerate(zip(shapes, dtypes))]
-    vels = [mx.random.normal(s, key=keys[3 * i + 2]).astype(d) for i, (s, d) in enumerate(zip(shapes, dtypes))]
+    params = [
+        mx.random.normal(s, key=keys[3 * i]).astype(d)
+        for i, (s, d) in enumerate(zip(shapes, dtypes))
+    ]
+    grads = [
+        mx.random.normal(s, key=keys[3 * i + 1]).astype(d)
+        for i, (s, d) in enumerate(zip(shapes, dtypes))
+    ]
+    vels = [
+        mx.random.normal(s, key=keys[3 * i + 2]).astype(d)
+        for i, (s, d) in enumerate(zip(shapes, dtypes))
+    ]
     kw = dict(momentum=0.9, weight_decay=1e-3)
     for chunk in [1, 2, 3, 8, 100]:
-        new_p, new_v = mfs.sgd_update_many(params, grads, vels, learning_rate=0.05,
-                                           tensors_per_primitive=chunk, **kw)
+        new_p, new_v = mfs.sgd_update_many(
+            params, grads, vels, learning_rate=0.05, tensors_per_primitive=chunk, **kw
+        )
         for i in range(len(params)):
-            rp, rv = mfs.sgd_update(params[i], grads[i], vels[i], learning_rate=0.05, **kw)
+            rp, rv = mfs.sgd_update(
+                params[i], grads[i], vels[i], learning_rate=0.05, **kw
+            )
             assert_bitwise_equal(new_p[i], rp, f"chunk {chunk} param {i}")
             assert_bitwise_equal(new_v[i], rv, f"chunk {chunk} velocity {i}")
     sched = mfs.step_decay(0.1, 0.5, 3)
     step = mx.array(7, mx.uint64)
-    sp, sv = mfs.sgd_update_many_scheduled(params, grads, vels, step=step, schedule=sched, **kw)
+    sp, sv = mfs.sgd_update_many_scheduled(
+        params, grads, vels, step=step, schedule=sched, **kw
+    )
     lp, lv = mfs.sgd_update_many(params, grads, vels, learning_rate=sched(step), **kw)
     for a, b in zip(sp + sv, lp + lv):
         assert_bitwise_equal(a, b)
@@ -131,11 +163,19 @@ def test_every_binding_takes_and_returns_arrays():
     out = _ext.step_decay_lr(step, 0.1, 0.9, 2, stream=mx.cpu)
     assert isinstance(out, mx.array)
     outs = [
-        *_ext.sgd_update(p, g, v, learning_rate=mx.array(0.1), momentum=0.5, stream=mx.cpu),
-        *_ext.sgd_update_scheduled(p, g, v, step=step, init=0.1, decay_rate=0.9, step_size=2, momentum=0.5),
+        *_ext.sgd_update(
+            p, g, v, learning_rate=mx.array(0.1), momentum=0.5, stream=mx.cpu
+        ),
+        *_ext.sgd_update_scheduled(
+            p, g, v, step=step, init=0.1, decay_rate=0.9, step_size=2, momentum=0.5
+        ),
     ]
-    a, b = _ext.sgd_update_many([p], [g], [v], learning_rate=mx.array(0.1), momentum=0.5)
-    c, d = _ext.sgd_update_many_scheduled([p], [g], [v], step=step, init=0.1, decay_rate=0.9, step_size=2, momentum=0.5)
+    a, b = _ext.sgd_update_many(
+        [p], [g], [v], learning_rate=mx.array(0.1), momentum=0.5
+    )
+    c, d = _ext.sgd_update_many_scheduled(
+        [p], [g], [v], step=step, init=0.1, decay_rate=0.9, step_size=2, momentum=0.5
+    )
     outs += a + b + c + d
     assert len(outs) == 8
     for o in outs:
@@ -147,19 +187,82 @@ def test_every_binding_takes_and_returns_arrays():
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: mfs.sgd_update(mx.ones(3), mx.ones(4), learning_rate=0.1), r"grad has shape \(4,\) but param has shape \(3,\)"),
-        (lambda: mfs.sgd_update(mx.ones(3), mx.ones((2, 3)), learning_rate=0.1), "must have the parameter's shape or broadcast"),
-        (lambda: mfs.sgd_update(mx.ones(3), mx.ones(3, mx.float16), learning_rate=0.1), "grad has dtype float16 but param has dtype float32"),
-        (lambda: mfs.sgd_update(mx.ones(3, mx.int32), mx.ones(3, mx.int32), learning_rate=0.1), "param has dtype int32"),
-        (lambda: mfs.sgd_update(mx.ones(3), mx.ones(3), mx.ones(4), learning_rate=0.1, momentum=0.9), r"velocity has shape \(4,\)"),
-        (lambda: mfs.sgd_update(mx.ones(3), mx.ones(3), learning_rate=mx.ones(2)), "learning_rate must be a scalar"),
-        (lambda: mfs.sgd_update(mx.ones(3), mx.ones(3), learning_rate=0.1, momentum=-1.0), "momentum must be"),
-        (lambda: mfs.sgd_update(mx.ones(3), mx.ones(3), learning_rate=0.1, momentum=0.5, dampening=2.0), "dampening must be in"),
-        (lambda: mfs.sgd_update(mx.ones(3), mx.ones(3), learning_rate=0.1, nesterov=True), "Nesterov"),
-        (lambda: mfs.sgd_update_many([mx.ones(3)], [], learning_rate=0.1), "same length"),
-        (lambda: mfs.sgd_update_many([mx.ones(3), mx.ones(2)], [mx.ones(3), mx.ones(3)], learning_rate=0.1), r"grad\[1\] has shape"),
-        (lambda: mfs.sgd_update_scheduled(mx.ones(3), mx.ones(3), step=mx.array(1.0), schedule=mfs.step_decay(0.1, 0.9, 2)), "integer array"),
-        (lambda: mfs.sgd_update_scheduled(mx.ones(3), mx.ones(3), step=mx.array([1, 2]), schedule=mfs.step_decay(0.1, 0.9, 2)), "step must be a scalar"),
+        (
+            lambda: mfs.sgd_update(mx.ones(3), mx.ones(4), learning_rate=0.1),
+            r"grad has shape \(4,\) but param has shape \(3,\)",
+        ),
+        (
+            lambda: mfs.sgd_update(mx.ones(3), mx.ones((2, 3)), learning_rate=0.1),
+            "must have the parameter's shape or broadcast",
+        ),
+        (
+            lambda: mfs.sgd_update(
+                mx.ones(3), mx.ones(3, mx.float16), learning_rate=0.1
+            ),
+            "grad has dtype float16 but param has dtype float32",
+        ),
+        (
+            lambda: mfs.sgd_update(
+                mx.ones(3, mx.int32), mx.ones(3, mx.int32), learning_rate=0.1
+            ),
+            "param has dtype int32",
+        ),
+        (
+            lambda: mfs.sgd_update(
+                mx.ones(3), mx.ones(3), mx.ones(4), learning_rate=0.1, momentum=0.9
+            ),
+            r"velocity has shape \(4,\)",
+        ),
+        (
+            lambda: mfs.sgd_update(mx.ones(3), mx.ones(3), learning_rate=mx.ones(2)),
+            "learning_rate must be a scalar",
+        ),
+        (
+            lambda: mfs.sgd_update(
+                mx.ones(3), mx.ones(3), learning_rate=0.1, momentum=-1.0
+            ),
+            "momentum must be",
+        ),
+        (
+            lambda: mfs.sgd_update(
+                mx.ones(3), mx.ones(3), learning_rate=0.1, momentum=0.5, dampening=2.0
+            ),
+            "dampening must be in",
+        ),
+        (
+            lambda: mfs.sgd_update(
+                mx.ones(3), mx.ones(3), learning_rate=0.1, nesterov=True
+            ),
+            "Nesterov",
+        ),
+        (
+            lambda: mfs.sgd_update_many([mx.ones(3)], [], learning_rate=0.1),
+            "same length",
+        ),
+        (
+            lambda: mfs.sgd_update_many(
+                [mx.ones(3), mx.ones(2)], [mx.ones(3), mx.ones(3)], learning_rate=0.1
+            ),
+            r"grad\[1\] has shape",
+        ),
+        (
+            lambda: mfs.sgd_update_scheduled(
+                mx.ones(3),
+                mx.ones(3),
+                step=mx.array(1.0),
+                schedule=mfs.step_decay(0.1, 0.9, 2),
+            ),
+            "integer array",
+        ),
+        (
+            lambda: mfs.sgd_update_scheduled(
+                mx.ones(3),
+                mx.ones(3),
+                step=mx.array([1, 2]),
+                schedule=mfs.step_decay(0.1, 0.9, 2),
+            ),
+            "step must be a scalar",
+        ),
     ],
 )
 def test_bad_input_raises_value_error_naming_it(call, match):
@@ -169,7 +272,12 @@ def test_bad_input_raises_value_error_naming_it(call, match):
 
 def test_schedule_must_be_ours():
     with pytest.raises(TypeError, match="step_decay"):
-        mfs.sgd_update_scheduled(mx.ones(3), mx.ones(3), step=mx.array(1), schedule=optim.step_decay(0.1, 0.9, 2))
+        mfs.sgd_update_scheduled(
+            mx.ones(3),
+            mx.ones(3),
+            step=mx.array(1),
+            schedule=optim.step_decay(0.1, 0.9, 2),
+        )
 
 
 def test_not_differentiable():

@@ -5,9 +5,10 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from conftest import to_numpy
 
 import mlx_fused_sgd as mfs
+
+from conftest import to_numpy
 
 CONFIGS = [
     dict(momentum=0.0, weight_decay=0.0, dampening=0.0, nesterov=False),
@@ -28,7 +29,13 @@ def _reference(p, g, v, lr, momentum, weight_decay, dampening, nesterov):
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=str)
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"m{c['momentum']}-wd{c['weight_decay']}-d{c['dampening']}-n{c['nesterov']}")
+@pytest.mark.parametrize(
+    "cfg",
+    CONFIGS,
+    ids=lambda c: (
+        f"m{c['momentum']}-wd{c['weight_decay']}-d{c['dampening']}-n{c['nesterov']}"
+    ),
+)
 def test_error_no_worse_than_stock(dtype, cfg):
     n = 20000
     k1, k2, k3 = mx.random.split(mx.random.key(3), 3)
@@ -51,7 +58,9 @@ def test_error_no_worse_than_stock(dtype, cfg):
     )
     # float32 evaluation error of a few operations, relative to the inputs'
     # magnitudes (lr, momentum < 1): matters only where the result cancels.
-    f32_slack = 8 * 2.0**-24 * sum(np.abs(to_numpy(a).astype(np.float64)) for a in (p, g, v))
+    f32_slack = (
+        8 * 2.0**-24 * sum(np.abs(to_numpy(a).astype(np.float64)) for a in (p, g, v))
+    )
     pairs = [(ours_p, stock_p, ref_p)]
     if cfg["momentum"] > 0:
         pairs.append((ours_v, stock_v, ref_v))
@@ -61,7 +70,9 @@ def test_error_no_worse_than_stock(dtype, cfg):
         assert err_ours.max() <= err_stock.max()
         assert err_ours.mean() <= err_stock.mean()
         # Rounded once: within half an ulp of the half type, plus float32 slack.
-        ulp = np.spacing(np.abs(ref).astype(np.float16 if dtype == mx.float16 else np.float32))
+        ulp = np.spacing(
+            np.abs(ref).astype(np.float16 if dtype == mx.float16 else np.float32)
+        )
         if dtype == mx.bfloat16:
             ulp = ulp * 2**16  # bfloat16 has 8 bits of mantissa vs float32's 24
         assert np.all(err_ours <= 0.5 * ulp + f32_slack)

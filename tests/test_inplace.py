@@ -3,9 +3,10 @@ arrays, and never when something does."""
 
 import mlx.core as mx
 import numpy as np
-from conftest import assert_bitwise_equal
 
 import mlx_fused_sgd as mfs
+
+from conftest import assert_bitwise_equal
 
 
 def test_held_reference_is_never_overwritten():

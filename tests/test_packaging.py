@@ -43,10 +43,7 @@ def test_nanobind_is_pinned():
 
 
 def test_import_refuses_a_different_mlx():
-    code = (
-        "import mlx.core as mx; mx.__version__ = '0.0.1'\n"
-        "import mlx_fused_sgd\n"
-    )
+    code = "import mlx.core as mx; mx.__version__ = '0.0.1'\nimport mlx_fused_sgd\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode != 0
     assert "ImportError" in proc.stderr
@@ -58,14 +55,22 @@ def test_import_refuses_a_different_mlx():
 def test_extension_finds_libmlx_through_its_rpath():
     ext = Path(mfs._ext.__file__)
     try:
-        dyn = subprocess.run(["readelf", "-d", str(ext)], capture_output=True, text=True, check=True).stdout
+        dyn = subprocess.run(
+            ["readelf", "-d", str(ext)], capture_output=True, text=True, check=True
+        ).stdout
     except (FileNotFoundError, subprocess.CalledProcessError):
         pytest.skip("readelf not available")
     assert "$ORIGIN/../mlx/lib" in dyn
     env = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH",)}
     proc = subprocess.run(
-        [sys.executable, "-c", "import mlx_fused_sgd, mlx.core as mx; print(mlx_fused_sgd.step_decay(0.1, 0.9, 10)(mx.array(20)))"],
-        capture_output=True, text=True, env=env,
+        [
+            sys.executable,
+            "-c",
+            "import mlx_fused_sgd, mlx.core as mx; print(mlx_fused_sgd.step_decay(0.1, 0.9, 10)(mx.array(20)))",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     assert "0.081" in proc.stdout
@@ -75,5 +80,11 @@ def test_type_stubs_are_shipped():
     pkg = Path(mfs.__file__).parent
     assert (pkg / "py.typed").exists()
     stub = (pkg / "_ext.pyi").read_text()
-    for name in ["step_decay_lr", "sgd_update", "sgd_update_scheduled", "sgd_update_many", "sgd_update_many_scheduled"]:
+    for name in [
+        "step_decay_lr",
+        "sgd_update",
+        "sgd_update_scheduled",
+        "sgd_update_many",
+        "sgd_update_many_scheduled",
+    ]:
         assert f"def {name}(" in stub

@@ -4,10 +4,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import pytest
-from conftest import assert_bitwise_equal
 from mlx.utils import tree_flatten
 
 import mlx_fused_sgd as mfs
+
+from conftest import assert_bitwise_equal
 
 
 class MLP(nn.Module):
@@ -56,7 +57,9 @@ CONFIGS = {
     "momentum": dict(learning_rate=0.05, momentum=0.9),
     "momentum_weight_decay": dict(learning_rate=0.05, momentum=0.9, weight_decay=1e-2),
     "dampening": dict(learning_rate=0.05, momentum=0.8, dampening=0.3),
-    "nesterov": dict(learning_rate=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "nesterov": dict(
+        learning_rate=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3
+    ),
     "weight_decay_only": dict(learning_rate=0.1, weight_decay=0.05),
     "float_lr_odd": dict(learning_rate=0.0123456789, momentum=0.33),
 }
@@ -139,7 +142,10 @@ def test_apply_gradients_on_lists_tuples_and_superset_params():
         "b": mx.ones((4,)),
         "unused": mx.ones((5,)),
     }
-    grads = {"a": [mx.full((3,), 0.1), (mx.ones((2, 2)), mx.ones((1,)))], "b": mx.ones((4,))}
+    grads = {
+        "a": [mx.full((3,), 0.1), (mx.ones((2, 2)), mx.ones((1,)))],
+        "b": mx.ones((4,)),
+    }
     fa = mfs.FusedSGD(0.5, momentum=0.9)
     sa = optim.SGD(0.5, momentum=0.9)
     for _ in range(3):

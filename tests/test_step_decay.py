@@ -4,9 +4,10 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from conftest import assert_bitwise_equal
 
 import mlx_fused_sgd as mfs
+
+from conftest import assert_bitwise_equal
 
 INT_DTYPES = [
     mx.int8,
@@ -45,7 +46,7 @@ def test_bit_identical_to_stock(dtype, init, decay_rate, step_size):
     if step_size > LIMITS[dtype]:
         pytest.skip("stock refuses a step_size the step dtype cannot hold")
     # Through NumPy: mx.array cannot parse Python ints above 2**63 - 1.
-    np_dtype = np.dtype(str(dtype).split('.')[-1])
+    np_dtype = np.dtype(str(dtype).split(".")[-1])
     steps = mx.array(np.array(_steps_for(dtype), dtype=np_dtype))
     assert steps.dtype == dtype
     ours = mfs.step_decay(init, decay_rate, step_size)(steps)

@@ -26,9 +26,7 @@ class StepDecay:
             )
         if step_size < 1:
             # Same message as stock mlx.optimizers.step_decay.
-            raise ValueError(
-                f"step_size must be greater than 0, but got {step_size}."
-            )
+            raise ValueError(f"step_size must be greater than 0, but got {step_size}.")
         _ext.validate_step_decay(float(init), float(decay_rate), step_size)
         self.init = init
         self.decay_rate = decay_rate
