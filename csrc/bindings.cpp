@@ -31,7 +31,7 @@ std::pair<mx::array, OptionalArray> single_result(mfs::SGDResult r) {
   return {r.params[0], v};
 }
 
-std::vector<mx::array> as_list(const OptionalArray &v) {
+std::vector<mx::array> as_list(const OptionalArray& v) {
   return v ? std::vector<mx::array>{*v} : std::vector<mx::array>{};
 }
 
@@ -102,10 +102,10 @@ Returns:
 
   m.def(
       "sgd_update",
-      [](const mx::array &param,
-         const mx::array &grad,
-         const OptionalArray &velocity,
-         const mx::array &learning_rate,
+      [](const mx::array& param,
+         const mx::array& grad,
+         const OptionalArray& velocity,
+         const mx::array& learning_rate,
          double momentum,
          double weight_decay,
          double dampening,
@@ -146,10 +146,10 @@ unchanged when momentum is 0. ``learning_rate`` is a scalar array.)");
 
   m.def(
       "sgd_update_scheduled",
-      [](const mx::array &param,
-         const mx::array &grad,
-         const OptionalArray &velocity,
-         const mx::array &step,
+      [](const mx::array& param,
+         const mx::array& grad,
+         const OptionalArray& velocity,
+         const mx::array& step,
          double init,
          double decay_rate,
          int64_t step_size,
@@ -195,10 +195,10 @@ kernel from the integer ``step`` counter (the step *before* increment).)");
 
   m.def(
       "sgd_update_many",
-      [](const std::vector<mx::array> &params,
-         const std::vector<mx::array> &grads,
-         const std::vector<mx::array> &velocities,
-         const mx::array &learning_rate,
+      [](const std::vector<mx::array>& params,
+         const std::vector<mx::array>& grads,
+         const std::vector<mx::array>& velocities,
+         const mx::array& learning_rate,
          double momentum,
          double weight_decay,
          double dampening,
@@ -239,10 +239,10 @@ primitives of ``tensors_per_primitive`` tensors each.)");
 
   m.def(
       "sgd_update_many_scheduled",
-      [](const std::vector<mx::array> &params,
-         const std::vector<mx::array> &grads,
-         const std::vector<mx::array> &velocities,
-         const mx::array &step,
+      [](const std::vector<mx::array>& params,
+         const std::vector<mx::array>& grads,
+         const std::vector<mx::array>& velocities,
+         const mx::array& step,
          double init,
          double decay_rate,
          int64_t step_size,

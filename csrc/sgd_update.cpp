@@ -7,6 +7,7 @@
 
 #include "mlx/backend/cpu/encoder.h"
 
+#include "thread_pool.h"
 #include "utils.h"
 
 namespace mlx_fused_sgd {
@@ -16,7 +17,7 @@ namespace mlx_fused_sgd {
 // ---------------------------------------------------------------------------
 
 void SGDSettings::validate() const {
-  auto fail = [](const std::string &msg) { throw std::invalid_argument(msg); };
+  auto fail = [](const std::string& msg) { throw std::invalid_argument(msg); };
   std::ostringstream os;
   if (!std::isfinite(momentum) || momentum < 0) {
     os << "momentum must be a finite number >= 0, but got " << momentum << ".";
@@ -36,7 +37,7 @@ void SGDSettings::validate() const {
   }
 }
 
-SGDVariant SGDVariant::from(const SGDSettings &s) {
+SGDVariant SGDVariant::from(const SGDSettings& s) {
   SGDVariant v;
   v.weight_decay = s.weight_decay != 0;
   v.momentum = s.momentum > 0;
@@ -49,7 +50,7 @@ SGDVariant SGDVariant::from(const SGDSettings &s) {
   return v;
 }
 
-bool SGDVariant::operator==(const SGDVariant &o) const {
+bool SGDVariant::operator==(const SGDVariant& o) const {
   return weight_decay == o.weight_decay && momentum == o.momentum &&
          dampening == o.dampening && nesterov == o.nesterov &&
          hyper.weight_decay == o.hyper.weight_decay &&
@@ -63,7 +64,7 @@ bool is_supported_float(mx::Dtype dtype) {
   return dtype == mx::float32 || dtype == mx::float16 || dtype == mx::bfloat16;
 }
 
-std::string indexed(const char *what, size_t i, size_t n) {
+std::string indexed(const char* what, size_t i, size_t n) {
   if (n == 1) {
     return what;
   }
@@ -73,9 +74,9 @@ std::string indexed(const char *what, size_t i, size_t n) {
 // Checks one (param, grad, velocity) triple; returns the grad broadcast to the
 // param's shape when stock would broadcast it.
 mx::array check_tensor(
-    const mx::array &param,
-    const mx::array &grad,
-    const mx::array *velocity,
+    const mx::array& param,
+    const mx::array& grad,
+    const mx::array* velocity,
     size_t i,
     size_t n,
     mx::StreamOrDevice s) {
@@ -125,7 +126,7 @@ mx::array check_tensor(
   return mx::broadcast_to(grad, param.shape(), s);
 }
 
-mx::array check_learning_rate(const mx::array &lr, mx::StreamOrDevice s) {
+mx::array check_learning_rate(const mx::array& lr, mx::StreamOrDevice s) {
   if (lr.size() != 1) {
     throw std::invalid_argument(
         "learning_rate must be a scalar, but got an array of shape " +
@@ -142,12 +143,12 @@ mx::array check_learning_rate(const mx::array &lr, mx::StreamOrDevice s) {
 }
 
 SGDResult sgd_update_impl(
-    const std::vector<mx::array> &params,
-    const std::vector<mx::array> &grads,
-    const std::vector<mx::array> &velocities,
-    const mx::array &lr_input,
-    const std::optional<StepDecay> &schedule,
-    const SGDSettings &settings,
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<mx::array>& velocities,
+    const mx::array& lr_input,
+    const std::optional<StepDecay>& schedule,
+    const SGDSettings& settings,
     int tensors_per_primitive,
     mx::StreamOrDevice s) {
   settings.validate();
@@ -199,7 +200,7 @@ SGDResult sgd_update_impl(
   for (size_t i = 0; i < n; ++i) {
     groups[static_cast<int>(params[i].dtype().val())].push_back(i);
   }
-  for (auto &[_, indices] : groups) {
+  for (auto& [_, indices] : groups) {
     for (size_t start = 0; start < indices.size();
          start += tensors_per_primitive) {
       size_t end = std::min(indices.size(), start + tensors_per_primitive);
@@ -216,7 +217,7 @@ SGDResult sgd_update_impl(
       }
       if (variant.momentum) {
         for (size_t k = start; k < end; ++k) {
-          const auto &p = params[indices[k]];
+          const auto& p = params[indices[k]];
           inputs.push_back(
               have_velocities ? velocities[indices[k]]
                               : mx::zeros(p.shape(), p.dtype(), s));
@@ -249,11 +250,11 @@ SGDResult sgd_update_impl(
 } // namespace
 
 SGDResult sgd_update_many(
-    const std::vector<mx::array> &params,
-    const std::vector<mx::array> &grads,
-    const std::vector<mx::array> &velocities,
-    const mx::array &learning_rate,
-    const SGDSettings &settings,
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<mx::array>& velocities,
+    const mx::array& learning_rate,
+    const SGDSettings& settings,
     int tensors_per_primitive,
     mx::StreamOrDevice s) {
   auto lr = check_learning_rate(learning_rate, s);
@@ -269,12 +270,12 @@ SGDResult sgd_update_many(
 }
 
 SGDResult sgd_update_many_scheduled(
-    const std::vector<mx::array> &params,
-    const std::vector<mx::array> &grads,
-    const std::vector<mx::array> &velocities,
-    const mx::array &step,
-    const StepDecay &schedule,
-    const SGDSettings &settings,
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<mx::array>& velocities,
+    const mx::array& step,
+    const StepDecay& schedule,
+    const SGDSettings& settings,
     int tensors_per_primitive,
     mx::StreamOrDevice s) {
   schedule.validate();
@@ -312,11 +313,11 @@ SGDResult sgd_update_many_scheduled(
 namespace {
 
 struct TensorPointers {
-  const void *param;
-  const void *grad;
-  const void *velocity;
-  void *param_out;
-  void *velocity_out;
+  const void* param;
+  const void* grad;
+  const void* velocity;
+  void* param_out;
+  void* velocity_out;
   int64_t size;
   // Strided inputs (rare: transposed or broadcast) take the general loop.
   bool contiguous;
@@ -328,11 +329,11 @@ struct TensorPointers {
 
 template <typename T, bool WD, bool M, bool D, bool N>
 inline void sgd_one(
-    const T *p,
-    const T *g,
-    const T *v,
-    T *p_out,
-    T *v_out,
+    const T* p,
+    const T* g,
+    const T* v,
+    T* p_out,
+    T* v_out,
     int64_t ip,
     int64_t ig,
     int64_t iv,
@@ -353,11 +354,11 @@ inline void sgd_one(
 // the fixed-width inner loops without runtime alias checks.
 template <typename T, bool WD, bool M, bool D, bool N>
 void sgd_contiguous(
-    const T *p,
-    const T *g,
-    const T *v,
-    T *p_out,
-    T *v_out,
+    const T* p,
+    const T* g,
+    const T* v,
+    T* p_out,
+    T* v_out,
     int64_t size,
     float lr,
     math::SGDHyper h) {
@@ -390,18 +391,32 @@ void sgd_contiguous(
   }
 }
 
+// Updates elements [begin, end) of one tensor.
 template <typename T, bool WD, bool M, bool D, bool N>
-void sgd_tensor(const TensorPointers &t, float lr, math::SGDHyper h) {
-  auto p = static_cast<const T *>(t.param);
-  auto g = static_cast<const T *>(t.grad);
-  auto v = static_cast<const T *>(t.velocity);
-  auto p_out = static_cast<T *>(t.param_out);
-  auto v_out = static_cast<T *>(t.velocity_out);
+void sgd_tensor_range(
+    const TensorPointers& t,
+    int64_t begin,
+    int64_t end,
+    float lr,
+    math::SGDHyper h) {
+  auto p = static_cast<const T*>(t.param);
+  auto g = static_cast<const T*>(t.grad);
+  auto v = static_cast<const T*>(t.velocity);
+  auto p_out = static_cast<T*>(t.param_out);
+  auto v_out = static_cast<T*>(t.velocity_out);
   if (t.contiguous) {
-    sgd_contiguous<T, WD, M, D, N>(p, g, v, p_out, v_out, t.size, lr, h);
+    sgd_contiguous<T, WD, M, D, N>(
+        p + begin,
+        g + begin,
+        M ? v + begin : v,
+        p_out + begin,
+        M ? v_out + begin : v_out,
+        end - begin,
+        lr,
+        h);
     return;
   }
-  for (int64_t i = 0; i < t.size; ++i) {
+  for (int64_t i = begin; i < end; ++i) {
     int64_t ip = elem_to_loc(i, t.shape, t.param_strides);
     int64_t ig = elem_to_loc(i, t.shape, t.grad_strides);
     int64_t iv = M ? elem_to_loc(i, t.shape, t.velocity_strides) : 0;
@@ -409,9 +424,49 @@ void sgd_tensor(const TensorPointers &t, float lr, math::SGDHyper h) {
   }
 }
 
+// Elements per work item when a chunk is split across threads, and the
+// smallest chunk worth splitting (below it, waking workers costs more than
+// it saves).
+constexpr int64_t kElementsPerItem = 1 << 16;
+constexpr int64_t kMinParallelElements = 1 << 17;
+
+// Updates every tensor of a chunk, across the thread pool when large.
+template <typename T, bool WD, bool M, bool D, bool N>
+void sgd_chunk(
+    const std::vector<TensorPointers>& tensors, float lr, math::SGDHyper h) {
+  int64_t total = 0;
+  for (const auto& t : tensors) {
+    total += t.size;
+  }
+  auto& pool = ThreadPool::instance();
+  if (total < kMinParallelElements || pool.num_threads() == 1) {
+    for (const auto& t : tensors) {
+      sgd_tensor_range<T, WD, M, D, N>(t, 0, t.size, lr, h);
+    }
+    return;
+  }
+  struct Item {
+    int tensor;
+    int64_t begin;
+    int64_t end;
+  };
+  std::vector<Item> items;
+  items.reserve(total / kElementsPerItem + tensors.size());
+  for (int i = 0; i < static_cast<int>(tensors.size()); ++i) {
+    for (int64_t b = 0; b < tensors[i].size; b += kElementsPerItem) {
+      items.push_back({i, b, std::min(tensors[i].size, b + kElementsPerItem)});
+    }
+  }
+  pool.parallel_for(static_cast<int64_t>(items.size()), [&](int64_t k) {
+    const auto& it = items[k];
+    sgd_tensor_range<T, WD, M, D, N>(
+        tensors[it.tensor], it.begin, it.end, lr, h);
+  });
+}
+
 // Calls f.template operator()<T, WD, M, D, N>() for the dtype and variant.
 template <typename F>
-void dispatch_sgd(mx::Dtype dtype, const SGDVariant &v, F &&f) {
+void dispatch_sgd(mx::Dtype dtype, const SGDVariant& v, F&& f) {
   auto with_type = [&]<typename T>() {
     auto b1 = [&]<bool WD>() {
       if (!v.momentum) {
@@ -442,7 +497,7 @@ void dispatch_sgd(mx::Dtype dtype, const SGDVariant &v, F &&f) {
 
 // Gives `out` the buffer of `in` when MLX says nothing else can read `in`,
 // so a steady-state training loop updates in place.
-bool try_donate(const mx::array &in, mx::array &out) {
+bool try_donate(const mx::array& in, mx::array& out) {
   if (in.is_donatable() && in.flags().row_contiguous &&
       in.dtype() == out.dtype() && in.size() == out.size()) {
     out.copy_shared_buffer(in);
@@ -454,20 +509,20 @@ bool try_donate(const mx::array &in, mx::array &out) {
 } // namespace
 
 void SGDUpdate::eval_cpu(
-    const std::vector<mx::array> &inputs, std::vector<mx::array> &outputs) {
+    const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   release_sibling_inputs(inputs, outputs);
   const int n = num_tensors_;
   const bool momentum = variant_.momentum;
-  auto &encoder = mx::cpu::get_command_encoder(stream());
+  auto& encoder = mx::cpu::get_command_encoder(stream());
 
   std::vector<TensorPointers> tensors;
   tensors.reserve(n);
   for (int i = 0; i < n; ++i) {
-    const auto &p = inputs[i];
-    const auto &g = inputs[n + i];
-    const auto *v = momentum ? &inputs[2 * n + i] : nullptr;
-    auto &p_out = outputs[i];
-    auto *v_out = momentum ? &outputs[n + i] : nullptr;
+    const auto& p = inputs[i];
+    const auto& g = inputs[n + i];
+    const auto* v = momentum ? &inputs[2 * n + i] : nullptr;
+    auto& p_out = outputs[i];
+    auto* v_out = momentum ? &outputs[n + i] : nullptr;
 
     bool grad_taken = false;
     if (!try_donate(p, p_out)) {
@@ -513,9 +568,9 @@ void SGDUpdate::eval_cpu(
     tensors.push_back(std::move(t));
   }
 
-  const auto &lr_input = inputs.back();
+  const auto& lr_input = inputs.back();
   encoder.set_input_array(lr_input);
-  const void *lr_ptr = lr_input.data<void>();
+  const void* lr_ptr = lr_input.data<void>();
   dispatch_sgd(
       inputs[0].dtype(),
       variant_,
@@ -529,22 +584,20 @@ void SGDUpdate::eval_cpu(
           float lr;
           if (schedule) {
             lr = math::step_decay_lr<uint64_t>(
-                *static_cast<const uint64_t *>(lr_ptr),
+                *static_cast<const uint64_t*>(lr_ptr),
                 static_cast<uint64_t>(schedule->step_size),
                 static_cast<float>(schedule->init),
                 static_cast<float>(schedule->decay_rate));
           } else {
-            lr = *static_cast<const float *>(lr_ptr);
+            lr = *static_cast<const float*>(lr_ptr);
           }
-          for (const auto &t : tensors) {
-            sgd_tensor<T, WD, M, D, N>(t, lr, hyper);
-          }
+          sgd_chunk<T, WD, M, D, N>(tensors, lr, hyper);
         });
       });
 }
 
 void SGDUpdate::eval_gpu(
-    const std::vector<mx::array> &inputs, std::vector<mx::array> &outputs) {
+    const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   throw std::runtime_error(
       "mlx_fused_sgd: SGDUpdate has no kernel for the GPU device in this "
       "build (the Metal kernel is not built yet); run it on mx.cpu.");
@@ -555,39 +608,39 @@ void SGDUpdate::eval_gpu(
 // ---------------------------------------------------------------------------
 
 std::vector<mx::array> SGDUpdate::jvp(
-    const std::vector<mx::array> &,
-    const std::vector<mx::array> &,
-    const std::vector<int> &) {
+    const std::vector<mx::array>&,
+    const std::vector<mx::array>&,
+    const std::vector<int>&) {
   throw std::runtime_error(
       "mlx_fused_sgd: SGDUpdate is an optimizer step and cannot be "
       "differentiated (jvp).");
 }
 
 std::vector<mx::array> SGDUpdate::vjp(
-    const std::vector<mx::array> &,
-    const std::vector<mx::array> &,
-    const std::vector<int> &,
-    const std::vector<mx::array> &) {
+    const std::vector<mx::array>&,
+    const std::vector<mx::array>&,
+    const std::vector<int>&,
+    const std::vector<mx::array>&) {
   throw std::runtime_error(
       "mlx_fused_sgd: SGDUpdate is an optimizer step and cannot be "
       "differentiated (vjp).");
 }
 
 std::pair<std::vector<mx::array>, std::vector<int>>
-SGDUpdate::vmap(const std::vector<mx::array> &, const std::vector<int> &) {
+SGDUpdate::vmap(const std::vector<mx::array>&, const std::vector<int>&) {
   throw std::runtime_error(
       "mlx_fused_sgd: SGDUpdate does not support vmap; update the batched "
       "tensors directly (the update is elementwise).");
 }
 
-bool SGDUpdate::is_equivalent(const mx::Primitive &other) const {
-  const auto &o = static_cast<const SGDUpdate &>(other);
+bool SGDUpdate::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const SGDUpdate&>(other);
   return num_tensors_ == o.num_tensors_ && variant_ == o.variant_ &&
          schedule_ == o.schedule_;
 }
 
 std::vector<mx::Shape>
-SGDUpdate::output_shapes(const std::vector<mx::array> &inputs) {
+SGDUpdate::output_shapes(const std::vector<mx::array>& inputs) {
   std::vector<mx::Shape> shapes;
   const int outputs_per_tensor = variant_.momentum ? 2 : 1;
   for (int o = 0; o < outputs_per_tensor; ++o) {

@@ -37,8 +37,8 @@ struct SGDVariant {
   bool nesterov;
   math::SGDHyper hyper;
 
-  static SGDVariant from(const SGDSettings &settings);
-  bool operator==(const SGDVariant &other) const;
+  static SGDVariant from(const SGDSettings& settings);
+  bool operator==(const SGDVariant& other) const;
 };
 
 struct SGDResult {
@@ -54,23 +54,23 @@ inline constexpr int kDefaultTensorsPerPrimitive = 8;
 
 // Updates many tensors with a scalar learning-rate array.
 SGDResult sgd_update_many(
-    const std::vector<mx::array> &params,
-    const std::vector<mx::array> &grads,
-    const std::vector<mx::array> &velocities,
-    const mx::array &learning_rate,
-    const SGDSettings &settings,
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<mx::array>& velocities,
+    const mx::array& learning_rate,
+    const SGDSettings& settings,
     int tensors_per_primitive = kDefaultTensorsPerPrimitive,
     mx::StreamOrDevice s = {});
 
 // Updates many tensors with the learning rate computed inside the kernel from
 // the integer step counter and the step-decay schedule (no extra op).
 SGDResult sgd_update_many_scheduled(
-    const std::vector<mx::array> &params,
-    const std::vector<mx::array> &grads,
-    const std::vector<mx::array> &velocities,
-    const mx::array &step,
-    const StepDecay &schedule,
-    const SGDSettings &settings,
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<mx::array>& velocities,
+    const mx::array& step,
+    const StepDecay& schedule,
+    const SGDSettings& settings,
     int tensors_per_primitive = kDefaultTensorsPerPrimitive,
     mx::StreamOrDevice s = {});
 
@@ -89,31 +89,31 @@ public:
         schedule_(schedule) {}
 
   void eval_cpu(
-      const std::vector<mx::array> &inputs,
-      std::vector<mx::array> &outputs) override;
+      const std::vector<mx::array>& inputs,
+      std::vector<mx::array>& outputs) override;
   void eval_gpu(
-      const std::vector<mx::array> &inputs,
-      std::vector<mx::array> &outputs) override;
+      const std::vector<mx::array>& inputs,
+      std::vector<mx::array>& outputs) override;
 
   std::vector<mx::array>
-  jvp(const std::vector<mx::array> &primals,
-      const std::vector<mx::array> &tangents,
-      const std::vector<int> &argnums) override;
+  jvp(const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& tangents,
+      const std::vector<int>& argnums) override;
   std::vector<mx::array>
-  vjp(const std::vector<mx::array> &primals,
-      const std::vector<mx::array> &cotangents,
-      const std::vector<int> &argnums,
-      const std::vector<mx::array> &outputs) override;
+  vjp(const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
   std::pair<std::vector<mx::array>, std::vector<int>> vmap(
-      const std::vector<mx::array> &inputs,
-      const std::vector<int> &axes) override;
+      const std::vector<mx::array>& inputs,
+      const std::vector<int>& axes) override;
 
-  const char *name() const override {
+  const char* name() const override {
     return "SGDUpdate";
   }
-  bool is_equivalent(const mx::Primitive &other) const override;
+  bool is_equivalent(const mx::Primitive& other) const override;
   std::vector<mx::Shape>
-  output_shapes(const std::vector<mx::array> &inputs) override;
+  output_shapes(const std::vector<mx::array>& inputs) override;
 
 private:
   int num_tensors_;

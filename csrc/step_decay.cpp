@@ -33,7 +33,7 @@ void StepDecay::validate() const {
 namespace {
 
 // Calls f(I{}) with I the C++ integer type of `dtype`.
-template <typename F> void dispatch_integer(mx::Dtype dtype, F &&f) {
+template <typename F> void dispatch_integer(mx::Dtype dtype, F&& f) {
   switch (dtype) {
   case mx::int8:
     return f(int8_t{});
@@ -60,7 +60,7 @@ template <typename F> void dispatch_integer(mx::Dtype dtype, F &&f) {
 } // namespace
 
 void check_step_array(
-    const mx::array &step, int64_t step_size, const char *what) {
+    const mx::array& step, int64_t step_size, const char* what) {
   if (!mx::issubdtype(step.dtype(), mx::integer)) {
     throw std::invalid_argument(
         std::string(what) + " must be an integer array (the step counter), " +
@@ -80,7 +80,7 @@ void check_step_array(
 }
 
 mx::array step_decay_lr(
-    const mx::array &step,
+    const mx::array& step,
     double init,
     double decay_rate,
     int64_t step_size,
@@ -96,11 +96,11 @@ mx::array step_decay_lr(
 }
 
 void StepDecayLR::eval_cpu(
-    const std::vector<mx::array> &inputs, mx::array &out) {
-  const auto &step = inputs[0];
+    const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& step = inputs[0];
   out.set_data(mx::allocator::malloc(out.nbytes()));
 
-  auto &encoder = mx::cpu::get_command_encoder(stream());
+  auto& encoder = mx::cpu::get_command_encoder(stream());
   encoder.set_input_array(step);
   encoder.set_output_array(out);
 
@@ -127,26 +127,26 @@ void StepDecayLR::eval_cpu(
 }
 
 void StepDecayLR::eval_gpu(
-    const std::vector<mx::array> &inputs, mx::array &out) {
+    const std::vector<mx::array>& inputs, mx::array& out) {
   throw std::runtime_error(
       "mlx_fused_sgd: StepDecayLR has no kernel for the GPU device in this "
       "build (the Metal kernel is not built yet); run it on mx.cpu.");
 }
 
 std::vector<mx::array> StepDecayLR::jvp(
-    const std::vector<mx::array> &,
-    const std::vector<mx::array> &,
-    const std::vector<int> &) {
+    const std::vector<mx::array>&,
+    const std::vector<mx::array>&,
+    const std::vector<int>&) {
   throw std::runtime_error(
       "mlx_fused_sgd: StepDecayLR (a learning-rate schedule of an integer "
       "step) cannot be differentiated.");
 }
 
 std::vector<mx::array> StepDecayLR::vjp(
-    const std::vector<mx::array> &,
-    const std::vector<mx::array> &,
-    const std::vector<int> &,
-    const std::vector<mx::array> &) {
+    const std::vector<mx::array>&,
+    const std::vector<mx::array>&,
+    const std::vector<int>&,
+    const std::vector<mx::array>&) {
   throw std::runtime_error(
       "mlx_fused_sgd: StepDecayLR (a learning-rate schedule of an integer "
       "step) cannot be differentiated.");
@@ -154,7 +154,7 @@ std::vector<mx::array> StepDecayLR::vjp(
 
 // Elementwise, so the batched op is the op on the batched input.
 std::pair<std::vector<mx::array>, std::vector<int>> StepDecayLR::vmap(
-    const std::vector<mx::array> &inputs, const std::vector<int> &axes) {
+    const std::vector<mx::array>& inputs, const std::vector<int>& axes) {
   return {
       {step_decay_lr(
           inputs[0],
@@ -165,12 +165,12 @@ std::pair<std::vector<mx::array>, std::vector<int>> StepDecayLR::vmap(
       axes};
 }
 
-bool StepDecayLR::is_equivalent(const mx::Primitive &other) const {
-  return schedule_ == static_cast<const StepDecayLR &>(other).schedule_;
+bool StepDecayLR::is_equivalent(const mx::Primitive& other) const {
+  return schedule_ == static_cast<const StepDecayLR&>(other).schedule_;
 }
 
 std::vector<mx::Shape>
-StepDecayLR::output_shapes(const std::vector<mx::array> &inputs) {
+StepDecayLR::output_shapes(const std::vector<mx::array>& inputs) {
   return {inputs[0].shape()};
 }
 

@@ -20,7 +20,7 @@ struct StepDecay {
 
   // Throws std::invalid_argument naming the bad number.
   void validate() const;
-  bool operator==(const StepDecay &other) const = default;
+  bool operator==(const StepDecay& other) const = default;
 };
 
 // float32 learning rate for every element of the integer array `step`:
@@ -28,7 +28,7 @@ struct StepDecay {
 // Bit-identical to stock mlx.optimizers.step_decay(init, decay_rate,
 // step_size)(step) on the CPU.
 mx::array step_decay_lr(
-    const mx::array &step,
+    const mx::array& step,
     double init,
     double decay_rate,
     int64_t step_size,
@@ -37,37 +37,37 @@ mx::array step_decay_lr(
 // Checks that `step` is an integer array that can hold `step_size` (as stock,
 // where `step // step_size` casts step_size to the step's dtype).
 void check_step_array(
-    const mx::array &step, int64_t step_size, const char *what);
+    const mx::array& step, int64_t step_size, const char* what);
 
 class StepDecayLR : public mx::UnaryPrimitive {
 public:
   StepDecayLR(mx::Stream stream, StepDecay schedule)
       : mx::UnaryPrimitive(stream), schedule_(schedule) {}
 
-  void eval_cpu(const std::vector<mx::array> &inputs, mx::array &out) override;
-  void eval_gpu(const std::vector<mx::array> &inputs, mx::array &out) override;
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
 
   std::vector<mx::array>
-  jvp(const std::vector<mx::array> &primals,
-      const std::vector<mx::array> &tangents,
-      const std::vector<int> &argnums) override;
+  jvp(const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& tangents,
+      const std::vector<int>& argnums) override;
   std::vector<mx::array>
-  vjp(const std::vector<mx::array> &primals,
-      const std::vector<mx::array> &cotangents,
-      const std::vector<int> &argnums,
-      const std::vector<mx::array> &outputs) override;
+  vjp(const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
   std::pair<std::vector<mx::array>, std::vector<int>> vmap(
-      const std::vector<mx::array> &inputs,
-      const std::vector<int> &axes) override;
+      const std::vector<mx::array>& inputs,
+      const std::vector<int>& axes) override;
 
-  const char *name() const override {
+  const char* name() const override {
     return "StepDecayLR";
   }
-  bool is_equivalent(const mx::Primitive &other) const override;
+  bool is_equivalent(const mx::Primitive& other) const override;
   std::vector<mx::Shape>
-  output_shapes(const std::vector<mx::array> &inputs) override;
+  output_shapes(const std::vector<mx::array>& inputs) override;
 
-  const StepDecay &schedule() const {
+  const StepDecay& schedule() const {
     return schedule_;
   }
 

@@ -13,7 +13,7 @@ namespace mlx_fused_sgd {
 std::string extension_dir() {
   static const std::string dir = []() {
     Dl_info info;
-    if (!dladdr(reinterpret_cast<void *>(&extension_dir), &info)) {
+    if (!dladdr(reinterpret_cast<void*>(&extension_dir), &info)) {
       throw std::runtime_error(
           "mlx_fused_sgd: cannot locate the extension's own directory.");
     }
@@ -28,7 +28,7 @@ std::string dtype_name(mx::Dtype dtype) {
   return os.str();
 }
 
-std::string shape_str(const mx::Shape &shape) {
+std::string shape_str(const mx::Shape& shape) {
   std::ostringstream os;
   os << "(";
   for (size_t i = 0; i < shape.size(); ++i) {

@@ -16,7 +16,7 @@ namespace mx = mlx::core;
 // with the given shape and strides. 64-bit throughout so arrays of more than
 // 2^31 elements index correctly.
 inline int64_t
-elem_to_loc(int64_t elem, const mx::Shape &shape, const mx::Strides &strides) {
+elem_to_loc(int64_t elem, const mx::Shape& shape, const mx::Strides& strides) {
   int64_t loc = 0;
   for (int i = static_cast<int>(shape.size()) - 1; i >= 0 && elem > 0; --i) {
     loc += (elem % shape[i]) * strides[i];
@@ -32,13 +32,13 @@ elem_to_loc(int64_t elem, const mx::Shape &shape, const mx::Strides &strides) {
 // inputs that nothing else references be donated to the outputs. Tracers
 // (inside mx.compile or a transform) keep their graph untouched.
 inline void release_sibling_inputs(
-    const std::vector<mx::array> &inputs, std::vector<mx::array> &outputs) {
-  for (auto &out : outputs) {
+    const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  for (auto& out : outputs) {
     if (out.is_tracer()) {
       return;
     }
   }
-  for (auto &out : outputs) {
+  for (auto& out : outputs) {
     if (&out.inputs() != &inputs) {
       out.inputs().clear();
     }
@@ -51,6 +51,6 @@ std::string extension_dir();
 
 std::string dtype_name(mx::Dtype dtype);
 
-std::string shape_str(const mx::Shape &shape);
+std::string shape_str(const mx::Shape& shape);
 
 } // namespace mlx_fused_sgd
