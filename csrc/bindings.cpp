@@ -288,4 +288,78 @@ primitives of ``tensors_per_primitive`` tensors each.)");
           "-> tuple[list[mlx.core.array], list[mlx.core.array]]"),
       R"(Fused SGD step of many tensors with the step-decay learning rate
 computed in the kernel from the integer ``step`` counter.)");
+
+  // The composed fallback (stock MLX ops) that GPU streams take in builds
+  // without Metal kernels, callable on any device so that tests can check it
+  // against the primitives.
+  m.def(
+      "_step_decay_lr_fallback",
+      [](const mx::array& step,
+         double init,
+         double decay_rate,
+         int64_t step_size,
+         mx::StreamOrDevice s) {
+        mfs::StepDecay schedule{init, decay_rate, step_size};
+        schedule.validate();
+        mfs::check_step_array(step, step_size, "step");
+        return mfs::step_decay_lr_composed(step, schedule, s);
+      },
+      "step"_a,
+      "init"_a,
+      "decay_rate"_a,
+      "step_size"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none());
+
+  m.def(
+      "_sgd_update_many_fallback",
+      [](const std::vector<mx::array>& params,
+         const std::vector<mx::array>& grads,
+         const std::vector<mx::array>& velocities,
+         const std::optional<mx::array>& learning_rate,
+         const std::optional<mx::array>& step,
+         double init,
+         double decay_rate,
+         int64_t step_size,
+         double momentum,
+         double weight_decay,
+         double dampening,
+         bool nesterov,
+         mx::StreamOrDevice s) {
+        mfs::SGDSettings settings{momentum, weight_decay, dampening, nesterov};
+        auto r = step ? mfs::sgd_update_many_scheduled(
+                            params,
+                            grads,
+                            velocities,
+                            *step,
+                            {init, decay_rate, step_size},
+                            settings,
+                            mfs::kDefaultTensorsPerPrimitive,
+                            s,
+                            true)
+                      : mfs::sgd_update_many(
+                            params,
+                            grads,
+                            velocities,
+                            learning_rate.value(),
+                            settings,
+                            mfs::kDefaultTensorsPerPrimitive,
+                            s,
+                            true);
+        return std::make_pair(std::move(r.params), std::move(r.velocities));
+      },
+      "params"_a,
+      "grads"_a,
+      "velocities"_a,
+      nb::kw_only(),
+      "learning_rate"_a = nb::none(),
+      "step"_a = nb::none(),
+      "init"_a = 0.0,
+      "decay_rate"_a = 1.0,
+      "step_size"_a = 1,
+      "momentum"_a = 0.0,
+      "weight_decay"_a = 0.0,
+      "dampening"_a = 0.0,
+      "nesterov"_a = false,
+      "stream"_a = nb::none());
 }

@@ -6,6 +6,9 @@
 #include <stdexcept>
 
 #include "mlx/backend/cpu/encoder.h"
+#ifdef _METAL_
+#include "mlx/backend/metal/device.h"
+#endif
 
 #include "thread_pool.h"
 #include "utils.h"
@@ -35,27 +38,6 @@ void SGDSettings::validate() const {
   if (nesterov && (momentum <= 0 || dampening != 0)) {
     fail("Nesterov momentum requires a momentum and zero dampening.");
   }
-}
-
-SGDVariant SGDVariant::from(const SGDSettings& s) {
-  SGDVariant v;
-  v.weight_decay = s.weight_decay != 0;
-  v.momentum = s.momentum > 0;
-  v.dampening = v.momentum && s.dampening > 0;
-  v.nesterov = v.momentum && s.nesterov;
-  v.hyper.weight_decay = static_cast<float>(s.weight_decay);
-  v.hyper.momentum = static_cast<float>(s.momentum);
-  // Stock computes (1 - dampening) on Python floats, then rounds once.
-  v.hyper.dampening_scale = static_cast<float>(1.0 - s.dampening);
-  return v;
-}
-
-bool SGDVariant::operator==(const SGDVariant& o) const {
-  return weight_decay == o.weight_decay && momentum == o.momentum &&
-         dampening == o.dampening && nesterov == o.nesterov &&
-         hyper.weight_decay == o.hyper.weight_decay &&
-         hyper.momentum == o.hyper.momentum &&
-         hyper.dampening_scale == o.hyper.dampening_scale;
 }
 
 namespace {
@@ -142,6 +124,54 @@ mx::array check_learning_rate(const mx::array& lr, mx::StreamOrDevice s) {
   return out.ndim() == 0 ? out : mx::reshape(out, {}, s);
 }
 
+// The update from stock MLX ops, with the kernels' semantics (float32
+// intermediates, one rounding to the param dtype): the fallback for devices
+// without a kernel of this package.
+SGDResult sgd_update_composed(
+    const std::vector<mx::array>& params,
+    const std::vector<mx::array>& grads,
+    const std::vector<mx::array>& velocities,
+    const mx::array& lr_input,
+    const std::optional<StepDecay>& schedule,
+    const SGDVariant& v,
+    mx::StreamOrDevice s) {
+  auto lr =
+      schedule ? step_decay_lr_composed(lr_input, *schedule, s) : lr_input;
+  auto scalar = [](float x) { return mx::array(x); };
+  SGDResult result;
+  for (size_t i = 0; i < params.size(); ++i) {
+    auto dtype = params[i].dtype();
+    auto p = mx::astype(params[i], mx::float32, s);
+    auto g = mx::astype(grads[i], mx::float32, s);
+    if (v.weight_decay) {
+      g = mx::add(g, mx::multiply(scalar(v.hyper.weight_decay), p, s), s);
+    }
+    if (!v.momentum) {
+      result.params.push_back(
+          mx::astype(mx::subtract(p, mx::multiply(lr, g, s), s), dtype, s));
+      continue;
+    }
+    auto vel = velocities.empty() ? mx::zeros_like(p, s)
+                                  : mx::astype(velocities[i], mx::float32, s);
+    vel = mx::multiply(scalar(v.hyper.momentum), vel, s);
+    vel = mx::add(
+        vel,
+        v.dampening ? mx::multiply(scalar(v.hyper.dampening_scale), g, s) : g,
+        s);
+    auto update =
+        v.nesterov
+            ? mx::add(g, mx::multiply(scalar(v.hyper.momentum), vel, s), s)
+            : vel;
+    result.params.push_back(
+        mx::astype(mx::subtract(p, mx::multiply(lr, update, s), s), dtype, s));
+    result.velocities.push_back(mx::astype(vel, dtype, s));
+  }
+  if (!v.momentum) {
+    result.velocities = velocities;
+  }
+  return result;
+}
+
 SGDResult sgd_update_impl(
     const std::vector<mx::array>& params,
     const std::vector<mx::array>& grads,
@@ -150,6 +180,7 @@ SGDResult sgd_update_impl(
     const std::optional<StepDecay>& schedule,
     const SGDSettings& settings,
     int tensors_per_primitive,
+    bool use_fallback,
     mx::StreamOrDevice s) {
   settings.validate();
   if (tensors_per_primitive < 1) {
@@ -164,7 +195,11 @@ SGDResult sgd_update_impl(
         std::to_string(n) + " params and " + std::to_string(grads.size()) +
         " grads.");
   }
-  const auto variant = SGDVariant::from(settings);
+  const auto variant = SGDVariant::from(
+      settings.momentum,
+      settings.weight_decay,
+      settings.dampening,
+      settings.nesterov);
   const bool have_velocities = !velocities.empty();
   if (have_velocities && velocities.size() != n) {
     throw std::invalid_argument(
@@ -186,6 +221,12 @@ SGDResult sgd_update_impl(
         s));
   }
 
+  auto stream = mx::to_stream(s);
+  if (use_fallback || !has_fused_kernel(stream)) {
+    return sgd_update_composed(
+        params, checked_grads, velocities, lr_input, schedule, variant, stream);
+  }
+
   SGDResult result;
   result.params.resize(n, mx::array(0.0f));
   if (!variant.momentum) {
@@ -193,7 +234,6 @@ SGDResult sgd_update_impl(
   } else {
     result.velocities.resize(n, mx::array(0.0f));
   }
-  auto stream = mx::to_stream(s);
 
   // Group by dtype (one kernel instantiation per primitive), keep order.
   std::map<int, std::vector<size_t>> groups;
@@ -256,7 +296,8 @@ SGDResult sgd_update_many(
     const mx::array& learning_rate,
     const SGDSettings& settings,
     int tensors_per_primitive,
-    mx::StreamOrDevice s) {
+    mx::StreamOrDevice s,
+    bool use_fallback) {
   auto lr = check_learning_rate(learning_rate, s);
   return sgd_update_impl(
       params,
@@ -266,6 +307,7 @@ SGDResult sgd_update_many(
       std::nullopt,
       settings,
       tensors_per_primitive,
+      use_fallback,
       s);
 }
 
@@ -277,7 +319,8 @@ SGDResult sgd_update_many_scheduled(
     const StepDecay& schedule,
     const SGDSettings& settings,
     int tensors_per_primitive,
-    mx::StreamOrDevice s) {
+    mx::StreamOrDevice s,
+    bool use_fallback) {
   schedule.validate();
   check_step_array(step, schedule.step_size, "step");
   if (step.size() != 1) {
@@ -292,7 +335,14 @@ SGDResult sgd_update_many_scheduled(
     auto lr = step_decay_lr(
         step, schedule.init, schedule.decay_rate, schedule.step_size, s);
     return sgd_update_many(
-        params, grads, velocities, lr, settings, tensors_per_primitive, s);
+        params,
+        grads,
+        velocities,
+        lr,
+        settings,
+        tensors_per_primitive,
+        s,
+        use_fallback);
   }
   auto step_scalar = step.ndim() == 0 ? step : mx::reshape(step, {}, s);
   return sgd_update_impl(
@@ -303,6 +353,7 @@ SGDResult sgd_update_many_scheduled(
       schedule,
       settings,
       tensors_per_primitive,
+      use_fallback,
       s);
 }
 
@@ -506,6 +557,33 @@ bool try_donate(const mx::array& in, mx::array& out) {
   return false;
 }
 
+// Gives the outputs of one tensor their buffers: the param's and the momentum
+// buffer's own when donatable (in place), else the gradient's, else new ones.
+void allocate_outputs(
+    const mx::array& p,
+    const mx::array& g,
+    const mx::array* v,
+    mx::array& p_out,
+    mx::array* v_out) {
+  bool grad_taken = false;
+  if (!try_donate(p, p_out)) {
+    grad_taken = try_donate(g, p_out);
+    if (!grad_taken) {
+      p_out.set_data(mx::allocator::malloc(p_out.nbytes()));
+    }
+  }
+  if (v != nullptr && !try_donate(*v, *v_out) &&
+      (grad_taken || !try_donate(g, *v_out))) {
+    v_out->set_data(mx::allocator::malloc(v_out->nbytes()));
+  }
+}
+
+bool all_row_contiguous(
+    const mx::array& p, const mx::array& g, const mx::array* v) {
+  return p.flags().row_contiguous && g.flags().row_contiguous &&
+         (v == nullptr || v->flags().row_contiguous);
+}
+
 } // namespace
 
 void SGDUpdate::eval_cpu(
@@ -524,17 +602,7 @@ void SGDUpdate::eval_cpu(
     auto& p_out = outputs[i];
     auto* v_out = momentum ? &outputs[n + i] : nullptr;
 
-    bool grad_taken = false;
-    if (!try_donate(p, p_out)) {
-      grad_taken = try_donate(g, p_out);
-      if (!grad_taken) {
-        p_out.set_data(mx::allocator::malloc(p_out.nbytes()));
-      }
-    }
-    if (momentum && !try_donate(*v, *v_out) &&
-        (grad_taken || !try_donate(g, *v_out))) {
-      v_out->set_data(mx::allocator::malloc(v_out->nbytes()));
-    }
+    allocate_outputs(p, g, v, p_out, v_out);
 
     encoder.set_input_array(p);
     encoder.set_input_array(g);
@@ -543,8 +611,7 @@ void SGDUpdate::eval_cpu(
       encoder.set_input_array(*v);
       encoder.set_output_array(*v_out);
     }
-    bool contiguous = p.flags().row_contiguous && g.flags().row_contiguous &&
-                      (!momentum || v->flags().row_contiguous);
+    bool contiguous = all_row_contiguous(p, g, v);
     TensorPointers t{
         p.data<void>(),
         g.data<void>(),
@@ -596,12 +663,79 @@ void SGDUpdate::eval_cpu(
       });
 }
 
+#ifdef _METAL_
+
 void SGDUpdate::eval_gpu(
     const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  throw std::runtime_error(
-      "mlx_fused_sgd: SGDUpdate has no kernel for the GPU device in this "
-      "build (the Metal kernel is not built yet); run it on mx.cpu.");
+  release_sibling_inputs(inputs, outputs);
+  const int n = num_tensors_;
+  const bool momentum = variant_.momentum;
+  auto& s = stream();
+  auto& d = mx::metal::device(s.device);
+  auto* lib = d.get_library(kMetalLibraryName, extension_dir());
+  auto& encoder = mx::metal::get_command_encoder(s);
+  const auto& lr_input = inputs.back();
+  const launch::FusedSchedule fused{
+      schedule_.has_value(),
+      schedule_ ? schedule_->init : 0.0,
+      schedule_ ? schedule_->decay_rate : 0.0,
+      schedule_ ? schedule_->step_size : 1};
+
+  for (int i = 0; i < n; ++i) {
+    const auto& p = inputs[i];
+    const auto& g = inputs[n + i];
+    const auto* v = momentum ? &inputs[2 * n + i] : nullptr;
+    auto& p_out = outputs[i];
+    auto* v_out = momentum ? &outputs[n + i] : nullptr;
+    allocate_outputs(p, g, v, p_out, v_out);
+    if (p.size() == 0) {
+      continue;
+    }
+    const bool contiguous = all_row_contiguous(p, g, v);
+    auto plan = launch::plan_sgd(
+        dtype_name(p.dtype()),
+        contiguous,
+        static_cast<int64_t>(p.size()),
+        p.ndim(),
+        variant_,
+        fused);
+    auto* kernel = d.get_kernel(plan.name, lib);
+    encoder.set_compute_pipeline_state(kernel);
+    encoder.set_input_array(p, launch::kParam);
+    encoder.set_input_array(g, launch::kGrad);
+    // Momentum off: the velocity slots get valid buffers the kernel ignores.
+    encoder.set_input_array(momentum ? *v : g, launch::kVelocity);
+    encoder.set_output_array(p_out, launch::kParamOut);
+    encoder.set_output_array(momentum ? *v_out : p_out, launch::kVelocityOut);
+    encoder.set_input_array(lr_input, launch::kLearningRate);
+    encoder.set_input_array(lr_input, launch::kStep);
+    encoder.set_bytes(plan.args, launch::kSGDArgs);
+    if (!contiguous) {
+      encoder.set_vector_bytes(p.shape(), launch::kShape);
+      encoder.set_vector_bytes(p.strides(), launch::kParamStrides);
+      encoder.set_vector_bytes(g.strides(), launch::kGradStrides);
+      encoder.set_vector_bytes(
+          momentum ? v->strides() : g.strides(), launch::kVelocityStrides);
+    }
+    auto grid = launch::make_grid(
+        plan.threads, kernel->maxTotalThreadsPerThreadgroup());
+    encoder.dispatch_threads(
+        MTL::Size(grid.x, grid.y, 1), MTL::Size(grid.group, 1, 1));
+  }
 }
+
+#else
+
+void SGDUpdate::eval_gpu(
+    const std::vector<mx::array>&, std::vector<mx::array>&) {
+  // The ops route GPU streams to the composed fallback when this build has
+  // no Metal kernels, so this is reached only by a hand-built graph.
+  throw std::runtime_error(
+      "mlx_fused_sgd: SGDUpdate has no GPU kernel in this build (MLX without "
+      "Metal); use the op functions, which fall back to stock MLX ops.");
+}
+
+#endif
 
 // ---------------------------------------------------------------------------
 // Transforms and graph facts

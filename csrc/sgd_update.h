@@ -10,7 +10,7 @@
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 
-#include "kernels/sgd_math.h"
+#include "kernels/sgd_launch.h"
 #include "step_decay.h"
 
 namespace mlx_fused_sgd {
@@ -28,18 +28,7 @@ struct SGDSettings {
   void validate() const;
 };
 
-// What the kernel is compiled for: the variant flags (decided on the double
-// values, as stock's Python branches are) and the float32 constants.
-struct SGDVariant {
-  bool weight_decay;
-  bool momentum;
-  bool dampening;
-  bool nesterov;
-  math::SGDHyper hyper;
-
-  static SGDVariant from(const SGDSettings& settings);
-  bool operator==(const SGDVariant& other) const;
-};
+using launch::SGDVariant;
 
 struct SGDResult {
   std::vector<mx::array> params;
@@ -52,7 +41,10 @@ struct SGDResult {
 // O(outputs^2) to build, so many tensors are split into chunks of this size.
 inline constexpr int kDefaultTensorsPerPrimitive = 8;
 
-// Updates many tensors with a scalar learning-rate array.
+// Updates many tensors with a scalar learning-rate array. On a device without
+// a kernel of this package (a GPU in an MLX build without Metal), or with
+// use_fallback, the update is composed of stock MLX ops with the same
+// semantics instead.
 SGDResult sgd_update_many(
     const std::vector<mx::array>& params,
     const std::vector<mx::array>& grads,
@@ -60,7 +52,8 @@ SGDResult sgd_update_many(
     const mx::array& learning_rate,
     const SGDSettings& settings,
     int tensors_per_primitive = kDefaultTensorsPerPrimitive,
-    mx::StreamOrDevice s = {});
+    mx::StreamOrDevice s = {},
+    bool use_fallback = false);
 
 // Updates many tensors with the learning rate computed inside the kernel from
 // the integer step counter and the step-decay schedule (no extra op).
@@ -72,7 +65,8 @@ SGDResult sgd_update_many_scheduled(
     const StepDecay& schedule,
     const SGDSettings& settings,
     int tensors_per_primitive = kDefaultTensorsPerPrimitive,
-    mx::StreamOrDevice s = {});
+    mx::StreamOrDevice s = {},
+    bool use_fallback = false);
 
 // Inputs:  params[n], grads[n], velocities[n] (momentum only), then one
 //          scalar: the float32 learning rate, or the uint64 step counter when

@@ -34,6 +34,13 @@ mx::array step_decay_lr(
     int64_t step_size,
     mx::StreamOrDevice s = {});
 
+// The same numbers from stock MLX ops: the fallback for devices without a
+// kernel of this package (MLX's CUDA backend), also callable on the CPU.
+mx::array step_decay_lr_composed(
+    const mx::array& step,
+    const StepDecay& schedule,
+    mx::StreamOrDevice s = {});
+
 // Checks that `step` is an integer array that can hold `step_size` (as stock,
 // where `step // step_size` casts step_size to the step's dtype).
 void check_step_array(

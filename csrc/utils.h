@@ -45,6 +45,24 @@ inline void release_sibling_inputs(
   }
 }
 
+// The .metallib built from kernels/*.metal, installed next to the extension.
+// MLX caches libraries by name, so the name is this package's own.
+inline constexpr const char* kMetalLibraryName = "mlx_fused_sgd";
+
+// Whether this build has the Metal kernels (MLX built with Metal). Without
+// them, ops on a GPU stream are composed of stock MLX ops instead.
+#ifdef _METAL_
+inline constexpr bool kHaveMetalKernels = true;
+#else
+inline constexpr bool kHaveMetalKernels = false;
+#endif
+
+// True when an op on stream `s` runs this package's kernels; false when it
+// must fall back to stock MLX ops (a GPU without kernels of ours).
+inline bool has_fused_kernel(const mx::Stream& s) {
+  return s.device == mx::Device::cpu || kHaveMetalKernels;
+}
+
 // Directory holding this extension's shared object, where the .metallib is
 // installed next to it.
 std::string extension_dir();

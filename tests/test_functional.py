@@ -286,11 +286,3 @@ def test_not_differentiable():
 
     with pytest.raises(RuntimeError, match="cannot be differentiated"):
         mx.grad(f)(mx.ones(3))
-
-
-def test_gpu_stream_without_kernel_fails_clearly():
-    if mx.metal.is_available():
-        pytest.skip("this build has a GPU")
-    with pytest.raises((RuntimeError, ValueError)):
-        out = mfs.sgd_update(mx.ones(3), mx.ones(3), learning_rate=0.1, stream=mx.gpu)
-        mx.eval(out[0])

@@ -1,0 +1,193 @@
+// How the Metal kernels are launched: buffer slots, the argument struct,
+// kernel names and the grid. Shared by eval_gpu (csrc/) and by the Linux test
+// harness that runs the kernels on the CPU (tests/metal_harness.cpp), so the
+// harness cannot drift from what eval_gpu binds.
+#pragma once
+
+#ifdef __METAL_VERSION__
+#define MFS_CONSTANT constant
+#else
+#include <cstdint>
+#include <string>
+#define MFS_CONSTANT
+#endif
+
+#include "kernels/sgd_math.h"
+
+namespace mlx_fused_sgd {
+namespace launch {
+
+// Elements each thread of a contiguous kernel updates (a tail thread fewer).
+MFS_CONSTANT constexpr int kWorkPerThread = 4;
+
+// Buffer slots of the SGD kernels.
+MFS_CONSTANT constexpr int kParam = 0;
+MFS_CONSTANT constexpr int kGrad = 1;
+MFS_CONSTANT constexpr int kVelocity = 2; // bound to grad when momentum is off
+MFS_CONSTANT constexpr int kParamOut = 3;
+MFS_CONSTANT constexpr int kVelocityOut = 4;  // bound to param_out likewise
+MFS_CONSTANT constexpr int kLearningRate = 5; // float32 scalar
+MFS_CONSTANT constexpr int kStep = 6; // uint64 scalar (scheduled kernels)
+MFS_CONSTANT constexpr int kSGDArgs = 7;
+MFS_CONSTANT constexpr int kShape = 8; // general kernels only
+MFS_CONSTANT constexpr int kParamStrides = 9;
+MFS_CONSTANT constexpr int kGradStrides = 10;
+MFS_CONSTANT constexpr int kVelocityStrides = 11;
+
+// Buffer slots of the step-decay kernels.
+MFS_CONSTANT constexpr int kStepIn = 0;
+MFS_CONSTANT constexpr int kLearningRateOut = 1;
+MFS_CONSTANT constexpr int kStepDecayArgs = 2;
+MFS_CONSTANT constexpr int kStepShape = 3; // general kernels only
+MFS_CONSTANT constexpr int kStepStrides = 4;
+
+// Constants of one SGD launch (64-bit fields first: one layout in C++ and
+// Metal).
+struct SGDArgs {
+  int64_t size;          // elements of the tensor
+  int64_t step_size;     // step decay, when scheduled
+  float weight_decay;    // float32(weight_decay)
+  float momentum;        // float32(momentum)
+  float dampening_scale; // float32(1 - dampening)
+  float init;            // float32(init), when scheduled
+  float decay_rate;      // float32(decay_rate), when scheduled
+  int32_t scheduled;     // 1: lr from the step counter; 0: from kLearningRate
+  int32_t ndim;          // general kernels
+};
+
+struct StepDecayArgs {
+  int64_t size;
+  int64_t step_size;
+  float init;
+  float decay_rate;
+  int32_t ndim;
+};
+
+#ifndef __METAL_VERSION__
+
+// Which kernel variant an update needs (decided on the double values, as
+// stock's Python branches are) and its float32 constants, each rounded once
+// as stock rounds its Python scalars.
+struct SGDVariant {
+  bool weight_decay;
+  bool momentum;
+  bool dampening;
+  bool nesterov;
+  math::SGDHyper hyper;
+
+  static SGDVariant
+  from(double momentum, double weight_decay, double dampening, bool nesterov) {
+    SGDVariant v;
+    v.weight_decay = weight_decay != 0;
+    v.momentum = momentum > 0;
+    v.dampening = v.momentum && dampening > 0;
+    v.nesterov = v.momentum && nesterov;
+    v.hyper.weight_decay = static_cast<float>(weight_decay);
+    v.hyper.momentum = static_cast<float>(momentum);
+    // Stock computes (1 - dampening) on Python floats, then rounds once.
+    v.hyper.dampening_scale = static_cast<float>(1.0 - dampening);
+    return v;
+  }
+
+  bool operator==(const SGDVariant& o) const {
+    return weight_decay == o.weight_decay && momentum == o.momentum &&
+           dampening == o.dampening && nesterov == o.nesterov &&
+           hyper.weight_decay == o.hyper.weight_decay &&
+           hyper.momentum == o.hyper.momentum &&
+           hyper.dampening_scale == o.hyper.dampening_scale;
+  }
+};
+
+// A step-decay schedule folded into a launch (absent: a float32 lr buffer).
+struct FusedSchedule {
+  bool enabled;
+  double init;
+  double decay_rate;
+  int64_t step_size;
+};
+
+// Everything eval_gpu needs to launch one tensor's update.
+struct SGDPlan {
+  std::string name; // the kernel's host_name
+  int64_t threads;
+  SGDArgs args;
+};
+
+inline SGDPlan plan_sgd(
+    const std::string& dtype,
+    bool contiguous,
+    int64_t size,
+    int ndim,
+    const SGDVariant& v,
+    const FusedSchedule& schedule) {
+  SGDPlan plan;
+  plan.name = contiguous ? "sgd_contiguous_" : "sgd_general_";
+  plan.name += dtype + "_";
+  for (bool flag : {v.weight_decay, v.momentum, v.dampening, v.nesterov}) {
+    plan.name += flag ? '1' : '0';
+  }
+  plan.threads =
+      contiguous ? (size + kWorkPerThread - 1) / kWorkPerThread : size;
+  plan.args.size = size;
+  plan.args.step_size = schedule.enabled ? schedule.step_size : 1;
+  plan.args.weight_decay = v.hyper.weight_decay;
+  plan.args.momentum = v.hyper.momentum;
+  plan.args.dampening_scale = v.hyper.dampening_scale;
+  plan.args.init = static_cast<float>(schedule.init);
+  plan.args.decay_rate = static_cast<float>(schedule.decay_rate);
+  plan.args.scheduled = schedule.enabled ? 1 : 0;
+  plan.args.ndim = ndim;
+  return plan;
+}
+
+struct StepDecayPlan {
+  std::string name; // the kernel's host_name
+  int64_t threads;
+  StepDecayArgs args;
+};
+
+inline StepDecayPlan plan_step_decay(
+    const std::string& dtype,
+    bool contiguous,
+    int64_t size,
+    int ndim,
+    double init,
+    double decay_rate,
+    int64_t step_size) {
+  StepDecayPlan plan;
+  plan.name =
+      std::string(
+          contiguous ? "step_decay_contiguous_" : "step_decay_general_") +
+      dtype;
+  plan.threads = size;
+  plan.args.size = size;
+  plan.args.step_size = step_size;
+  plan.args.init = static_cast<float>(init);
+  plan.args.decay_rate = static_cast<float>(decay_rate);
+  plan.args.ndim = ndim;
+  return plan;
+}
+
+// A 1-D launch of `threads` threads as a 2-D grid (x * y >= threads, each
+// below 2^32) so that more than 2^32 threads index correctly; the kernels
+// return early past the end.
+struct Grid {
+  uint64_t x;
+  uint64_t y;
+  uint64_t group;
+};
+
+inline Grid make_grid(int64_t threads, uint64_t max_group) {
+  const uint64_t t = threads > 0 ? static_cast<uint64_t>(threads) : 1;
+  const uint64_t limit = uint64_t(1) << 31;
+  Grid g;
+  g.x = t < limit ? t : limit;
+  g.y = (t + g.x - 1) / g.x;
+  g.group = max_group < g.x ? max_group : g.x;
+  return g;
+}
+
+#endif
+
+} // namespace launch
+} // namespace mlx_fused_sgd

@@ -1,0 +1,173 @@
+// Metal kernels of the fused SGD update. The per-element math is
+// kernels/sgd_math.h, the same header the CPU loop includes; the launch facts
+// (buffer slots, argument struct, names, grid) are kernels/sgd_launch.h, the
+// same header eval_gpu uses. Requires Metal 3.1 (bfloat), as MLX does.
+#include <metal_stdlib>
+
+#include "kernels/sgd_launch.h"
+#include "kernels/sgd_math.h"
+
+using namespace metal;
+using namespace mlx_fused_sgd;
+
+// The learning rate of this launch, once per thread: a float32 scalar, or the
+// step-decay schedule of the uint64 step counter (a few ALU ops).
+inline float launch_learning_rate(
+    device const float* lr,
+    device const uint64_t* step,
+    constant const launch::SGDArgs& args) {
+  if (args.scheduled) {
+    return math::step_decay_lr<uint64_t>(
+        step[0], uint64_t(args.step_size), args.init, args.decay_rate);
+  }
+  return lr[0];
+}
+
+inline math::SGDHyper launch_hyper(constant const launch::SGDArgs& args) {
+  math::SGDHyper h;
+  h.weight_decay = args.weight_decay;
+  h.momentum = args.momentum;
+  h.dampening_scale = args.dampening_scale;
+  return h;
+}
+
+inline uint64_t linear_thread(uint2 gid, uint2 grid) {
+  return uint64_t(gid.x) + uint64_t(grid.x) * uint64_t(gid.y);
+}
+
+template <typename T, bool WD, bool M, bool D, bool N>
+inline void update_one(
+    device const T* param,
+    device const T* grad,
+    device const T* velocity,
+    device T* param_out,
+    device T* velocity_out,
+    int64_t ip,
+    int64_t ig,
+    int64_t iv,
+    int64_t io,
+    float lr,
+    math::SGDHyper h) {
+  float v = M ? static_cast<float>(velocity[iv]) : 0.0f;
+  math::ParamVelocity r = math::sgd_update_element<WD, M, D, N>(
+      static_cast<float>(param[ip]), static_cast<float>(grad[ig]), v, lr, h);
+  param_out[io] = static_cast<T>(r.param);
+  if (M) {
+    velocity_out[io] = static_cast<T>(r.velocity);
+  }
+}
+
+// Row-contiguous param, grad and velocity: kWorkPerThread elements a thread.
+template <typename T, bool WD, bool M, bool D, bool N>
+[[kernel]] void sgd_contiguous(
+    device const T* param [[buffer(launch::kParam)]],
+    device const T* grad [[buffer(launch::kGrad)]],
+    device const T* velocity [[buffer(launch::kVelocity)]],
+    device T* param_out [[buffer(launch::kParamOut)]],
+    device T* velocity_out [[buffer(launch::kVelocityOut)]],
+    device const float* lr [[buffer(launch::kLearningRate)]],
+    device const uint64_t* step [[buffer(launch::kStep)]],
+    constant const launch::SGDArgs& args [[buffer(launch::kSGDArgs)]],
+    uint2 gid [[thread_position_in_grid]],
+    uint2 grid [[threads_per_grid]]) {
+  int64_t begin = int64_t(linear_thread(gid, grid)) * launch::kWorkPerThread;
+  if (begin >= args.size) {
+    return;
+  }
+  float rate = launch_learning_rate(lr, step, args);
+  math::SGDHyper h = launch_hyper(args);
+  if (begin + launch::kWorkPerThread <= args.size) {
+    for (int k = 0; k < launch::kWorkPerThread; ++k) {
+      int64_t i = begin + k;
+      update_one<T, WD, M, D, N>(
+          param, grad, velocity, param_out, velocity_out, i, i, i, i, rate, h);
+    }
+  } else {
+    for (int64_t i = begin; i < args.size; ++i) {
+      update_one<T, WD, M, D, N>(
+          param, grad, velocity, param_out, velocity_out, i, i, i, i, rate, h);
+    }
+  }
+}
+
+inline int64_t strided_offset(
+    int64_t elem,
+    constant const int* shape,
+    constant const int64_t* strides,
+    int ndim) {
+  int64_t loc = 0;
+  for (int d = ndim - 1; d >= 0 && elem > 0; --d) {
+    loc += (elem % shape[d]) * strides[d];
+    elem /= shape[d];
+  }
+  return loc;
+}
+
+// Any strides (transposed, sliced or broadcast inputs): one element a thread,
+// outputs written row-contiguous.
+template <typename T, bool WD, bool M, bool D, bool N>
+[[kernel]] void sgd_general(
+    device const T* param [[buffer(launch::kParam)]],
+    device const T* grad [[buffer(launch::kGrad)]],
+    device const T* velocity [[buffer(launch::kVelocity)]],
+    device T* param_out [[buffer(launch::kParamOut)]],
+    device T* velocity_out [[buffer(launch::kVelocityOut)]],
+    device const float* lr [[buffer(launch::kLearningRate)]],
+    device const uint64_t* step [[buffer(launch::kStep)]],
+    constant const launch::SGDArgs& args [[buffer(launch::kSGDArgs)]],
+    constant const int* shape [[buffer(launch::kShape)]],
+    constant const int64_t* param_strides [[buffer(launch::kParamStrides)]],
+    constant const int64_t* grad_strides [[buffer(launch::kGradStrides)]],
+    constant const int64_t* velocity_strides
+    [[buffer(launch::kVelocityStrides)]],
+    uint2 gid [[thread_position_in_grid]],
+    uint2 grid [[threads_per_grid]]) {
+  int64_t i = int64_t(linear_thread(gid, grid));
+  if (i >= args.size) {
+    return;
+  }
+  float rate = launch_learning_rate(lr, step, args);
+  int64_t ip = strided_offset(i, shape, param_strides, args.ndim);
+  int64_t ig = strided_offset(i, shape, grad_strides, args.ndim);
+  int64_t iv = M ? strided_offset(i, shape, velocity_strides, args.ndim) : 0;
+  update_one<T, WD, M, D, N>(
+      param,
+      grad,
+      velocity,
+      param_out,
+      velocity_out,
+      ip,
+      ig,
+      iv,
+      i,
+      rate,
+      launch_hyper(args));
+}
+
+// Instantiation by name. The Linux harness defines MFS_INSTANTIATE to record
+// each (name, function) pair instead.
+#ifndef MFS_INSTANTIATE
+#define MFS_INSTANTIATE(name, func, ...) \
+  template [[host_name(name)]] [[kernel]] decltype(func<__VA_ARGS__>) func<__VA_ARGS__>;
+#endif
+
+#define MFS_SGD_VARIANT(dtype, T, wd, m, d, n)                                 \
+  MFS_INSTANTIATE(                                                             \
+      "sgd_contiguous_" #dtype "_" #wd #m #d #n, sgd_contiguous, T, wd, m, d, n) \
+  MFS_INSTANTIATE(                                                             \
+      "sgd_general_" #dtype "_" #wd #m #d #n, sgd_general, T, wd, m, d, n)
+
+// Nesterov with dampening is refused by validation, so never launched.
+#define MFS_SGD_WD(dtype, T, wd)            \
+  MFS_SGD_VARIANT(dtype, T, wd, 0, 0, 0)    \
+  MFS_SGD_VARIANT(dtype, T, wd, 1, 0, 0)    \
+  MFS_SGD_VARIANT(dtype, T, wd, 1, 1, 0)    \
+  MFS_SGD_VARIANT(dtype, T, wd, 1, 0, 1)
+
+#define MFS_SGD_DTYPE(dtype, T) \
+  MFS_SGD_WD(dtype, T, 0)       \
+  MFS_SGD_WD(dtype, T, 1)
+
+MFS_SGD_DTYPE(float32, float)
+MFS_SGD_DTYPE(float16, half)
+MFS_SGD_DTYPE(bfloat16, bfloat)

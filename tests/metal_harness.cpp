@@ -1,0 +1,227 @@
+// Runs the Metal kernels of kernels/*.metal on the CPU: each kernel is
+// compiled as C++ against tests/metal_shim/metal_stdlib and called for every
+// thread of the grid that eval_gpu would launch, with the buffers and
+// constants eval_gpu binds (both take them from kernels/sgd_launch.h).
+// Built as a shared library by tests/test_metal_harness.py and driven from
+// Python through ctypes.
+#include <cstdint>
+#include <map>
+#include <string>
+
+#include "kernels/sgd_launch.h"
+
+namespace {
+std::map<std::string, void*>& registry() {
+  static std::map<std::string, void*> r;
+  return r;
+}
+bool record(const char* name, void* fn) {
+  registry()[name] = fn;
+  return true;
+}
+} // namespace
+
+#define MFS_CAT2(a, b) a##b
+#define MFS_CAT(a, b) MFS_CAT2(a, b)
+#define MFS_INSTANTIATE(name, func, ...)                       \
+  static const bool MFS_CAT(mfs_registered_, __COUNTER__) =   \
+      record(name, reinterpret_cast<void*>(&func<__VA_ARGS__>));
+
+#include "kernels/step_decay.metal"
+#include "kernels/sgd_update.metal"
+
+namespace launch = mlx_fused_sgd::launch;
+
+// The largest threadgroup eval_gpu asks for is the pipeline's limit; any
+// value gives the same results here, since the kernels use no threadgroup
+// memory.
+constexpr uint64_t kMaxThreadsPerGroup = 1024;
+
+template <typename F>
+F* lookup(const std::string& name) {
+  auto it = registry().find(name);
+  return it == registry().end() ? nullptr : reinterpret_cast<F*>(it->second);
+}
+
+template <typename Call>
+void run_grid(int64_t threads, Call call) {
+  auto g = launch::make_grid(threads, kMaxThreadsPerGroup);
+  uint2 grid{static_cast<uint>(g.x), static_cast<uint>(g.y)};
+  for (uint64_t y = 0; y < g.y; ++y) {
+    for (uint64_t x = 0; x < g.x; ++x) {
+      call(uint2{static_cast<uint>(x), static_cast<uint>(y)}, grid);
+    }
+  }
+}
+
+template <typename T>
+int run_sgd_typed(
+    const launch::SGDPlan& plan,
+    bool contiguous,
+    bool momentum,
+    const void* param,
+    const void* grad,
+    const void* velocity,
+    void* param_out,
+    void* velocity_out,
+    const float* lr,
+    const uint64_t* step,
+    const int* shape,
+    const int64_t* param_strides,
+    const int64_t* grad_strides,
+    const int64_t* velocity_strides) {
+  auto p = static_cast<const T*>(param);
+  auto g = static_cast<const T*>(grad);
+  auto v = static_cast<const T*>(velocity);
+  auto po = static_cast<T*>(param_out);
+  auto vo = static_cast<T*>(velocity_out);
+  // Momentum off: eval_gpu binds grad and param_out in the velocity slots.
+  if (!momentum) {
+    v = g;
+    vo = po;
+  }
+  if (contiguous) {
+    using F = void(
+        const T*, const T*, const T*, T*, T*, const float*, const uint64_t*,
+        const launch::SGDArgs&, uint2, uint2);
+    auto fn = lookup<F>(plan.name);
+    if (!fn) {
+      return 1;
+    }
+    run_grid(plan.threads, [&](uint2 gid, uint2 grid) {
+      fn(p, g, v, po, vo, lr, step, plan.args, gid, grid);
+    });
+  } else {
+    using F = void(
+        const T*, const T*, const T*, T*, T*, const float*, const uint64_t*,
+        const launch::SGDArgs&, const int*, const int64_t*, const int64_t*,
+        const int64_t*, uint2, uint2);
+    auto fn = lookup<F>(plan.name);
+    if (!fn) {
+      return 1;
+    }
+    run_grid(plan.threads, [&](uint2 gid, uint2 grid) {
+      fn(p, g, v, po, vo, lr, step, plan.args, shape, param_strides,
+         grad_strides, velocity_strides, gid, grid);
+    });
+  }
+  return 0;
+}
+
+template <typename I>
+int run_step_decay_typed(
+    const launch::StepDecayPlan& plan,
+    bool contiguous,
+    const void* step,
+    float* out,
+    const int* shape,
+    const int64_t* strides) {
+  auto s = static_cast<const I*>(step);
+  if (contiguous) {
+    using F = void(const I*, float*, const launch::StepDecayArgs&, uint2, uint2);
+    auto fn = lookup<F>(plan.name);
+    if (!fn) {
+      return 1;
+    }
+    run_grid(plan.threads, [&](uint2 gid, uint2 grid) {
+      fn(s, out, plan.args, gid, grid);
+    });
+  } else {
+    using F = void(
+        const I*, float*, const launch::StepDecayArgs&, const int*,
+        const int64_t*, uint2, uint2);
+    auto fn = lookup<F>(plan.name);
+    if (!fn) {
+      return 1;
+    }
+    run_grid(plan.threads, [&](uint2 gid, uint2 grid) {
+      fn(s, out, plan.args, shape, strides, gid, grid);
+    });
+  }
+  return 0;
+}
+
+extern "C" {
+
+int harness_kernel_count() {
+  return static_cast<int>(registry().size());
+}
+
+// One tensor's update as eval_gpu launches it. Returns 0 on success, 1 when
+// the kernel eval_gpu would pick is not instantiated, 2 for an unknown dtype.
+int run_sgd(
+    const char* dtype,
+    double momentum,
+    double weight_decay,
+    double dampening,
+    int nesterov,
+    int scheduled,
+    double init,
+    double decay_rate,
+    int64_t step_size,
+    int contiguous,
+    int64_t size,
+    int ndim,
+    const int* shape,
+    const int64_t* param_strides,
+    const int64_t* grad_strides,
+    const int64_t* velocity_strides,
+    const void* param,
+    const void* grad,
+    const void* velocity,
+    void* param_out,
+    void* velocity_out,
+    const float* lr,
+    const uint64_t* step) {
+  auto variant =
+      launch::SGDVariant::from(momentum, weight_decay, dampening, nesterov);
+  auto plan = launch::plan_sgd(
+      dtype,
+      contiguous,
+      size,
+      ndim,
+      variant,
+      {scheduled != 0, init, decay_rate, step_size});
+  std::string d = dtype;
+  auto run = [&]<typename T>() {
+    return run_sgd_typed<T>(
+        plan, contiguous, variant.momentum, param, grad, velocity, param_out,
+        velocity_out, lr, step, shape, param_strides, grad_strides,
+        velocity_strides);
+  };
+  if (d == "float32") return run.template operator()<float>();
+  if (d == "float16") return run.template operator()<half>();
+  if (d == "bfloat16") return run.template operator()<bfloat>();
+  return 2;
+}
+
+int run_step_decay(
+    const char* dtype,
+    double init,
+    double decay_rate,
+    int64_t step_size,
+    int contiguous,
+    int64_t size,
+    int ndim,
+    const int* shape,
+    const int64_t* strides,
+    const void* step,
+    float* out) {
+  auto plan = launch::plan_step_decay(
+      dtype, contiguous, size, ndim, init, decay_rate, step_size);
+  std::string d = dtype;
+  auto run = [&]<typename I>() {
+    return run_step_decay_typed<I>(plan, contiguous, step, out, shape, strides);
+  };
+  if (d == "int8") return run.template operator()<int8_t>();
+  if (d == "int16") return run.template operator()<int16_t>();
+  if (d == "int32") return run.template operator()<int32_t>();
+  if (d == "int64") return run.template operator()<int64_t>();
+  if (d == "uint8") return run.template operator()<uint8_t>();
+  if (d == "uint16") return run.template operator()<uint16_t>();
+  if (d == "uint32") return run.template operator()<uint32_t>();
+  if (d == "uint64") return run.template operator()<uint64_t>();
+  return 2;
+}
+
+} // extern "C"

@@ -1,0 +1,266 @@
+"""The Metal kernels, verified on Linux.
+
+Every ``kernels/*.metal`` file is compiled as C++ with the system compiler
+against ``tests/metal_shim/metal_stdlib`` (a stand-in for ``<metal_stdlib>``)
+and ``tests/metal_harness.cpp`` runs each kernel over the grid that
+``eval_gpu`` launches, with the buffers and constants ``eval_gpu`` binds (both
+take them from ``kernels/sgd_launch.h``). The outputs are compared bit for bit
+with this package's CPU primitives, which are bit-identical to stock MLX.
+What this cannot show: the Metal compiler's own code generation and
+``metal::pow``'s rounding on a real GPU (the macOS CI job runs the suite there).
+"""
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import assert_bitwise_equal
+
+import mlx_fused_sgd as mfs
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIM = ROOT / "tests" / "metal_shim"
+HARNESS = ROOT / "tests" / "metal_harness.cpp"
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+VARIANTS = [
+    dict(momentum=0.0, weight_decay=0.0, dampening=0.0, nesterov=False),
+    dict(momentum=0.0, weight_decay=0.01, dampening=0.0, nesterov=False),
+    dict(momentum=0.9, weight_decay=0.0, dampening=0.0, nesterov=False),
+    dict(momentum=0.9, weight_decay=0.01, dampening=0.0, nesterov=False),
+    dict(momentum=0.7, weight_decay=0.0, dampening=0.25, nesterov=False),
+    dict(momentum=0.7, weight_decay=0.02, dampening=0.25, nesterov=False),
+    dict(momentum=0.9, weight_decay=0.0, dampening=0.0, nesterov=True),
+    dict(momentum=0.9, weight_decay=0.003, dampening=0.0, nesterov=True),
+]
+SIZES = [1, 3, 4, 5, 7, 8, 9, 1023, 1025]
+
+
+def build_harness(out_dir: Path, kernels_root: Path = ROOT) -> ctypes.CDLL:
+    """Compile the harness with ``kernels/`` taken from ``kernels_root``."""
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.fail("no C++ compiler to build the Metal harness with")
+    lib = out_dir / "metal_harness.so"
+    cmd = [
+        cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-Wno-attributes",
+        "-ffp-contract=off", f"-I{SHIM}", f"-I{kernels_root}", str(HARNESS), "-o", str(lib),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    h = ctypes.CDLL(str(lib))
+    p = ctypes.c_void_p
+    h.run_sgd.argtypes = [
+        ctypes.c_char_p, ctypes.c_double, ctypes.c_double, ctypes.c_double, ctypes.c_int,
+        ctypes.c_int, ctypes.c_double, ctypes.c_double, ctypes.c_int64, ctypes.c_int,
+        ctypes.c_int64, ctypes.c_int, p, p, p, p, p, p, p, p, p, p, p,
+    ]
+    h.run_step_decay.argtypes = [
+        ctypes.c_char_p, ctypes.c_double, ctypes.c_double, ctypes.c_int64, ctypes.c_int,
+        ctypes.c_int64, ctypes.c_int, p, p, p, p,
+    ]
+    return h
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    return build_harness(tmp_path_factory.mktemp("metal"))
+
+
+def _host(a: mx.array) -> np.ndarray:
+    """The array's elements as a contiguous NumPy buffer of the same bits."""
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+    return np.ascontiguousarray(np.array(a))
+
+
+def _ptr(x: np.ndarray):
+    return x.ctypes.data_as(ctypes.c_void_p)
+
+
+def _buffer_ptr(x):
+    """Address of element 0 of a buffer, or of a strided view's first element
+    inside its base buffer (so that negative strides stay in bounds)."""
+    if isinstance(x, Strided):
+        return ctypes.c_void_p(x.buffer.ctypes.data + x.offset * x.buffer.itemsize)
+    return _ptr(x)
+
+
+class Strided:
+    """A non-contiguous view: a base buffer, a shape and element strides."""
+
+    def __init__(self, base: mx.array, view):
+        self.base = base
+        self.array = view(base)
+        nb = _host(base)
+        self.buffer = nb
+        # Element strides of the view over the base buffer, from NumPy.
+        nview = view(nb)
+        self.strides = np.array([s // nb.itemsize for s in nview.strides], np.int64)
+        self.offset = (nview.__array_interface__["data"][0] - nb.ctypes.data) // nb.itemsize
+
+
+def metal_sgd(h, param, grad, velocity, cfg, lr=None, step=None, schedule=None):
+    """Run the kernel eval_gpu would pick; return (param_out, velocity_out)."""
+    arrays = [param, grad, velocity if velocity is not None else grad]
+    strided = any(isinstance(a, Strided) for a in arrays)
+    ref = arrays[0].array if isinstance(arrays[0], Strided) else arrays[0]
+    shape, dtype = ref.shape, ref.dtype
+    size = int(np.prod(shape)) if shape else 1
+    bufs, strides = [], []
+    for a in arrays:
+        if isinstance(a, Strided):
+            bufs.append(a)
+            strides.append(a.strides)
+        else:
+            bufs.append(_host(a).reshape(-1))
+            st = np.ones(len(shape), np.int64)
+            for d in range(len(shape) - 2, -1, -1):
+                st[d] = st[d + 1] * shape[d + 1]
+            strides.append(st)
+    host_dtype = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16}[dtype]
+    out_p = np.zeros(size, host_dtype)
+    out_v = np.zeros(size, host_dtype)
+    shape_arr = np.array(shape, np.int32) if shape else np.zeros(1, np.int32)
+    lr_arr = np.array([lr if lr is not None else 0.0], np.float32)
+    step_arr = np.array([step if step is not None else 0], np.uint64)
+    sched = schedule or mfs.step_decay(1.0, 1.0, 1)
+    rc = h.run_sgd(
+        str(dtype).split(".")[-1].encode(), cfg["momentum"], cfg["weight_decay"],
+        cfg["dampening"], int(cfg["nesterov"]), int(schedule is not None),
+        float(sched.init), float(sched.decay_rate), sched.step_size, int(not strided),
+        size, len(shape), _ptr(shape_arr), _ptr(strides[0]), _ptr(strides[1]), _ptr(strides[2]),
+        _buffer_ptr(bufs[0]), _buffer_ptr(bufs[1]), _buffer_ptr(bufs[2]), _ptr(out_p), _ptr(out_v),
+        _ptr(lr_arr), _ptr(step_arr),
+    )
+    assert rc == 0, f"kernel for {dtype} {cfg} not instantiated (rc {rc})"
+
+    def back(x):
+        arr = mx.array(x.reshape(shape))
+        return arr.view(mx.bfloat16) if dtype == mx.bfloat16 else arr
+
+    return back(out_p), back(out_v)
+
+
+def _inputs(shape, dtype, seed):
+    k = mx.random.split(mx.random.key(seed), 3)
+    return [mx.random.normal(shape, key=kk).astype(dtype) for kk in k]
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: f"m{c['momentum']}-wd{c['weight_decay']}-d{c['dampening']}-n{int(c['nesterov'])}")
+def test_contiguous_kernel_matches_cpu(harness, dtype, cfg):
+    for size in SIZES:
+        p, g, v = _inputs((size,), DTYPES[dtype], size)
+        got_p, got_v = metal_sgd(harness, p, g, v, cfg, lr=0.0371)
+        exp_p, exp_v = mfs.sgd_update(p, g, v, learning_rate=mx.array(0.0371), **cfg)
+        assert_bitwise_equal(got_p, exp_p, f"param, size {size}")
+        if cfg["momentum"] > 0:
+            assert_bitwise_equal(got_v, exp_v, f"velocity, size {size}")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("step", [0, 9, 10, 25, 2**40 + 3])
+def test_scheduled_kernel_matches_cpu(harness, dtype, step):
+    cfg = VARIANTS[3]
+    sched = mfs.step_decay(0.1, 0.9, 10)
+    p, g, v = _inputs((37,), DTYPES[dtype], 1)
+    got_p, got_v = metal_sgd(harness, p, g, v, cfg, step=step, schedule=sched)
+    exp_p, exp_v = mfs.sgd_update_scheduled(
+        p, g, v, step=mx.array(np.uint64(step)), schedule=sched, **cfg
+    )
+    assert_bitwise_equal(got_p, exp_p)
+    assert_bitwise_equal(got_v, exp_v)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: f"m{c['momentum']}-wd{c['weight_decay']}-d{c['dampening']}-n{int(c['nesterov'])}")
+def test_general_kernel_matches_cpu(harness, dtype, cfg):
+    t = DTYPES[dtype]
+    base_p, base_g, base_v = _inputs((5, 6), t, 7)
+    p = Strided(base_p, lambda a: a.T)  # transposed
+    g = Strided(base_g, lambda a: a[::-1].T)  # negative strides
+    v = Strided(base_v, lambda a: a.T)
+    got_p, got_v = metal_sgd(harness, p, g, v, cfg, lr=0.05)
+    exp_p, exp_v = mfs.sgd_update(p.array, g.array, v.array, learning_rate=0.05, **cfg)
+    assert_bitwise_equal(got_p, exp_p)
+    if cfg["momentum"] > 0:
+        assert_bitwise_equal(got_v, exp_v)
+
+
+def test_every_instantiated_kernel_is_one_eval_gpu_can_launch(harness):
+    # 3 dtypes x 8 variants x {contiguous, general} + 8 step dtypes x 2; each
+    # one is run by the tests above (a missing name makes them fail).
+    assert harness.harness_kernel_count() == 3 * 8 * 2 + 8 * 2
+
+
+STEP_DTYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
+
+
+def metal_step_decay(h, steps: np.ndarray, sched, contiguous=True):
+    shape = steps.shape
+    base = np.ascontiguousarray(steps) if contiguous else steps.base
+    strides = np.array([s // steps.itemsize for s in steps.strides], np.int64)
+    out = np.zeros(steps.size, np.float32)
+    shape_arr = np.array(shape or (1,), np.int32)
+    rc = h.run_step_decay(
+        str(steps.dtype).encode(), float(sched.init), float(sched.decay_rate), sched.step_size,
+        int(contiguous), steps.size, len(shape), _ptr(shape_arr), _ptr(strides),
+        _ptr(base), _ptr(out),
+    )
+    assert rc == 0
+    return mx.array(out.reshape(shape))
+
+
+@pytest.mark.parametrize("dtype", STEP_DTYPES)
+def test_step_decay_kernel_matches_cpu(harness, dtype):
+    sched = mfs.step_decay(0.1, 0.9, 7)
+    steps = np.arange(0, 120, dtype=dtype)
+    assert_bitwise_equal(metal_step_decay(harness, steps, sched), sched(mx.array(steps)))
+    grid = np.arange(0, 60, dtype=dtype).reshape(6, 10)
+    view = grid.T  # general kernel
+    assert_bitwise_equal(
+        metal_step_decay(harness, view, sched, contiguous=False), sched(mx.array(grid).T)
+    )
+
+
+# --------------------------------------------------------------------------
+# The harness must catch a broken kernel.
+# --------------------------------------------------------------------------
+
+MUTATIONS = {
+    "update sign flipped in the shared math": (
+        "kernels/sgd_math.h",
+        "ParamVelocity out = {p - step, v};\n  return out;\n}\n\n}",
+        "ParamVelocity out = {p + step, v};\n  return out;\n}\n\n}",
+    ),
+    "contiguous kernel drops the last tail element": (
+        "kernels/sgd_update.metal",
+        "for (int64_t i = begin; i < args.size; ++i)",
+        "for (int64_t i = begin; i + 1 < args.size; ++i)",
+    ),
+    "step-decay kernel off by one in step_size": (
+        "kernels/step_decay.metal",
+        "out[i] = math::step_decay_lr<I>(\n      step[i], I(args.step_size),",
+        "out[i] = math::step_decay_lr<I>(\n      step[i], I(args.step_size + 1),",
+    ),
+}
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_harness_catches_a_broken_kernel(tmp_path, mutation):
+    rel, before, after = MUTATIONS[mutation]
+    shutil.copytree(ROOT / "kernels", tmp_path / "kernels")
+    target = tmp_path / rel
+    text = target.read_text()
+    assert text.count(before) == 1, f"mutation anchor not found once in {rel}"
+    target.write_text(text.replace(before, after))
+    mutant = build_harness(tmp_path, kernels_root=tmp_path)
+    with pytest.raises(AssertionError, match="differ"):
+        if rel.endswith("step_decay.metal"):
+            test_step_decay_kernel_matches_cpu(mutant, "int32")
+        else:
+            test_contiguous_kernel_matches_cpu(mutant, "float32", VARIANTS[3])
