@@ -8,6 +8,7 @@
 
 #include "mlx/version.h"
 
+#include "sgd_cpu_kernel.h"
 #include "sgd_update.h"
 #include "step_decay.h"
 
@@ -37,6 +38,10 @@ std::vector<mx::array> as_list(const OptionalArray& v) {
 
 } // namespace
 
+static_assert(
+    mfs::kDefaultTensorsPerPrimitive == 4,
+    "update the tensors_per_primitive default in the nb::sig strings below");
+
 NB_MODULE(_ext, m) {
   m.doc() = "C++ MLX primitives of mlx_fused_sgd (step decay, fused SGD).";
 
@@ -44,6 +49,12 @@ NB_MODULE(_ext, m) {
   m.attr("mlx_build_version") = MFS_STR(MLX_VERSION_MAJOR) "." MFS_STR(
       MLX_VERSION_MINOR) "." MFS_STR(MLX_VERSION_PATCH);
   m.attr("DEFAULT_TENSORS_PER_PRIMITIVE") = mfs::kDefaultTensorsPerPrimitive;
+
+  m.def(
+      "cpu_isa",
+      &mfs::cpu_kernel::selected_isa,
+      "The instruction set of the CPU update loop in use: 'generic', 'avx2' "
+      "or 'avx512' (MLX_FUSED_SGD_CPU_ISA overrides the CPUID choice).");
 
   m.def(
       "validate_sgd_settings",
@@ -231,7 +242,7 @@ kernel from the integer ``step`` counter (the step *before* increment).)");
           "grads: list[mlx.core.array], velocities: list[mlx.core.array], *, "
           "learning_rate: mlx.core.array, momentum: float = 0.0, "
           "weight_decay: float = 0.0, dampening: float = 0.0, "
-          "nesterov: bool = False, tensors_per_primitive: int = 8, "
+          "nesterov: bool = False, tensors_per_primitive: int = 4, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) "
           "-> tuple[list[mlx.core.array], list[mlx.core.array]]"),
       R"(Fused SGD step of many tensors: grouped by dtype, chunked into
@@ -283,7 +294,7 @@ primitives of ``tensors_per_primitive`` tensors each.)");
           "step: mlx.core.array, init: float, decay_rate: float, "
           "step_size: int, momentum: float = 0.0, weight_decay: float = 0.0, "
           "dampening: float = 0.0, nesterov: bool = False, "
-          "tensors_per_primitive: int = 8, "
+          "tensors_per_primitive: int = 4, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) "
           "-> tuple[list[mlx.core.array], list[mlx.core.array]]"),
       R"(Fused SGD step of many tensors with the step-decay learning rate

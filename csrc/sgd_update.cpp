@@ -10,6 +10,7 @@
 #include "mlx/backend/metal/device.h"
 #endif
 
+#include "sgd_cpu_kernel.h"
 #include "thread_pool.h"
 #include "utils.h"
 
@@ -363,128 +364,20 @@ SGDResult sgd_update_many_scheduled(
 
 namespace {
 
-struct TensorPointers {
-  const void* param;
-  const void* grad;
-  const void* velocity;
-  void* param_out;
-  void* velocity_out;
-  int64_t size;
-  // Strided inputs (rare: transposed or broadcast) take the general loop.
-  bool contiguous;
-  mx::Shape shape;
-  mx::Strides param_strides;
-  mx::Strides grad_strides;
-  mx::Strides velocity_strides;
-};
-
-template <typename T, bool WD, bool M, bool D, bool N>
-inline void sgd_one(
-    const T* p,
-    const T* g,
-    const T* v,
-    T* p_out,
-    T* v_out,
-    int64_t ip,
-    int64_t ig,
-    int64_t iv,
-    int64_t io,
-    float lr,
-    math::SGDHyper h) {
-  float vi = M ? static_cast<float>(v[iv]) : 0.0f;
-  auto r = math::sgd_update_element<WD, M, D, N>(
-      static_cast<float>(p[ip]), static_cast<float>(g[ig]), vi, lr, h);
-  p_out[io] = static_cast<T>(r.param);
-  if (M) {
-    v_out[io] = static_cast<T>(r.velocity);
-  }
-}
-
-// Contiguous loop. Outputs may alias their inputs (donated buffers), so each
-// block is loaded into locals, updated, then stored: the compiler vectorizes
-// the fixed-width inner loops without runtime alias checks.
-template <typename T, bool WD, bool M, bool D, bool N>
-void sgd_contiguous(
-    const T* p,
-    const T* g,
-    const T* v,
-    T* p_out,
-    T* v_out,
-    int64_t size,
-    float lr,
-    math::SGDHyper h) {
-  constexpr int W = 16;
-  int64_t i = 0;
-  for (; i + W <= size; i += W) {
-    float pb[W], gb[W], vb[W];
-    for (int j = 0; j < W; ++j) {
-      pb[j] = static_cast<float>(p[i + j]);
-      gb[j] = static_cast<float>(g[i + j]);
-      vb[j] = M ? static_cast<float>(v[i + j]) : 0.0f;
-    }
-    for (int j = 0; j < W; ++j) {
-      auto r =
-          math::sgd_update_element<WD, M, D, N>(pb[j], gb[j], vb[j], lr, h);
-      pb[j] = r.param;
-      vb[j] = r.velocity;
-    }
-    for (int j = 0; j < W; ++j) {
-      p_out[i + j] = static_cast<T>(pb[j]);
-    }
-    if (M) {
-      for (int j = 0; j < W; ++j) {
-        v_out[i + j] = static_cast<T>(vb[j]);
-      }
-    }
-  }
-  for (; i < size; ++i) {
-    sgd_one<T, WD, M, D, N>(p, g, v, p_out, v_out, i, i, i, i, lr, h);
-  }
-}
-
-// Updates elements [begin, end) of one tensor.
-template <typename T, bool WD, bool M, bool D, bool N>
-void sgd_tensor_range(
-    const TensorPointers& t,
-    int64_t begin,
-    int64_t end,
-    float lr,
-    math::SGDHyper h) {
-  auto p = static_cast<const T*>(t.param);
-  auto g = static_cast<const T*>(t.grad);
-  auto v = static_cast<const T*>(t.velocity);
-  auto p_out = static_cast<T*>(t.param_out);
-  auto v_out = static_cast<T*>(t.velocity_out);
-  if (t.contiguous) {
-    sgd_contiguous<T, WD, M, D, N>(
-        p + begin,
-        g + begin,
-        M ? v + begin : v,
-        p_out + begin,
-        M ? v_out + begin : v_out,
-        end - begin,
-        lr,
-        h);
-    return;
-  }
-  for (int64_t i = begin; i < end; ++i) {
-    int64_t ip = elem_to_loc(i, t.shape, t.param_strides);
-    int64_t ig = elem_to_loc(i, t.shape, t.grad_strides);
-    int64_t iv = M ? elem_to_loc(i, t.shape, t.velocity_strides) : 0;
-    sgd_one<T, WD, M, D, N>(p, g, v, p_out, v_out, ip, ig, iv, i, lr, h);
-  }
-}
-
 // Elements per work item when a chunk is split across threads, and the
 // smallest chunk worth splitting (below it, waking workers costs more than
 // it saves).
 constexpr int64_t kElementsPerItem = 1 << 16;
 constexpr int64_t kMinParallelElements = 1 << 17;
 
-// Updates every tensor of a chunk, across the thread pool when large.
-template <typename T, bool WD, bool M, bool D, bool N>
+// Updates every tensor of a chunk with the loop of the best instruction set
+// this CPU has, across the thread pool when the chunk is large.
 void sgd_chunk(
-    const std::vector<TensorPointers>& tensors, float lr, math::SGDHyper h) {
+    const std::vector<cpu_kernel::TensorPointers>& tensors,
+    const cpu_kernel::KernelKey& key,
+    float lr,
+    math::SGDHyper h) {
+  static const auto update_range = cpu_kernel::select_update_range();
   int64_t total = 0;
   for (const auto& t : tensors) {
     total += t.size;
@@ -492,7 +385,7 @@ void sgd_chunk(
   auto& pool = ThreadPool::instance();
   if (total < kMinParallelElements || pool.num_threads() == 1) {
     for (const auto& t : tensors) {
-      sgd_tensor_range<T, WD, M, D, N>(t, 0, t.size, lr, h);
+      update_range(key, t, 0, t.size, lr, h);
     }
     return;
   }
@@ -510,40 +403,8 @@ void sgd_chunk(
   }
   pool.parallel_for(static_cast<int64_t>(items.size()), [&](int64_t k) {
     const auto& it = items[k];
-    sgd_tensor_range<T, WD, M, D, N>(
-        tensors[it.tensor], it.begin, it.end, lr, h);
+    update_range(key, tensors[it.tensor], it.begin, it.end, lr, h);
   });
-}
-
-// Calls f.template operator()<T, WD, M, D, N>() for the dtype and variant.
-template <typename F>
-void dispatch_sgd(mx::Dtype dtype, const SGDVariant& v, F&& f) {
-  auto with_type = [&]<typename T>() {
-    auto b1 = [&]<bool WD>() {
-      if (!v.momentum) {
-        return f.template operator()<T, WD, false, false, false>();
-      }
-      if (v.nesterov) {
-        return v.dampening ? f.template operator()<T, WD, true, true, true>()
-                           : f.template operator()<T, WD, true, false, true>();
-      }
-      return v.dampening ? f.template operator()<T, WD, true, true, false>()
-                         : f.template operator()<T, WD, true, false, false>();
-    };
-    return v.weight_decay ? b1.template operator()<true>()
-                          : b1.template operator()<false>();
-  };
-  switch (dtype) {
-  case mx::float32:
-    return with_type.template operator()<float>();
-  case mx::float16:
-    return with_type.template operator()<mx::float16_t>();
-  case mx::bfloat16:
-    return with_type.template operator()<mx::bfloat16_t>();
-  default:
-    throw std::invalid_argument(
-        "SGDUpdate: unsupported dtype " + dtype_name(dtype) + ".");
-  }
 }
 
 // Gives `out` the buffer of `in` when MLX says nothing else can read `in`,
@@ -593,7 +454,7 @@ void SGDUpdate::eval_cpu(
   const bool momentum = variant_.momentum;
   auto& encoder = mx::cpu::get_command_encoder(stream());
 
-  std::vector<TensorPointers> tensors;
+  std::vector<cpu_kernel::TensorPointers> tensors;
   tensors.reserve(n);
   for (int i = 0; i < n; ++i) {
     const auto& p = inputs[i];
@@ -612,7 +473,7 @@ void SGDUpdate::eval_cpu(
       encoder.set_output_array(*v_out);
     }
     bool contiguous = all_row_contiguous(p, g, v);
-    TensorPointers t{
+    cpu_kernel::TensorPointers t{
         p.data<void>(),
         g.data<void>(),
         momentum ? v->data<void>() : nullptr,
@@ -638,29 +499,31 @@ void SGDUpdate::eval_cpu(
   const auto& lr_input = inputs.back();
   encoder.set_input_array(lr_input);
   const void* lr_ptr = lr_input.data<void>();
-  dispatch_sgd(
-      inputs[0].dtype(),
-      variant_,
-      [&]<typename T, bool WD, bool M, bool D, bool N>() {
-        encoder.dispatch([tensors = std::move(tensors),
-                          lr_ptr,
-                          schedule = schedule_,
-                          hyper = variant_.hyper]() {
-          // The learning rate is read when the task runs, after the ops that
-          // produce it (the schedule or the step counter) have run.
-          float lr;
-          if (schedule) {
-            lr = math::step_decay_lr<uint64_t>(
-                *static_cast<const uint64_t*>(lr_ptr),
-                static_cast<uint64_t>(schedule->step_size),
-                static_cast<float>(schedule->init),
-                static_cast<float>(schedule->decay_rate));
-          } else {
-            lr = *static_cast<const float*>(lr_ptr);
-          }
-          sgd_chunk<T, WD, M, D, N>(tensors, lr, hyper);
-        });
-      });
+  const cpu_kernel::KernelKey key{
+      cpu_kernel::dtype_code(inputs[0].dtype()),
+      variant_.weight_decay,
+      variant_.momentum,
+      variant_.dampening,
+      variant_.nesterov};
+  encoder.dispatch([tensors = std::move(tensors),
+                    key,
+                    lr_ptr,
+                    schedule = schedule_,
+                    hyper = variant_.hyper]() {
+    // The learning rate is read when the task runs, after the ops that
+    // produce it (the schedule or the step counter) have run.
+    float lr;
+    if (schedule) {
+      lr = math::step_decay_lr<uint64_t>(
+          *static_cast<const uint64_t*>(lr_ptr),
+          static_cast<uint64_t>(schedule->step_size),
+          static_cast<float>(schedule->init),
+          static_cast<float>(schedule->decay_rate));
+    } else {
+      lr = *static_cast<const float*>(lr_ptr);
+    }
+    sgd_chunk(tensors, key, lr, hyper);
+  });
 }
 
 #ifdef _METAL_

@@ -16,7 +16,9 @@
 #else
 #include <cmath>
 #include <cstdint>
-#define MFS_INLINE inline
+// Always inlined: the CPU loops are compiled once per instruction set, and an
+// out-of-line copy shared between them could be one the CPU cannot run.
+#define MFS_INLINE inline __attribute__((always_inline))
 #define MFS_POW std::pow
 #endif
 

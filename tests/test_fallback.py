@@ -25,9 +25,15 @@ VARIANTS = [
 def test_fallback_matches_primitive(dtype, kw):
     keys = mx.random.split(mx.random.key(5), 9)
     shapes = [(7,), (3, 4), ()]
-    params = [mx.random.normal(s, key=keys[i]).astype(dtype) for i, s in enumerate(shapes)]
-    grads = [mx.random.normal(s, key=keys[3 + i]).astype(dtype) for i, s in enumerate(shapes)]
-    vels = [mx.random.normal(s, key=keys[6 + i]).astype(dtype) for i, s in enumerate(shapes)]
+    params = [
+        mx.random.normal(s, key=keys[i]).astype(dtype) for i, s in enumerate(shapes)
+    ]
+    grads = [
+        mx.random.normal(s, key=keys[3 + i]).astype(dtype) for i, s in enumerate(shapes)
+    ]
+    vels = [
+        mx.random.normal(s, key=keys[6 + i]).astype(dtype) for i, s in enumerate(shapes)
+    ]
     lr = mx.array(0.03)
     fp, fv = _ext._sgd_update_many_fallback(params, grads, vels, learning_rate=lr, **kw)
     kp, kv = mfs.sgd_update_many(params, grads, vels, learning_rate=lr, **kw)
@@ -38,7 +44,9 @@ def test_fallback_matches_primitive(dtype, kw):
     fp, fv = _ext._sgd_update_many_fallback(
         params, grads, vels, step=step, init=0.1, decay_rate=0.9, step_size=10, **kw
     )
-    kp, kv = mfs.sgd_update_many_scheduled(params, grads, vels, step=step, schedule=sched, **kw)
+    kp, kv = mfs.sgd_update_many_scheduled(
+        params, grads, vels, step=step, schedule=sched, **kw
+    )
     for a, b in zip(fp + fv, kp + kv):
         assert_bitwise_equal(a, b)
 
@@ -52,4 +60,6 @@ def test_step_decay_fallback_matches_primitive(dtype):
 
 def test_fallback_validates_like_the_primitive():
     with pytest.raises(ValueError, match="grad has shape"):
-        _ext._sgd_update_many_fallback([mx.ones(3)], [mx.ones(4)], [], learning_rate=mx.array(0.1))
+        _ext._sgd_update_many_fallback(
+            [mx.ones(3)], [mx.ones(4)], [], learning_rate=mx.array(0.1)
+        )

@@ -44,7 +44,11 @@ def _loop_memory(opt, eval_grads_first: bool, steps: int = 100):
     for _ in range(steps):
         step()
     mx.synchronize()
-    return mx.get_active_memory() - active, mx.get_peak_memory() - grad_peak, param_bytes
+    return (
+        mx.get_active_memory() - active,
+        mx.get_peak_memory() - grad_peak,
+        param_bytes,
+    )
 
 
 def _fused():

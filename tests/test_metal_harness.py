@@ -46,21 +46,60 @@ def build_harness(out_dir: Path, kernels_root: Path = ROOT) -> ctypes.CDLL:
         pytest.fail("no C++ compiler to build the Metal harness with")
     lib = out_dir / "metal_harness.so"
     cmd = [
-        cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-Wno-attributes",
-        "-ffp-contract=off", f"-I{SHIM}", f"-I{kernels_root}", str(HARNESS), "-o", str(lib),
+        cxx,
+        "-std=c++20",
+        "-O1",
+        "-fPIC",
+        "-shared",
+        "-Wno-attributes",
+        "-ffp-contract=off",
+        f"-I{SHIM}",
+        f"-I{kernels_root}",
+        str(HARNESS),
+        "-o",
+        str(lib),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     h = ctypes.CDLL(str(lib))
     p = ctypes.c_void_p
     h.run_sgd.argtypes = [
-        ctypes.c_char_p, ctypes.c_double, ctypes.c_double, ctypes.c_double, ctypes.c_int,
-        ctypes.c_int, ctypes.c_double, ctypes.c_double, ctypes.c_int64, ctypes.c_int,
-        ctypes.c_int64, ctypes.c_int, p, p, p, p, p, p, p, p, p, p, p,
+        ctypes.c_char_p,
+        ctypes.c_double,
+        ctypes.c_double,
+        ctypes.c_double,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_double,
+        ctypes.c_double,
+        ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.c_int64,
+        ctypes.c_int,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
+        p,
     ]
     h.run_step_decay.argtypes = [
-        ctypes.c_char_p, ctypes.c_double, ctypes.c_double, ctypes.c_int64, ctypes.c_int,
-        ctypes.c_int64, ctypes.c_int, p, p, p, p,
+        ctypes.c_char_p,
+        ctypes.c_double,
+        ctypes.c_double,
+        ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.c_int64,
+        ctypes.c_int,
+        p,
+        p,
+        p,
+        p,
     ]
     return h
 
@@ -100,7 +139,9 @@ class Strided:
         # Element strides of the view over the base buffer, from NumPy.
         nview = view(nb)
         self.strides = np.array([s // nb.itemsize for s in nview.strides], np.int64)
-        self.offset = (nview.__array_interface__["data"][0] - nb.ctypes.data) // nb.itemsize
+        self.offset = (
+            nview.__array_interface__["data"][0] - nb.ctypes.data
+        ) // nb.itemsize
 
 
 def metal_sgd(h, param, grad, velocity, cfg, lr=None, step=None, schedule=None):
@@ -121,7 +162,11 @@ def metal_sgd(h, param, grad, velocity, cfg, lr=None, step=None, schedule=None):
             for d in range(len(shape) - 2, -1, -1):
                 st[d] = st[d + 1] * shape[d + 1]
             strides.append(st)
-    host_dtype = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16}[dtype]
+    host_dtype = {
+        mx.float32: np.float32,
+        mx.float16: np.float16,
+        mx.bfloat16: np.uint16,
+    }[dtype]
     out_p = np.zeros(size, host_dtype)
     out_v = np.zeros(size, host_dtype)
     shape_arr = np.array(shape, np.int32) if shape else np.zeros(1, np.int32)
@@ -129,12 +174,29 @@ def metal_sgd(h, param, grad, velocity, cfg, lr=None, step=None, schedule=None):
     step_arr = np.array([step if step is not None else 0], np.uint64)
     sched = schedule or mfs.step_decay(1.0, 1.0, 1)
     rc = h.run_sgd(
-        str(dtype).split(".")[-1].encode(), cfg["momentum"], cfg["weight_decay"],
-        cfg["dampening"], int(cfg["nesterov"]), int(schedule is not None),
-        float(sched.init), float(sched.decay_rate), sched.step_size, int(not strided),
-        size, len(shape), _ptr(shape_arr), _ptr(strides[0]), _ptr(strides[1]), _ptr(strides[2]),
-        _buffer_ptr(bufs[0]), _buffer_ptr(bufs[1]), _buffer_ptr(bufs[2]), _ptr(out_p), _ptr(out_v),
-        _ptr(lr_arr), _ptr(step_arr),
+        str(dtype).split(".")[-1].encode(),
+        cfg["momentum"],
+        cfg["weight_decay"],
+        cfg["dampening"],
+        int(cfg["nesterov"]),
+        int(schedule is not None),
+        float(sched.init),
+        float(sched.decay_rate),
+        sched.step_size,
+        int(not strided),
+        size,
+        len(shape),
+        _ptr(shape_arr),
+        _ptr(strides[0]),
+        _ptr(strides[1]),
+        _ptr(strides[2]),
+        _buffer_ptr(bufs[0]),
+        _buffer_ptr(bufs[1]),
+        _buffer_ptr(bufs[2]),
+        _ptr(out_p),
+        _ptr(out_v),
+        _ptr(lr_arr),
+        _ptr(step_arr),
     )
     assert rc == 0, f"kernel for {dtype} {cfg} not instantiated (rc {rc})"
 
@@ -151,7 +213,13 @@ def _inputs(shape, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: f"m{c['momentum']}-wd{c['weight_decay']}-d{c['dampening']}-n{int(c['nesterov'])}")
+@pytest.mark.parametrize(
+    "cfg",
+    VARIANTS,
+    ids=lambda c: (
+        f"m{c['momentum']}-wd{c['weight_decay']}-d{c['dampening']}-n{int(c['nesterov'])}"
+    ),
+)
 def test_contiguous_kernel_matches_cpu(harness, dtype, cfg):
     for size in SIZES:
         p, g, v = _inputs((size,), DTYPES[dtype], size)
@@ -177,7 +245,13 @@ def test_scheduled_kernel_matches_cpu(harness, dtype, step):
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("cfg", VARIANTS, ids=lambda c: f"m{c['momentum']}-wd{c['weight_decay']}-d{c['dampening']}-n{int(c['nesterov'])}")
+@pytest.mark.parametrize(
+    "cfg",
+    VARIANTS,
+    ids=lambda c: (
+        f"m{c['momentum']}-wd{c['weight_decay']}-d{c['dampening']}-n{int(c['nesterov'])}"
+    ),
+)
 def test_general_kernel_matches_cpu(harness, dtype, cfg):
     t = DTYPES[dtype]
     base_p, base_g, base_v = _inputs((5, 6), t, 7)
@@ -207,9 +281,17 @@ def metal_step_decay(h, steps: np.ndarray, sched, contiguous=True):
     out = np.zeros(steps.size, np.float32)
     shape_arr = np.array(shape or (1,), np.int32)
     rc = h.run_step_decay(
-        str(steps.dtype).encode(), float(sched.init), float(sched.decay_rate), sched.step_size,
-        int(contiguous), steps.size, len(shape), _ptr(shape_arr), _ptr(strides),
-        _ptr(base), _ptr(out),
+        str(steps.dtype).encode(),
+        float(sched.init),
+        float(sched.decay_rate),
+        sched.step_size,
+        int(contiguous),
+        steps.size,
+        len(shape),
+        _ptr(shape_arr),
+        _ptr(strides),
+        _ptr(base),
+        _ptr(out),
     )
     assert rc == 0
     return mx.array(out.reshape(shape))
@@ -219,11 +301,14 @@ def metal_step_decay(h, steps: np.ndarray, sched, contiguous=True):
 def test_step_decay_kernel_matches_cpu(harness, dtype):
     sched = mfs.step_decay(0.1, 0.9, 7)
     steps = np.arange(0, 120, dtype=dtype)
-    assert_bitwise_equal(metal_step_decay(harness, steps, sched), sched(mx.array(steps)))
+    assert_bitwise_equal(
+        metal_step_decay(harness, steps, sched), sched(mx.array(steps))
+    )
     grid = np.arange(0, 60, dtype=dtype).reshape(6, 10)
     view = grid.T  # general kernel
     assert_bitwise_equal(
-        metal_step_decay(harness, view, sched, contiguous=False), sched(mx.array(grid).T)
+        metal_step_decay(harness, view, sched, contiguous=False),
+        sched(mx.array(grid).T),
     )
 
 
@@ -282,9 +367,16 @@ def test_eval_gpu_compiles_against_mlx_metal_headers(source):
     if not (mlx_include / "mlx" / "backend" / "metal" / "device.h").exists():
         pytest.skip("this MLX wheel ships no Metal headers")
     cmd = [
-        cxx, "-std=c++20", "-fsyntax-only", "-D_METAL_",
-        f"-I{ROOT / 'tests' / 'metal_api_stub'}", f"-I{ROOT}", f"-I{ROOT / 'csrc'}",
-        "-isystem", str(mlx_include), str(ROOT / source),
+        cxx,
+        "-std=c++20",
+        "-fsyntax-only",
+        "-D_METAL_",
+        f"-I{ROOT / 'tests' / 'metal_api_stub'}",
+        f"-I{ROOT}",
+        f"-I{ROOT / 'csrc'}",
+        "-isystem",
+        str(mlx_include),
+        str(ROOT / source),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]

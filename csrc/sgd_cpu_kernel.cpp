@@ -1,0 +1,230 @@
+// The CPU loops of the fused SGD update, compiled once per instruction set:
+// CMake builds this file with MFS_CPU_ISA=generic (no flags), and on x86-64
+// again with MFS_CPU_ISA=avx2 (-mavx2) and MFS_CPU_ISA=avx512 (-mavx512f).
+// Everything here has internal linkage or is always inlined, so no copy
+// compiled for a wider instruction set can stand in for the generic one.
+#include "sgd_cpu_kernel.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#ifdef MFS_CPU_ISA_GENERIC
+#include "utils.h"
+#endif
+
+#ifndef MFS_CPU_ISA
+#error "compile with -DMFS_CPU_ISA=generic|avx2|avx512"
+#endif
+
+#define MFS_CAT2(a, b) a##b
+#define MFS_CAT(a, b) MFS_CAT2(a, b)
+#define MFS_LOOP_INLINE inline __attribute__((always_inline))
+
+namespace mlx_fused_sgd {
+namespace cpu_kernel {
+namespace {
+
+template <typename T, bool WD, bool M, bool D, bool N>
+MFS_LOOP_INLINE void sgd_one(
+    const T* p,
+    const T* g,
+    const T* v,
+    T* p_out,
+    T* v_out,
+    int64_t ip,
+    int64_t ig,
+    int64_t iv,
+    int64_t io,
+    float lr,
+    math::SGDHyper h) {
+  float vi = M ? static_cast<float>(v[iv]) : 0.0f;
+  auto r = math::sgd_update_element<WD, M, D, N>(
+      static_cast<float>(p[ip]), static_cast<float>(g[ig]), vi, lr, h);
+  p_out[io] = static_cast<T>(r.param);
+  if (M) {
+    v_out[io] = static_cast<T>(r.velocity);
+  }
+}
+
+// Contiguous loop. Outputs may alias their inputs (donated buffers), so each
+// block is loaded into locals, updated, then stored: the compiler vectorizes
+// the fixed-width inner loops without runtime alias checks.
+template <typename T, bool WD, bool M, bool D, bool N>
+void sgd_contiguous(
+    const T* p,
+    const T* g,
+    const T* v,
+    T* p_out,
+    T* v_out,
+    int64_t size,
+    float lr,
+    math::SGDHyper h) {
+  constexpr int W = 16;
+  int64_t i = 0;
+  for (; i + W <= size; i += W) {
+    float pb[W], gb[W], vb[W];
+    for (int j = 0; j < W; ++j) {
+      pb[j] = static_cast<float>(p[i + j]);
+      gb[j] = static_cast<float>(g[i + j]);
+      vb[j] = M ? static_cast<float>(v[i + j]) : 0.0f;
+    }
+    for (int j = 0; j < W; ++j) {
+      auto r =
+          math::sgd_update_element<WD, M, D, N>(pb[j], gb[j], vb[j], lr, h);
+      pb[j] = r.param;
+      vb[j] = r.velocity;
+    }
+    for (int j = 0; j < W; ++j) {
+      p_out[i + j] = static_cast<T>(pb[j]);
+    }
+    if (M) {
+      for (int j = 0; j < W; ++j) {
+        v_out[i + j] = static_cast<T>(vb[j]);
+      }
+    }
+  }
+  for (; i < size; ++i) {
+    sgd_one<T, WD, M, D, N>(p, g, v, p_out, v_out, i, i, i, i, lr, h);
+  }
+}
+
+// Updates elements [begin, end) of one tensor.
+template <typename T, bool WD, bool M, bool D, bool N>
+void sgd_tensor_range(
+    const TensorPointers& t,
+    int64_t begin,
+    int64_t end,
+    float lr,
+    math::SGDHyper h) {
+  auto p = static_cast<const T*>(t.param);
+  auto g = static_cast<const T*>(t.grad);
+  auto v = static_cast<const T*>(t.velocity);
+  auto p_out = static_cast<T*>(t.param_out);
+  auto v_out = static_cast<T*>(t.velocity_out);
+  if (t.contiguous) {
+    sgd_contiguous<T, WD, M, D, N>(
+        p + begin,
+        g + begin,
+        M ? v + begin : v,
+        p_out + begin,
+        M ? v_out + begin : v_out,
+        end - begin,
+        lr,
+        h);
+    return;
+  }
+#ifdef MFS_CPU_ISA_GENERIC
+  for (int64_t i = begin; i < end; ++i) {
+    int64_t ip = elem_to_loc(i, t.shape, t.param_strides);
+    int64_t ig = elem_to_loc(i, t.shape, t.grad_strides);
+    int64_t iv = M ? elem_to_loc(i, t.shape, t.velocity_strides) : 0;
+    sgd_one<T, WD, M, D, N>(p, g, v, p_out, v_out, ip, ig, iv, i, lr, h);
+  }
+#endif
+}
+
+template <typename T>
+void update_typed(
+    const KernelKey& key,
+    const TensorPointers& t,
+    int64_t begin,
+    int64_t end,
+    float lr,
+    math::SGDHyper h) {
+  auto run = [&]<bool WD>() {
+    if (!key.momentum) {
+      return sgd_tensor_range<T, WD, false, false, false>(t, begin, end, lr, h);
+    }
+    if (key.nesterov) {
+      return key.dampening ? sgd_tensor_range<T, WD, true, true, true>(
+                                 t, begin, end, lr, h)
+                           : sgd_tensor_range<T, WD, true, false, true>(
+                                 t, begin, end, lr, h);
+    }
+    return key.dampening ? sgd_tensor_range<T, WD, true, true, false>(
+                               t, begin, end, lr, h)
+                         : sgd_tensor_range<T, WD, true, false, false>(
+                               t, begin, end, lr, h);
+  };
+  return key.weight_decay ? run.template operator()<true>()
+                          : run.template operator()<false>();
+}
+
+} // namespace
+
+void MFS_CAT(update_range_, MFS_CPU_ISA)(
+    const KernelKey& key,
+    const TensorPointers& t,
+    int64_t begin,
+    int64_t end,
+    float lr,
+    math::SGDHyper h) {
+#ifndef MFS_CPU_ISA_GENERIC
+  // Strided tensors and half types take the generic loop: nothing compiled
+  // for this instruction set calls a helper shared with other files.
+  if (!t.contiguous || key.dtype != DtypeCode::float32) {
+    return update_range_generic(key, t, begin, end, lr, h);
+  }
+#endif
+  switch (key.dtype) {
+  case DtypeCode::float32:
+    return update_typed<float>(key, t, begin, end, lr, h);
+#ifdef MFS_CPU_ISA_GENERIC
+  case DtypeCode::float16:
+    return update_typed<mx::float16_t>(key, t, begin, end, lr, h);
+  case DtypeCode::bfloat16:
+    return update_typed<mx::bfloat16_t>(key, t, begin, end, lr, h);
+#else
+  default:
+    return;
+#endif
+  }
+}
+
+#ifdef MFS_CPU_ISA_GENERIC
+
+namespace {
+
+struct Selected {
+  UpdateRange fn;
+  const char* name;
+};
+
+Selected select() {
+  const char* want = std::getenv("MLX_FUSED_SGD_CPU_ISA");
+  auto asked = [&](const char* name) {
+    return want == nullptr || std::strcmp(want, name) == 0;
+  };
+#ifdef MFS_X86_KERNELS
+  __builtin_cpu_init();
+  // __builtin_cpu_supports also checks that the OS saves the wide registers.
+  if (asked("avx512") && __builtin_cpu_supports("avx512f")) {
+    return {update_range_avx512, "avx512"};
+  }
+  if ((asked("avx2") || (want && std::strcmp(want, "avx512") == 0)) &&
+      __builtin_cpu_supports("avx2")) {
+    return {update_range_avx2, "avx2"};
+  }
+#endif
+  return {update_range_generic, "generic"};
+}
+
+const Selected& selected() {
+  static const Selected s = select();
+  return s;
+}
+
+} // namespace
+
+UpdateRange select_update_range() {
+  return selected().fn;
+}
+
+const char* selected_isa() {
+  return selected().name;
+}
+
+#endif
+
+} // namespace cpu_kernel
+} // namespace mlx_fused_sgd

@@ -1,0 +1,97 @@
+// The CPU loops of the fused SGD update. csrc/sgd_cpu_kernel.cpp is compiled
+// once per instruction set (generic, and AVX2 and AVX-512 on x86-64); the
+// best one this CPU runs is chosen once, at first use.
+#pragma once
+
+#include <cstdint>
+
+#include "mlx/array.h"
+
+#include "kernels/sgd_math.h"
+
+namespace mlx_fused_sgd {
+namespace cpu_kernel {
+
+namespace mx = mlx::core;
+
+// One tensor of a chunk, as the loops see it.
+struct TensorPointers {
+  const void* param;
+  const void* grad;
+  const void* velocity;
+  void* param_out;
+  void* velocity_out;
+  int64_t size;
+  // Strided inputs (rare: transposed or broadcast) take the general loop.
+  bool contiguous;
+  mx::Shape shape;
+  mx::Strides param_strides;
+  mx::Strides grad_strides;
+  mx::Strides velocity_strides;
+};
+
+enum class DtypeCode : uint8_t { float32, float16, bfloat16 };
+
+inline DtypeCode dtype_code(mx::Dtype dtype) {
+  if (dtype == mx::float16) {
+    return DtypeCode::float16;
+  }
+  if (dtype == mx::bfloat16) {
+    return DtypeCode::bfloat16;
+  }
+  return DtypeCode::float32;
+}
+
+// The dtype and compile-time variant of a chunk.
+struct KernelKey {
+  DtypeCode dtype;
+  bool weight_decay;
+  bool momentum;
+  bool dampening;
+  bool nesterov;
+};
+
+// Updates elements [begin, end) of one tensor.
+using UpdateRange = void (*)(
+    const KernelKey& key,
+    const TensorPointers& t,
+    int64_t begin,
+    int64_t end,
+    float lr,
+    math::SGDHyper h);
+
+void update_range_generic(
+    const KernelKey&,
+    const TensorPointers&,
+    int64_t,
+    int64_t,
+    float,
+    math::SGDHyper);
+#if defined(__x86_64__) || defined(_M_X64)
+#define MFS_X86_KERNELS 1
+// float32 only: half types always take the generic loop.
+void update_range_avx2(
+    const KernelKey&,
+    const TensorPointers&,
+    int64_t,
+    int64_t,
+    float,
+    math::SGDHyper);
+void update_range_avx512(
+    const KernelKey&,
+    const TensorPointers&,
+    int64_t,
+    int64_t,
+    float,
+    math::SGDHyper);
+#endif
+
+// The loop for this CPU: the widest instruction set it (and its OS) supports,
+// unless MLX_FUSED_SGD_CPU_ISA=generic|avx2|avx512 asks for another.
+UpdateRange select_update_range();
+
+// The name of the instruction set select_update_range() picks.
+const char* selected_isa();
+
+} // namespace cpu_kernel
+} // namespace mlx_fused_sgd
