@@ -63,30 +63,31 @@ mx::array check_tensor(
     size_t i,
     size_t n,
     mx::StreamOrDevice s) {
-  const auto pname = indexed("param", i, n);
-  const auto gname = indexed("grad", i, n);
-  const auto vname = indexed("velocity", i, n);
+  // Names are built only for an error message: this runs per tensor per step.
+  auto pname = [&] { return indexed("param", i, n); };
+  auto gname = [&] { return indexed("grad", i, n); };
+  auto vname = [&] { return indexed("velocity", i, n); };
   if (!is_supported_float(param.dtype())) {
     throw std::invalid_argument(
-        pname + " has dtype " + dtype_name(param.dtype()) +
+        pname() + " has dtype " + dtype_name(param.dtype()) +
         "; the fused SGD update supports float32, float16 and bfloat16.");
   }
   if (grad.dtype() != param.dtype()) {
     throw std::invalid_argument(
-        gname + " has dtype " + dtype_name(grad.dtype()) + " but " + pname +
+        gname() + " has dtype " + dtype_name(grad.dtype()) + " but " + pname() +
         " has dtype " + dtype_name(param.dtype()) +
         "; cast the gradient to the parameter's dtype.");
   }
   if (velocity != nullptr) {
     if (velocity->dtype() != param.dtype()) {
       throw std::invalid_argument(
-          vname + " has dtype " + dtype_name(velocity->dtype()) + " but " +
-          pname + " has dtype " + dtype_name(param.dtype()) + ".");
+          vname() + " has dtype " + dtype_name(velocity->dtype()) + " but " +
+          pname() + " has dtype " + dtype_name(param.dtype()) + ".");
     }
     if (velocity->shape() != param.shape()) {
       throw std::invalid_argument(
-          vname + " has shape " + shape_str(velocity->shape()) + " but " +
-          pname + " has shape " + shape_str(param.shape()) +
+          vname() + " has shape " + shape_str(velocity->shape()) + " but " +
+          pname() + " has shape " + shape_str(param.shape()) +
           "; the momentum buffer must have the parameter's shape.");
     }
   }
@@ -102,7 +103,7 @@ mx::array check_tensor(
   }
   if (!broadcastable) {
     throw std::invalid_argument(
-        gname + " has shape " + shape_str(grad.shape()) + " but " + pname +
+        gname() + " has shape " + shape_str(grad.shape()) + " but " + pname() +
         " has shape " + shape_str(param.shape()) +
         "; a gradient must have the parameter's shape or broadcast to it.");
   }

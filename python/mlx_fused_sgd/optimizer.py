@@ -12,59 +12,11 @@ from . import _ext
 from .schedules import StepDecay
 
 
-class _Leaves:
-    """The leaves of a gradient tree, matched with their params and state."""
-
-    __slots__ = ("grads", "params", "states", "paths")
-
-    def __init__(self) -> None:
-        self.grads: list[mx.array] = []
-        self.params: list[mx.array] = []
-        self.states: list[dict] = []
-        self.paths: list[str] = []
+_array = mx.array
 
 
-def _collect(grads: Any, params: Any, state: Any, path: str, out: _Leaves) -> None:
-    """Walk ``grads`` (lists, tuples and dicts, like ``tree_map``) and pick
-    the matching params and state, failing with the path of any mismatch."""
-    where = path or "<root>"
-    if isinstance(grads, (list, tuple)):
-        if not isinstance(params, (list, tuple)) or len(params) < len(grads):
-            raise ValueError(
-                f"The gradient tree does not match the parameters at {where}: "
-                f"gradients have a {type(grads).__name__} of {len(grads)} "
-                f"entries, parameters have {_describe(params)}."
-            )
-        for i, g in enumerate(grads):
-            _collect(g, params[i], state[i], f"{path}.{i}" if path else str(i), out)
-    elif isinstance(grads, dict):
-        if not isinstance(params, dict):
-            raise ValueError(
-                f"The gradient tree does not match the parameters at {where}: "
-                f"gradients have a dict, parameters have {_describe(params)}."
-            )
-        for k, g in grads.items():
-            if k not in params:
-                raise ValueError(
-                    f"The gradient tree does not match the parameters: "
-                    f"gradient '{path + '.' if path else ''}{k}' has no parameter."
-                )
-            _collect(g, params[k], state[k], f"{path}.{k}" if path else str(k), out)
-    else:
-        if not isinstance(grads, mx.array):
-            raise TypeError(
-                f"gradient '{where}' must be an mx.array, but got "
-                f"{type(grads).__name__}."
-            )
-        if not isinstance(params, mx.array):
-            raise ValueError(
-                f"The gradient tree does not match the parameters at {where}: "
-                f"the gradient is an array, the parameter is {_describe(params)}."
-            )
-        out.grads.append(grads)
-        out.params.append(params)
-        out.states.append(state)
-        out.paths.append(where)
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
 
 
 def _describe(x: Any) -> str:
@@ -75,13 +27,72 @@ def _describe(x: Any) -> str:
     return f"a {type(x).__name__}"
 
 
+def _mismatch(path: str, grads: Any, params: Any) -> ValueError:
+    return ValueError(
+        f"The gradient tree does not match the parameters at "
+        f"'{path or '<root>'}': gradients have {_describe(grads)}, "
+        f"parameters have {_describe(params)}."
+    )
+
+
+def _collect(
+    grads: Any,
+    params: Any,
+    state: Any,
+    path: str,
+    out_g: list,
+    out_p: list,
+    out_s: list,
+) -> None:
+    """Walk ``grads`` (dicts, lists and tuples, as ``tree_map`` does) and
+    gather its leaves with the matching params and per-parameter state dicts.
+    Runs every step, so the common case is kept lean: paths are only built
+    for an error message."""
+    if isinstance(grads, dict):
+        if not isinstance(params, dict):
+            raise _mismatch(path, grads, params)
+        for k, g in grads.items():
+            try:
+                p = params[k]
+            except KeyError:
+                raise ValueError(
+                    "The gradient tree does not match the parameters: "
+                    f"gradient '{_join(path, k)}' has no parameter."
+                ) from None
+            if type(g) is _array and type(p) is _array:
+                out_g.append(g)
+                out_p.append(p)
+                out_s.append(state[k])
+            else:
+                _collect(g, p, state[k], _join(path, k), out_g, out_p, out_s)
+    elif isinstance(grads, (list, tuple)):
+        if not isinstance(params, (list, tuple)) or len(params) < len(grads):
+            raise _mismatch(path, grads, params)
+        for i, g in enumerate(grads):
+            _collect(g, params[i], state[i], _join(path, i), out_g, out_p, out_s)
+    elif isinstance(grads, mx.array):
+        if not isinstance(params, mx.array):
+            raise _mismatch(path, grads, params)
+        out_g.append(grads)
+        out_p.append(params)
+        out_s.append(state)
+    else:
+        raise TypeError(
+            f"gradient '{path or '<root>'}' must be an mx.array, but got "
+            f"{type(grads).__name__}."
+        )
+
+
 def _rebuild(grads: Any, new_leaves: Any) -> Any:
     """A tree shaped like ``grads`` (as ``tree_map`` builds it) holding the
     next values of the iterator ``new_leaves``."""
+    if isinstance(grads, dict):
+        return {
+            k: next(new_leaves) if type(g) is _array else _rebuild(g, new_leaves)
+            for k, g in grads.items()
+        }
     if isinstance(grads, (list, tuple)):
         return type(grads)(_rebuild(g, new_leaves) for g in grads)
-    if isinstance(grads, dict):
-        return {k: _rebuild(g, new_leaves) for k, g in grads.items()}
     return next(new_leaves)
 
 
@@ -184,18 +195,20 @@ class FusedSGD(Optimizer):
         if not self._initialized:
             self.init(gradients)
 
-        leaves = _Leaves()
-        _collect(gradients, parameters, self.state, "", leaves)
+        grads: list[mx.array] = []
+        params: list[mx.array] = []
+        states: list[dict] = []
+        _collect(gradients, parameters, self.state, "", grads, params, states)
         momentum_on = self.momentum > 0
         velocities = []
         if momentum_on:
-            for path, s in zip(leaves.paths, leaves.states):
-                if not isinstance(s, dict) or "v" not in s:
-                    raise ValueError(
-                        f"optimizer state for '{path}' has no momentum buffer "
-                        "'v'; the state does not match these parameters."
-                    )
-                velocities.append(s["v"])
+            try:
+                velocities = [s["v"] for s in states]
+            except (KeyError, TypeError):
+                raise ValueError(
+                    "the optimizer state has no momentum buffer 'v' for some "
+                    "parameters; the state does not match these parameters."
+                ) from None
 
         step = self.step
         settings = self._settings()
@@ -205,8 +218,8 @@ class FusedSGD(Optimizer):
             # state still records lr_k as stock does.
             learning_rate = scheduler(step)
             new_params, new_velocities = _ext.sgd_update_many_scheduled(
-                leaves.params,
-                leaves.grads,
+                params,
+                grads,
                 velocities,
                 step=step,
                 init=float(scheduler.init),
@@ -222,8 +235,8 @@ class FusedSGD(Optimizer):
             if not isinstance(learning_rate, mx.array):
                 learning_rate = mx.array(learning_rate)
             new_params, new_velocities = _ext.sgd_update_many(
-                leaves.params,
-                leaves.grads,
+                params,
+                grads,
                 velocities,
                 learning_rate=learning_rate,
                 **settings,
@@ -233,6 +246,6 @@ class FusedSGD(Optimizer):
         self.state["learning_rate"] = learning_rate
         self.state["step"] = step + 1
         if momentum_on:
-            for s, v in zip(leaves.states, new_velocities):
+            for s, v in zip(states, new_velocities):
                 s["v"] = v
         return _rebuild(gradients, iter(new_params))
