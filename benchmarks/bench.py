@@ -343,9 +343,9 @@ def print_table(results, impls) -> None:
             if "fused_ms" in row
             else float("nan")
         )
-        print(
-            f"{wl:<8} {row['tensors']:>7} {row['params'] / 1e6:>7.1f}M | {cells} | {ratio_roof:>13.2f}x {ratio_eager:>10.1f}x"
-        )
+        sizes = f"{wl:<8} {row['tensors']:>7} {row['params'] / 1e6:>7.1f}M"
+        ratios = f"{ratio_roof:>13.2f}x {ratio_eager:>10.1f}x"
+        print(f"{sizes} | {cells} | {ratios}")
 
 
 def plot(results, impls, path):

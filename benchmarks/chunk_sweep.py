@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         for chunk in args.chunks:
             box = {"p": params, "v": vels}
 
-            def run():
+            def run(box=box, chunk=chunk, grads=grads, step=step):
                 p, v = _ext.sgd_update_many_scheduled(
                     box["p"],
                     grads,

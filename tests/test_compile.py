@@ -6,10 +6,11 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from conftest import assert_bitwise_equal
 from mlx.utils import tree_flatten
 
 import mlx_fused_sgd as mfs
+
+from conftest import assert_bitwise_equal
 
 
 def _setup(lr):

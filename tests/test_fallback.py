@@ -5,10 +5,11 @@ primitives, checked here on the CPU."""
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import assert_bitwise_equal
 
 import mlx_fused_sgd as mfs
 from mlx_fused_sgd import _ext
+
+from conftest import assert_bitwise_equal
 
 VARIANTS = [
     dict(),

@@ -18,9 +18,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import assert_bitwise_equal
 
 import mlx_fused_sgd as mfs
+
+from conftest import assert_bitwise_equal
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIM = ROOT / "tests" / "metal_shim"

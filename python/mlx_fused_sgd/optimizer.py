@@ -11,7 +11,6 @@ from mlx.optimizers import Optimizer
 from . import _ext
 from .schedules import StepDecay
 
-
 _array = mx.array
 
 
