@@ -365,14 +365,15 @@ SGDResult sgd_update_many_scheduled(
 
 namespace {
 
-// Elements per work item when a chunk is split across threads, and the
-// smallest chunk worth splitting (below it, waking workers costs more than
-// it saves).
-constexpr int64_t kElementsPerItem = 1 << 16;
+// The smallest chunk worth splitting across threads (below it, waking the
+// workers costs more than it saves).
 constexpr int64_t kMinParallelElements = 1 << 17;
 
 // Updates every tensor of a chunk with the loop of the best instruction set
-// this CPU has, across the thread pool when the chunk is large.
+// this CPU has. A large chunk is cut into one equal share of elements per
+// thread (shares may span tensors): the threads stream at the same rate, so
+// equal shares finish together, where fixed-size items left one thread idle
+// for up to an item at the end of every chunk.
 void sgd_chunk(
     const std::vector<cpu_kernel::TensorPointers>& tensors,
     const cpu_kernel::KernelKey& key,
@@ -384,27 +385,29 @@ void sgd_chunk(
     total += t.size;
   }
   auto& pool = ThreadPool::instance();
-  if (total < kMinParallelElements || pool.num_threads() == 1) {
+  const int64_t shares = pool.num_threads();
+  if (total < kMinParallelElements || shares == 1) {
     for (const auto& t : tensors) {
       update_range(key, t, 0, t.size, lr, h);
     }
     return;
   }
-  struct Item {
-    int tensor;
-    int64_t begin;
-    int64_t end;
-  };
-  std::vector<Item> items;
-  items.reserve(total / kElementsPerItem + tensors.size());
-  for (int i = 0; i < static_cast<int>(tensors.size()); ++i) {
-    for (int64_t b = 0; b < tensors[i].size; b += kElementsPerItem) {
-      items.push_back({i, b, std::min(tensors[i].size, b + kElementsPerItem)});
+  pool.parallel_for(shares, [&](int64_t k) {
+    // Share k is elements [begin, end) of the chunk's tensors laid end to end.
+    const int64_t begin = total * k / shares;
+    const int64_t end = total * (k + 1) / shares;
+    int64_t offset = 0;
+    for (const auto& t : tensors) {
+      const int64_t lo = std::max(begin - offset, int64_t(0));
+      const int64_t hi = std::min(end - offset, t.size);
+      if (lo < hi) {
+        update_range(key, t, lo, hi, lr, h);
+      }
+      offset += t.size;
+      if (offset >= end) {
+        break;
+      }
     }
-  }
-  pool.parallel_for(static_cast<int64_t>(items.size()), [&](int64_t k) {
-    const auto& it = items[k];
-    update_range(key, tensors[it.tensor], it.begin, it.end, lr, h);
   });
 }
 
