@@ -14,9 +14,19 @@ def test_benchmark_runs_and_writes_results(tmp_path, device):
     if device != "cpu":
         pytest.skip("one run is enough")
     cmd = [
-        sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--workloads", "small",
-        "--reps", "2", "--warmup", "1", "--impls", "fused", "stock_eager",
-        "--out", str(tmp_path),
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench.py"),
+        "--workloads",
+        "small",
+        "--reps",
+        "2",
+        "--warmup",
+        "1",
+        "--impls",
+        "fused",
+        "stock_eager",
+        "--out",
+        str(tmp_path),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

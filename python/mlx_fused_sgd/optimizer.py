@@ -44,7 +44,8 @@ def _collect(
     out_s: list,
 ) -> None:
     """Walk ``grads`` (dicts, lists and tuples, as ``tree_map`` does) and
-    gather its leaves with the matching params and per-parameter state dicts.
+    gather its leaves with the matching params and per-parameter state dicts
+    (``None`` for ``state`` checks the params alone).
     Runs every step, so the common case is kept lean: paths are only built
     for an error message."""
     if isinstance(grads, dict):
@@ -58,17 +59,19 @@ def _collect(
                     "The gradient tree does not match the parameters: "
                     f"gradient '{_join(path, k)}' has no parameter."
                 ) from None
+            sub = state[k] if state is not None else None
             if type(g) is _array and type(p) is _array:
                 out_g.append(g)
                 out_p.append(p)
-                out_s.append(state[k])
+                out_s.append(sub)
             else:
-                _collect(g, p, state[k], _join(path, k), out_g, out_p, out_s)
+                _collect(g, p, sub, _join(path, k), out_g, out_p, out_s)
     elif isinstance(grads, (list, tuple)):
         if not isinstance(params, (list, tuple)) or len(params) < len(grads):
             raise _mismatch(path, grads, params)
         for i, g in enumerate(grads):
-            _collect(g, params[i], state[i], _join(path, i), out_g, out_p, out_s)
+            sub = state[i] if state is not None else None
+            _collect(g, params[i], sub, _join(path, i), out_g, out_p, out_s)
     elif isinstance(grads, mx.array):
         if not isinstance(params, mx.array):
             raise _mismatch(path, grads, params)
@@ -80,6 +83,15 @@ def _collect(
             f"gradient '{path or '<root>'}' must be an mx.array, but got "
             f"{type(grads).__name__}."
         )
+
+
+def _copy_containers(tree: Any) -> Any:
+    """A copy of the dicts, lists and tuples of ``tree``, sharing its leaves."""
+    if isinstance(tree, dict):
+        return {k: _copy_containers(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_copy_containers(v) for v in tree)
+    return tree
 
 
 def _rebuild(grads: Any, new_leaves: Any) -> Any:
@@ -191,13 +203,36 @@ class FusedSGD(Optimizer):
         parameters and the optimizer state (step counter included) are
         exactly what they were.
         """
-        if not self._initialized:
-            self.init(gradients)
+        if self._initialized:
+            return self._apply_gradients(gradients, parameters)
+        # The first step initializes the state in place (stock's init); undo
+        # that too if the step is refused.
+        snapshot = _copy_containers(self._state)
+        try:
+            # Check the trees first, then initialize from the params (shaped
+            # like the gradient tree) so that a bad gradient is reported as
+            # such, not as a bad momentum buffer made from it.
+            grads: list[mx.array] = []
+            params: list[mx.array] = []
+            _collect(gradients, parameters, None, "", grads, params, [])
+            self.init(_rebuild(gradients, iter(params)))
+            return self._apply_gradients(gradients, parameters)
+        except BaseException:
+            self._state = snapshot
+            self._initialized = False
+            raise
 
+    def _apply_gradients(self, gradients: Any, parameters: Any) -> Any:
         grads: list[mx.array] = []
         params: list[mx.array] = []
         states: list[dict] = []
-        _collect(gradients, parameters, self.state, "", grads, params, states)
+        try:
+            _collect(gradients, parameters, self.state, "", grads, params, states)
+        except (KeyError, IndexError) as e:
+            raise ValueError(
+                f"the optimizer state has no entry {e} for a gradient; the "
+                "state does not match these parameters."
+            ) from None
         momentum_on = self.momentum > 0
         velocities = []
         if momentum_on:

@@ -1,0 +1,204 @@
+"""Bad input: a clear exception naming what is wrong, raised before anything
+is evaluated or written; params and optimizer state are left exactly as they
+were (step counter included)."""
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import pytest
+from mlx.utils import tree_flatten
+
+import mlx_fused_sgd as mfs
+
+from conftest import assert_bitwise_equal
+
+
+def _params():
+    return {
+        "w": mx.arange(12, dtype=mx.float32).reshape(3, 4),
+        "layers": [{"b": mx.ones((4,))}, {"b": mx.full((2,), 3.0)}],
+    }
+
+
+def _grads():
+    return {
+        "w": mx.full((3, 4), 0.5),
+        "layers": [{"b": mx.ones((4,))}, {"b": mx.ones((2,))}],
+    }
+
+
+def _snapshot(opt, params):
+    return (
+        [(k, v) for k, v in tree_flatten(opt.state)],
+        [(k, v) for k, v in tree_flatten(params)],
+        sorted(k for k, _ in tree_flatten(opt.state)),
+    )
+
+
+def _assert_unchanged(before, opt, params):
+    state, prm, keys = before
+    assert sorted(k for k, _ in tree_flatten(opt.state)) == keys
+    now = dict(tree_flatten(opt.state))
+    for k, v in state:
+        assert_bitwise_equal(now[k], v, k)
+    nowp = dict(tree_flatten(params))
+    for k, v in prm:
+        assert_bitwise_equal(nowp[k], v, k)
+
+
+def _bad_grads():
+    g = _grads()
+    yield (
+        "shape",
+        lambda: {**g, "w": mx.ones((4, 3))},
+        ValueError,
+        r"grad\[\d\] has shape \(4, 3\) but param\[\d\] has shape \(3, 4\)",
+    )
+    yield (
+        "dtype",
+        lambda: {**g, "w": mx.ones((3, 4), mx.float16)},
+        ValueError,
+        "grad.* has dtype float16 but param.* has dtype float32",
+    )
+    yield (
+        "missing param",
+        lambda: {**g, "extra": mx.ones((2,))},
+        ValueError,
+        "gradient 'extra' has no parameter",
+    )
+    yield (
+        "list length",
+        lambda: {**g, "layers": [{"b": mx.ones((4,))}] * 3},
+        ValueError,
+        "does not match the parameters at 'layers'",
+    )
+    yield (
+        "not an array",
+        lambda: {**g, "w": 1.0},
+        TypeError,
+        "gradient 'w' must be an mx.array",
+    )
+    yield (
+        "leaf vs tree",
+        lambda: {**g, "w": {"x": mx.ones((3, 4))}},
+        ValueError,
+        "does not match the parameters at 'w'",
+    )
+
+
+@pytest.mark.parametrize("first_step", [True, False], ids=["first_step", "later_step"])
+@pytest.mark.parametrize("case", list(_bad_grads()), ids=lambda c: c[0])
+@pytest.mark.parametrize("lr", ["float", "step_decay"])
+def test_refused_step_changes_nothing(case, first_step, lr):
+    _, make_bad, exc, match = case
+    learning_rate = 0.1 if lr == "float" else mfs.step_decay(0.1, 0.5, 2)
+    opt = mfs.FusedSGD(learning_rate, momentum=0.9, weight_decay=1e-3)
+    params = _params()
+    if not first_step:
+        for _ in range(3):
+            params = opt.apply_gradients(_grads(), params)
+        mx.eval(params, opt.state)
+    before = _snapshot(opt, params)
+    with pytest.raises(exc, match=match):
+        opt.apply_gradients(make_bad(), params)
+    _assert_unchanged(before, opt, params)
+    # And the optimizer still works, continuing from where it was.
+    assert opt.state["step"].item() == (0 if first_step else 3)
+    opt.apply_gradients(_grads(), params)
+
+
+def test_stock_advances_the_step_on_a_bad_tree_but_we_do_not():
+    bad = {**_grads(), "w": mx.ones((4, 3))}
+    stock, ours = optim.SGD(0.1, momentum=0.9), mfs.FusedSGD(0.1, momentum=0.9)
+    for opt in (stock, ours):
+        with pytest.raises(ValueError):
+            opt.apply_gradients(bad, _params())
+            mx.eval(opt.state)
+    assert ours.state["step"].item() == 0
+
+
+def test_mismatched_state_is_refused_cleanly():
+    opt = mfs.FusedSGD(0.1, momentum=0.9)
+    params = _params()
+    opt.init(params)
+    opt.state["w"]["v"] = mx.zeros((2, 2))  # e.g. a checkpoint of another model
+    mx.eval(opt.state)
+    before = _snapshot(opt, params)
+    with pytest.raises(
+        ValueError,
+        match=r"velocity\[\d\] has shape \(2, 2\) but param\[\d\] has shape \(3, 4\)",
+    ):
+        opt.apply_gradients(_grads(), params)
+    _assert_unchanged(before, opt, params)
+
+
+@pytest.mark.parametrize("dtype", [mx.int32, mx.uint8, mx.bool_, mx.complex64], ids=str)
+def test_non_float_params_are_refused(dtype):
+    p = mx.ones((3,), dtype)
+    with pytest.raises(
+        ValueError, match=f"param has dtype {str(dtype).split('.')[-1]}"
+    ):
+        mfs.sgd_update(p, p, learning_rate=0.1)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(momentum=-0.1), "momentum must be a finite number >= 0"),
+        (dict(momentum=float("inf")), "momentum must be a finite number >= 0"),
+        (dict(momentum=0.5, dampening=-0.1), r"dampening must be in \[0, 1\]"),
+        (dict(momentum=0.5, dampening=1.5), r"dampening must be in \[0, 1\]"),
+        (dict(weight_decay=float("nan")), "weight_decay must be a finite number"),
+        (dict(nesterov=True), "Nesterov momentum requires"),
+    ],
+)
+def test_bad_hyperparameters_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        mfs.FusedSGD(0.1, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        mfs.sgd_update(mx.ones(3), mx.ones(3), learning_rate=0.1, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "args,exc,match",
+    [
+        ((0.1, 0.9, 0), ValueError, "step_size must be greater than 0"),
+        ((0.1, 0.9, 2.0), TypeError, "step_size must be an int"),
+        ((float("inf"), 0.9, 2), ValueError, "init must be a finite number"),
+        ((0.1, float("nan"), 2), ValueError, "decay_rate must be a finite number"),
+    ],
+)
+def test_bad_schedules_are_refused(args, exc, match):
+    with pytest.raises(exc, match=match):
+        mfs.step_decay(*args)
+
+
+def test_float_step_array_is_refused():
+    with pytest.raises(ValueError, match="integer array"):
+        mfs.step_decay(0.1, 0.9, 2)(mx.array([1.5]))
+
+
+def test_lists_of_unequal_length_are_refused():
+    with pytest.raises(ValueError, match="same length"):
+        mfs.sgd_update_many([mx.ones(2)] * 2, [mx.ones(2)], learning_rate=0.1)
+    with pytest.raises(
+        ValueError, match="velocities must be empty or have one entry per param"
+    ):
+        mfs.sgd_update_many(
+            [mx.ones(2)] * 2,
+            [mx.ones(2)] * 2,
+            [mx.ones(2)],
+            learning_rate=0.1,
+            momentum=0.9,
+        )
+
+
+def test_broadcast_rules_match_stock():
+    """A gradient may broadcast to its param (stock's `param - lr * grad`
+    broadcasts); a param may not grow to the gradient's shape."""
+    p = mx.ones((3, 4))
+    new_p, _ = mfs.sgd_update(p, mx.ones((4,)), learning_rate=0.1)
+    assert new_p.shape == (3, 4)
+    with pytest.raises(
+        ValueError, match="must have the parameter's shape or broadcast to it"
+    ):
+        mfs.sgd_update(mx.ones((4,)), mx.ones((3, 4)), learning_rate=0.1)
