@@ -164,6 +164,43 @@ class FusedSGD(Optimizer):
         self.dampening = dampening
         self.nesterov = nesterov
 
+    @property
+    def state(self) -> dict:
+        """The optimizer's state: ``step``, ``learning_rate`` and, per
+        parameter, ``{"v": buffer}`` when momentum is on (stock layout)."""
+        return self._state
+
+    @state.setter
+    def state(self, state: dict) -> None:
+        # Checked whole before it replaces anything (a checkpoint of the
+        # wrong kind is refused, never half loaded); the per-parameter
+        # buffers are checked against the params at the next step.
+        if not isinstance(state, dict):
+            raise ValueError(
+                f"state must be a dict (as optimizer.state is), got "
+                f"{type(state).__name__}."
+            )
+        step = state.get("step")
+        if step is not None and not (
+            isinstance(step, mx.array)
+            and step.size == 1
+            and mx.issubdtype(step.dtype, mx.integer)
+        ):
+            raise ValueError(
+                "state['step'] must be an integer scalar array (stock stores "
+                f"uint64), got {_describe(step)}"
+                + (f" of dtype {step.dtype}" if isinstance(step, mx.array) else "")
+                + ". step must be an integer scalar."
+            )
+        lr = state.get("learning_rate")
+        if lr is not None and not (isinstance(lr, mx.array) and lr.size == 1):
+            raise ValueError(
+                f"state['learning_rate'] must be a scalar array, got "
+                f"{_describe(lr)}; learning_rate must be a scalar."
+            )
+        self._initialized = False
+        self._state = state
+
     def init_single(self, parameter: mx.array, state: dict) -> None:
         """Initialize the momentum buffer (only when momentum is on)."""
         if self.momentum > 0:

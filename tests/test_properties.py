@@ -1,0 +1,220 @@
+"""Property tests (hypothesis): random shapes, layouts, dtypes,
+hyperparameters and steps, against stock optim.SGD (float32: the same bits)
+and a float64 NumPy reference of the DESIGN.md formulas (every dtype)."""
+
+import math
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mlx_fused_sgd as mfs
+
+from conftest import GPU_ULP_TOLERANCE, to_numpy
+
+DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+# Around the CPU block width (16) and the Metal work per thread (4).
+SIZES = [0, 1, 2, 3, 4, 5, 7, 15, 16, 17, 31, 32, 33, 63, 64, 65]
+
+SETTINGS = settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+@st.composite
+def shapes(draw):
+    kind = draw(st.sampled_from(["scalar", "1d", "nd"]))
+    if kind == "scalar":
+        return ()
+    if kind == "1d":
+        return (draw(st.sampled_from(SIZES)),)
+    return tuple(draw(st.lists(st.integers(0, 6), min_size=2, max_size=3)))
+
+
+@st.composite
+def hyper(draw):
+    momentum = draw(st.one_of(st.just(0.0), st.floats(0.0, 0.99)))
+    dampening = (
+        draw(st.one_of(st.just(0.0), st.floats(0.0, 1.0))) if momentum > 0 else 0.0
+    )
+    nesterov = momentum > 0 and dampening == 0 and draw(st.booleans())
+    weight_decay = draw(st.one_of(st.just(0.0), st.floats(-0.1, 0.1)))
+    return dict(
+        momentum=momentum,
+        weight_decay=weight_decay,
+        dampening=dampening,
+        nesterov=nesterov,
+    )
+
+
+def _values(draw, shape, specials):
+    n = math.prod(shape)
+    vals = np.array(
+        draw(st.lists(st.floats(-4.0, 4.0, width=32), min_size=n, max_size=n)),
+        np.float32,
+    ).reshape(shape)
+    if specials and n:
+        for _ in range(draw(st.integers(0, 3))):
+            idx = draw(st.integers(0, n - 1))
+            vals.reshape(-1)[idx] = draw(
+                st.sampled_from([np.nan, np.inf, -np.inf, 0.0, -0.0])
+            )
+    return vals
+
+
+@st.composite
+def layouts(draw, shape, dtype, specials=False):
+    """An array of `shape` in a random memory layout: contiguous, transposed,
+    or a strided slice of a larger buffer."""
+    layout = draw(st.sampled_from(["contiguous", "transposed", "strided"]))
+    if layout == "transposed" and len(shape) >= 2:
+        base = _values(draw, shape[::-1], specials)
+        return mx.array(base).astype(dtype).T
+    if layout == "strided" and len(shape) >= 1:
+        big = (shape[0] * 2,) + shape[1:]
+        base = _values(draw, big, specials)
+        return mx.array(base).astype(dtype)[::2]
+    return mx.array(_values(draw, shape, specials)).astype(dtype)
+
+
+@st.composite
+def cases(draw, specials=False, dtypes=DTYPES):
+    dtype = draw(st.sampled_from(dtypes))
+    shape = draw(shapes())
+    p = draw(layouts(shape, dtype, specials))
+    if shape and draw(st.booleans()):
+        # A gradient that broadcasts to the param (as stock allows).
+        gshape = tuple(1 if draw(st.booleans()) else d for d in shape)[
+            draw(st.integers(0, len(shape) - 1)) :
+        ]
+        g = draw(layouts(gshape, dtype, specials))
+    else:
+        g = draw(layouts(shape, dtype, specials))
+    v = draw(layouts(shape, dtype, specials))
+    return dtype, p, g, v, draw(hyper())
+
+
+def _stock(p, g, v, lr, kw):
+    opt = optim.SGD(lr, **kw)
+    opt.init({"p": p})
+    opt.state["p"]["v"] = v
+    new_p = opt.apply_gradients({"p": g}, {"p": p})["p"]
+    return new_p, opt.state["p"]["v"]
+
+
+def _same_as_stock(ours, stock):
+    """Same bits, except that any NaN matches any NaN (payloads are not
+    promised); within the GPU tolerance on the GPU."""
+    a, b = to_numpy(ours).reshape(-1), to_numpy(stock).reshape(-1)
+    assert ours.shape == stock.shape and ours.dtype == stock.dtype
+    nan_a, nan_b = np.isnan(a), np.isnan(b)
+    assert np.array_equal(nan_a, nan_b), "NaN in different places"
+    keep = ~nan_a
+    if mx.default_device() == mx.gpu:
+        np.testing.assert_array_max_ulp(a[keep], b[keep], GPU_ULP_TOLERANCE)
+    else:
+        assert np.array_equal(a[keep].view(np.uint32), b[keep].view(np.uint32))
+
+
+@SETTINGS
+@given(
+    case=cases(specials=True, dtypes=[mx.float32]),
+    lr=st.floats(2.0**-13, 1.0, width=32),
+)
+def test_float32_bit_identical_to_stock(case, lr):
+    _, p, g, v, kw = case
+    new_p, new_v = mfs.sgd_update(p, g, v, learning_rate=mx.array(lr), **kw)
+    ref_p, ref_v = _stock(p, g, v, lr, kw)
+    _same_as_stock(new_p, ref_p)
+    if kw["momentum"] > 0:
+        _same_as_stock(new_v, ref_v)
+
+
+@SETTINGS
+@given(
+    case=cases(dtypes=[mx.float32]),
+    step=st.integers(0, 2**40),
+    init=st.floats(1e-3, 1.0),
+    decay=st.floats(0.05, 1.5),
+    step_size=st.integers(1, 1000),
+)
+def test_scheduled_bit_identical_to_stock(case, step, init, decay, step_size):
+    _, p, g, v, kw = case
+    s = mx.array(np.uint64(step))
+    new_p, new_v = mfs.sgd_update_scheduled(
+        p, g, v, step=s, schedule=mfs.step_decay(init, decay, step_size), **kw
+    )
+    ref_p, ref_v = _stock(p, g, v, optim.step_decay(init, decay, step_size)(s), kw)
+    _same_as_stock(new_p, ref_p)
+    if kw["momentum"] > 0:
+        _same_as_stock(new_v, ref_v)
+
+
+def _reference(p, g, v, lr, momentum, weight_decay, dampening, nesterov):
+    """The DESIGN.md formulas in float64."""
+    g = g + weight_decay * p
+    if momentum <= 0:
+        return p - lr * g, v
+    v = momentum * v + ((1 - dampening) * g if dampening > 0 else g)
+    u = g + momentum * v if nesterov else v
+    return p - lr * u, v
+
+
+@SETTINGS
+@given(case=cases(), lr=st.floats(2.0**-13, 1.0, width=32))
+def test_close_to_float64_reference_in_every_dtype(case, lr):
+    dtype, p, g, v, kw = case
+    new_p, new_v = mfs.sgd_update(p, g, v, learning_rate=mx.array(lr), **kw)
+    f64 = [to_numpy(a).astype(np.float64) for a in (p, mx.broadcast_to(g, p.shape), v)]
+    ref_p, ref_v = _reference(*f64, float(np.float32(lr)), **kw)
+    # Half an ulp of the output type (rounded once), plus float32 evaluation
+    # error relative to the inputs' magnitudes.
+    f32_slack = (
+        8 * 2.0**-24 * (1 + abs(kw["weight_decay"])) * sum(np.abs(a) for a in f64)
+    )
+    if mx.default_device() == mx.gpu:
+        f32_slack = f32_slack * GPU_ULP_TOLERANCE
+    pairs = [(new_p, ref_p)] + ([(new_v, ref_v)] if kw["momentum"] > 0 else [])
+    for got, ref in pairs:
+        got64 = to_numpy(got).astype(np.float64)
+        if dtype == mx.float32:
+            half_ulp = 0.5 * np.spacing(np.abs(ref).astype(np.float32)).astype(
+                np.float64
+            )
+        elif dtype == mx.float16:
+            half_ulp = 0.5 * np.maximum(
+                np.spacing(np.abs(ref).astype(np.float16)).astype(np.float64), 2.0**-24
+            )
+        else:
+            half_ulp = (
+                0.5
+                * np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64)
+                * 2**16
+            )
+        assert np.all(
+            np.abs(got64 - ref)
+            <= half_ulp + f32_slack + (dtype == mx.float32) * f32_slack
+        )
+
+
+@SETTINGS
+@given(
+    case=cases(specials=True, dtypes=[mx.float16, mx.bfloat16]),
+    lr=st.floats(2.0**-10, 1.0, width=32),
+)
+def test_half_nan_and_inf_where_stock_has_them(case, lr):
+    """NaN and Inf propagate: a non-finite input makes the same elements
+    non-finite as in stock (stock rounds each op to the half type, so finite
+    values may differ by rounding, and overflow to Inf can differ at the edge
+    of the half range; the inputs here stay far from it)."""
+    _, p, g, v, kw = case
+    new_p, _ = mfs.sgd_update(p, g, v, learning_rate=mx.array(lr), **kw)
+    ref_p, _ = _stock(p, g, v, lr, kw)
+    a, b = to_numpy(new_p), to_numpy(ref_p)
+    assert np.array_equal(np.isnan(a), np.isnan(b))
+    assert np.array_equal(np.isposinf(a), np.isposinf(b))
+    assert np.array_equal(np.isneginf(a), np.isneginf(b))
