@@ -3,6 +3,7 @@ hyperparameters and steps, against stock optim.SGD (float32: the same bits)
 and a float64 NumPy reference of the DESIGN.md formulas (every dtype)."""
 
 import math
+import os
 
 import mlx.core as mx
 import mlx.optimizers as optim
@@ -21,6 +22,9 @@ SIZES = [0, 1, 2, 3, 4, 5, 7, 15, 16, 17, 31, 32, 33, 63, 64, 65]
 SETTINGS = settings(
     max_examples=150,
     deadline=None,
+    # CI replays a fixed set of examples (a run must not fail by chance);
+    # local runs explore new ones.
+    derandomize=os.environ.get("CI") == "true",
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 
@@ -37,12 +41,17 @@ def shapes(draw):
 
 @st.composite
 def hyper(draw):
-    momentum = draw(st.one_of(st.just(0.0), st.floats(0.0, 0.99)))
+    # Each nonzero constant stays representable in float16: for half params
+    # stock rounds its Python scalars to the half type (a momentum of 1e-40
+    # becomes 0 there, and 0 * inf is NaN) while the kernel keeps them in
+    # float32, a documented difference (README, "Guarantees").
+    momentum = draw(st.one_of(st.just(0.0), st.floats(1e-4, 0.99)))
     dampening = (
-        draw(st.one_of(st.just(0.0), st.floats(0.0, 1.0))) if momentum > 0 else 0.0
+        draw(st.one_of(st.just(0.0), st.floats(0.0, 0.999))) if momentum > 0 else 0.0
     )
     nesterov = momentum > 0 and dampening == 0 and draw(st.booleans())
-    weight_decay = draw(st.one_of(st.just(0.0), st.floats(-0.1, 0.1)))
+    sign = draw(st.sampled_from([1.0, -1.0]))
+    weight_decay = sign * draw(st.one_of(st.just(0.0), st.floats(1e-6, 0.1)))
     return dict(
         momentum=momentum,
         weight_decay=weight_decay,
