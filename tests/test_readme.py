@@ -1,0 +1,22 @@
+"""The README's quick start runs as written."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_quick_start_runs(device):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert blocks, "README has no python block"
+    scope: dict = {}
+    exec(compile(blocks[0], "README quick start", "exec"), scope)
+    assert scope["optimizer"].state["step"].item() == 100
+
+
+def test_readme_commands_match_ci():
+    text = README.read_text()
+    ci = (README.parent / ".ci" / "run").read_text()
+    test_cmd = 'pip install ".[test]" && python -m pytest -q tests'
+    assert test_cmd in text and test_cmd in ci
+    assert 'pip install ".[bench]" && python benchmarks/bench.py' in text
