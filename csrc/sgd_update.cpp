@@ -449,6 +449,31 @@ bool all_row_contiguous(
          (v == nullptr || v->flags().row_contiguous);
 }
 
+// The arrays of tensor i of a chunk of n, in the primitive's layout: inputs
+// params[n], grads[n], velocities[n] (momentum only), lr; outputs params[n],
+// velocities[n] (momentum only).
+struct TensorSlots {
+  const mx::array& p;
+  const mx::array& g;
+  const mx::array* v;
+  mx::array& p_out;
+  mx::array* v_out;
+};
+
+TensorSlots tensor_slots(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs,
+    int n,
+    int i,
+    bool momentum) {
+  return {
+      inputs[i],
+      inputs[n + i],
+      momentum ? &inputs[2 * n + i] : nullptr,
+      outputs[i],
+      momentum ? &outputs[n + i] : nullptr};
+}
+
 } // namespace
 
 void SGDUpdate::eval_cpu(
@@ -461,12 +486,8 @@ void SGDUpdate::eval_cpu(
   std::vector<cpu_kernel::TensorPointers> tensors;
   tensors.reserve(n);
   for (int i = 0; i < n; ++i) {
-    const auto& p = inputs[i];
-    const auto& g = inputs[n + i];
-    const auto* v = momentum ? &inputs[2 * n + i] : nullptr;
-    auto& p_out = outputs[i];
-    auto* v_out = momentum ? &outputs[n + i] : nullptr;
-
+    auto [p, g, v, p_out, v_out] =
+        tensor_slots(inputs, outputs, n, i, momentum);
     allocate_outputs(p, g, v, p_out, v_out);
 
     encoder.set_input_array(p);
@@ -549,11 +570,8 @@ void SGDUpdate::eval_gpu(
       schedule_ ? schedule_->step_size : 1};
 
   for (int i = 0; i < n; ++i) {
-    const auto& p = inputs[i];
-    const auto& g = inputs[n + i];
-    const auto* v = momentum ? &inputs[2 * n + i] : nullptr;
-    auto& p_out = outputs[i];
-    auto* v_out = momentum ? &outputs[n + i] : nullptr;
+    auto [p, g, v, p_out, v_out] =
+        tensor_slots(inputs, outputs, n, i, momentum);
     allocate_outputs(p, g, v, p_out, v_out);
     if (p.size() == 0) {
       continue;

@@ -10,6 +10,17 @@ def to_numpy(a: mx.array) -> np.ndarray:
     return np.array(a)
 
 
+def sgd_reference(p, g, v, lr, momentum, weight_decay, dampening, nesterov):
+    """The DESIGN.md formulas, in the precision of the NumPy inputs (float64
+    in the tests)."""
+    g = g + weight_decay * p
+    if momentum <= 0:
+        return p - lr * g, v
+    v = momentum * v + ((1 - dampening) * g if dampening > 0 else g)
+    u = g + momentum * v if nesterov else v
+    return p - lr * u, v
+
+
 # On the GPU (Metal) the kernels aim for stock's bits too, but DESIGN.md
 # accepts a few ulp there (the Metal compiler's code generation is not ours);
 # on the CPU the comparison is exact.

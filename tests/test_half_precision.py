@@ -8,7 +8,7 @@ import pytest
 
 import mlx_fused_sgd as mfs
 
-from conftest import to_numpy
+from conftest import sgd_reference, to_numpy
 
 CONFIGS = [
     dict(momentum=0.0, weight_decay=0.0, dampening=0.0, nesterov=False),
@@ -16,16 +16,6 @@ CONFIGS = [
     dict(momentum=0.8, weight_decay=0.0, dampening=0.3, nesterov=False),
     dict(momentum=0.9, weight_decay=1e-3, dampening=0.0, nesterov=True),
 ]
-
-
-def _reference(p, g, v, lr, momentum, weight_decay, dampening, nesterov):
-    """DESIGN.md formulas in float64 (inputs are the exact half values)."""
-    g = g + weight_decay * p
-    if momentum <= 0:
-        return p - lr * g, v
-    v = momentum * v + ((1 - dampening) * g if dampening > 0 else g)
-    u = g + momentum * v if nesterov else v
-    return p - lr * u, v
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=str)
@@ -53,7 +43,7 @@ def test_error_no_worse_than_stock(dtype, cfg):
     stock_v = stock.state["p"]["v"]
     assert ours_p.dtype == dtype
 
-    ref_p, ref_v = _reference(
+    ref_p, ref_v = sgd_reference(
         *(to_numpy(a).astype(np.float64) for a in (p, g, v)), lr32, **cfg
     )
     # float32 evaluation error of a few operations, relative to the inputs'

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import mlx_fused_sgd as mfs
 
-from conftest import GPU_ULP_TOLERANCE, to_numpy
+from conftest import GPU_ULP_TOLERANCE, sgd_reference, to_numpy
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 # Around the CPU block width (16) and the Metal work per thread (4).
@@ -163,23 +163,13 @@ def test_scheduled_bit_identical_to_stock(case, step, init, decay, step_size):
         _same_as_stock(new_v, ref_v)
 
 
-def _reference(p, g, v, lr, momentum, weight_decay, dampening, nesterov):
-    """The DESIGN.md formulas in float64."""
-    g = g + weight_decay * p
-    if momentum <= 0:
-        return p - lr * g, v
-    v = momentum * v + ((1 - dampening) * g if dampening > 0 else g)
-    u = g + momentum * v if nesterov else v
-    return p - lr * u, v
-
-
 @SETTINGS
 @given(case=cases(), lr=st.floats(2.0**-13, 1.0, width=32))
 def test_close_to_float64_reference_in_every_dtype(case, lr):
     dtype, p, g, v, kw = case
     new_p, new_v = mfs.sgd_update(p, g, v, learning_rate=mx.array(lr), **kw)
     f64 = [to_numpy(a).astype(np.float64) for a in (p, mx.broadcast_to(g, p.shape), v)]
-    ref_p, ref_v = _reference(*f64, float(np.float32(lr)), **kw)
+    ref_p, ref_v = sgd_reference(*f64, float(np.float32(lr)), **kw)
     # Half an ulp of the output type (rounded once), plus float32 evaluation
     # error relative to the inputs' magnitudes.
     f32_slack = (
