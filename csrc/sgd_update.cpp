@@ -478,6 +478,7 @@ TensorSlots tensor_slots(
 
 void SGDUpdate::eval_cpu(
     const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  check_layout(inputs, outputs);
   release_sibling_inputs(inputs, outputs);
   const int n = num_tensors_;
   const bool momentum = variant_.momentum;
@@ -555,6 +556,7 @@ void SGDUpdate::eval_cpu(
 
 void SGDUpdate::eval_gpu(
     const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  check_layout(inputs, outputs);
   release_sibling_inputs(inputs, outputs);
   const int n = num_tensors_;
   const bool momentum = variant_.momentum;
@@ -650,6 +652,25 @@ SGDUpdate::vmap(const std::vector<mx::array>&, const std::vector<int>&) {
   throw std::runtime_error(
       "mlx_fused_sgd: SGDUpdate does not support vmap; update the batched "
       "tensors directly (the update is elementwise).");
+}
+
+// The eval functions index inputs and outputs by the layout of this chunk.
+// An evaluation that was interrupted (out of memory, say) after the sibling
+// input lists were released and then retried from a sibling would see fewer
+// inputs: refuse it rather than read past the end.
+void SGDUpdate::check_layout(
+    const std::vector<mx::array>& inputs,
+    const std::vector<mx::array>& outputs) const {
+  const size_t per_tensor = variant_.momentum ? 3 : 2;
+  if (inputs.size() != per_tensor * num_tensors_ + 1 ||
+      outputs.size() != (per_tensor - 1) * num_tensors_) {
+    throw std::runtime_error(
+        "mlx_fused_sgd: SGDUpdate was asked to evaluate with " +
+        std::to_string(inputs.size()) + " inputs and " +
+        std::to_string(outputs.size()) +
+        " outputs, not its own; rebuild the update (call the optimizer "
+        "again) rather than re-evaluating an interrupted one.");
+  }
 }
 
 bool SGDUpdate::is_equivalent(const mx::Primitive& other) const {

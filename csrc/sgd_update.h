@@ -77,7 +77,7 @@ SGDResult sgd_update_many_scheduled(
 //          a step-decay schedule is fused in.
 // Outputs: params[n], velocities[n] (momentum only).
 class SGDUpdate : public mx::Primitive {
-public:
+ public:
   SGDUpdate(
       mx::Stream stream,
       int num_tensors,
@@ -113,7 +113,11 @@ public:
   std::vector<mx::Shape>
   output_shapes(const std::vector<mx::array>& inputs) override;
 
-private:
+ private:
+  void check_layout(
+      const std::vector<mx::array>& inputs,
+      const std::vector<mx::array>& outputs) const;
+
   int num_tensors_;
   SGDVariant variant_;
   std::optional<StepDecay> schedule_;

@@ -47,7 +47,7 @@ void check_step_array(
     const mx::array& step, int64_t step_size, const char* what);
 
 class StepDecayLR : public mx::UnaryPrimitive {
-public:
+ public:
   StepDecayLR(mx::Stream stream, StepDecay schedule)
       : mx::UnaryPrimitive(stream), schedule_(schedule) {}
 
@@ -78,7 +78,7 @@ public:
     return schedule_;
   }
 
-private:
+ private:
   StepDecay schedule_;
 };
 

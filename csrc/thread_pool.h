@@ -13,7 +13,7 @@
 namespace mlx_fused_sgd {
 
 class ThreadPool {
-public:
+ public:
   // The process-wide pool: hardware_concurrency() threads in all (the caller
   // included), or MLX_FUSED_SGD_NUM_THREADS if set.
   static ThreadPool& instance();
@@ -34,7 +34,7 @@ public:
   // items itself rather than wait.
   void parallel_for(int64_t n, const std::function<void(int64_t)>& fn);
 
-private:
+ private:
   void worker_loop();
   void run_items();
 
