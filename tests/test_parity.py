@@ -182,3 +182,24 @@ def test_state_layout_matches_stock():
     ks = [k for k, _ in tree_flatten(s.state)]
     assert kf == ks
     assert f.state["step"].dtype == mx.uint64
+
+
+def test_works_inside_multi_optimizer():
+    """MultiOptimizer drives each optimizer's apply_gradients on its part."""
+    params = {"a": mx.ones((4,)), "b": {"c": mx.full((3,), 2.0)}}
+    grads = {"a": mx.full((4,), 0.5), "b": {"c": mx.ones((3,))}}
+
+    def make(cls):
+        return optim.MultiOptimizer(
+            [cls(0.1, momentum=0.9), optim.Adam(1e-2)],
+            [lambda name, _: name.startswith("a")],
+        )
+
+    ours, stock = make(mfs.FusedSGD), make(optim.SGD)
+    for _ in range(3):
+        pa = ours.apply_gradients(grads, params)
+        pb = stock.apply_gradients(grads, params)
+    fa, fb = dict(tree_flatten(pa)), dict(tree_flatten(pb))
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert_bitwise_equal(fa[k], fb[k], k)
