@@ -40,5 +40,4 @@ __all__ = [
     "sgd_update_many_scheduled",
     "sgd_update_scheduled",
     "step_decay",
-    "_ext",
 ]
