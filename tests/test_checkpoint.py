@@ -2,7 +2,6 @@
 and the other way round."""
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
@@ -10,20 +9,11 @@ from mlx.utils import tree_flatten, tree_unflatten
 import mlx_fused_sgd as mfs
 
 from conftest import assert_bitwise_equal
-from test_parity import MLP, _loss
+from test_parity import MLP, train_steps
 
 
 def _run(model, optimizer, steps, seed):
-    loss_and_grad = nn.value_and_grad(model, _loss)
-    key = mx.random.key(seed)
-    for _ in range(steps):
-        key, k1, k2, k3 = mx.random.split(key, 4)
-        x = mx.random.normal((16, 8), key=k1)
-        y = mx.random.randint(0, 3, (16,), key=k2)
-        z = mx.random.normal((16,), key=k3)
-        _, grads = loss_and_grad(model, x, y, z)
-        optimizer.update(model, grads)
-        mx.eval(model.parameters(), optimizer.state)
+    train_steps(model, optimizer, steps, mx.random.key(seed))
 
 
 def _save(path, model, optimizer):

@@ -37,6 +37,12 @@ VARIANTS = [
     dict(momentum=0.9, weight_decay=0.0, dampening=0.0, nesterov=True),
     dict(momentum=0.9, weight_decay=0.003, dampening=0.0, nesterov=True),
 ]
+
+
+def _cfg_id(c):
+    return f"m{c['momentum']}-wd{c['weight_decay']}-d{c['dampening']}-n{int(c['nesterov'])}"
+
+
 SIZES = [1, 3, 4, 5, 7, 8, 9, 1023, 1025]
 
 
@@ -217,9 +223,7 @@ def _inputs(shape, dtype, seed):
 @pytest.mark.parametrize(
     "cfg",
     VARIANTS,
-    ids=lambda c: (
-        f"m{c['momentum']}-wd{c['weight_decay']}-d{c['dampening']}-n{int(c['nesterov'])}"
-    ),
+    ids=_cfg_id,
 )
 def test_contiguous_kernel_matches_cpu(harness, dtype, cfg):
     for size in SIZES:
@@ -249,9 +253,7 @@ def test_scheduled_kernel_matches_cpu(harness, dtype, step):
 @pytest.mark.parametrize(
     "cfg",
     VARIANTS,
-    ids=lambda c: (
-        f"m{c['momentum']}-wd{c['weight_decay']}-d{c['dampening']}-n{int(c['nesterov'])}"
-    ),
+    ids=_cfg_id,
 )
 def test_general_kernel_matches_cpu(harness, dtype, cfg):
     t = DTYPES[dtype]

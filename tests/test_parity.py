@@ -34,13 +34,9 @@ def _loss(model, x, y, z):
     )
 
 
-def _train(make_optimizer, steps=50, seed=0):
-    mx.random.seed(seed)
-    model = MLP()
-    mx.eval(model.parameters())
-    optimizer = make_optimizer()
+def train_steps(model, optimizer, steps, key):
+    """`steps` training steps on generated data drawn from `key`."""
     loss_and_grad = nn.value_and_grad(model, _loss)
-    key = mx.random.key(1234)
     for _ in range(steps):
         key, k1, k2, k3 = mx.random.split(key, 4)
         x = mx.random.normal((16, 8), key=k1)
@@ -49,6 +45,14 @@ def _train(make_optimizer, steps=50, seed=0):
         _, grads = loss_and_grad(model, x, y, z)
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state)
+
+
+def _train(make_optimizer, steps=50, seed=0):
+    mx.random.seed(seed)
+    model = MLP()
+    mx.eval(model.parameters())
+    optimizer = make_optimizer()
+    train_steps(model, optimizer, steps, mx.random.key(1234))
     return model, optimizer
 
 
