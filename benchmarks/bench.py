@@ -31,6 +31,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_map
 
 import mlx_fused_sgd as mfs
 
@@ -38,6 +39,7 @@ HERE = Path(__file__).resolve().parent
 HYPER = dict(momentum=0.9, weight_decay=1e-4)
 SCHEDULE = (0.1, 0.9, 10)
 BYTES_PER_PARAM = 20  # read p, g, v; write p, v (fp32)
+LOSS_SCALE = 1024.0  # for the loss-scaling rows
 
 
 # --------------------------------------------------------------------------
@@ -114,8 +116,11 @@ def mlx_runner(kind: str, shapes, dtype, device):
     mx.set_default_device(device)
     params = make_tree(shapes, dtype, 0)
     grads = make_tree(shapes, dtype, 1)
+    loss_scale = mx.array(LOSS_SCALE)
     if kind == "fused":
         opt = mfs.FusedSGD(mfs.step_decay(*SCHEDULE), **HYPER)
+    elif kind == "fused_grad_scale":
+        opt = mfs.FusedSGD(mfs.step_decay(*SCHEDULE), grad_scale=loss_scale, **HYPER)
     else:
         opt = optim.SGD(optim.step_decay(*SCHEDULE), **HYPER)
     opt.init(params)
@@ -128,6 +133,11 @@ def mlx_runner(kind: str, shapes, dtype, device):
         @partial(mx.compile, inputs=state, outputs=state)
         def update(g, p):
             return opt.apply_gradients(g, p)
+
+    elif kind == "stock_grad_scale":
+        # What stock MLX needs for loss scaling: one divide per tensor.
+        def update(g, p):
+            return opt.apply_gradients(tree_map(lambda x: x / loss_scale, g), p)
 
     else:
         update = opt.apply_gradients
@@ -228,12 +238,16 @@ def triad_bandwidth(n: int = 1 << 25, reps: int = 15) -> tuple[float, str]:
 
 
 IMPLS = ["fused", "stock_eager", "stock_compiled", "torch_foreach", "torch_fused"]
+# Optional rows (--impls): the cost of loss scaling, fused vs stock ops.
+EXTRA_IMPLS = ["fused_grad_scale", "stock_grad_scale"]
 LABELS = {
     "fused": "mlx-fused-sgd",
     "stock_eager": "stock eager",
     "stock_compiled": "stock mx.compile",
     "torch_foreach": "torch foreach",
     "torch_fused": "torch fused",
+    "fused_grad_scale": "fused +scale",
+    "stock_grad_scale": "stock +scale",
     "roofline": "roofline",
 }
 
@@ -252,7 +266,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--reps", type=int, default=20, help="timed steps per measurement")
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
+    ap.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS + EXTRA_IMPLS)
     ap.add_argument(
         "--out", default=str(HERE / "results"), help="folder for JSON and PNG"
     )

@@ -121,6 +121,8 @@ Returns:
          double weight_decay,
          double dampening,
          bool nesterov,
+         bool maximize,
+         const OptionalArray& grad_scale,
          mx::StreamOrDevice s) {
         return single_result(
             mfs::sgd_update_many(
@@ -128,7 +130,12 @@ Returns:
                 {grad},
                 as_list(velocity),
                 learning_rate,
-                {momentum, weight_decay, dampening, nesterov},
+                {momentum,
+                 weight_decay,
+                 dampening,
+                 nesterov,
+                 maximize,
+                 grad_scale},
                 1,
                 s));
       },
@@ -141,13 +148,16 @@ Returns:
       "weight_decay"_a = 0.0,
       "dampening"_a = 0.0,
       "nesterov"_a = false,
+      "maximize"_a = false,
+      "grad_scale"_a = nb::none(),
       "stream"_a = nb::none(),
       nb::sig(
           "def sgd_update(param: mlx.core.array, grad: mlx.core.array, "
           "velocity: mlx.core.array | None = None, *, "
           "learning_rate: mlx.core.array, momentum: float = 0.0, "
           "weight_decay: float = 0.0, dampening: float = 0.0, "
-          "nesterov: bool = False, "
+          "nesterov: bool = False, maximize: bool = False, "
+          "grad_scale: mlx.core.array | None = None, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) "
           "-> tuple[mlx.core.array, mlx.core.array | None]"),
       R"(One fused SGD step of one tensor (one primitive, one pass).
@@ -168,6 +178,8 @@ unchanged when momentum is 0. ``learning_rate`` is a scalar array.)");
          double weight_decay,
          double dampening,
          bool nesterov,
+         bool maximize,
+         const OptionalArray& grad_scale,
          mx::StreamOrDevice s) {
         return single_result(
             mfs::sgd_update_many_scheduled(
@@ -176,7 +188,12 @@ unchanged when momentum is 0. ``learning_rate`` is a scalar array.)");
                 as_list(velocity),
                 step,
                 {init, decay_rate, step_size},
-                {momentum, weight_decay, dampening, nesterov},
+                {momentum,
+                 weight_decay,
+                 dampening,
+                 nesterov,
+                 maximize,
+                 grad_scale},
                 1,
                 s));
       },
@@ -192,13 +209,17 @@ unchanged when momentum is 0. ``learning_rate`` is a scalar array.)");
       "weight_decay"_a = 0.0,
       "dampening"_a = 0.0,
       "nesterov"_a = false,
+      "maximize"_a = false,
+      "grad_scale"_a = nb::none(),
       "stream"_a = nb::none(),
       nb::sig(
           "def sgd_update_scheduled(param: mlx.core.array, "
           "grad: mlx.core.array, velocity: mlx.core.array | None = None, *, "
           "step: mlx.core.array, init: float, decay_rate: float, "
           "step_size: int, momentum: float = 0.0, weight_decay: float = 0.0, "
-          "dampening: float = 0.0, nesterov: bool = False, "
+          "dampening: float = 0.0, nesterov: bool = False, maximize: bool = "
+          "False, "
+          "grad_scale: mlx.core.array | None = None, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) "
           "-> tuple[mlx.core.array, mlx.core.array | None]"),
       R"(One fused SGD step with the step-decay learning rate computed in the
@@ -214,6 +235,8 @@ kernel from the integer ``step`` counter (the step *before* increment).)");
          double weight_decay,
          double dampening,
          bool nesterov,
+         bool maximize,
+         const OptionalArray& grad_scale,
          int tensors_per_primitive,
          mx::StreamOrDevice s) {
         auto r = mfs::sgd_update_many(
@@ -221,7 +244,7 @@ kernel from the integer ``step`` counter (the step *before* increment).)");
             grads,
             velocities,
             learning_rate,
-            {momentum, weight_decay, dampening, nesterov},
+            {momentum, weight_decay, dampening, nesterov, maximize, grad_scale},
             tensors_per_primitive,
             s);
         return std::make_pair(std::move(r.params), std::move(r.velocities));
@@ -235,6 +258,8 @@ kernel from the integer ``step`` counter (the step *before* increment).)");
       "weight_decay"_a = 0.0,
       "dampening"_a = 0.0,
       "nesterov"_a = false,
+      "maximize"_a = false,
+      "grad_scale"_a = nb::none(),
       "tensors_per_primitive"_a = mfs::kDefaultTensorsPerPrimitive,
       "stream"_a = nb::none(),
       nb::sig(
@@ -242,7 +267,9 @@ kernel from the integer ``step`` counter (the step *before* increment).)");
           "grads: list[mlx.core.array], velocities: list[mlx.core.array], *, "
           "learning_rate: mlx.core.array, momentum: float = 0.0, "
           "weight_decay: float = 0.0, dampening: float = 0.0, "
-          "nesterov: bool = False, tensors_per_primitive: int = 4, "
+          "nesterov: bool = False, maximize: bool = False, "
+          "grad_scale: mlx.core.array | None = None, tensors_per_primitive: "
+          "int = 4, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) "
           "-> tuple[list[mlx.core.array], list[mlx.core.array]]"),
       R"(Fused SGD step of many tensors: grouped by dtype, chunked into
@@ -261,6 +288,8 @@ primitives of ``tensors_per_primitive`` tensors each.)");
          double weight_decay,
          double dampening,
          bool nesterov,
+         bool maximize,
+         const OptionalArray& grad_scale,
          int tensors_per_primitive,
          mx::StreamOrDevice s) {
         auto r = mfs::sgd_update_many_scheduled(
@@ -269,7 +298,7 @@ primitives of ``tensors_per_primitive`` tensors each.)");
             velocities,
             step,
             {init, decay_rate, step_size},
-            {momentum, weight_decay, dampening, nesterov},
+            {momentum, weight_decay, dampening, nesterov, maximize, grad_scale},
             tensors_per_primitive,
             s);
         return std::make_pair(std::move(r.params), std::move(r.velocities));
@@ -286,6 +315,8 @@ primitives of ``tensors_per_primitive`` tensors each.)");
       "weight_decay"_a = 0.0,
       "dampening"_a = 0.0,
       "nesterov"_a = false,
+      "maximize"_a = false,
+      "grad_scale"_a = nb::none(),
       "tensors_per_primitive"_a = mfs::kDefaultTensorsPerPrimitive,
       "stream"_a = nb::none(),
       nb::sig(
@@ -293,7 +324,9 @@ primitives of ``tensors_per_primitive`` tensors each.)");
           "grads: list[mlx.core.array], velocities: list[mlx.core.array], *, "
           "step: mlx.core.array, init: float, decay_rate: float, "
           "step_size: int, momentum: float = 0.0, weight_decay: float = 0.0, "
-          "dampening: float = 0.0, nesterov: bool = False, "
+          "dampening: float = 0.0, nesterov: bool = False, maximize: bool = "
+          "False, "
+          "grad_scale: mlx.core.array | None = None, "
           "tensors_per_primitive: int = 4, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) "
           "-> tuple[list[mlx.core.array], list[mlx.core.array]]"),
@@ -336,8 +369,11 @@ computed in the kernel from the integer ``step`` counter.)");
          double weight_decay,
          double dampening,
          bool nesterov,
+         bool maximize,
+         const OptionalArray& grad_scale,
          mx::StreamOrDevice s) {
-        mfs::SGDSettings settings{momentum, weight_decay, dampening, nesterov};
+        mfs::SGDSettings settings{
+            momentum, weight_decay, dampening, nesterov, maximize, grad_scale};
         auto r = step ? mfs::sgd_update_many_scheduled(
                             params,
                             grads,
@@ -372,5 +408,7 @@ computed in the kernel from the integer ``step`` counter.)");
       "weight_decay"_a = 0.0,
       "dampening"_a = 0.0,
       "nesterov"_a = false,
+      "maximize"_a = false,
+      "grad_scale"_a = nb::none(),
       "stream"_a = nb::none());
 }

@@ -24,7 +24,7 @@ namespace mlx_fused_sgd {
 namespace cpu_kernel {
 namespace {
 
-template <typename T, bool WD, bool M, bool D, bool N>
+template <typename T, bool WD, bool M, bool D, bool N, bool S>
 MFS_LOOP_INLINE void sgd_one(
     const T* p,
     const T* g,
@@ -38,7 +38,7 @@ MFS_LOOP_INLINE void sgd_one(
     float lr,
     math::SGDHyper h) {
   float vi = M ? static_cast<float>(v[iv]) : 0.0f;
-  auto r = math::sgd_update_element<WD, M, D, N>(
+  auto r = math::sgd_update_element<WD, M, D, N, S>(
       static_cast<float>(p[ip]), static_cast<float>(g[ig]), vi, lr, h);
   p_out[io] = static_cast<T>(r.param);
   if (M) {
@@ -49,7 +49,7 @@ MFS_LOOP_INLINE void sgd_one(
 // Contiguous loop. Outputs may alias their inputs (donated buffers), so each
 // block is loaded into locals, updated, then stored: the compiler vectorizes
 // the fixed-width inner loops without runtime alias checks.
-template <typename T, bool WD, bool M, bool D, bool N>
+template <typename T, bool WD, bool M, bool D, bool N, bool S>
 void sgd_contiguous(
     const T* p,
     const T* g,
@@ -70,7 +70,7 @@ void sgd_contiguous(
     }
     for (int j = 0; j < W; ++j) {
       auto r =
-          math::sgd_update_element<WD, M, D, N>(pb[j], gb[j], vb[j], lr, h);
+          math::sgd_update_element<WD, M, D, N, S>(pb[j], gb[j], vb[j], lr, h);
       pb[j] = r.param;
       vb[j] = r.velocity;
     }
@@ -84,12 +84,12 @@ void sgd_contiguous(
     }
   }
   for (; i < size; ++i) {
-    sgd_one<T, WD, M, D, N>(p, g, v, p_out, v_out, i, i, i, i, lr, h);
+    sgd_one<T, WD, M, D, N, S>(p, g, v, p_out, v_out, i, i, i, i, lr, h);
   }
 }
 
 // Updates elements [begin, end) of one tensor.
-template <typename T, bool WD, bool M, bool D, bool N>
+template <typename T, bool WD, bool M, bool D, bool N, bool S>
 void sgd_tensor_range(
     const TensorPointers& t,
     int64_t begin,
@@ -102,7 +102,7 @@ void sgd_tensor_range(
   auto p_out = static_cast<T*>(t.param_out);
   auto v_out = static_cast<T*>(t.velocity_out);
   if (t.contiguous) {
-    sgd_contiguous<T, WD, M, D, N>(
+    sgd_contiguous<T, WD, M, D, N, S>(
         p + begin,
         g + begin,
         M ? v + begin : v,
@@ -118,7 +118,7 @@ void sgd_tensor_range(
     int64_t ip = elem_to_loc(i, t.shape, t.param_strides);
     int64_t ig = elem_to_loc(i, t.shape, t.grad_strides);
     int64_t iv = M ? elem_to_loc(i, t.shape, t.velocity_strides) : 0;
-    sgd_one<T, WD, M, D, N>(p, g, v, p_out, v_out, ip, ig, iv, i, lr, h);
+    sgd_one<T, WD, M, D, N, S>(p, g, v, p_out, v_out, ip, ig, iv, i, lr, h);
   }
 #endif
 }
@@ -131,23 +131,28 @@ void update_typed(
     int64_t end,
     float lr,
     math::SGDHyper h) {
-  auto run = [&]<bool WD>() {
+  auto run = [&]<bool WD, bool S>() {
     if (!key.momentum) {
-      return sgd_tensor_range<T, WD, false, false, false>(t, begin, end, lr, h);
+      return sgd_tensor_range<T, WD, false, false, false, S>(
+          t, begin, end, lr, h);
     }
     if (key.nesterov) {
-      return key.dampening ? sgd_tensor_range<T, WD, true, true, true>(
+      return key.dampening ? sgd_tensor_range<T, WD, true, true, true, S>(
                                  t, begin, end, lr, h)
-                           : sgd_tensor_range<T, WD, true, false, true>(
+                           : sgd_tensor_range<T, WD, true, false, true, S>(
                                  t, begin, end, lr, h);
     }
-    return key.dampening ? sgd_tensor_range<T, WD, true, true, false>(
+    return key.dampening ? sgd_tensor_range<T, WD, true, true, false, S>(
                                t, begin, end, lr, h)
-                         : sgd_tensor_range<T, WD, true, false, false>(
+                         : sgd_tensor_range<T, WD, true, false, false, S>(
                                t, begin, end, lr, h);
   };
-  return key.weight_decay ? run.template operator()<true>()
-                          : run.template operator()<false>();
+  auto with_wd = [&]<bool S>() {
+    return key.weight_decay ? run.template operator()<true, S>()
+                            : run.template operator()<false, S>();
+  };
+  return key.scale_grad ? with_wd.template operator()<true>()
+                        : with_wd.template operator()<false>();
 }
 
 } // namespace

@@ -49,6 +49,7 @@ struct KernelKey {
   bool momentum;
   bool dampening;
   bool nesterov;
+  bool scale_grad;
 };
 
 // Updates elements [begin, end) of one tensor.

@@ -110,19 +110,21 @@ mx::array check_tensor(
   return mx::broadcast_to(grad, param.shape(), s);
 }
 
-mx::array check_learning_rate(const mx::array& lr, mx::StreamOrDevice s) {
-  if (lr.size() != 1) {
+// A real scalar array as the float32 0-d array the kernels read.
+mx::array
+check_real_scalar(const mx::array& x, const char* name, mx::StreamOrDevice s) {
+  if (x.size() != 1) {
     throw std::invalid_argument(
-        "learning_rate must be a scalar, but got an array of shape " +
-        shape_str(lr.shape()) + ".");
+        std::string(name) + " must be a scalar, but got an array of shape " +
+        shape_str(x.shape()) + ".");
   }
-  if (!mx::issubdtype(lr.dtype(), mx::integer) &&
-      !mx::issubdtype(lr.dtype(), mx::floating)) {
+  if (!mx::issubdtype(x.dtype(), mx::integer) &&
+      !mx::issubdtype(x.dtype(), mx::floating)) {
     throw std::invalid_argument(
-        "learning_rate must be a real number, but got dtype " +
-        dtype_name(lr.dtype()) + ".");
+        std::string(name) + " must be a real number, but got dtype " +
+        dtype_name(x.dtype()) + ".");
   }
-  auto out = lr.dtype() == mx::float32 ? lr : mx::astype(lr, mx::float32, s);
+  auto out = x.dtype() == mx::float32 ? x : mx::astype(x, mx::float32, s);
   return out.ndim() == 0 ? out : mx::reshape(out, {}, s);
 }
 
@@ -135,16 +137,23 @@ SGDResult sgd_update_composed(
     const std::vector<mx::array>& velocities,
     const mx::array& lr_input,
     const std::optional<StepDecay>& schedule,
+    const mx::array& grad_scale,
     const SGDVariant& v,
     mx::StreamOrDevice s) {
   auto lr =
       schedule ? step_decay_lr_composed(lr_input, *schedule, s) : lr_input;
   auto scalar = [](float x) { return mx::array(x); };
+  // Negating the divisor negates the quotient exactly (maximize).
+  auto divisor =
+      v.maximize ? mx::multiply(grad_scale, scalar(-1.0f), s) : grad_scale;
   SGDResult result;
   for (size_t i = 0; i < params.size(); ++i) {
     auto dtype = params[i].dtype();
     auto p = mx::astype(params[i], mx::float32, s);
     auto g = mx::astype(grads[i], mx::float32, s);
+    if (v.scale_grad) {
+      g = mx::divide(g, divisor, s);
+    }
     if (v.weight_decay) {
       g = mx::add(g, mx::multiply(scalar(v.hyper.weight_decay), p, s), s);
     }
@@ -201,7 +210,13 @@ SGDResult sgd_update_impl(
       settings.momentum,
       settings.weight_decay,
       settings.dampening,
-      settings.nesterov);
+      settings.nesterov,
+      settings.grad_scale.has_value(),
+      settings.maximize);
+  const auto grad_scale =
+      settings.grad_scale
+          ? check_real_scalar(*settings.grad_scale, "grad_scale", s)
+          : mx::array(1.0f);
   const bool have_velocities = !velocities.empty();
   if (have_velocities && velocities.size() != n) {
     throw std::invalid_argument(
@@ -226,7 +241,14 @@ SGDResult sgd_update_impl(
   auto stream = mx::to_stream(s);
   if (use_fallback || !has_fused_kernel(stream)) {
     return sgd_update_composed(
-        params, checked_grads, velocities, lr_input, schedule, variant, stream);
+        params,
+        checked_grads,
+        velocities,
+        lr_input,
+        schedule,
+        grad_scale,
+        variant,
+        stream);
   }
 
   SGDResult result;
@@ -250,7 +272,7 @@ SGDResult sgd_update_impl(
       std::vector<mx::array> inputs;
       std::vector<mx::Shape> shapes;
       std::vector<mx::Dtype> dtypes;
-      inputs.reserve(3 * count + 1);
+      inputs.reserve(3 * count + 2);
       for (size_t k = start; k < end; ++k) {
         inputs.push_back(params[indices[k]]);
       }
@@ -266,6 +288,9 @@ SGDResult sgd_update_impl(
         }
       }
       inputs.push_back(lr_input);
+      if (variant.scale_grad) {
+        inputs.push_back(grad_scale);
+      }
       const int outputs_per_tensor = variant.momentum ? 2 : 1;
       for (int o = 0; o < outputs_per_tensor; ++o) {
         for (size_t k = start; k < end; ++k) {
@@ -300,7 +325,7 @@ SGDResult sgd_update_many(
     int tensors_per_primitive,
     mx::StreamOrDevice s,
     bool use_fallback) {
-  auto lr = check_learning_rate(learning_rate, s);
+  auto lr = check_real_scalar(learning_rate, "learning_rate", s);
   return sgd_update_impl(
       params,
       grads,
@@ -522,22 +547,33 @@ void SGDUpdate::eval_cpu(
     tensors.push_back(std::move(t));
   }
 
-  const auto& lr_input = inputs.back();
+  const auto& lr_input = inputs[lr_index()];
   encoder.set_input_array(lr_input);
   const void* lr_ptr = lr_input.data<void>();
+  const float* scale_ptr = nullptr;
+  if (variant_.scale_grad) {
+    encoder.set_input_array(inputs.back());
+    scale_ptr = inputs.back().data<float>();
+  }
   const cpu_kernel::KernelKey key{
       cpu_kernel::dtype_code(inputs[0].dtype()),
       variant_.weight_decay,
       variant_.momentum,
       variant_.dampening,
-      variant_.nesterov};
+      variant_.nesterov,
+      variant_.scale_grad};
   encoder.dispatch([tensors = std::move(tensors),
                     key,
                     lr_ptr,
+                    scale_ptr,
                     schedule = schedule_,
-                    hyper = variant_.hyper]() {
-    // The learning rate is read when the task runs, after the ops that
-    // produce it (the schedule or the step counter) have run.
+                    variant = variant_]() {
+    // The learning rate and the loss scale are read when the task runs,
+    // after the ops that produce them have run.
+    auto hyper = variant.hyper;
+    if (scale_ptr != nullptr) {
+      hyper.grad_divisor = variant.grad_divisor(*scale_ptr);
+    }
     float lr;
     if (schedule) {
       lr = math::step_decay_lr<uint64_t>(
@@ -564,7 +600,9 @@ void SGDUpdate::eval_gpu(
   auto& d = mx::metal::device(s.device);
   auto* lib = d.get_library(kMetalLibraryName, extension_dir());
   auto& encoder = mx::metal::get_command_encoder(s);
-  const auto& lr_input = inputs.back();
+  const auto& lr_input = inputs[lr_index()];
+  // Without a divisor the slot gets a valid buffer the kernel ignores.
+  const auto& scale_input = inputs.back();
   const launch::FusedSchedule fused{
       schedule_.has_value(),
       schedule_ ? schedule_->init : 0.0,
@@ -597,6 +635,7 @@ void SGDUpdate::eval_gpu(
     encoder.set_input_array(lr_input, launch::kLearningRate);
     encoder.set_input_array(lr_input, launch::kStep);
     encoder.set_bytes(plan.args, launch::kSGDArgs);
+    encoder.set_input_array(scale_input, launch::kGradScale);
     if (!contiguous) {
       encoder.set_vector_bytes(p.shape(), launch::kShape);
       encoder.set_vector_bytes(p.strides(), launch::kParamStrides);
@@ -662,7 +701,8 @@ void SGDUpdate::check_layout(
     const std::vector<mx::array>& inputs,
     const std::vector<mx::array>& outputs) const {
   const size_t per_tensor = variant_.momentum ? 3 : 2;
-  if (inputs.size() != per_tensor * num_tensors_ + 1 ||
+  const size_t scalars = variant_.scale_grad ? 2 : 1;
+  if (inputs.size() != per_tensor * num_tensors_ + scalars ||
       outputs.size() != (per_tensor - 1) * num_tensors_) {
     throw std::runtime_error(
         "mlx_fused_sgd: SGDUpdate was asked to evaluate with " +

@@ -23,6 +23,10 @@ struct SGDSettings {
   double weight_decay = 0.0;
   double dampening = 0.0;
   bool nesterov = false;
+  // PyTorch's meaning: step up the gradient (it is negated first).
+  bool maximize = false;
+  // Loss scale: the gradient is divided by this scalar first (on device).
+  std::optional<mx::array> grad_scale;
 
   // Throws std::invalid_argument naming the bad hyperparameter.
   void validate() const;
@@ -74,7 +78,8 @@ SGDResult sgd_update_many_scheduled(
 
 // Inputs:  params[n], grads[n], velocities[n] (momentum only), then one
 //          scalar: the float32 learning rate, or the uint64 step counter when
-//          a step-decay schedule is fused in.
+//          a step-decay schedule is fused in; then, with grad_scale or
+//          maximize, the float32 grad_scale scalar (1 if not given).
 // Outputs: params[n], velocities[n] (momentum only).
 class SGDUpdate : public mx::Primitive {
  public:
@@ -117,6 +122,10 @@ class SGDUpdate : public mx::Primitive {
   void check_layout(
       const std::vector<mx::array>& inputs,
       const std::vector<mx::array>& outputs) const;
+  // Index of the learning-rate (or step) input.
+  size_t lr_index() const {
+    return (variant_.momentum ? 3 : 2) * num_tensors_;
+  }
 
   int num_tensors_;
   SGDVariant variant_;

@@ -33,6 +33,7 @@ MFS_CONSTANT constexpr int kShape = 8; // general kernels only
 MFS_CONSTANT constexpr int kParamStrides = 9;
 MFS_CONSTANT constexpr int kGradStrides = 10;
 MFS_CONSTANT constexpr int kVelocityStrides = 11;
+MFS_CONSTANT constexpr int kGradScale = 12; // float32 scalar (kScaleGrad)
 
 // Buffer slots of the step-decay kernels.
 MFS_CONSTANT constexpr int kStepIn = 0;
@@ -53,6 +54,7 @@ struct SGDArgs {
   float decay_rate;      // float32(decay_rate), when scheduled
   int32_t scheduled;     // 1: lr from the step counter; 0: from kLearningRate
   int32_t ndim;          // general kernels
+  int32_t maximize;      // 1: the gradient is negated (kScaleGrad kernels)
 };
 
 struct StepDecayArgs {
@@ -73,25 +75,42 @@ struct SGDVariant {
   bool momentum;
   bool dampening;
   bool nesterov;
+  bool scale_grad; // a grad_scale input, or maximize
+  bool maximize;
   math::SGDHyper hyper;
 
-  static SGDVariant
-  from(double momentum, double weight_decay, double dampening, bool nesterov) {
+  static SGDVariant from(
+      double momentum,
+      double weight_decay,
+      double dampening,
+      bool nesterov,
+      bool has_grad_scale = false,
+      bool maximize = false) {
     SGDVariant v;
     v.weight_decay = weight_decay != 0;
     v.momentum = momentum > 0;
     v.dampening = v.momentum && dampening > 0;
     v.nesterov = v.momentum && nesterov;
+    v.scale_grad = has_grad_scale || maximize;
+    v.maximize = maximize;
     v.hyper.weight_decay = static_cast<float>(weight_decay);
     v.hyper.momentum = static_cast<float>(momentum);
     // Stock computes (1 - dampening) on Python floats, then rounds once.
     v.hyper.dampening_scale = static_cast<float>(1.0 - dampening);
+    // Set when a launch runs, from the grad_scale read on the device.
+    v.hyper.grad_divisor = 1.0f;
     return v;
+  }
+
+  // The divisor of a launch: the loss scale, negated for maximize (exact).
+  float grad_divisor(float grad_scale) const {
+    return maximize ? -grad_scale : grad_scale;
   }
 
   bool operator==(const SGDVariant& o) const {
     return weight_decay == o.weight_decay && momentum == o.momentum &&
            dampening == o.dampening && nesterov == o.nesterov &&
+           scale_grad == o.scale_grad && maximize == o.maximize &&
            hyper.weight_decay == o.hyper.weight_decay &&
            hyper.momentum == o.hyper.momentum &&
            hyper.dampening_scale == o.hyper.dampening_scale;
@@ -123,7 +142,8 @@ inline SGDPlan plan_sgd(
   SGDPlan plan;
   plan.name = contiguous ? "sgd_contiguous_" : "sgd_general_";
   plan.name += dtype + "_";
-  for (bool flag : {v.weight_decay, v.momentum, v.dampening, v.nesterov}) {
+  for (bool flag :
+       {v.weight_decay, v.momentum, v.dampening, v.nesterov, v.scale_grad}) {
     plan.name += flag ? '1' : '0';
   }
   plan.threads =
@@ -137,6 +157,7 @@ inline SGDPlan plan_sgd(
   plan.args.decay_rate = static_cast<float>(schedule.decay_rate);
   plan.args.scheduled = schedule.enabled ? 1 : 0;
   plan.args.ndim = ndim;
+  plan.args.maximize = v.maximize ? 1 : 0;
   return plan;
 }
 

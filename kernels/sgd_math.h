@@ -54,6 +54,9 @@ struct SGDHyper {
   float weight_decay;
   float momentum;
   float dampening_scale;
+  // The gradient is divided by this first (kScaleGrad only): the loss scale,
+  // negated for maximize (g / -s == -(g / s) exactly).
+  float grad_divisor;
 };
 
 struct ParamVelocity {
@@ -66,9 +69,19 @@ struct ParamVelocity {
 // compile time, mirroring stock's Python branches:
 //   kWeightDecay: weight_decay != 0      kMomentum: momentum > 0
 //   kDampening:   dampening > 0          kNesterov: nesterov
-template <bool kWeightDecay, bool kMomentum, bool kDampening, bool kNesterov>
+//   kScaleGrad:   grad_scale given or maximize (PyTorch's order: the
+//                 gradient is scaled and negated before weight decay)
+template <
+    bool kWeightDecay,
+    bool kMomentum,
+    bool kDampening,
+    bool kNesterov,
+    bool kScaleGrad>
 MFS_INLINE ParamVelocity
 sgd_update_element(float p, float g, float v, float lr, SGDHyper h) {
+  if (kScaleGrad) {
+    g = g / h.grad_divisor;
+  }
   if (kWeightDecay) {
     float decay = h.weight_decay * p;
     g = g + decay;

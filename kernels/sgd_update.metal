@@ -23,11 +23,20 @@ inline float launch_learning_rate(
   return lr[0];
 }
 
-inline math::SGDHyper launch_hyper(constant const launch::SGDArgs& args) {
+// The float32 constants of this launch; the gradient divisor (loss scale,
+// negated for maximize) is read from its buffer only by kScaleGrad kernels.
+template <bool S>
+inline math::SGDHyper launch_hyper(
+    constant const launch::SGDArgs& args,
+    device const float* grad_scale) {
   math::SGDHyper h;
   h.weight_decay = args.weight_decay;
   h.momentum = args.momentum;
   h.dampening_scale = args.dampening_scale;
+  h.grad_divisor = 1.0f;
+  if (S) {
+    h.grad_divisor = args.maximize ? -grad_scale[0] : grad_scale[0];
+  }
   return h;
 }
 
@@ -35,7 +44,7 @@ inline uint64_t linear_thread(uint2 gid, uint2 grid) {
   return uint64_t(gid.x) + uint64_t(grid.x) * uint64_t(gid.y);
 }
 
-template <typename T, bool WD, bool M, bool D, bool N>
+template <typename T, bool WD, bool M, bool D, bool N, bool S>
 inline void update_one(
     device const T* param,
     device const T* grad,
@@ -49,7 +58,7 @@ inline void update_one(
     float lr,
     math::SGDHyper h) {
   float v = M ? static_cast<float>(velocity[iv]) : 0.0f;
-  math::ParamVelocity r = math::sgd_update_element<WD, M, D, N>(
+  math::ParamVelocity r = math::sgd_update_element<WD, M, D, N, S>(
       static_cast<float>(param[ip]), static_cast<float>(grad[ig]), v, lr, h);
   param_out[io] = static_cast<T>(r.param);
   if (M) {
@@ -58,7 +67,7 @@ inline void update_one(
 }
 
 // Row-contiguous param, grad and velocity: kWorkPerThread elements a thread.
-template <typename T, bool WD, bool M, bool D, bool N>
+template <typename T, bool WD, bool M, bool D, bool N, bool S>
 [[kernel]] void sgd_contiguous(
     device const T* param [[buffer(launch::kParam)]],
     device const T* grad [[buffer(launch::kGrad)]],
@@ -68,6 +77,7 @@ template <typename T, bool WD, bool M, bool D, bool N>
     device const float* lr [[buffer(launch::kLearningRate)]],
     device const uint64_t* step [[buffer(launch::kStep)]],
     constant const launch::SGDArgs& args [[buffer(launch::kSGDArgs)]],
+    device const float* grad_scale [[buffer(launch::kGradScale)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid [[threads_per_grid]]) {
   int64_t begin = int64_t(linear_thread(gid, grid)) * launch::kWorkPerThread;
@@ -75,16 +85,16 @@ template <typename T, bool WD, bool M, bool D, bool N>
     return;
   }
   float rate = launch_learning_rate(lr, step, args);
-  math::SGDHyper h = launch_hyper(args);
+  math::SGDHyper h = launch_hyper<S>(args, grad_scale);
   if (begin + launch::kWorkPerThread <= args.size) {
     for (int k = 0; k < launch::kWorkPerThread; ++k) {
       int64_t i = begin + k;
-      update_one<T, WD, M, D, N>(
+      update_one<T, WD, M, D, N, S>(
           param, grad, velocity, param_out, velocity_out, i, i, i, i, rate, h);
     }
   } else {
     for (int64_t i = begin; i < args.size; ++i) {
-      update_one<T, WD, M, D, N>(
+      update_one<T, WD, M, D, N, S>(
           param, grad, velocity, param_out, velocity_out, i, i, i, i, rate, h);
     }
   }
@@ -105,7 +115,7 @@ inline int64_t strided_offset(
 
 // Any strides (transposed, sliced or broadcast inputs): one element a thread,
 // outputs written row-contiguous.
-template <typename T, bool WD, bool M, bool D, bool N>
+template <typename T, bool WD, bool M, bool D, bool N, bool S>
 [[kernel]] void sgd_general(
     device const T* param [[buffer(launch::kParam)]],
     device const T* grad [[buffer(launch::kGrad)]],
@@ -120,6 +130,7 @@ template <typename T, bool WD, bool M, bool D, bool N>
     constant const int64_t* grad_strides [[buffer(launch::kGradStrides)]],
     constant const int64_t* velocity_strides
     [[buffer(launch::kVelocityStrides)]],
+    device const float* grad_scale [[buffer(launch::kGradScale)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid [[threads_per_grid]]) {
   int64_t i = int64_t(linear_thread(gid, grid));
@@ -130,7 +141,7 @@ template <typename T, bool WD, bool M, bool D, bool N>
   int64_t ip = strided_offset(i, shape, param_strides, args.ndim);
   int64_t ig = strided_offset(i, shape, grad_strides, args.ndim);
   int64_t iv = M ? strided_offset(i, shape, velocity_strides, args.ndim) : 0;
-  update_one<T, WD, M, D, N>(
+  update_one<T, WD, M, D, N, S>(
       param,
       grad,
       velocity,
@@ -141,7 +152,7 @@ template <typename T, bool WD, bool M, bool D, bool N>
       iv,
       i,
       rate,
-      launch_hyper(args));
+      launch_hyper<S>(args, grad_scale));
 }
 
 // Instantiation by name. The Linux harness defines MFS_INSTANTIATE to record
@@ -151,11 +162,30 @@ template <typename T, bool WD, bool M, bool D, bool N>
   template [[host_name(name)]] [[kernel]] decltype(func<__VA_ARGS__>) func<__VA_ARGS__>;
 #endif
 
-#define MFS_SGD_VARIANT(dtype, T, wd, m, d, n)                                 \
-  MFS_INSTANTIATE(                                                             \
-      "sgd_contiguous_" #dtype "_" #wd #m #d #n, sgd_contiguous, T, wd, m, d, n) \
-  MFS_INSTANTIATE(                                                             \
-      "sgd_general_" #dtype "_" #wd #m #d #n, sgd_general, T, wd, m, d, n)
+#define MFS_SGD_VARIANT_S(dtype, T, wd, m, d, n, s)  \
+  MFS_INSTANTIATE(                                    \
+      "sgd_contiguous_" #dtype "_" #wd #m #d #n #s,   \
+      sgd_contiguous,                                 \
+      T,                                              \
+      wd,                                             \
+      m,                                              \
+      d,                                              \
+      n,                                              \
+      s)                                              \
+  MFS_INSTANTIATE(                                    \
+      "sgd_general_" #dtype "_" #wd #m #d #n #s,      \
+      sgd_general,                                    \
+      T,                                              \
+      wd,                                             \
+      m,                                              \
+      d,                                              \
+      n,                                              \
+      s)
+
+// Without and with a gradient divisor (grad_scale or maximize).
+#define MFS_SGD_VARIANT(dtype, T, wd, m, d, n) \
+  MFS_SGD_VARIANT_S(dtype, T, wd, m, d, n, 0)  \
+  MFS_SGD_VARIANT_S(dtype, T, wd, m, d, n, 1)
 
 // Nesterov with dampening is refused by validation, so never launched.
 #define MFS_SGD_WD(dtype, T, wd)            \

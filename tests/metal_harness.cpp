@@ -23,12 +23,12 @@ bool record(const char* name, void* fn) {
 
 #define MFS_CAT2(a, b) a##b
 #define MFS_CAT(a, b) MFS_CAT2(a, b)
-#define MFS_INSTANTIATE(name, func, ...)                       \
-  static const bool MFS_CAT(mfs_registered_, __COUNTER__) =   \
+#define MFS_INSTANTIATE(name, func, ...)                                       \
+  static const bool MFS_CAT(mfs_registered_, __COUNTER__) =                    \
       record(name, reinterpret_cast<void*>(&func<__VA_ARGS__>));
 
-#include "kernels/step_decay.metal"
 #include "kernels/sgd_update.metal"
+#include "kernels/step_decay.metal"
 
 namespace launch = mlx_fused_sgd::launch;
 
@@ -37,14 +37,12 @@ namespace launch = mlx_fused_sgd::launch;
 // memory.
 constexpr uint64_t kMaxThreadsPerGroup = 1024;
 
-template <typename F>
-F* lookup(const std::string& name) {
+template <typename F> F* lookup(const std::string& name) {
   auto it = registry().find(name);
   return it == registry().end() ? nullptr : reinterpret_cast<F*>(it->second);
 }
 
-template <typename Call>
-void run_grid(int64_t threads, Call call) {
+template <typename Call> void run_grid(int64_t threads, Call call) {
   auto g = launch::make_grid(threads, kMaxThreadsPerGroup);
   uint2 grid{static_cast<uint>(g.x), static_cast<uint>(g.y)};
   for (uint64_t y = 0; y < g.y; ++y) {
@@ -66,6 +64,7 @@ int run_sgd_typed(
     void* velocity_out,
     const float* lr,
     const uint64_t* step,
+    const float* grad_scale,
     const int* shape,
     const int64_t* param_strides,
     const int64_t* grad_strides,
@@ -82,27 +81,61 @@ int run_sgd_typed(
   }
   if (contiguous) {
     using F = void(
-        const T*, const T*, const T*, T*, T*, const float*, const uint64_t*,
-        const launch::SGDArgs&, uint2, uint2);
+        const T*,
+        const T*,
+        const T*,
+        T*,
+        T*,
+        const float*,
+        const uint64_t*,
+        const launch::SGDArgs&,
+        const float*,
+        uint2,
+        uint2);
     auto fn = lookup<F>(plan.name);
     if (!fn) {
       return 1;
     }
     run_grid(plan.threads, [&](uint2 gid, uint2 grid) {
-      fn(p, g, v, po, vo, lr, step, plan.args, gid, grid);
+      fn(p, g, v, po, vo, lr, step, plan.args, grad_scale, gid, grid);
     });
   } else {
     using F = void(
-        const T*, const T*, const T*, T*, T*, const float*, const uint64_t*,
-        const launch::SGDArgs&, const int*, const int64_t*, const int64_t*,
-        const int64_t*, uint2, uint2);
+        const T*,
+        const T*,
+        const T*,
+        T*,
+        T*,
+        const float*,
+        const uint64_t*,
+        const launch::SGDArgs&,
+        const int*,
+        const int64_t*,
+        const int64_t*,
+        const int64_t*,
+        const float*,
+        uint2,
+        uint2);
     auto fn = lookup<F>(plan.name);
     if (!fn) {
       return 1;
     }
     run_grid(plan.threads, [&](uint2 gid, uint2 grid) {
-      fn(p, g, v, po, vo, lr, step, plan.args, shape, param_strides,
-         grad_strides, velocity_strides, gid, grid);
+      fn(p,
+         g,
+         v,
+         po,
+         vo,
+         lr,
+         step,
+         plan.args,
+         shape,
+         param_strides,
+         grad_strides,
+         velocity_strides,
+         grad_scale,
+         gid,
+         grid);
     });
   }
   return 0;
@@ -118,7 +151,8 @@ int run_step_decay_typed(
     const int64_t* strides) {
   auto s = static_cast<const I*>(step);
   if (contiguous) {
-    using F = void(const I*, float*, const launch::StepDecayArgs&, uint2, uint2);
+    using F =
+        void(const I*, float*, const launch::StepDecayArgs&, uint2, uint2);
     auto fn = lookup<F>(plan.name);
     if (!fn) {
       return 1;
@@ -128,8 +162,13 @@ int run_step_decay_typed(
     });
   } else {
     using F = void(
-        const I*, float*, const launch::StepDecayArgs&, const int*,
-        const int64_t*, uint2, uint2);
+        const I*,
+        float*,
+        const launch::StepDecayArgs&,
+        const int*,
+        const int64_t*,
+        uint2,
+        uint2);
     auto fn = lookup<F>(plan.name);
     if (!fn) {
       return 1;
@@ -155,6 +194,8 @@ int run_sgd(
     double weight_decay,
     double dampening,
     int nesterov,
+    int maximize,
+    int scaled,
     int scheduled,
     double init,
     double decay_rate,
@@ -172,9 +213,13 @@ int run_sgd(
     void* param_out,
     void* velocity_out,
     const float* lr,
-    const uint64_t* step) {
-  auto variant =
-      launch::SGDVariant::from(momentum, weight_decay, dampening, nesterov);
+    const uint64_t* step,
+    const float* grad_scale) {
+  auto variant = launch::SGDVariant::from(
+      momentum, weight_decay, dampening, nesterov, scaled != 0, maximize != 0);
+  // eval_gpu binds its last input to the grad_scale slot: the scale when
+  // there is one, else the learning rate (never read).
+  const float* scale_slot = variant.scale_grad ? grad_scale : lr;
   auto plan = launch::plan_sgd(
       dtype,
       contiguous,
@@ -185,13 +230,28 @@ int run_sgd(
   std::string d = dtype;
   auto run = [&]<typename T>() {
     return run_sgd_typed<T>(
-        plan, contiguous, variant.momentum, param, grad, velocity, param_out,
-        velocity_out, lr, step, shape, param_strides, grad_strides,
+        plan,
+        contiguous,
+        variant.momentum,
+        param,
+        grad,
+        velocity,
+        param_out,
+        velocity_out,
+        lr,
+        step,
+        scale_slot,
+        shape,
+        param_strides,
+        grad_strides,
         velocity_strides);
   };
-  if (d == "float32") return run.template operator()<float>();
-  if (d == "float16") return run.template operator()<half>();
-  if (d == "bfloat16") return run.template operator()<bfloat>();
+  if (d == "float32")
+    return run.template operator()<float>();
+  if (d == "float16")
+    return run.template operator()<half>();
+  if (d == "bfloat16")
+    return run.template operator()<bfloat>();
   return 2;
 }
 
@@ -213,14 +273,22 @@ int run_step_decay(
   auto run = [&]<typename I>() {
     return run_step_decay_typed<I>(plan, contiguous, step, out, shape, strides);
   };
-  if (d == "int8") return run.template operator()<int8_t>();
-  if (d == "int16") return run.template operator()<int16_t>();
-  if (d == "int32") return run.template operator()<int32_t>();
-  if (d == "int64") return run.template operator()<int64_t>();
-  if (d == "uint8") return run.template operator()<uint8_t>();
-  if (d == "uint16") return run.template operator()<uint16_t>();
-  if (d == "uint32") return run.template operator()<uint32_t>();
-  if (d == "uint64") return run.template operator()<uint64_t>();
+  if (d == "int8")
+    return run.template operator()<int8_t>();
+  if (d == "int16")
+    return run.template operator()<int16_t>();
+  if (d == "int32")
+    return run.template operator()<int32_t>();
+  if (d == "int64")
+    return run.template operator()<int64_t>();
+  if (d == "uint8")
+    return run.template operator()<uint8_t>();
+  if (d == "uint16")
+    return run.template operator()<uint16_t>();
+  if (d == "uint32")
+    return run.template operator()<uint32_t>();
+  if (d == "uint64")
+    return run.template operator()<uint64_t>();
   return 2;
 }
 

@@ -18,6 +18,9 @@ VARIANTS = [
     dict(momentum=0.9, weight_decay=0.01),
     dict(momentum=0.7, dampening=0.25, weight_decay=0.02),
     dict(momentum=0.9, nesterov=True, weight_decay=0.003),
+    dict(momentum=0.9, maximize=True),
+    dict(weight_decay=0.01, grad_scale=mx.array(1024.0)),
+    dict(momentum=0.7, dampening=0.25, maximize=True, grad_scale=mx.array(3.0)),
 ]
 
 

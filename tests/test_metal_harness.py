@@ -36,11 +36,31 @@ VARIANTS = [
     dict(momentum=0.7, weight_decay=0.02, dampening=0.25, nesterov=False),
     dict(momentum=0.9, weight_decay=0.0, dampening=0.0, nesterov=True),
     dict(momentum=0.9, weight_decay=0.003, dampening=0.0, nesterov=True),
+    dict(momentum=0.0, weight_decay=0.01, dampening=0.0, nesterov=False, maximize=True),
+    dict(
+        momentum=0.9, weight_decay=0.0, dampening=0.0, nesterov=False, grad_scale=1024.0
+    ),
+    dict(
+        momentum=0.7,
+        weight_decay=0.02,
+        dampening=0.25,
+        nesterov=False,
+        maximize=True,
+        grad_scale=3.0,
+    ),
+    dict(
+        momentum=0.9,
+        weight_decay=0.003,
+        dampening=0.0,
+        nesterov=True,
+        grad_scale=65536.0,
+    ),
 ]
 
 
 def _cfg_id(c):
-    return f"m{c['momentum']}-wd{c['weight_decay']}-d{c['dampening']}-n{int(c['nesterov'])}"
+    extra = f"-max{int(c.get('maximize', False))}-s{c.get('grad_scale')}"
+    return f"m{c['momentum']}-wd{c['weight_decay']}-d{c['dampening']}-n{int(c['nesterov'])}{extra}"
 
 
 SIZES = [1, 3, 4, 5, 7, 8, 9, 1023, 1025]
@@ -76,6 +96,8 @@ def build_harness(out_dir: Path, kernels_root: Path = ROOT) -> ctypes.CDLL:
         ctypes.c_double,
         ctypes.c_double,
         ctypes.c_int,
+        ctypes.c_int,  # maximize
+        ctypes.c_int,  # scaled
         ctypes.c_int,
         ctypes.c_double,
         ctypes.c_double,
@@ -83,6 +105,7 @@ def build_harness(out_dir: Path, kernels_root: Path = ROOT) -> ctypes.CDLL:
         ctypes.c_int,
         ctypes.c_int64,
         ctypes.c_int,
+        p,
         p,
         p,
         p,
@@ -179,6 +202,8 @@ def metal_sgd(h, param, grad, velocity, cfg, lr=None, step=None, schedule=None):
     shape_arr = np.array(shape, np.int32) if shape else np.zeros(1, np.int32)
     lr_arr = np.array([lr if lr is not None else 0.0], np.float32)
     step_arr = np.array([step if step is not None else 0], np.uint64)
+    scale = cfg.get("grad_scale")
+    scale_arr = np.array([scale if scale is not None else 1.0], np.float32)
     sched = schedule or mfs.step_decay(1.0, 1.0, 1)
     rc = h.run_sgd(
         str(dtype).split(".")[-1].encode(),
@@ -186,6 +211,8 @@ def metal_sgd(h, param, grad, velocity, cfg, lr=None, step=None, schedule=None):
         cfg["weight_decay"],
         cfg["dampening"],
         int(cfg["nesterov"]),
+        int(cfg.get("maximize", False)),
+        int(cfg.get("grad_scale") is not None),
         int(schedule is not None),
         float(sched.init),
         float(sched.decay_rate),
@@ -204,6 +231,7 @@ def metal_sgd(h, param, grad, velocity, cfg, lr=None, step=None, schedule=None):
         _ptr(out_v),
         _ptr(lr_arr),
         _ptr(step_arr),
+        _ptr(scale_arr),
     )
     assert rc == 0, f"kernel for {dtype} {cfg} not instantiated (rc {rc})"
 
@@ -269,9 +297,10 @@ def test_general_kernel_matches_cpu(harness, dtype, cfg):
 
 
 def test_every_instantiated_kernel_is_one_eval_gpu_can_launch(harness):
-    # 3 dtypes x 8 variants x {contiguous, general} + 8 step dtypes x 2; each
-    # one is run by the tests above (a missing name makes them fail).
-    assert harness.harness_kernel_count() == 3 * 8 * 2 + 8 * 2
+    # 3 dtypes x 8 variants x {no divisor, divisor} x {contiguous, general}
+    # + 8 step dtypes x 2; each one is run by the tests above (a missing name
+    # makes them fail).
+    assert harness.harness_kernel_count() == 3 * 8 * 2 * 2 + 8 * 2
 
 
 STEP_DTYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]

@@ -175,6 +175,9 @@ def test_close_to_float64_reference_in_every_dtype(case, lr):
     f32_slack = (
         8 * 2.0**-24 * (1 + abs(kw["weight_decay"])) * sum(np.abs(a) for a in f64)
     )
+    # Near zero, float32's gradual underflow errs by up to half the smallest
+    # subnormal (2^-150) per operation, whatever the inputs' size.
+    f32_slack = f32_slack + 8 * 2.0**-150
     if mx.default_device() == mx.gpu:
         f32_slack = f32_slack * GPU_ULP_TOLERANCE
     pairs = [(new_p, ref_p)] + ([(new_v, ref_v)] if kw["momentum"] > 0 else [])

@@ -20,7 +20,7 @@ if _mx.__version__ != _MLX_BUILD_VERSION:
         f"mlx=={_MLX_BUILD_VERSION}."
     )
 
-from . import _ext  # noqa: E402
+from . import _ext  # noqa: E402, F401  (the compiled module, for advanced use)
 from .functional import (  # noqa: E402
     sgd_update,
     sgd_update_many,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import mlx.core as mx
@@ -20,6 +21,22 @@ def _as_lr(learning_rate: float | mx.array) -> mx.array:
     raise TypeError(
         "learning_rate must be a float or a scalar mx.array, but got "
         f"{type(learning_rate).__name__}."
+    )
+
+
+def as_grad_scale(grad_scale: float | mx.array | None) -> mx.array | None:
+    """``grad_scale`` as the float32 scalar array the kernels divide by."""
+    if grad_scale is None or isinstance(grad_scale, mx.array):
+        return grad_scale
+    if isinstance(grad_scale, (int, float)) and not isinstance(grad_scale, bool):
+        if not math.isfinite(grad_scale) or grad_scale == 0:
+            raise ValueError(
+                f"grad_scale must be a finite nonzero number, but got {grad_scale}."
+            )
+        return mx.array(grad_scale, mx.float32)
+    raise TypeError(
+        "grad_scale must be a float, a scalar mx.array or None, but got "
+        f"{type(grad_scale).__name__}."
     )
 
 
@@ -43,6 +60,8 @@ def sgd_update(
     weight_decay: float = 0.0,
     dampening: float = 0.0,
     nesterov: bool = False,
+    maximize: bool = False,
+    grad_scale: float | mx.array | None = None,
     stream: StreamOrDevice = None,
 ) -> tuple[mx.array, mx.array | None]:
     """One fused SGD step of one tensor, as ``mlx.optimizers.SGD`` computes it.
@@ -57,6 +76,10 @@ def sgd_update(
             returned unchanged when ``momentum`` is 0.
         learning_rate: A float or a scalar array.
         momentum, weight_decay, dampening, nesterov: As ``optim.SGD``.
+        maximize: Step up the gradient (PyTorch's meaning: it is negated
+            before weight decay).
+        grad_scale: Loss scale: the gradient is divided by it first, inside
+            the kernel (a float, or a scalar array kept on the device).
         stream: Stream or device to run on.
 
     Returns:
@@ -71,6 +94,8 @@ def sgd_update(
         weight_decay=weight_decay,
         dampening=dampening,
         nesterov=nesterov,
+        maximize=maximize,
+        grad_scale=as_grad_scale(grad_scale),
         stream=stream,
     )
 
@@ -86,6 +111,8 @@ def sgd_update_scheduled(
     weight_decay: float = 0.0,
     dampening: float = 0.0,
     nesterov: bool = False,
+    maximize: bool = False,
+    grad_scale: float | mx.array | None = None,
     stream: StreamOrDevice = None,
 ) -> tuple[mx.array, mx.array | None]:
     """:func:`sgd_update` with the learning rate ``schedule(step)`` computed
@@ -104,6 +131,8 @@ def sgd_update_scheduled(
         weight_decay=weight_decay,
         dampening=dampening,
         nesterov=nesterov,
+        maximize=maximize,
+        grad_scale=as_grad_scale(grad_scale),
         stream=stream,
     )
 
@@ -118,6 +147,8 @@ def sgd_update_many(
     weight_decay: float = 0.0,
     dampening: float = 0.0,
     nesterov: bool = False,
+    maximize: bool = False,
+    grad_scale: float | mx.array | None = None,
     tensors_per_primitive: int = _ext.DEFAULT_TENSORS_PER_PRIMITIVE,
     stream: StreamOrDevice = None,
 ) -> tuple[list[mx.array], list[mx.array]]:
@@ -136,6 +167,8 @@ def sgd_update_many(
         weight_decay=weight_decay,
         dampening=dampening,
         nesterov=nesterov,
+        maximize=maximize,
+        grad_scale=as_grad_scale(grad_scale),
         tensors_per_primitive=tensors_per_primitive,
         stream=stream,
     )
@@ -152,6 +185,8 @@ def sgd_update_many_scheduled(
     weight_decay: float = 0.0,
     dampening: float = 0.0,
     nesterov: bool = False,
+    maximize: bool = False,
+    grad_scale: float | mx.array | None = None,
     tensors_per_primitive: int = _ext.DEFAULT_TENSORS_PER_PRIMITIVE,
     stream: StreamOrDevice = None,
 ) -> tuple[list[mx.array], list[mx.array]]:
@@ -170,6 +205,8 @@ def sgd_update_many_scheduled(
         weight_decay=weight_decay,
         dampening=dampening,
         nesterov=nesterov,
+        maximize=maximize,
+        grad_scale=as_grad_scale(grad_scale),
         tensors_per_primitive=tensors_per_primitive,
         stream=stream,
     )

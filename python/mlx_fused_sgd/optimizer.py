@@ -9,6 +9,7 @@ import mlx.core as mx
 from mlx.optimizers import Optimizer
 
 from . import _ext
+from .functional import as_grad_scale
 from .schedules import StepDecay
 
 _array = mx.array
@@ -135,6 +136,12 @@ class FusedSGD(Optimizer):
         dampening (float, optional): Dampening for momentum :math:`\tau`.
             Default: ``0``
         nesterov (bool, optional): Enables Nesterov momentum. Default: ``False``
+        maximize (bool, optional): Maximize the objective (PyTorch's meaning:
+          the gradient is negated before weight decay). Default: ``False``
+        grad_scale (float or array, optional): Loss scale; every gradient is
+          divided by it inside the update kernel (an array stays on the
+          device, e.g. a dynamic loss scale). Settable between steps.
+          Default: ``None``
 
     The state holds ``step``, ``learning_rate`` and, when ``momentum > 0``,
     ``{"v": buffer}`` per parameter, exactly as stock SGD stores them, so
@@ -148,6 +155,8 @@ class FusedSGD(Optimizer):
         weight_decay: float = 0.0,
         dampening: float = 0.0,
         nesterov: bool = False,
+        maximize: bool = False,
+        grad_scale: float | mx.array | None = None,
     ) -> None:
         if nesterov and (momentum <= 0 or dampening != 0):
             # Same check and message as stock SGD.
@@ -163,6 +172,17 @@ class FusedSGD(Optimizer):
         self.weight_decay = weight_decay
         self.dampening = dampening
         self.nesterov = nesterov
+        self.maximize = bool(maximize)
+        self.grad_scale = grad_scale
+
+    @property
+    def grad_scale(self) -> mx.array | None:
+        """The loss scale the gradients are divided by (``None``: none)."""
+        return self._grad_scale
+
+    @grad_scale.setter
+    def grad_scale(self, grad_scale: float | mx.array | None) -> None:
+        self._grad_scale = as_grad_scale(grad_scale)
 
     @property
     def state(self) -> dict:
@@ -212,6 +232,8 @@ class FusedSGD(Optimizer):
             "weight_decay": float(self.weight_decay),
             "dampening": float(self.dampening),
             "nesterov": bool(self.nesterov),
+            "maximize": self.maximize,
+            "grad_scale": self._grad_scale,
         }
 
     def apply_single(
