@@ -34,8 +34,9 @@ def _loss(model, x, y, z):
     )
 
 
-def train_steps(model, optimizer, steps, key):
-    """`steps` training steps on generated data drawn from `key`."""
+def train_steps(model, optimizer, steps, key, transform=None):
+    """`steps` training steps on generated data drawn from `key`; the
+    gradients pass through `transform` first when one is given."""
     loss_and_grad = nn.value_and_grad(model, _loss)
     for _ in range(steps):
         key, k1, k2, k3 = mx.random.split(key, 4)
@@ -43,7 +44,7 @@ def train_steps(model, optimizer, steps, key):
         y = mx.random.randint(0, 3, (16,), key=k2)
         z = mx.random.normal((16,), key=k3)
         _, grads = loss_and_grad(model, x, y, z)
-        optimizer.update(model, grads)
+        optimizer.update(model, transform(grads) if transform else grads)
         mx.eval(model.parameters(), optimizer.state)
 
 
