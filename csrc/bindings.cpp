@@ -8,6 +8,7 @@
 
 #include "mlx/version.h"
 
+#include "grad_check.h"
 #include "sgd_cpu_kernel.h"
 #include "sgd_update.h"
 #include "step_decay.h"
@@ -82,6 +83,27 @@ NB_MODULE(_ext, m) {
       "Raise ValueError naming the first invalid step-decay number.");
 
   m.def(
+      "grads_nonfinite",
+      [](const std::vector<mx::array>& grads,
+         int tensors_per_primitive,
+         mx::StreamOrDevice s) {
+        return mfs::grads_nonfinite(grads, tensors_per_primitive, s);
+      },
+      "grads"_a,
+      nb::kw_only(),
+      "tensors_per_primitive"_a = mfs::kDefaultTensorsPerPrimitive,
+      "stream"_a = nb::none(),
+      nb::sig(
+          "def grads_nonfinite(grads: list[mlx.core.array], *, "
+          "tensors_per_primitive: int = 4, "
+          "stream: mlx.core.Stream | mlx.core.Device | None = None) "
+          "-> mlx.core.array"),
+      R"(A boolean scalar, on the device: True when any element of any gradient
+is NaN or Inf. Pass it as ``skip`` to the update functions to make a step a
+no-op without a host round trip (what ``FusedSGD(skip_nonfinite=True)``
+does).)");
+
+  m.def(
       "step_decay_lr",
       &mfs::step_decay_lr,
       "step"_a,
@@ -123,6 +145,7 @@ Returns:
          bool nesterov,
          bool maximize,
          const OptionalArray& grad_scale,
+         const OptionalArray& skip,
          mx::StreamOrDevice s) {
         return single_result(
             mfs::sgd_update_many(
@@ -135,7 +158,8 @@ Returns:
                  dampening,
                  nesterov,
                  maximize,
-                 grad_scale},
+                 grad_scale,
+                 skip},
                 1,
                 s));
       },
@@ -150,6 +174,7 @@ Returns:
       "nesterov"_a = false,
       "maximize"_a = false,
       "grad_scale"_a = nb::none(),
+      "skip"_a = nb::none(),
       "stream"_a = nb::none(),
       nb::sig(
           "def sgd_update(param: mlx.core.array, grad: mlx.core.array, "
@@ -158,6 +183,7 @@ Returns:
           "weight_decay: float = 0.0, dampening: float = 0.0, "
           "nesterov: bool = False, maximize: bool = False, "
           "grad_scale: mlx.core.array | None = None, "
+          "skip: mlx.core.array | None = None, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) "
           "-> tuple[mlx.core.array, mlx.core.array | None]"),
       R"(One fused SGD step of one tensor (one primitive, one pass).
@@ -180,6 +206,7 @@ unchanged when momentum is 0. ``learning_rate`` is a scalar array.)");
          bool nesterov,
          bool maximize,
          const OptionalArray& grad_scale,
+         const OptionalArray& skip,
          mx::StreamOrDevice s) {
         return single_result(
             mfs::sgd_update_many_scheduled(
@@ -193,7 +220,8 @@ unchanged when momentum is 0. ``learning_rate`` is a scalar array.)");
                  dampening,
                  nesterov,
                  maximize,
-                 grad_scale},
+                 grad_scale,
+                 skip},
                 1,
                 s));
       },
@@ -211,6 +239,7 @@ unchanged when momentum is 0. ``learning_rate`` is a scalar array.)");
       "nesterov"_a = false,
       "maximize"_a = false,
       "grad_scale"_a = nb::none(),
+      "skip"_a = nb::none(),
       "stream"_a = nb::none(),
       nb::sig(
           "def sgd_update_scheduled(param: mlx.core.array, "
@@ -220,6 +249,7 @@ unchanged when momentum is 0. ``learning_rate`` is a scalar array.)");
           "dampening: float = 0.0, nesterov: bool = False, maximize: bool = "
           "False, "
           "grad_scale: mlx.core.array | None = None, "
+          "skip: mlx.core.array | None = None, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) "
           "-> tuple[mlx.core.array, mlx.core.array | None]"),
       R"(One fused SGD step with the step-decay learning rate computed in the
@@ -237,6 +267,7 @@ kernel from the integer ``step`` counter (the step *before* increment).)");
          bool nesterov,
          bool maximize,
          const OptionalArray& grad_scale,
+         const OptionalArray& skip,
          int tensors_per_primitive,
          mx::StreamOrDevice s) {
         auto r = mfs::sgd_update_many(
@@ -244,7 +275,13 @@ kernel from the integer ``step`` counter (the step *before* increment).)");
             grads,
             velocities,
             learning_rate,
-            {momentum, weight_decay, dampening, nesterov, maximize, grad_scale},
+            {momentum,
+             weight_decay,
+             dampening,
+             nesterov,
+             maximize,
+             grad_scale,
+             skip},
             tensors_per_primitive,
             s);
         return std::make_pair(std::move(r.params), std::move(r.velocities));
@@ -260,6 +297,7 @@ kernel from the integer ``step`` counter (the step *before* increment).)");
       "nesterov"_a = false,
       "maximize"_a = false,
       "grad_scale"_a = nb::none(),
+      "skip"_a = nb::none(),
       "tensors_per_primitive"_a = mfs::kDefaultTensorsPerPrimitive,
       "stream"_a = nb::none(),
       nb::sig(
@@ -268,7 +306,8 @@ kernel from the integer ``step`` counter (the step *before* increment).)");
           "learning_rate: mlx.core.array, momentum: float = 0.0, "
           "weight_decay: float = 0.0, dampening: float = 0.0, "
           "nesterov: bool = False, maximize: bool = False, "
-          "grad_scale: mlx.core.array | None = None, tensors_per_primitive: "
+          "grad_scale: mlx.core.array | None = None, "
+          "skip: mlx.core.array | None = None, tensors_per_primitive: "
           "int = 4, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) "
           "-> tuple[list[mlx.core.array], list[mlx.core.array]]"),
@@ -290,6 +329,7 @@ primitives of ``tensors_per_primitive`` tensors each.)");
          bool nesterov,
          bool maximize,
          const OptionalArray& grad_scale,
+         const OptionalArray& skip,
          int tensors_per_primitive,
          mx::StreamOrDevice s) {
         auto r = mfs::sgd_update_many_scheduled(
@@ -298,7 +338,13 @@ primitives of ``tensors_per_primitive`` tensors each.)");
             velocities,
             step,
             {init, decay_rate, step_size},
-            {momentum, weight_decay, dampening, nesterov, maximize, grad_scale},
+            {momentum,
+             weight_decay,
+             dampening,
+             nesterov,
+             maximize,
+             grad_scale,
+             skip},
             tensors_per_primitive,
             s);
         return std::make_pair(std::move(r.params), std::move(r.velocities));
@@ -317,6 +363,7 @@ primitives of ``tensors_per_primitive`` tensors each.)");
       "nesterov"_a = false,
       "maximize"_a = false,
       "grad_scale"_a = nb::none(),
+      "skip"_a = nb::none(),
       "tensors_per_primitive"_a = mfs::kDefaultTensorsPerPrimitive,
       "stream"_a = nb::none(),
       nb::sig(
@@ -327,6 +374,7 @@ primitives of ``tensors_per_primitive`` tensors each.)");
           "dampening: float = 0.0, nesterov: bool = False, maximize: bool = "
           "False, "
           "grad_scale: mlx.core.array | None = None, "
+          "skip: mlx.core.array | None = None, "
           "tensors_per_primitive: int = 4, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) "
           "-> tuple[list[mlx.core.array], list[mlx.core.array]]"),
@@ -356,6 +404,16 @@ computed in the kernel from the integer ``step`` counter.)");
       "stream"_a = nb::none());
 
   m.def(
+      "_grads_nonfinite_fallback",
+      [](const std::vector<mx::array>& grads, mx::StreamOrDevice s) {
+        return mfs::grads_nonfinite(
+            grads, mfs::kDefaultTensorsPerPrimitive, s, true);
+      },
+      "grads"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none());
+
+  m.def(
       "_sgd_update_many_fallback",
       [](const std::vector<mx::array>& params,
          const std::vector<mx::array>& grads,
@@ -371,9 +429,16 @@ computed in the kernel from the integer ``step`` counter.)");
          bool nesterov,
          bool maximize,
          const OptionalArray& grad_scale,
+         const OptionalArray& skip,
          mx::StreamOrDevice s) {
         mfs::SGDSettings settings{
-            momentum, weight_decay, dampening, nesterov, maximize, grad_scale};
+            momentum,
+            weight_decay,
+            dampening,
+            nesterov,
+            maximize,
+            grad_scale,
+            skip};
         auto r = step ? mfs::sgd_update_many_scheduled(
                             params,
                             grads,
@@ -410,5 +475,6 @@ computed in the kernel from the integer ``step`` counter.)");
       "nesterov"_a = false,
       "maximize"_a = false,
       "grad_scale"_a = nb::none(),
+      "skip"_a = nb::none(),
       "stream"_a = nb::none());
 }

@@ -221,6 +221,53 @@ const Selected& selected() {
 
 } // namespace
 
+namespace {
+
+void copy_one(
+    const void* src,
+    void* dst,
+    const TensorPointers& t,
+    const mx::Strides& strides,
+    int64_t begin,
+    int64_t end,
+    size_t itemsize) {
+  auto in = static_cast<const char*>(src);
+  auto out = static_cast<char*>(dst);
+  if (t.contiguous) {
+    if (in != out) {
+      std::memcpy(
+          out + begin * itemsize,
+          in + begin * itemsize,
+          (end - begin) * itemsize);
+    }
+    return;
+  }
+  for (int64_t i = begin; i < end; ++i) {
+    std::memcpy(
+        out + i * itemsize,
+        in + elem_to_loc(i, t.shape, strides) * itemsize,
+        itemsize);
+  }
+}
+
+} // namespace
+
+void copy_range(
+    const KernelKey& key, const TensorPointers& t, int64_t begin, int64_t end) {
+  const size_t itemsize = key.dtype == DtypeCode::float32 ? 4 : 2;
+  copy_one(t.param, t.param_out, t, t.param_strides, begin, end, itemsize);
+  if (key.momentum) {
+    copy_one(
+        t.velocity,
+        t.velocity_out,
+        t,
+        t.velocity_strides,
+        begin,
+        end,
+        itemsize);
+  }
+}
+
 UpdateRange select_update_range() {
   return selected().fn;
 }

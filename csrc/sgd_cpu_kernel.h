@@ -87,6 +87,11 @@ void update_range_avx512(
     math::SGDHyper);
 #endif
 
+// A skipped step (skip_nonfinite): copies elements [begin, end) of the param
+// and momentum buffer to the outputs, a no-op where they share the buffer.
+void copy_range(
+    const KernelKey& key, const TensorPointers& t, int64_t begin, int64_t end);
+
 // The loop for this CPU: the widest instruction set it (and its OS) supports,
 // unless MLX_FUSED_SGD_CPU_ISA=generic|avx2|avx512 asks for another.
 UpdateRange select_update_range();

@@ -110,6 +110,20 @@ mx::array check_tensor(
   return mx::broadcast_to(grad, param.shape(), s);
 }
 
+// A skip flag (any integer or bool scalar, nonzero: skip) as the uint32 0-d
+// array the kernels read.
+mx::array check_skip_flag(const mx::array& x, mx::StreamOrDevice s) {
+  if (x.size() != 1 ||
+      !(mx::issubdtype(x.dtype(), mx::integer) || x.dtype() == mx::bool_)) {
+    throw std::invalid_argument(
+        "skip must be a boolean or integer scalar (as returned by "
+        "grads_nonfinite), but got dtype " +
+        dtype_name(x.dtype()) + " and shape " + shape_str(x.shape()) + ".");
+  }
+  auto out = x.dtype() == mx::uint32 ? x : mx::astype(x, mx::uint32, s);
+  return out.ndim() == 0 ? out : mx::reshape(out, {}, s);
+}
+
 // A real scalar array as the float32 0-d array the kernels read.
 mx::array
 check_real_scalar(const mx::array& x, const char* name, mx::StreamOrDevice s) {
@@ -138,6 +152,7 @@ SGDResult sgd_update_composed(
     const mx::array& lr_input,
     const std::optional<StepDecay>& schedule,
     const mx::array& grad_scale,
+    const mx::array& skip_flag,
     const SGDVariant& v,
     mx::StreamOrDevice s) {
   auto lr =
@@ -157,13 +172,19 @@ SGDResult sgd_update_composed(
     if (v.weight_decay) {
       g = mx::add(g, mx::multiply(scalar(v.hyper.weight_decay), p, s), s);
     }
+    // A skipped step keeps the old values (skip_nonfinite).
+    auto keep_if_skipped = [&](mx::array updated, const mx::array& old) {
+      return v.skip ? mx::where(skip_flag, old, updated, s) : updated;
+    };
     if (!v.momentum) {
-      result.params.push_back(
-          mx::astype(mx::subtract(p, mx::multiply(lr, g, s), s), dtype, s));
+      result.params.push_back(keep_if_skipped(
+          mx::astype(mx::subtract(p, mx::multiply(lr, g, s), s), dtype, s),
+          params[i]));
       continue;
     }
-    auto vel = velocities.empty() ? mx::zeros_like(p, s)
-                                  : mx::astype(velocities[i], mx::float32, s);
+    auto old_vel =
+        velocities.empty() ? mx::zeros_like(params[i], s) : velocities[i];
+    auto vel = mx::astype(old_vel, mx::float32, s);
     vel = mx::multiply(scalar(v.hyper.momentum), vel, s);
     vel = mx::add(
         vel,
@@ -173,9 +194,11 @@ SGDResult sgd_update_composed(
         v.nesterov
             ? mx::add(g, mx::multiply(scalar(v.hyper.momentum), vel, s), s)
             : vel;
-    result.params.push_back(
-        mx::astype(mx::subtract(p, mx::multiply(lr, update, s), s), dtype, s));
-    result.velocities.push_back(mx::astype(vel, dtype, s));
+    result.params.push_back(keep_if_skipped(
+        mx::astype(mx::subtract(p, mx::multiply(lr, update, s), s), dtype, s),
+        params[i]));
+    result.velocities.push_back(
+        keep_if_skipped(mx::astype(vel, dtype, s), old_vel));
   }
   if (!v.momentum) {
     result.velocities = velocities;
@@ -212,11 +235,14 @@ SGDResult sgd_update_impl(
       settings.dampening,
       settings.nesterov,
       settings.grad_scale.has_value(),
-      settings.maximize);
+      settings.maximize,
+      settings.skip.has_value());
   const auto grad_scale =
       settings.grad_scale
           ? check_real_scalar(*settings.grad_scale, "grad_scale", s)
           : mx::array(1.0f);
+  const auto skip_flag = settings.skip ? check_skip_flag(*settings.skip, s)
+                                       : mx::array(0u, mx::uint32);
   const bool have_velocities = !velocities.empty();
   if (have_velocities && velocities.size() != n) {
     throw std::invalid_argument(
@@ -247,6 +273,7 @@ SGDResult sgd_update_impl(
         lr_input,
         schedule,
         grad_scale,
+        skip_flag,
         variant,
         stream);
   }
@@ -272,7 +299,7 @@ SGDResult sgd_update_impl(
       std::vector<mx::array> inputs;
       std::vector<mx::Shape> shapes;
       std::vector<mx::Dtype> dtypes;
-      inputs.reserve(3 * count + 2);
+      inputs.reserve(3 * count + 3);
       for (size_t k = start; k < end; ++k) {
         inputs.push_back(params[indices[k]]);
       }
@@ -290,6 +317,9 @@ SGDResult sgd_update_impl(
       inputs.push_back(lr_input);
       if (variant.scale_grad) {
         inputs.push_back(grad_scale);
+      }
+      if (variant.skip) {
+        inputs.push_back(skip_flag);
       }
       const int outputs_per_tensor = variant.momentum ? 2 : 1;
       for (int o = 0; o < outputs_per_tensor; ++o) {
@@ -403,8 +433,22 @@ void sgd_chunk(
     const std::vector<cpu_kernel::TensorPointers>& tensors,
     const cpu_kernel::KernelKey& key,
     float lr,
-    math::SGDHyper h) {
-  static const auto update_range = cpu_kernel::select_update_range();
+    math::SGDHyper h,
+    bool skip) {
+  static const auto best_update_range = cpu_kernel::select_update_range();
+  // A skipped step (a non-finite gradient) keeps params and momentum.
+  auto update_range = [&](const cpu_kernel::KernelKey& k,
+                          const cpu_kernel::TensorPointers& t,
+                          int64_t begin,
+                          int64_t end,
+                          float rate,
+                          math::SGDHyper hyper) {
+    if (skip) {
+      cpu_kernel::copy_range(k, t, begin, end);
+    } else {
+      best_update_range(k, t, begin, end, rate, hyper);
+    }
+  };
   int64_t total = 0;
   for (const auto& t : tensors) {
     total += t.size;
@@ -552,8 +596,14 @@ void SGDUpdate::eval_cpu(
   const void* lr_ptr = lr_input.data<void>();
   const float* scale_ptr = nullptr;
   if (variant_.scale_grad) {
+    const auto& scale = inputs[lr_index() + 1];
+    encoder.set_input_array(scale);
+    scale_ptr = scale.data<float>();
+  }
+  const uint32_t* skip_ptr = nullptr;
+  if (variant_.skip) {
     encoder.set_input_array(inputs.back());
-    scale_ptr = inputs.back().data<float>();
+    skip_ptr = inputs.back().data<uint32_t>();
   }
   const cpu_kernel::KernelKey key{
       cpu_kernel::dtype_code(inputs[0].dtype()),
@@ -566,6 +616,7 @@ void SGDUpdate::eval_cpu(
                     key,
                     lr_ptr,
                     scale_ptr,
+                    skip_ptr,
                     schedule = schedule_,
                     variant = variant_]() {
     // The learning rate and the loss scale are read when the task runs,
@@ -584,7 +635,7 @@ void SGDUpdate::eval_cpu(
     } else {
       lr = *static_cast<const float*>(lr_ptr);
     }
-    sgd_chunk(tensors, key, lr, hyper);
+    sgd_chunk(tensors, key, lr, hyper, skip_ptr != nullptr && *skip_ptr != 0);
   });
 }
 
@@ -601,8 +652,11 @@ void SGDUpdate::eval_gpu(
   auto* lib = d.get_library(kMetalLibraryName, extension_dir());
   auto& encoder = mx::metal::get_command_encoder(s);
   const auto& lr_input = inputs[lr_index()];
-  // Without a divisor the slot gets a valid buffer the kernel ignores.
-  const auto& scale_input = inputs.back();
+  // Slots without an input of their own get a valid buffer the kernel
+  // ignores (the learning rate's).
+  const auto& scale_input =
+      variant_.scale_grad ? inputs[lr_index() + 1] : lr_input;
+  const auto& skip_input = variant_.skip ? inputs.back() : lr_input;
   const launch::FusedSchedule fused{
       schedule_.has_value(),
       schedule_ ? schedule_->init : 0.0,
@@ -636,6 +690,7 @@ void SGDUpdate::eval_gpu(
     encoder.set_input_array(lr_input, launch::kStep);
     encoder.set_bytes(plan.args, launch::kSGDArgs);
     encoder.set_input_array(scale_input, launch::kGradScale);
+    encoder.set_input_array(skip_input, launch::kSkip);
     if (!contiguous) {
       encoder.set_vector_bytes(p.shape(), launch::kShape);
       encoder.set_vector_bytes(p.strides(), launch::kParamStrides);
@@ -701,7 +756,7 @@ void SGDUpdate::check_layout(
     const std::vector<mx::array>& inputs,
     const std::vector<mx::array>& outputs) const {
   const size_t per_tensor = variant_.momentum ? 3 : 2;
-  const size_t scalars = variant_.scale_grad ? 2 : 1;
+  const size_t scalars = 1 + variant_.scale_grad + variant_.skip;
   if (inputs.size() != per_tensor * num_tensors_ + scalars ||
       outputs.size() != (per_tensor - 1) * num_tensors_) {
     throw std::runtime_error(

@@ -27,6 +27,9 @@ struct SGDSettings {
   bool maximize = false;
   // Loss scale: the gradient is divided by this scalar first (on device).
   std::optional<mx::array> grad_scale;
+  // A device flag (grads_nonfinite): when nonzero the step keeps params and
+  // momentum buffers as they are.
+  std::optional<mx::array> skip;
 
   // Throws std::invalid_argument naming the bad hyperparameter.
   void validate() const;
@@ -79,7 +82,8 @@ SGDResult sgd_update_many_scheduled(
 // Inputs:  params[n], grads[n], velocities[n] (momentum only), then one
 //          scalar: the float32 learning rate, or the uint64 step counter when
 //          a step-decay schedule is fused in; then, with grad_scale or
-//          maximize, the float32 grad_scale scalar (1 if not given).
+//          maximize, the float32 grad_scale scalar (1 if not given); then,
+//          with a skip flag, the uint32 flag.
 // Outputs: params[n], velocities[n] (momentum only).
 class SGDUpdate : public mx::Primitive {
  public:

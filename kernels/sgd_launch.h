@@ -34,6 +34,14 @@ MFS_CONSTANT constexpr int kParamStrides = 9;
 MFS_CONSTANT constexpr int kGradStrides = 10;
 MFS_CONSTANT constexpr int kVelocityStrides = 11;
 MFS_CONSTANT constexpr int kGradScale = 12; // float32 scalar (kScaleGrad)
+MFS_CONSTANT constexpr int kSkip = 13;      // uint32 scalar (args.has_skip)
+
+// Buffer slots of the non-finite check kernels.
+MFS_CONSTANT constexpr int kCheckIn = 0;
+MFS_CONSTANT constexpr int kCheckFlag = 1; // uint32, OR-ed with 1 on a hit
+MFS_CONSTANT constexpr int kCheckArgs = 2;
+MFS_CONSTANT constexpr int kCheckShape = 3; // general kernels only
+MFS_CONSTANT constexpr int kCheckStrides = 4;
 
 // Buffer slots of the step-decay kernels.
 MFS_CONSTANT constexpr int kStepIn = 0;
@@ -55,6 +63,12 @@ struct SGDArgs {
   int32_t scheduled;     // 1: lr from the step counter; 0: from kLearningRate
   int32_t ndim;          // general kernels
   int32_t maximize;      // 1: the gradient is negated (kScaleGrad kernels)
+  int32_t has_skip;      // 1: a nonzero kSkip flag makes the update a copy
+};
+
+struct CheckArgs {
+  int64_t size;
+  int32_t ndim;
 };
 
 struct StepDecayArgs {
@@ -77,6 +91,7 @@ struct SGDVariant {
   bool nesterov;
   bool scale_grad; // a grad_scale input, or maximize
   bool maximize;
+  bool skip; // a skip-flag input (skip_nonfinite): a set flag copies instead
   math::SGDHyper hyper;
 
   static SGDVariant from(
@@ -85,7 +100,8 @@ struct SGDVariant {
       double dampening,
       bool nesterov,
       bool has_grad_scale = false,
-      bool maximize = false) {
+      bool maximize = false,
+      bool skip = false) {
     SGDVariant v;
     v.weight_decay = weight_decay != 0;
     v.momentum = momentum > 0;
@@ -93,6 +109,7 @@ struct SGDVariant {
     v.nesterov = v.momentum && nesterov;
     v.scale_grad = has_grad_scale || maximize;
     v.maximize = maximize;
+    v.skip = skip;
     v.hyper.weight_decay = static_cast<float>(weight_decay);
     v.hyper.momentum = static_cast<float>(momentum);
     // Stock computes (1 - dampening) on Python floats, then rounds once.
@@ -111,7 +128,7 @@ struct SGDVariant {
     return weight_decay == o.weight_decay && momentum == o.momentum &&
            dampening == o.dampening && nesterov == o.nesterov &&
            scale_grad == o.scale_grad && maximize == o.maximize &&
-           hyper.weight_decay == o.hyper.weight_decay &&
+           skip == o.skip && hyper.weight_decay == o.hyper.weight_decay &&
            hyper.momentum == o.hyper.momentum &&
            hyper.dampening_scale == o.hyper.dampening_scale;
   }
@@ -158,6 +175,7 @@ inline SGDPlan plan_sgd(
   plan.args.scheduled = schedule.enabled ? 1 : 0;
   plan.args.ndim = ndim;
   plan.args.maximize = v.maximize ? 1 : 0;
+  plan.args.has_skip = v.skip ? 1 : 0;
   return plan;
 }
 
@@ -185,6 +203,28 @@ inline StepDecayPlan plan_step_decay(
   plan.args.step_size = step_size;
   plan.args.init = static_cast<float>(init);
   plan.args.decay_rate = static_cast<float>(decay_rate);
+  plan.args.ndim = ndim;
+  return plan;
+}
+
+struct CheckPlan {
+  std::string name; // the kernel's host_name
+  int64_t threads;
+  CheckArgs args;
+};
+
+// "grad_check_<contiguous|general>_<dtype>"; the flag is cleared first by
+// the one-thread kernel "grad_check_clear".
+inline CheckPlan
+plan_check(const std::string& dtype, bool contiguous, int64_t size, int ndim) {
+  CheckPlan plan;
+  plan.name =
+      std::string(
+          contiguous ? "grad_check_contiguous_" : "grad_check_general_") +
+      dtype;
+  plan.threads =
+      contiguous ? (size + kWorkPerThread - 1) / kWorkPerThread : size;
+  plan.args.size = size;
   plan.args.ndim = ndim;
   return plan;
 }

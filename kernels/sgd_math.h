@@ -47,6 +47,14 @@ step_decay_lr(I step, I step_size, float init, float decay_rate) {
   return init * factor;
 }
 
+// True for NaN and +-Inf: x - x is 0 for every finite x and NaN otherwise.
+// Branch-free, and the same test on both backends (no isnan/isinf library
+// differences); exact without fast-math, which neither backend uses.
+MFS_INLINE bool is_nonfinite(float x) {
+  float d = x - x;
+  return !(d == 0.0f);
+}
+
 // Hyperparameters of one update, each already rounded once to float32 the way
 // stock rounds its Python scalars: float32(weight_decay), float32(momentum),
 // float32(1 - dampening) with the subtraction done in double precision.

@@ -56,7 +56,16 @@ inline void update_one(
     int64_t iv,
     int64_t io,
     float lr,
-    math::SGDHyper h) {
+    math::SGDHyper h,
+    bool copy) {
+  if (copy) {
+    // A skipped step (a non-finite gradient somewhere): keep everything.
+    param_out[io] = param[ip];
+    if (M) {
+      velocity_out[io] = velocity[iv];
+    }
+    return;
+  }
   float v = M ? static_cast<float>(velocity[iv]) : 0.0f;
   math::ParamVelocity r = math::sgd_update_element<WD, M, D, N, S>(
       static_cast<float>(param[ip]), static_cast<float>(grad[ig]), v, lr, h);
@@ -78,24 +87,48 @@ template <typename T, bool WD, bool M, bool D, bool N, bool S>
     device const uint64_t* step [[buffer(launch::kStep)]],
     constant const launch::SGDArgs& args [[buffer(launch::kSGDArgs)]],
     device const float* grad_scale [[buffer(launch::kGradScale)]],
+    device const uint* skip [[buffer(launch::kSkip)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid [[threads_per_grid]]) {
   int64_t begin = int64_t(linear_thread(gid, grid)) * launch::kWorkPerThread;
   if (begin >= args.size) {
     return;
   }
+  bool copy = args.has_skip && skip[0] != 0;
   float rate = launch_learning_rate(lr, step, args);
   math::SGDHyper h = launch_hyper<S>(args, grad_scale);
   if (begin + launch::kWorkPerThread <= args.size) {
     for (int k = 0; k < launch::kWorkPerThread; ++k) {
       int64_t i = begin + k;
       update_one<T, WD, M, D, N, S>(
-          param, grad, velocity, param_out, velocity_out, i, i, i, i, rate, h);
+          param,
+          grad,
+          velocity,
+          param_out,
+          velocity_out,
+          i,
+          i,
+          i,
+          i,
+          rate,
+          h,
+          copy);
     }
   } else {
     for (int64_t i = begin; i < args.size; ++i) {
       update_one<T, WD, M, D, N, S>(
-          param, grad, velocity, param_out, velocity_out, i, i, i, i, rate, h);
+          param,
+          grad,
+          velocity,
+          param_out,
+          velocity_out,
+          i,
+          i,
+          i,
+          i,
+          rate,
+          h,
+          copy);
     }
   }
 }
@@ -131,6 +164,7 @@ template <typename T, bool WD, bool M, bool D, bool N, bool S>
     constant const int64_t* velocity_strides
     [[buffer(launch::kVelocityStrides)]],
     device const float* grad_scale [[buffer(launch::kGradScale)]],
+    device const uint* skip [[buffer(launch::kSkip)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid [[threads_per_grid]]) {
   int64_t i = int64_t(linear_thread(gid, grid));
@@ -152,7 +186,8 @@ template <typename T, bool WD, bool M, bool D, bool N, bool S>
       iv,
       i,
       rate,
-      launch_hyper<S>(args, grad_scale));
+      launch_hyper<S>(args, grad_scale),
+      args.has_skip && skip[0] != 0);
 }
 
 // Instantiation by name. The Linux harness defines MFS_INSTANTIATE to record

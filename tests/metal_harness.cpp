@@ -7,16 +7,25 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <typeindex>
+#include <typeinfo>
 
 #include "kernels/sgd_launch.h"
 
 namespace {
-std::map<std::string, void*>& registry() {
-  static std::map<std::string, void*> r;
+// name -> (function, its exact type): a lookup with another signature than
+// the instantiated one fails (rc 1) instead of calling through a wrong type.
+struct Entry {
+  void* fn;
+  std::type_index type;
+};
+std::map<std::string, Entry>& registry() {
+  static std::map<std::string, Entry> r;
   return r;
 }
-bool record(const char* name, void* fn) {
-  registry()[name] = fn;
+template <typename F> bool record(const char* name, F* fn) {
+  registry().insert_or_assign(
+      name, Entry{reinterpret_cast<void*>(fn), std::type_index(typeid(F))});
   return true;
 }
 } // namespace
@@ -25,10 +34,15 @@ bool record(const char* name, void* fn) {
 #define MFS_CAT(a, b) MFS_CAT2(a, b)
 #define MFS_INSTANTIATE(name, func, ...)                                       \
   static const bool MFS_CAT(mfs_registered_, __COUNTER__) =                    \
-      record(name, reinterpret_cast<void*>(&func<__VA_ARGS__>));
+      record(name, &func<__VA_ARGS__>);
 
+#include "kernels/grad_check.metal"
 #include "kernels/sgd_update.metal"
 #include "kernels/step_decay.metal"
+
+// The one kernel that is not a template, so not instantiated by name.
+static const bool mfs_clear_registered =
+    record("grad_check_clear", &grad_check_clear);
 
 namespace launch = mlx_fused_sgd::launch;
 
@@ -39,7 +53,10 @@ constexpr uint64_t kMaxThreadsPerGroup = 1024;
 
 template <typename F> F* lookup(const std::string& name) {
   auto it = registry().find(name);
-  return it == registry().end() ? nullptr : reinterpret_cast<F*>(it->second);
+  if (it == registry().end() || it->second.type != std::type_index(typeid(F))) {
+    return nullptr;
+  }
+  return reinterpret_cast<F*>(it->second.fn);
 }
 
 template <typename Call> void run_grid(int64_t threads, Call call) {
@@ -65,6 +82,7 @@ int run_sgd_typed(
     const float* lr,
     const uint64_t* step,
     const float* grad_scale,
+    const uint* skip,
     const int* shape,
     const int64_t* param_strides,
     const int64_t* grad_strides,
@@ -90,6 +108,7 @@ int run_sgd_typed(
         const uint64_t*,
         const launch::SGDArgs&,
         const float*,
+        const uint*,
         uint2,
         uint2);
     auto fn = lookup<F>(plan.name);
@@ -97,7 +116,7 @@ int run_sgd_typed(
       return 1;
     }
     run_grid(plan.threads, [&](uint2 gid, uint2 grid) {
-      fn(p, g, v, po, vo, lr, step, plan.args, grad_scale, gid, grid);
+      fn(p, g, v, po, vo, lr, step, plan.args, grad_scale, skip, gid, grid);
     });
   } else {
     using F = void(
@@ -114,6 +133,7 @@ int run_sgd_typed(
         const int64_t*,
         const int64_t*,
         const float*,
+        const uint*,
         uint2,
         uint2);
     auto fn = lookup<F>(plan.name);
@@ -134,6 +154,7 @@ int run_sgd_typed(
          grad_strides,
          velocity_strides,
          grad_scale,
+         skip,
          gid,
          grid);
     });
@@ -196,6 +217,7 @@ int run_sgd(
     int nesterov,
     int maximize,
     int scaled,
+    int has_skip,
     int scheduled,
     double init,
     double decay_rate,
@@ -214,12 +236,21 @@ int run_sgd(
     void* velocity_out,
     const float* lr,
     const uint64_t* step,
-    const float* grad_scale) {
+    const float* grad_scale,
+    const uint32_t* skip) {
   auto variant = launch::SGDVariant::from(
-      momentum, weight_decay, dampening, nesterov, scaled != 0, maximize != 0);
+      momentum,
+      weight_decay,
+      dampening,
+      nesterov,
+      scaled != 0,
+      maximize != 0,
+      has_skip != 0);
   // eval_gpu binds its last input to the grad_scale slot: the scale when
   // there is one, else the learning rate (never read).
   const float* scale_slot = variant.scale_grad ? grad_scale : lr;
+  const uint* skip_slot =
+      variant.skip ? skip : reinterpret_cast<const uint*>(lr);
   auto plan = launch::plan_sgd(
       dtype,
       contiguous,
@@ -241,6 +272,7 @@ int run_sgd(
         lr,
         step,
         scale_slot,
+        skip_slot,
         shape,
         param_strides,
         grad_strides,
@@ -290,6 +322,75 @@ int run_step_decay(
   if (d == "uint64")
     return run.template operator()<uint64_t>();
   return 2;
+}
+
+// The non-finite check of one chunk as GradCheck::eval_gpu launches it:
+// the clear kernel, then one check kernel per tensor OR-ing into `flag`.
+int run_grad_check(
+    int count,
+    const char* const* dtypes,
+    const int* contiguous,
+    const int64_t* sizes,
+    const int* ndims,
+    const int* const* shapes,
+    const int64_t* const* strides,
+    const void* const* data,
+    uint32_t* flag) {
+  std::atomic<unsigned int> result{7u}; // garbage until cleared
+  using Clear = void(atomic_uint*, uint);
+  auto clear = lookup<Clear>("grad_check_clear");
+  if (!clear) {
+    return 1;
+  }
+  clear(&result, 0);
+  for (int t = 0; t < count; ++t) {
+    if (sizes[t] == 0) {
+      continue;
+    }
+    auto plan =
+        launch::plan_check(dtypes[t], contiguous[t], sizes[t], ndims[t]);
+    std::string d = dtypes[t];
+    auto run = [&]<typename T>() {
+      auto x = static_cast<const T*>(data[t]);
+      if (contiguous[t]) {
+        using F = void(
+            const T*, atomic_uint*, const launch::CheckArgs&, uint2, uint2);
+        auto fn = lookup<F>(plan.name);
+        if (!fn) {
+          return 1;
+        }
+        run_grid(plan.threads, [&](uint2 gid, uint2 grid) {
+          fn(x, &result, plan.args, gid, grid);
+        });
+      } else {
+        using F = void(
+            const T*,
+            atomic_uint*,
+            const launch::CheckArgs&,
+            const int*,
+            const int64_t*,
+            uint2,
+            uint2);
+        auto fn = lookup<F>(plan.name);
+        if (!fn) {
+          return 1;
+        }
+        run_grid(plan.threads, [&](uint2 gid, uint2 grid) {
+          fn(x, &result, plan.args, shapes[t], strides[t], gid, grid);
+        });
+      }
+      return 0;
+    };
+    int rc = d == "float32"    ? run.template operator()<float>()
+             : d == "float16"  ? run.template operator()<half>()
+             : d == "bfloat16" ? run.template operator()<bfloat>()
+                               : 2;
+    if (rc != 0) {
+      return rc;
+    }
+  }
+  *flag = result.load();
+  return 0;
 }
 
 } // extern "C"

@@ -67,3 +67,31 @@ def test_fallback_validates_like_the_primitive():
         _ext._sgd_update_many_fallback(
             [mx.ones(3)], [mx.ones(4)], [], learning_rate=mx.array(0.1)
         )
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_fallback_skip_matches_primitive(skip):
+    p = [mx.linspace(-1, 1, 9), mx.ones((2, 3), mx.bfloat16)]
+    g = [mx.full((9,), 0.5), mx.full((2, 3), 2.0, mx.bfloat16)]
+    v = [mx.full((9,), 0.25), mx.zeros((2, 3), mx.bfloat16)]
+    flag = mx.array(skip)
+    fp, fv = _ext._sgd_update_many_fallback(
+        p, g, v, learning_rate=mx.array(0.1), momentum=0.9, skip=flag
+    )
+    kp, kv = mfs.sgd_update_many(p, g, v, learning_rate=0.1, momentum=0.9, skip=flag)
+    for a, b in zip(fp + fv, kp + kv):
+        assert_bitwise_equal(a, b)
+    if skip:
+        for a, b in zip(kp + kv, p + v):
+            assert_bitwise_equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf")])
+def test_grads_nonfinite_fallback_matches_primitive(bad):
+    grads = [mx.ones((5,)), mx.zeros((3, 4), mx.float16).T, mx.full((7,), 2.0)]
+    if bad is not None:
+        grads.append(mx.array([1.0, bad]))
+    a = _ext._grads_nonfinite_fallback(grads)
+    b = mfs.grads_nonfinite(grads)
+    assert a.dtype == b.dtype == mx.bool_
+    assert a.item() == b.item() == (bad is not None)

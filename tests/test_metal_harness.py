@@ -98,6 +98,7 @@ def build_harness(out_dir: Path, kernels_root: Path = ROOT) -> ctypes.CDLL:
         ctypes.c_int,
         ctypes.c_int,  # maximize
         ctypes.c_int,  # scaled
+        ctypes.c_int,  # has_skip
         ctypes.c_int,
         ctypes.c_double,
         ctypes.c_double,
@@ -105,6 +106,7 @@ def build_harness(out_dir: Path, kernels_root: Path = ROOT) -> ctypes.CDLL:
         ctypes.c_int,
         ctypes.c_int64,
         ctypes.c_int,
+        p,
         p,
         p,
         p,
@@ -118,6 +120,7 @@ def build_harness(out_dir: Path, kernels_root: Path = ROOT) -> ctypes.CDLL:
         p,
         p,
     ]
+    h.run_grad_check.argtypes = [ctypes.c_int] + [p] * 8
     h.run_step_decay.argtypes = [
         ctypes.c_char_p,
         ctypes.c_double,
@@ -174,7 +177,9 @@ class Strided:
         ) // nb.itemsize
 
 
-def metal_sgd(h, param, grad, velocity, cfg, lr=None, step=None, schedule=None):
+def metal_sgd(
+    h, param, grad, velocity, cfg, lr=None, step=None, schedule=None, skip=None
+):
     """Run the kernel eval_gpu would pick; return (param_out, velocity_out)."""
     arrays = [param, grad, velocity if velocity is not None else grad]
     strided = any(isinstance(a, Strided) for a in arrays)
@@ -204,6 +209,7 @@ def metal_sgd(h, param, grad, velocity, cfg, lr=None, step=None, schedule=None):
     step_arr = np.array([step if step is not None else 0], np.uint64)
     scale = cfg.get("grad_scale")
     scale_arr = np.array([scale if scale is not None else 1.0], np.float32)
+    skip_arr = np.array([skip if skip is not None else 0], np.uint32)
     sched = schedule or mfs.step_decay(1.0, 1.0, 1)
     rc = h.run_sgd(
         str(dtype).split(".")[-1].encode(),
@@ -213,6 +219,7 @@ def metal_sgd(h, param, grad, velocity, cfg, lr=None, step=None, schedule=None):
         int(cfg["nesterov"]),
         int(cfg.get("maximize", False)),
         int(cfg.get("grad_scale") is not None),
+        int(skip is not None),
         int(schedule is not None),
         float(sched.init),
         float(sched.decay_rate),
@@ -232,6 +239,7 @@ def metal_sgd(h, param, grad, velocity, cfg, lr=None, step=None, schedule=None):
         _ptr(lr_arr),
         _ptr(step_arr),
         _ptr(scale_arr),
+        _ptr(skip_arr),
     )
     assert rc == 0, f"kernel for {dtype} {cfg} not instantiated (rc {rc})"
 
@@ -300,7 +308,86 @@ def test_every_instantiated_kernel_is_one_eval_gpu_can_launch(harness):
     # 3 dtypes x 8 variants x {no divisor, divisor} x {contiguous, general}
     # + 8 step dtypes x 2; each one is run by the tests above (a missing name
     # makes them fail).
-    assert harness.harness_kernel_count() == 3 * 8 * 2 * 2 + 8 * 2
+    # + the non-finite check: 3 dtypes x 2 layouts, and the clear kernel.
+    assert harness.harness_kernel_count() == 3 * 8 * 2 * 2 + 8 * 2 + 3 * 2 + 1
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("skip", [0, 1])
+def test_skip_flag_in_kernels_matches_cpu(harness, dtype, skip):
+    """A set skip flag makes every kernel variant a copy of its inputs."""
+    for cfg in (VARIANTS[0], VARIANTS[3], VARIANTS[9]):
+        p, g, v = _inputs((37,), DTYPES[dtype], 3)
+        got_p, got_v = metal_sgd(harness, p, g, v, cfg, lr=0.05, skip=skip)
+        flag = mx.array(skip, mx.uint32)
+        exp_p, exp_v = mfs.sgd_update(p, g, v, learning_rate=0.05, skip=flag, **cfg)
+        assert_bitwise_equal(got_p, exp_p)
+        if cfg["momentum"] > 0:
+            assert_bitwise_equal(got_v, exp_v)
+        if skip:
+            assert_bitwise_equal(got_p, p)
+        t = DTYPES[dtype]
+        bp, bg, bv = _inputs((5, 6), t, 4)
+        sp, sg, sv = (Strided(x, lambda a: a.T) for x in (bp, bg, bv))
+        got_p, _ = metal_sgd(harness, sp, sg, sv, cfg, lr=0.05, skip=skip)
+        exp_p, _ = mfs.sgd_update(
+            sp.array, sg.array, sv.array, learning_rate=0.05, skip=flag, **cfg
+        )
+        assert_bitwise_equal(got_p, exp_p)
+
+
+def metal_grad_check(h, arrays):
+    """The flag GradCheck's kernels produce for a chunk of tensors."""
+    keep = []
+    dtypes, contig, sizes, ndims, shapes, strides, data = ([] for _ in range(7))
+    for a in arrays:
+        if isinstance(a, Strided):
+            ref, buf, st = a.array, a, a.strides
+            contig.append(0)
+        else:
+            ref, buf = a, _host(a).reshape(-1)
+            st = np.ones(max(a.ndim, 1), np.int64)
+            contig.append(1)
+        shape = np.array(ref.shape or (1,), np.int32)
+        keep += [buf, shape, st]
+        dtypes.append(str(ref.dtype).split(".")[-1].encode())
+        sizes.append(ref.size)
+        ndims.append(ref.ndim)
+        shapes.append(shape.ctypes.data)
+        strides.append(st.ctypes.data)
+        data.append(_buffer_ptr(buf).value)
+    n = len(arrays)
+    flag = np.zeros(1, np.uint32)
+    rc = h.run_grad_check(
+        n,
+        (ctypes.c_char_p * n)(*dtypes),
+        _ptr(np.array(contig, np.int32)),
+        _ptr(np.array(sizes, np.int64)),
+        _ptr(np.array(ndims, np.int32)),
+        (ctypes.c_void_p * n)(*shapes),
+        (ctypes.c_void_p * n)(*strides),
+        (ctypes.c_void_p * n)(*data),
+        _ptr(flag),
+    )
+    assert rc == 0
+    return bool(flag[0])
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", [0, 6, 36])
+def test_grad_check_kernels_match_cpu(harness, dtype, bad, where):
+    t = DTYPES[dtype]
+    a, b, c = _inputs((37,), t, 5)
+    if bad is not None:
+        host = np.array(b.astype(mx.float32))
+        host[where] = bad
+        b = mx.array(host).astype(t)
+    base = _inputs((5, 6), t, 6)[0]
+    chunk = [a, Strided(base, lambda x: x.T), b, c]
+    got = metal_grad_check(harness, chunk)
+    expected = mfs.grads_nonfinite([a, base.T, b, c]).item()
+    assert got == expected == (bad is not None)
 
 
 STEP_DTYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
@@ -359,6 +446,11 @@ MUTATIONS = {
         "for (int64_t i = begin; i < args.size; ++i)",
         "for (int64_t i = begin; i + 1 < args.size; ++i)",
     ),
+    "non-finite test blind to Inf": (
+        "kernels/sgd_math.h",
+        "return !(d == 0.0f);",
+        "return d != d && x != x;",
+    ),
     "step-decay kernel off by one in step_size": (
         "kernels/step_decay.metal",
         "out[i] = math::step_decay_lr<I>(\n      step[i], I(args.step_size),",
@@ -376,6 +468,11 @@ def test_harness_catches_a_broken_kernel(tmp_path, mutation):
     assert text.count(before) == 1, f"mutation anchor not found once in {rel}"
     target.write_text(text.replace(before, after))
     mutant = build_harness(tmp_path, kernels_root=tmp_path)
+    if "Inf" in mutation:
+        # The mutant's flag stays 0 where the CPU check says 1.
+        with pytest.raises(AssertionError, match="assert False == True"):
+            test_grad_check_kernels_match_cpu(mutant, "float32", np.inf, 6)
+        return
     with pytest.raises(AssertionError, match="differ"):
         if rel.endswith("step_decay.metal"):
             test_step_decay_kernel_matches_cpu(mutant, "int32")

@@ -22,6 +22,7 @@ if _mx.__version__ != _MLX_BUILD_VERSION:
 
 from . import _ext  # noqa: E402, F401  (the compiled module, for advanced use)
 from .functional import (  # noqa: E402
+    grads_nonfinite,
     sgd_update,
     sgd_update_many,
     sgd_update_many_scheduled,
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FusedSGD",
     "StepDecay",
+    "grads_nonfinite",
     "sgd_update",
     "sgd_update_many",
     "sgd_update_many_scheduled",

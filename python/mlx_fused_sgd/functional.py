@@ -50,6 +50,20 @@ def _check_schedule(schedule: StepDecay) -> StepDecay:
     return schedule
 
 
+def grads_nonfinite(
+    grads: Sequence[mx.array],
+    *,
+    tensors_per_primitive: int = _ext.DEFAULT_TENSORS_PER_PRIMITIVE,
+    stream: StreamOrDevice = None,
+) -> mx.array:
+    """A boolean scalar, computed on the device: True when any element of any
+    gradient is NaN or Inf. Pass it as ``skip`` to the update functions to
+    make a step a no-op without reading it back to the host."""
+    return _ext.grads_nonfinite(
+        list(grads), tensors_per_primitive=tensors_per_primitive, stream=stream
+    )
+
+
 def sgd_update(
     param: mx.array,
     grad: mx.array,
@@ -62,6 +76,7 @@ def sgd_update(
     nesterov: bool = False,
     maximize: bool = False,
     grad_scale: float | mx.array | None = None,
+    skip: mx.array | None = None,
     stream: StreamOrDevice = None,
 ) -> tuple[mx.array, mx.array | None]:
     """One fused SGD step of one tensor, as ``mlx.optimizers.SGD`` computes it.
@@ -80,6 +95,8 @@ def sgd_update(
             before weight decay).
         grad_scale: Loss scale: the gradient is divided by it first, inside
             the kernel (a float, or a scalar array kept on the device).
+        skip: A boolean scalar array (see :func:`grads_nonfinite`); when
+            true on the device, the outputs are the inputs unchanged.
         stream: Stream or device to run on.
 
     Returns:
@@ -96,6 +113,7 @@ def sgd_update(
         nesterov=nesterov,
         maximize=maximize,
         grad_scale=as_grad_scale(grad_scale),
+        skip=skip,
         stream=stream,
     )
 
@@ -113,6 +131,7 @@ def sgd_update_scheduled(
     nesterov: bool = False,
     maximize: bool = False,
     grad_scale: float | mx.array | None = None,
+    skip: mx.array | None = None,
     stream: StreamOrDevice = None,
 ) -> tuple[mx.array, mx.array | None]:
     """:func:`sgd_update` with the learning rate ``schedule(step)`` computed
@@ -133,6 +152,7 @@ def sgd_update_scheduled(
         nesterov=nesterov,
         maximize=maximize,
         grad_scale=as_grad_scale(grad_scale),
+        skip=skip,
         stream=stream,
     )
 
@@ -149,6 +169,7 @@ def sgd_update_many(
     nesterov: bool = False,
     maximize: bool = False,
     grad_scale: float | mx.array | None = None,
+    skip: mx.array | None = None,
     tensors_per_primitive: int = _ext.DEFAULT_TENSORS_PER_PRIMITIVE,
     stream: StreamOrDevice = None,
 ) -> tuple[list[mx.array], list[mx.array]]:
@@ -169,6 +190,7 @@ def sgd_update_many(
         nesterov=nesterov,
         maximize=maximize,
         grad_scale=as_grad_scale(grad_scale),
+        skip=skip,
         tensors_per_primitive=tensors_per_primitive,
         stream=stream,
     )
@@ -187,6 +209,7 @@ def sgd_update_many_scheduled(
     nesterov: bool = False,
     maximize: bool = False,
     grad_scale: float | mx.array | None = None,
+    skip: mx.array | None = None,
     tensors_per_primitive: int = _ext.DEFAULT_TENSORS_PER_PRIMITIVE,
     stream: StreamOrDevice = None,
 ) -> tuple[list[mx.array], list[mx.array]]:
@@ -207,6 +230,7 @@ def sgd_update_many_scheduled(
         nesterov=nesterov,
         maximize=maximize,
         grad_scale=as_grad_scale(grad_scale),
+        skip=skip,
         tensors_per_primitive=tensors_per_primitive,
         stream=stream,
     )

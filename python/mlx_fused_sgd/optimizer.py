@@ -142,6 +142,10 @@ class FusedSGD(Optimizer):
           divided by it inside the update kernel (an array stays on the
           device, e.g. a dynamic loss scale). Settable between steps.
           Default: ``None``
+        skip_nonfinite (bool, optional): If any gradient holds a NaN or an
+          Inf, the step is a no-op decided on the device: params, momentum
+          buffers, step counter and learning rate all stay as they were;
+          :attr:`last_step_skipped` tells (as an array). Default: ``False``
 
     The state holds ``step``, ``learning_rate`` and, when ``momentum > 0``,
     ``{"v": buffer}`` per parameter, exactly as stock SGD stores them, so
@@ -157,6 +161,7 @@ class FusedSGD(Optimizer):
         nesterov: bool = False,
         maximize: bool = False,
         grad_scale: float | mx.array | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         if nesterov and (momentum <= 0 or dampening != 0):
             # Same check and message as stock SGD.
@@ -174,6 +179,15 @@ class FusedSGD(Optimizer):
         self.nesterov = nesterov
         self.maximize = bool(maximize)
         self.grad_scale = grad_scale
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self._last_step_skipped = mx.array(False)
+
+    @property
+    def last_step_skipped(self) -> mx.array:
+        """A boolean scalar array: whether the last step was skipped for a
+        non-finite gradient (always False without ``skip_nonfinite``). Reading
+        it as a Python bool (``.item()``) syncs with the device."""
+        return self._last_step_skipped
 
     @property
     def grad_scale(self) -> mx.array | None:
@@ -305,6 +319,8 @@ class FusedSGD(Optimizer):
 
         step = self.step
         settings = self._settings()
+        skip = _ext.grads_nonfinite(grads) if self.skip_nonfinite else None
+        settings["skip"] = skip
         scheduler = self._schedulers.get("learning_rate")
         if isinstance(scheduler, StepDecay):
             # The kernel computes lr_k from the step counter itself; the
@@ -335,9 +351,15 @@ class FusedSGD(Optimizer):
                 **settings,
             )
 
-        # Commit: nothing above touched the state.
+        # Commit: nothing above touched the state. A skipped step (decided on
+        # the device) keeps the step counter and the learning rate too.
+        if skip is not None:
+            learning_rate = mx.where(skip, self.state["learning_rate"], learning_rate)
+            self.state["step"] = mx.where(skip, step, step + 1)
+            self._last_step_skipped = skip
+        else:
+            self.state["step"] = step + 1
         self.state["learning_rate"] = learning_rate
-        self.state["step"] = step + 1
         if momentum_on:
             for s, v in zip(states, new_velocities):
                 s["v"] = v

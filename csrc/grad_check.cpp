@@ -1,0 +1,262 @@
+#include "grad_check.h"
+
+#include <atomic>
+#include <stdexcept>
+
+#include "mlx/backend/cpu/encoder.h"
+#ifdef _METAL_
+#include "mlx/backend/metal/device.h"
+#endif
+
+#include "kernels/sgd_launch.h"
+#include "thread_pool.h"
+#include "utils.h"
+
+namespace mlx_fused_sgd {
+
+namespace {
+
+// Stock ops with the same answer, for devices without a kernel of ours.
+mx::array
+nonfinite_composed(const std::vector<mx::array>& grads, mx::StreamOrDevice s) {
+  std::vector<mx::array> flags;
+  flags.reserve(grads.size());
+  for (const auto& g : grads) {
+    flags.push_back(mx::any(mx::logical_not(mx::isfinite(g, s), s), s));
+  }
+  return mx::any(mx::stack(flags, s), s);
+}
+
+// One tensor of a chunk, as the CPU loop sees it.
+struct CheckView {
+  const void* data;
+  int64_t size;
+  bool contiguous;
+  mx::Dtype dtype;
+  mx::Shape shape;
+  mx::Strides strides;
+};
+
+template <typename T>
+bool range_nonfinite(const CheckView& v, int64_t begin, int64_t end) {
+  auto x = static_cast<const T*>(v.data);
+  int bad = 0;
+  if (v.contiguous) {
+    for (int64_t i = begin; i < end; ++i) {
+      bad |= math::is_nonfinite(static_cast<float>(x[i]));
+    }
+  } else {
+    for (int64_t i = begin; i < end; ++i) {
+      bad |= math::is_nonfinite(
+          static_cast<float>(x[elem_to_loc(i, v.shape, v.strides)]));
+    }
+  }
+  return bad != 0;
+}
+
+bool view_nonfinite(const CheckView& v, int64_t begin, int64_t end) {
+  switch (v.dtype) {
+  case mx::float16:
+    return range_nonfinite<mx::float16_t>(v, begin, end);
+  case mx::bfloat16:
+    return range_nonfinite<mx::bfloat16_t>(v, begin, end);
+  default:
+    return range_nonfinite<float>(v, begin, end);
+  }
+}
+
+// The smallest chunk worth splitting across threads.
+constexpr int64_t kMinParallelElements = 1 << 18;
+
+bool chunk_nonfinite(const std::vector<CheckView>& views) {
+  int64_t total = 0;
+  for (const auto& v : views) {
+    total += v.size;
+  }
+  auto& pool = ThreadPool::instance();
+  const int64_t shares = pool.num_threads();
+  if (total < kMinParallelElements || shares == 1) {
+    for (const auto& v : views) {
+      if (view_nonfinite(v, 0, v.size)) {
+        return true;
+      }
+    }
+    return false;
+  }
+  // One equal share of the elements per thread, as the update splits them.
+  std::atomic<bool> bad{false};
+  pool.parallel_for(shares, [&](int64_t k) {
+    const int64_t begin = total * k / shares;
+    const int64_t end = total * (k + 1) / shares;
+    int64_t offset = 0;
+    for (const auto& v : views) {
+      const int64_t lo = std::max(begin - offset, int64_t(0));
+      const int64_t hi = std::min(end - offset, v.size);
+      if (lo < hi && view_nonfinite(v, lo, hi)) {
+        bad.store(true, std::memory_order_relaxed);
+        return;
+      }
+      offset += v.size;
+      if (offset >= end) {
+        return;
+      }
+    }
+  });
+  return bad.load();
+}
+
+} // namespace
+
+mx::array grads_nonfinite(
+    const std::vector<mx::array>& grads,
+    int tensors_per_primitive,
+    mx::StreamOrDevice s,
+    bool use_fallback) {
+  if (tensors_per_primitive < 1) {
+    throw std::invalid_argument(
+        "tensors_per_primitive must be >= 1, but got " +
+        std::to_string(tensors_per_primitive) + ".");
+  }
+  for (size_t i = 0; i < grads.size(); ++i) {
+    auto d = grads[i].dtype();
+    if (d != mx::float32 && d != mx::float16 && d != mx::bfloat16) {
+      throw std::invalid_argument(
+          "grads[" + std::to_string(i) + "] has dtype " + dtype_name(d) +
+          "; the non-finite check supports float32, float16 and bfloat16.");
+    }
+  }
+  if (grads.empty()) {
+    return mx::array(false);
+  }
+  auto stream = mx::to_stream(s);
+  if (use_fallback || !has_fused_kernel(stream)) {
+    return nonfinite_composed(grads, stream);
+  }
+  std::vector<mx::array> flags;
+  for (size_t start = 0; start < grads.size(); start += tensors_per_primitive) {
+    size_t end = std::min(grads.size(), start + tensors_per_primitive);
+    std::vector<mx::array> chunk(grads.begin() + start, grads.begin() + end);
+    flags.push_back(
+        mx::array(
+            mx::Shape{},
+            mx::uint32,
+            std::make_shared<GradCheck>(stream, static_cast<int>(chunk.size())),
+            std::move(chunk)));
+  }
+  if (flags.size() == 1) {
+    return mx::astype(flags[0], mx::bool_, stream);
+  }
+  return mx::any(mx::stack(flags, stream), stream);
+}
+
+void GradCheck::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  std::vector<CheckView> views;
+  views.reserve(inputs.size());
+  for (const auto& g : inputs) {
+    encoder.set_input_array(g);
+    CheckView v{
+        g.data<void>(),
+        static_cast<int64_t>(g.size()),
+        g.flags().row_contiguous,
+        g.dtype(),
+        {},
+        {}};
+    if (!v.contiguous) {
+      v.shape = g.shape();
+      v.strides = g.strides();
+    }
+    views.push_back(std::move(v));
+  }
+  encoder.set_output_array(out);
+  encoder.dispatch([views = std::move(views), flag = out.data<uint32_t>()]() {
+    *flag = chunk_nonfinite(views) ? 1u : 0u;
+  });
+}
+
+#ifdef _METAL_
+
+void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& s = stream();
+  auto& d = mx::metal::device(s.device);
+  auto* lib = d.get_library(kMetalLibraryName, extension_dir());
+  auto& encoder = mx::metal::get_command_encoder(s);
+
+  auto* clear = d.get_kernel("grad_check_clear", lib);
+  encoder.set_compute_pipeline_state(clear);
+  encoder.set_output_array(out, launch::kCheckFlag);
+  encoder.dispatch_threads(MTL::Size(1, 1, 1), MTL::Size(1, 1, 1));
+
+  for (const auto& g : inputs) {
+    if (g.size() == 0) {
+      continue;
+    }
+    const bool contiguous = g.flags().row_contiguous;
+    auto plan = launch::plan_check(
+        dtype_name(g.dtype()),
+        contiguous,
+        static_cast<int64_t>(g.size()),
+        g.ndim());
+    auto* kernel = d.get_kernel(plan.name, lib);
+    encoder.set_compute_pipeline_state(kernel);
+    encoder.set_input_array(g, launch::kCheckIn);
+    encoder.set_output_array(out, launch::kCheckFlag);
+    encoder.set_bytes(plan.args, launch::kCheckArgs);
+    if (!contiguous) {
+      encoder.set_vector_bytes(g.shape(), launch::kCheckShape);
+      encoder.set_vector_bytes(g.strides(), launch::kCheckStrides);
+    }
+    auto grid = launch::make_grid(
+        plan.threads, kernel->maxTotalThreadsPerThreadgroup());
+    encoder.dispatch_threads(
+        MTL::Size(grid.x, grid.y, 1), MTL::Size(grid.group, 1, 1));
+  }
+}
+
+#else
+
+void GradCheck::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  // grads_nonfinite composes stock ops on a GPU stream in builds without
+  // Metal kernels, so only a hand-built graph reaches this.
+  throw std::runtime_error(
+      "mlx_fused_sgd: GradCheck has no GPU kernel in this build (MLX without "
+      "Metal); use grads_nonfinite, which falls back to stock MLX ops.");
+}
+
+#endif
+
+std::vector<mx::array> GradCheck::jvp(
+    const std::vector<mx::array>&,
+    const std::vector<mx::array>&,
+    const std::vector<int>&) {
+  throw std::runtime_error(
+      "mlx_fused_sgd: GradCheck (a non-finite test) cannot be differentiated.");
+}
+
+std::vector<mx::array> GradCheck::vjp(
+    const std::vector<mx::array>&,
+    const std::vector<mx::array>&,
+    const std::vector<int>&,
+    const std::vector<mx::array>&) {
+  throw std::runtime_error(
+      "mlx_fused_sgd: GradCheck (a non-finite test) cannot be differentiated.");
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>>
+GradCheck::vmap(const std::vector<mx::array>&, const std::vector<int>&) {
+  throw std::runtime_error(
+      "mlx_fused_sgd: GradCheck does not support vmap; check the batched "
+      "gradients directly.");
+}
+
+bool GradCheck::is_equivalent(const mx::Primitive& other) const {
+  return num_tensors_ == static_cast<const GradCheck&>(other).num_tensors_;
+}
+
+std::vector<mx::Shape> GradCheck::output_shapes(const std::vector<mx::array>&) {
+  return {mx::Shape{}};
+}
+
+} // namespace mlx_fused_sgd

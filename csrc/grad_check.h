@@ -1,0 +1,56 @@
+// The non-finite gradient check of skip_nonfinite as an MLX primitive: one
+// uint32 flag (1: some NaN or Inf) for a chunk of tensors, read on the device
+// by the update so that a skipped step needs no host round trip.
+#pragma once
+
+#include <vector>
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace mlx_fused_sgd {
+
+namespace mx = mlx::core;
+
+// A boolean scalar, true when any element of any of `grads` is NaN or Inf.
+// Float32, float16 and bfloat16 arrays, checked `tensors_per_primitive` to a
+// primitive; composed of stock ops on a device without a kernel of ours.
+mx::array grads_nonfinite(
+    const std::vector<mx::array>& grads,
+    int tensors_per_primitive = 4,
+    mx::StreamOrDevice s = {},
+    bool use_fallback = false);
+
+class GradCheck : public mx::UnaryPrimitive {
+ public:
+  GradCheck(mx::Stream stream, int num_tensors)
+      : mx::UnaryPrimitive(stream), num_tensors_(num_tensors) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+
+  std::vector<mx::array>
+  jvp(const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& tangents,
+      const std::vector<int>& argnums) override;
+  std::vector<mx::array>
+  vjp(const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
+      const std::vector<mx::array>& inputs,
+      const std::vector<int>& axes) override;
+
+  const char* name() const override {
+    return "GradCheck";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape>
+  output_shapes(const std::vector<mx::array>& inputs) override;
+
+ private:
+  int num_tensors_;
+};
+
+} // namespace mlx_fused_sgd

@@ -1,0 +1,80 @@
+// Metal kernels of the non-finite gradient check (skip_nonfinite): one
+// uint32 flag per chunk of tensors, cleared by grad_check_clear and OR-ed
+// with 1 by any thread that sees a NaN or an Inf. The test is
+// math::is_nonfinite from kernels/sgd_math.h, shared with the CPU loop; the
+// launch facts are kernels/sgd_launch.h, shared with eval_gpu.
+#include <metal_stdlib>
+
+#include "kernels/sgd_launch.h"
+#include "kernels/sgd_math.h"
+
+using namespace metal;
+using namespace mlx_fused_sgd;
+
+[[kernel]] void grad_check_clear(
+    device atomic_uint* flag [[buffer(launch::kCheckFlag)]],
+    uint gid [[thread_position_in_grid]]) {
+  if (gid == 0) {
+    atomic_store_explicit(flag, 0u, memory_order_relaxed);
+  }
+}
+
+template <typename T>
+[[kernel]] void grad_check_contiguous(
+    device const T* x [[buffer(launch::kCheckIn)]],
+    device atomic_uint* flag [[buffer(launch::kCheckFlag)]],
+    constant const launch::CheckArgs& args [[buffer(launch::kCheckArgs)]],
+    uint2 gid [[thread_position_in_grid]],
+    uint2 grid [[threads_per_grid]]) {
+  int64_t begin = (int64_t(gid.x) + int64_t(grid.x) * int64_t(gid.y)) *
+      launch::kWorkPerThread;
+  if (begin >= args.size) {
+    return;
+  }
+  int64_t end = begin + launch::kWorkPerThread;
+  end = end < args.size ? end : args.size;
+  bool bad = false;
+  for (int64_t i = begin; i < end; ++i) {
+    bad = bad || math::is_nonfinite(static_cast<float>(x[i]));
+  }
+  if (bad) {
+    atomic_fetch_or_explicit(flag, 1u, memory_order_relaxed);
+  }
+}
+
+template <typename T>
+[[kernel]] void grad_check_general(
+    device const T* x [[buffer(launch::kCheckIn)]],
+    device atomic_uint* flag [[buffer(launch::kCheckFlag)]],
+    constant const launch::CheckArgs& args [[buffer(launch::kCheckArgs)]],
+    constant const int* shape [[buffer(launch::kCheckShape)]],
+    constant const int64_t* strides [[buffer(launch::kCheckStrides)]],
+    uint2 gid [[thread_position_in_grid]],
+    uint2 grid [[threads_per_grid]]) {
+  int64_t i = int64_t(gid.x) + int64_t(grid.x) * int64_t(gid.y);
+  if (i >= args.size) {
+    return;
+  }
+  int64_t loc = 0;
+  int64_t elem = i;
+  for (int d = args.ndim - 1; d >= 0 && elem > 0; --d) {
+    loc += (elem % shape[d]) * strides[d];
+    elem /= shape[d];
+  }
+  if (math::is_nonfinite(static_cast<float>(x[loc]))) {
+    atomic_fetch_or_explicit(flag, 1u, memory_order_relaxed);
+  }
+}
+
+#ifndef MFS_INSTANTIATE
+#define MFS_INSTANTIATE(name, func, ...) \
+  template [[host_name(name)]] [[kernel]] decltype(func<__VA_ARGS__>) func<__VA_ARGS__>;
+#endif
+
+#define MFS_GRAD_CHECK(dtype, T)                                          \
+  MFS_INSTANTIATE("grad_check_contiguous_" #dtype, grad_check_contiguous, T) \
+  MFS_INSTANTIATE("grad_check_general_" #dtype, grad_check_general, T)
+
+MFS_GRAD_CHECK(float32, float)
+MFS_GRAD_CHECK(float16, half)
+MFS_GRAD_CHECK(bfloat16, bfloat)
