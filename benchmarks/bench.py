@@ -31,7 +31,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 import mlx_fused_sgd as mfs
 
@@ -120,7 +120,12 @@ def mlx_runner(kind: str, shapes, dtype, device):
     if kind == "fused":
         opt = mfs.FusedSGD(mfs.step_decay(*SCHEDULE), **HYPER)
     elif kind == "fused_grad_scale":
-        opt = mfs.FusedSGD(mfs.step_decay(*SCHEDULE), grad_scale=loss_scale, **HYPER)
+        opt = mfs.FusedSGD(
+            mfs.step_decay(*SCHEDULE),
+            grad_scale=loss_scale,
+            skip_nonfinite=True,
+            **HYPER,
+        )
     else:
         opt = optim.SGD(optim.step_decay(*SCHEDULE), **HYPER)
     opt.init(params)
@@ -135,9 +140,24 @@ def mlx_runner(kind: str, shapes, dtype, device):
             return opt.apply_gradients(g, p)
 
     elif kind == "stock_grad_scale":
-        # What stock MLX needs for loss scaling: one divide per tensor.
+        # Loss scaling with a skipped step on overflow, from stock ops: a
+        # divide and a finite check per tensor, and a select per output.
+        def keep_if_bad(ok, new, old):
+            if isinstance(new, dict):
+                for k in new:
+                    new[k] = keep_if_bad(ok, new[k], old[k])
+                return new
+            if isinstance(new, (list, tuple)):
+                return type(new)(keep_if_bad(ok, n, o) for n, o in zip(new, old))
+            return mx.where(ok, new, old)
+
         def update(g, p):
-            return opt.apply_gradients(tree_map(lambda x: x / loss_scale, g), p)
+            leaves = [x for _, x in tree_flatten(g)]
+            ok = mx.all(mx.stack([mx.all(mx.isfinite(x)) for x in leaves]))
+            old_state = tree_map(lambda x: x, opt.state)
+            new_p = opt.apply_gradients(tree_map(lambda x: x / loss_scale, g), p)
+            keep_if_bad(ok, opt.state, old_state)  # in place: no re-init
+            return keep_if_bad(ok, new_p, p)
 
     else:
         update = opt.apply_gradients
@@ -238,7 +258,8 @@ def triad_bandwidth(n: int = 1 << 25, reps: int = 15) -> tuple[float, str]:
 
 
 IMPLS = ["fused", "stock_eager", "stock_compiled", "torch_foreach", "torch_fused"]
-# Optional rows (--impls): the cost of loss scaling, fused vs stock ops.
+# Optional rows (--impls): the cost of loss scaling with skip on non-finite
+# gradients (grad_scale + skip_nonfinite), fused vs stock ops.
 EXTRA_IMPLS = ["fused_grad_scale", "stock_grad_scale"]
 LABELS = {
     "fused": "mlx-fused-sgd",

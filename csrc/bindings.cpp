@@ -40,7 +40,8 @@ std::vector<mx::array> as_list(const OptionalArray& v) {
 } // namespace
 
 static_assert(
-    mfs::kDefaultTensorsPerPrimitive == 4,
+    mfs::kDefaultTensorsPerPrimitive == 4 &&
+        mfs::kDefaultTensorsPerCheck == 1024,
     "update the tensors_per_primitive default in the nb::sig strings below");
 
 NB_MODULE(_ext, m) {
@@ -91,11 +92,11 @@ NB_MODULE(_ext, m) {
       },
       "grads"_a,
       nb::kw_only(),
-      "tensors_per_primitive"_a = mfs::kDefaultTensorsPerPrimitive,
+      "tensors_per_primitive"_a = mfs::kDefaultTensorsPerCheck,
       "stream"_a = nb::none(),
       nb::sig(
           "def grads_nonfinite(grads: list[mlx.core.array], *, "
-          "tensors_per_primitive: int = 4, "
+          "tensors_per_primitive: int = 1024, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) "
           "-> mlx.core.array"),
       R"(A boolean scalar, on the device: True when any element of any gradient
@@ -407,7 +408,7 @@ computed in the kernel from the integer ``step`` counter.)");
       "_grads_nonfinite_fallback",
       [](const std::vector<mx::array>& grads, mx::StreamOrDevice s) {
         return mfs::grads_nonfinite(
-            grads, mfs::kDefaultTensorsPerPrimitive, s, true);
+            grads, mfs::kDefaultTensorsPerCheck, s, true);
       },
       "grads"_a,
       nb::kw_only(),

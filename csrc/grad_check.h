@@ -12,12 +12,17 @@ namespace mlx_fused_sgd {
 
 namespace mx = mlx::core;
 
+// A single-output primitive costs O(inputs) to build, unlike the update's
+// multi-output chunks, so one primitive can check many tensors (one pass and
+// one fork-join over the thread pool).
+inline constexpr int kDefaultTensorsPerCheck = 1024;
+
 // A boolean scalar, true when any element of any of `grads` is NaN or Inf.
 // Float32, float16 and bfloat16 arrays, checked `tensors_per_primitive` to a
 // primitive; composed of stock ops on a device without a kernel of ours.
 mx::array grads_nonfinite(
     const std::vector<mx::array>& grads,
-    int tensors_per_primitive = 4,
+    int tensors_per_primitive = kDefaultTensorsPerCheck,
     mx::StreamOrDevice s = {},
     bool use_fallback = false);
 

@@ -53,7 +53,7 @@ def _check_schedule(schedule: StepDecay) -> StepDecay:
 def grads_nonfinite(
     grads: Sequence[mx.array],
     *,
-    tensors_per_primitive: int = _ext.DEFAULT_TENSORS_PER_PRIMITIVE,
+    tensors_per_primitive: int = 1024,
     stream: StreamOrDevice = None,
 ) -> mx.array:
     """A boolean scalar, computed on the device: True when any element of any
