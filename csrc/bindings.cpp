@@ -147,6 +147,7 @@ Returns:
          bool maximize,
          const OptionalArray& grad_scale,
          const OptionalArray& skip,
+         const OptionalArray& clip_factor,
          mx::StreamOrDevice s) {
         return single_result(
             mfs::sgd_update_many(
@@ -160,7 +161,8 @@ Returns:
                  nesterov,
                  maximize,
                  grad_scale,
-                 skip},
+                 skip,
+                 clip_factor},
                 1,
                 s));
       },
@@ -176,6 +178,7 @@ Returns:
       "maximize"_a = false,
       "grad_scale"_a = nb::none(),
       "skip"_a = nb::none(),
+      "clip_factor"_a = nb::none(),
       "stream"_a = nb::none(),
       nb::sig(
           "def sgd_update(param: mlx.core.array, grad: mlx.core.array, "
@@ -185,6 +188,7 @@ Returns:
           "nesterov: bool = False, maximize: bool = False, "
           "grad_scale: mlx.core.array | None = None, "
           "skip: mlx.core.array | None = None, "
+          "clip_factor: mlx.core.array | None = None, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) "
           "-> tuple[mlx.core.array, mlx.core.array | None]"),
       R"(One fused SGD step of one tensor (one primitive, one pass).
@@ -208,6 +212,7 @@ unchanged when momentum is 0. ``learning_rate`` is a scalar array.)");
          bool maximize,
          const OptionalArray& grad_scale,
          const OptionalArray& skip,
+         const OptionalArray& clip_factor,
          mx::StreamOrDevice s) {
         return single_result(
             mfs::sgd_update_many_scheduled(
@@ -222,7 +227,8 @@ unchanged when momentum is 0. ``learning_rate`` is a scalar array.)");
                  nesterov,
                  maximize,
                  grad_scale,
-                 skip},
+                 skip,
+                 clip_factor},
                 1,
                 s));
       },
@@ -241,6 +247,7 @@ unchanged when momentum is 0. ``learning_rate`` is a scalar array.)");
       "maximize"_a = false,
       "grad_scale"_a = nb::none(),
       "skip"_a = nb::none(),
+      "clip_factor"_a = nb::none(),
       "stream"_a = nb::none(),
       nb::sig(
           "def sgd_update_scheduled(param: mlx.core.array, "
@@ -251,6 +258,7 @@ unchanged when momentum is 0. ``learning_rate`` is a scalar array.)");
           "False, "
           "grad_scale: mlx.core.array | None = None, "
           "skip: mlx.core.array | None = None, "
+          "clip_factor: mlx.core.array | None = None, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) "
           "-> tuple[mlx.core.array, mlx.core.array | None]"),
       R"(One fused SGD step with the step-decay learning rate computed in the
@@ -269,6 +277,7 @@ kernel from the integer ``step`` counter (the step *before* increment).)");
          bool maximize,
          const OptionalArray& grad_scale,
          const OptionalArray& skip,
+         const OptionalArray& clip_factor,
          int tensors_per_primitive,
          mx::StreamOrDevice s) {
         auto r = mfs::sgd_update_many(
@@ -282,7 +291,8 @@ kernel from the integer ``step`` counter (the step *before* increment).)");
              nesterov,
              maximize,
              grad_scale,
-             skip},
+             skip,
+             clip_factor},
             tensors_per_primitive,
             s);
         return std::make_pair(std::move(r.params), std::move(r.velocities));
@@ -299,6 +309,7 @@ kernel from the integer ``step`` counter (the step *before* increment).)");
       "maximize"_a = false,
       "grad_scale"_a = nb::none(),
       "skip"_a = nb::none(),
+      "clip_factor"_a = nb::none(),
       "tensors_per_primitive"_a = mfs::kDefaultTensorsPerPrimitive,
       "stream"_a = nb::none(),
       nb::sig(
@@ -308,7 +319,8 @@ kernel from the integer ``step`` counter (the step *before* increment).)");
           "weight_decay: float = 0.0, dampening: float = 0.0, "
           "nesterov: bool = False, maximize: bool = False, "
           "grad_scale: mlx.core.array | None = None, "
-          "skip: mlx.core.array | None = None, tensors_per_primitive: "
+          "skip: mlx.core.array | None = None, "
+          "clip_factor: mlx.core.array | None = None, tensors_per_primitive: "
           "int = 4, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) "
           "-> tuple[list[mlx.core.array], list[mlx.core.array]]"),
@@ -331,6 +343,7 @@ primitives of ``tensors_per_primitive`` tensors each.)");
          bool maximize,
          const OptionalArray& grad_scale,
          const OptionalArray& skip,
+         const OptionalArray& clip_factor,
          int tensors_per_primitive,
          mx::StreamOrDevice s) {
         auto r = mfs::sgd_update_many_scheduled(
@@ -345,7 +358,8 @@ primitives of ``tensors_per_primitive`` tensors each.)");
              nesterov,
              maximize,
              grad_scale,
-             skip},
+             skip,
+             clip_factor},
             tensors_per_primitive,
             s);
         return std::make_pair(std::move(r.params), std::move(r.velocities));
@@ -365,6 +379,7 @@ primitives of ``tensors_per_primitive`` tensors each.)");
       "maximize"_a = false,
       "grad_scale"_a = nb::none(),
       "skip"_a = nb::none(),
+      "clip_factor"_a = nb::none(),
       "tensors_per_primitive"_a = mfs::kDefaultTensorsPerPrimitive,
       "stream"_a = nb::none(),
       nb::sig(
@@ -376,6 +391,7 @@ primitives of ``tensors_per_primitive`` tensors each.)");
           "False, "
           "grad_scale: mlx.core.array | None = None, "
           "skip: mlx.core.array | None = None, "
+          "clip_factor: mlx.core.array | None = None, "
           "tensors_per_primitive: int = 4, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) "
           "-> tuple[list[mlx.core.array], list[mlx.core.array]]"),
@@ -401,6 +417,34 @@ computed in the kernel from the integer ``step`` counter.)");
       "init"_a,
       "decay_rate"_a,
       "step_size"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none());
+
+  m.def(
+      "grads_sq_norm",
+      [](const std::vector<mx::array>& grads,
+         int tensors_per_primitive,
+         mx::StreamOrDevice s) {
+        return mfs::grads_sq_norm(grads, tensors_per_primitive, s);
+      },
+      "grads"_a,
+      nb::kw_only(),
+      "tensors_per_primitive"_a = mfs::kDefaultTensorsPerCheck,
+      "stream"_a = nb::none(),
+      nb::sig(
+          "def grads_sq_norm(grads: list[mlx.core.array], *, "
+          "tensors_per_primitive: int = 1024, "
+          "stream: mlx.core.Stream | mlx.core.Device | None = None) "
+          "-> mlx.core.array"),
+      R"(The squared L2 norm of all gradients together, a float32 scalar on
+the device (per tensor summed in double and rounded, then added in order).)");
+
+  m.def(
+      "_grads_sq_norm_fallback",
+      [](const std::vector<mx::array>& grads, mx::StreamOrDevice s) {
+        return mfs::grads_sq_norm(grads, mfs::kDefaultTensorsPerCheck, s, true);
+      },
+      "grads"_a,
       nb::kw_only(),
       "stream"_a = nb::none());
 
@@ -431,6 +475,7 @@ computed in the kernel from the integer ``step`` counter.)");
          bool maximize,
          const OptionalArray& grad_scale,
          const OptionalArray& skip,
+         const OptionalArray& clip_factor,
          mx::StreamOrDevice s) {
         mfs::SGDSettings settings{
             momentum,
@@ -439,7 +484,8 @@ computed in the kernel from the integer ``step`` counter.)");
             nesterov,
             maximize,
             grad_scale,
-            skip};
+            skip,
+            clip_factor};
         auto r = step ? mfs::sgd_update_many_scheduled(
                             params,
                             grads,
@@ -477,5 +523,6 @@ computed in the kernel from the integer ``step`` counter.)");
       "maximize"_a = false,
       "grad_scale"_a = nb::none(),
       "skip"_a = nb::none(),
+      "clip_factor"_a = nb::none(),
       "stream"_a = nb::none());
 }

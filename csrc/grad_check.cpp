@@ -27,6 +27,16 @@ nonfinite_composed(const std::vector<mx::array>& grads, mx::StreamOrDevice s) {
   return mx::any(mx::stack(flags, s), s);
 }
 
+mx::array
+sq_norm_composed(const std::vector<mx::array>& grads, mx::StreamOrDevice s) {
+  mx::array total = mx::array(0.0f);
+  for (const auto& g : grads) {
+    total = mx::add(
+        total, mx::sum(mx::square(mx::astype(g, mx::float32, s), s), s), s);
+  }
+  return total;
+}
+
 // One tensor of a chunk, as the CPU loop sees it.
 struct CheckView {
   const void* data;
@@ -52,6 +62,29 @@ bool range_nonfinite(const CheckView& v, int64_t begin, int64_t end) {
     }
   }
   return bad != 0;
+}
+
+template <typename T>
+double range_sq_sum(const CheckView& v, int64_t begin, int64_t end) {
+  auto x = static_cast<const T*>(v.data);
+  double sum = 0.0;
+  for (int64_t i = begin; i < end; ++i) {
+    double e = static_cast<float>(
+        x[v.contiguous ? i : elem_to_loc(i, v.shape, v.strides)]);
+    sum += e * e;
+  }
+  return sum;
+}
+
+double view_sq_sum(const CheckView& v, int64_t begin, int64_t end) {
+  switch (v.dtype) {
+  case mx::float16:
+    return range_sq_sum<mx::float16_t>(v, begin, end);
+  case mx::bfloat16:
+    return range_sq_sum<mx::bfloat16_t>(v, begin, end);
+  default:
+    return range_sq_sum<float>(v, begin, end);
+  }
 }
 
 bool view_nonfinite(const CheckView& v, int64_t begin, int64_t end) {
@@ -105,13 +138,56 @@ bool chunk_nonfinite(const std::vector<CheckView>& views) {
   return bad.load();
 }
 
-} // namespace
+// Sum of squares of a chunk: per tensor in double (shares of the elements
+// across threads, combined in order), rounded to float32, then the tensors
+// added in order in float32.
+float chunk_sq_norm(const std::vector<CheckView>& views) {
+  const int64_t n = static_cast<int64_t>(views.size());
+  int64_t total = 0;
+  for (const auto& v : views) {
+    total += v.size;
+  }
+  auto& pool = ThreadPool::instance();
+  const int64_t shares =
+      (total < kMinParallelElements) ? 1 : pool.num_threads();
+  std::vector<double> partial(shares * n, 0.0);
+  auto run_share = [&](int64_t k) {
+    const int64_t begin = total * k / shares;
+    const int64_t end = total * (k + 1) / shares;
+    int64_t offset = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      const auto& v = views[t];
+      const int64_t lo = std::max(begin - offset, int64_t(0));
+      const int64_t hi = std::min(end - offset, v.size);
+      if (lo < hi) {
+        partial[k * n + t] = view_sq_sum(v, lo, hi);
+      }
+      offset += v.size;
+      if (offset >= end) {
+        return;
+      }
+    }
+  };
+  if (shares == 1) {
+    run_share(0);
+  } else {
+    pool.parallel_for(shares, run_share);
+  }
+  float sum = 0.0f;
+  for (int64_t t = 0; t < n; ++t) {
+    double tensor_sum = 0.0;
+    for (int64_t k = 0; k < shares; ++k) {
+      tensor_sum += partial[k * n + t];
+    }
+    sum = sum + static_cast<float>(tensor_sum);
+  }
+  return sum;
+}
 
-mx::array grads_nonfinite(
+void check_grads(
     const std::vector<mx::array>& grads,
     int tensors_per_primitive,
-    mx::StreamOrDevice s,
-    bool use_fallback) {
+    const char* what) {
   if (tensors_per_primitive < 1) {
     throw std::invalid_argument(
         "tensors_per_primitive must be >= 1, but got " +
@@ -122,9 +198,59 @@ mx::array grads_nonfinite(
     if (d != mx::float32 && d != mx::float16 && d != mx::bfloat16) {
       throw std::invalid_argument(
           "grads[" + std::to_string(i) + "] has dtype " + dtype_name(d) +
-          "; the non-finite check supports float32, float16 and bfloat16.");
+          "; the " + what + " supports float32, float16 and bfloat16.");
     }
   }
+}
+
+// One GradCheck primitive of `kind` per chunk of tensors; its scalar outputs.
+std::vector<mx::array> grad_chunks(
+    const std::vector<mx::array>& grads,
+    int tensors_per_primitive,
+    const mx::Stream& stream,
+    GradCheck::Kind kind) {
+  std::vector<mx::array> outs;
+  for (size_t start = 0; start < grads.size(); start += tensors_per_primitive) {
+    size_t end = std::min(grads.size(), start + tensors_per_primitive);
+    std::vector<mx::array> chunk(grads.begin() + start, grads.begin() + end);
+    outs.push_back(
+        mx::array(
+            mx::Shape{},
+            kind == GradCheck::Kind::nonfinite ? mx::uint32 : mx::float32,
+            std::make_shared<GradCheck>(
+                stream, static_cast<int>(chunk.size()), kind),
+            std::move(chunk)));
+  }
+  return outs;
+}
+
+} // namespace
+
+mx::array grads_sq_norm(
+    const std::vector<mx::array>& grads,
+    int tensors_per_primitive,
+    mx::StreamOrDevice s,
+    bool use_fallback) {
+  check_grads(grads, tensors_per_primitive, "gradient norm");
+  auto stream = mx::to_stream(s);
+  if (use_fallback || !has_fused_kernel(stream)) {
+    return sq_norm_composed(grads, stream);
+  }
+  auto sums = grad_chunks(
+      grads, tensors_per_primitive, stream, GradCheck::Kind::sq_norm);
+  mx::array total = mx::array(0.0f);
+  for (size_t i = 0; i < sums.size(); ++i) {
+    total = i == 0 ? sums[0] : mx::add(total, sums[i], stream);
+  }
+  return total;
+}
+
+mx::array grads_nonfinite(
+    const std::vector<mx::array>& grads,
+    int tensors_per_primitive,
+    mx::StreamOrDevice s,
+    bool use_fallback) {
+  check_grads(grads, tensors_per_primitive, "non-finite check");
   if (grads.empty()) {
     return mx::array(false);
   }
@@ -132,17 +258,8 @@ mx::array grads_nonfinite(
   if (use_fallback || !has_fused_kernel(stream)) {
     return nonfinite_composed(grads, stream);
   }
-  std::vector<mx::array> flags;
-  for (size_t start = 0; start < grads.size(); start += tensors_per_primitive) {
-    size_t end = std::min(grads.size(), start + tensors_per_primitive);
-    std::vector<mx::array> chunk(grads.begin() + start, grads.begin() + end);
-    flags.push_back(
-        mx::array(
-            mx::Shape{},
-            mx::uint32,
-            std::make_shared<GradCheck>(stream, static_cast<int>(chunk.size())),
-            std::move(chunk)));
-  }
+  auto flags = grad_chunks(
+      grads, tensors_per_primitive, stream, GradCheck::Kind::nonfinite);
   if (flags.size() == 1) {
     return mx::astype(flags[0], mx::bool_, stream);
   }
@@ -170,9 +287,15 @@ void GradCheck::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     views.push_back(std::move(v));
   }
   encoder.set_output_array(out);
-  encoder.dispatch([views = std::move(views), flag = out.data<uint32_t>()]() {
-    *flag = chunk_nonfinite(views) ? 1u : 0u;
-  });
+  if (kind_ == Kind::nonfinite) {
+    encoder.dispatch([views = std::move(views), flag = out.data<uint32_t>()]() {
+      *flag = chunk_nonfinite(views) ? 1u : 0u;
+    });
+  } else {
+    encoder.dispatch([views = std::move(views), sum = out.data<float>()]() {
+      *sum = chunk_sq_norm(views);
+    });
+  }
 }
 
 #ifdef _METAL_
@@ -184,7 +307,9 @@ void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   auto* lib = d.get_library(kMetalLibraryName, extension_dir());
   auto& encoder = mx::metal::get_command_encoder(s);
 
-  auto* clear = d.get_kernel("grad_check_clear", lib);
+  const bool check = kind_ == Kind::nonfinite;
+  auto* clear =
+      d.get_kernel(check ? "grad_check_clear" : "grad_norm_clear", lib);
   encoder.set_compute_pipeline_state(clear);
   encoder.set_output_array(out, launch::kCheckFlag);
   encoder.dispatch_threads(MTL::Size(1, 1, 1), MTL::Size(1, 1, 1));
@@ -194,7 +319,7 @@ void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
       continue;
     }
     const bool contiguous = g.flags().row_contiguous;
-    auto plan = launch::plan_check(
+    auto plan = (check ? launch::plan_check : launch::plan_norm)(
         dtype_name(g.dtype()),
         contiguous,
         static_cast<int64_t>(g.size()),
@@ -252,7 +377,8 @@ GradCheck::vmap(const std::vector<mx::array>&, const std::vector<int>&) {
 }
 
 bool GradCheck::is_equivalent(const mx::Primitive& other) const {
-  return num_tensors_ == static_cast<const GradCheck&>(other).num_tensors_;
+  const auto& o = static_cast<const GradCheck&>(other);
+  return num_tensors_ == o.num_tensors_ && kind_ == o.kind_;
 }
 
 std::vector<mx::Shape> GradCheck::output_shapes(const std::vector<mx::array>&) {

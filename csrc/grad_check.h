@@ -1,6 +1,7 @@
-// The non-finite gradient check of skip_nonfinite as an MLX primitive: one
-// uint32 flag (1: some NaN or Inf) for a chunk of tensors, read on the device
-// by the update so that a skipped step needs no host round trip.
+// Reads of the gradients before the update, as one MLX primitive each chunk:
+// the non-finite check of skip_nonfinite (a uint32 flag, 1: some NaN or Inf)
+// and the squared L2 norm of max_grad_norm (a float32). Both stay on the
+// device, read there by the update: no host round trip.
 #pragma once
 
 #include <vector>
@@ -26,10 +27,23 @@ mx::array grads_nonfinite(
     mx::StreamOrDevice s = {},
     bool use_fallback = false);
 
+// The squared L2 norm of all of `grads` together, a float32 scalar on the
+// device: per tensor summed in double precision and rounded to float32, the
+// tensors then added in order in float32 (as stock clip_grad_norm adds its
+// per-tensor sums). On Metal the float32 partial sums are added atomically,
+// in an order that varies from run to run.
+mx::array grads_sq_norm(
+    const std::vector<mx::array>& grads,
+    int tensors_per_primitive = kDefaultTensorsPerCheck,
+    mx::StreamOrDevice s = {},
+    bool use_fallback = false);
+
 class GradCheck : public mx::UnaryPrimitive {
  public:
-  GradCheck(mx::Stream stream, int num_tensors)
-      : mx::UnaryPrimitive(stream), num_tensors_(num_tensors) {}
+  enum class Kind { nonfinite, sq_norm };
+
+  GradCheck(mx::Stream stream, int num_tensors, Kind kind)
+      : mx::UnaryPrimitive(stream), num_tensors_(num_tensors), kind_(kind) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -48,7 +62,7 @@ class GradCheck : public mx::UnaryPrimitive {
       const std::vector<int>& axes) override;
 
   const char* name() const override {
-    return "GradCheck";
+    return kind_ == Kind::nonfinite ? "GradCheck" : "GradNorm";
   }
   bool is_equivalent(const mx::Primitive& other) const override;
   std::vector<mx::Shape>
@@ -56,6 +70,7 @@ class GradCheck : public mx::UnaryPrimitive {
 
  private:
   int num_tensors_;
+  Kind kind_;
 };
 
 } // namespace mlx_fused_sgd

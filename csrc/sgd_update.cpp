@@ -153,6 +153,7 @@ SGDResult sgd_update_composed(
     const std::optional<StepDecay>& schedule,
     const mx::array& grad_scale,
     const mx::array& skip_flag,
+    const mx::array& clip_factor,
     const SGDVariant& v,
     mx::StreamOrDevice s) {
   auto lr =
@@ -168,6 +169,9 @@ SGDResult sgd_update_composed(
     auto g = mx::astype(grads[i], mx::float32, s);
     if (v.scale_grad) {
       g = mx::divide(g, divisor, s);
+      if (v.clip) {
+        g = mx::multiply(g, clip_factor, s);
+      }
     }
     if (v.weight_decay) {
       g = mx::add(g, mx::multiply(scalar(v.hyper.weight_decay), p, s), s);
@@ -236,13 +240,18 @@ SGDResult sgd_update_impl(
       settings.nesterov,
       settings.grad_scale.has_value(),
       settings.maximize,
-      settings.skip.has_value());
+      settings.skip.has_value(),
+      settings.clip_factor.has_value());
   const auto grad_scale =
       settings.grad_scale
           ? check_real_scalar(*settings.grad_scale, "grad_scale", s)
           : mx::array(1.0f);
   const auto skip_flag = settings.skip ? check_skip_flag(*settings.skip, s)
                                        : mx::array(0u, mx::uint32);
+  const auto clip_factor =
+      settings.clip_factor
+          ? check_real_scalar(*settings.clip_factor, "clip_factor", s)
+          : mx::array(1.0f);
   const bool have_velocities = !velocities.empty();
   if (have_velocities && velocities.size() != n) {
     throw std::invalid_argument(
@@ -274,6 +283,7 @@ SGDResult sgd_update_impl(
         schedule,
         grad_scale,
         skip_flag,
+        clip_factor,
         variant,
         stream);
   }
@@ -299,7 +309,7 @@ SGDResult sgd_update_impl(
       std::vector<mx::array> inputs;
       std::vector<mx::Shape> shapes;
       std::vector<mx::Dtype> dtypes;
-      inputs.reserve(3 * count + 3);
+      inputs.reserve(3 * count + 4);
       for (size_t k = start; k < end; ++k) {
         inputs.push_back(params[indices[k]]);
       }
@@ -320,6 +330,9 @@ SGDResult sgd_update_impl(
       }
       if (variant.skip) {
         inputs.push_back(skip_flag);
+      }
+      if (variant.clip) {
+        inputs.push_back(clip_factor);
       }
       const int outputs_per_tensor = variant.momentum ? 2 : 1;
       for (int o = 0; o < outputs_per_tensor; ++o) {
@@ -596,14 +609,19 @@ void SGDUpdate::eval_cpu(
   const void* lr_ptr = lr_input.data<void>();
   const float* scale_ptr = nullptr;
   if (variant_.scale_grad) {
-    const auto& scale = inputs[lr_index() + 1];
+    const auto& scale = inputs[scale_index()];
     encoder.set_input_array(scale);
     scale_ptr = scale.data<float>();
   }
   const uint32_t* skip_ptr = nullptr;
   if (variant_.skip) {
-    encoder.set_input_array(inputs.back());
-    skip_ptr = inputs.back().data<uint32_t>();
+    encoder.set_input_array(inputs[skip_index()]);
+    skip_ptr = inputs[skip_index()].data<uint32_t>();
+  }
+  const float* clip_ptr = nullptr;
+  if (variant_.clip) {
+    encoder.set_input_array(inputs[clip_index()]);
+    clip_ptr = inputs[clip_index()].data<float>();
   }
   const cpu_kernel::KernelKey key{
       cpu_kernel::dtype_code(inputs[0].dtype()),
@@ -617,6 +635,7 @@ void SGDUpdate::eval_cpu(
                     lr_ptr,
                     scale_ptr,
                     skip_ptr,
+                    clip_ptr,
                     schedule = schedule_,
                     variant = variant_]() {
     // The learning rate and the loss scale are read when the task runs,
@@ -624,6 +643,9 @@ void SGDUpdate::eval_cpu(
     auto hyper = variant.hyper;
     if (scale_ptr != nullptr) {
       hyper.grad_divisor = variant.grad_divisor(*scale_ptr);
+    }
+    if (clip_ptr != nullptr) {
+      hyper.grad_multiplier = *clip_ptr;
     }
     float lr;
     if (schedule) {
@@ -655,8 +677,9 @@ void SGDUpdate::eval_gpu(
   // Slots without an input of their own get a valid buffer the kernel
   // ignores (the learning rate's).
   const auto& scale_input =
-      variant_.scale_grad ? inputs[lr_index() + 1] : lr_input;
-  const auto& skip_input = variant_.skip ? inputs.back() : lr_input;
+      variant_.scale_grad ? inputs[scale_index()] : lr_input;
+  const auto& skip_input = variant_.skip ? inputs[skip_index()] : lr_input;
+  const auto& clip_input = variant_.clip ? inputs[clip_index()] : lr_input;
   const launch::FusedSchedule fused{
       schedule_.has_value(),
       schedule_ ? schedule_->init : 0.0,
@@ -691,6 +714,7 @@ void SGDUpdate::eval_gpu(
     encoder.set_bytes(plan.args, launch::kSGDArgs);
     encoder.set_input_array(scale_input, launch::kGradScale);
     encoder.set_input_array(skip_input, launch::kSkip);
+    encoder.set_input_array(clip_input, launch::kGradMultiplier);
     if (!contiguous) {
       encoder.set_vector_bytes(p.shape(), launch::kShape);
       encoder.set_vector_bytes(p.strides(), launch::kParamStrides);
@@ -756,7 +780,8 @@ void SGDUpdate::check_layout(
     const std::vector<mx::array>& inputs,
     const std::vector<mx::array>& outputs) const {
   const size_t per_tensor = variant_.momentum ? 3 : 2;
-  const size_t scalars = 1 + variant_.scale_grad + variant_.skip;
+  const size_t scalars =
+      1 + variant_.scale_grad + variant_.skip + variant_.clip;
   if (inputs.size() != per_tensor * num_tensors_ + scalars ||
       outputs.size() != (per_tensor - 1) * num_tensors_) {
     throw std::runtime_error(

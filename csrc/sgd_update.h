@@ -30,6 +30,9 @@ struct SGDSettings {
   // A device flag (grads_nonfinite): when nonzero the step keeps params and
   // momentum buffers as they are.
   std::optional<mx::array> skip;
+  // A float32 scalar every gradient is multiplied by after unscaling: the
+  // global-norm clip factor (max_grad_norm), computed on the device.
+  std::optional<mx::array> clip_factor;
 
   // Throws std::invalid_argument naming the bad hyperparameter.
   void validate() const;
@@ -83,7 +86,8 @@ SGDResult sgd_update_many_scheduled(
 //          scalar: the float32 learning rate, or the uint64 step counter when
 //          a step-decay schedule is fused in; then, with grad_scale or
 //          maximize, the float32 grad_scale scalar (1 if not given); then,
-//          with a skip flag, the uint32 flag.
+//          with a skip flag, the uint32 flag; then, with clipping, the
+//          float32 clip factor.
 // Outputs: params[n], velocities[n] (momentum only).
 class SGDUpdate : public mx::Primitive {
  public:
@@ -126,9 +130,18 @@ class SGDUpdate : public mx::Primitive {
   void check_layout(
       const std::vector<mx::array>& inputs,
       const std::vector<mx::array>& outputs) const;
-  // Index of the learning-rate (or step) input.
+  // Indices of the scalar inputs that follow the tensors.
   size_t lr_index() const {
     return (variant_.momentum ? 3 : 2) * num_tensors_;
+  }
+  size_t scale_index() const {
+    return lr_index() + 1;
+  }
+  size_t skip_index() const {
+    return scale_index() + variant_.scale_grad;
+  }
+  size_t clip_index() const {
+    return skip_index() + variant_.skip;
   }
 
   int num_tensors_;

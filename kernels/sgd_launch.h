@@ -35,6 +35,7 @@ MFS_CONSTANT constexpr int kGradStrides = 10;
 MFS_CONSTANT constexpr int kVelocityStrides = 11;
 MFS_CONSTANT constexpr int kGradScale = 12; // float32 scalar (kScaleGrad)
 MFS_CONSTANT constexpr int kSkip = 13;      // uint32 scalar (args.has_skip)
+MFS_CONSTANT constexpr int kGradMultiplier = 14; // float32 (args.has_clip)
 
 // Buffer slots of the non-finite check kernels.
 MFS_CONSTANT constexpr int kCheckIn = 0;
@@ -42,6 +43,14 @@ MFS_CONSTANT constexpr int kCheckFlag = 1; // uint32, OR-ed with 1 on a hit
 MFS_CONSTANT constexpr int kCheckArgs = 2;
 MFS_CONSTANT constexpr int kCheckShape = 3; // general kernels only
 MFS_CONSTANT constexpr int kCheckStrides = 4;
+
+// The squared-norm kernels (max_grad_norm) use the same layout, with a
+// float32 sum, atomically accumulated, in place of the flag.
+MFS_CONSTANT constexpr int kNormIn = kCheckIn;
+MFS_CONSTANT constexpr int kNormSum = kCheckFlag;
+MFS_CONSTANT constexpr int kNormArgs = kCheckArgs;
+MFS_CONSTANT constexpr int kNormShape = kCheckShape;
+MFS_CONSTANT constexpr int kNormStrides = kCheckStrides;
 
 // Buffer slots of the step-decay kernels.
 MFS_CONSTANT constexpr int kStepIn = 0;
@@ -64,6 +73,7 @@ struct SGDArgs {
   int32_t ndim;          // general kernels
   int32_t maximize;      // 1: the gradient is negated (kScaleGrad kernels)
   int32_t has_skip;      // 1: a nonzero kSkip flag makes the update a copy
+  int32_t has_clip;      // 1: kGradMultiplier holds the clip factor
 };
 
 struct CheckArgs {
@@ -92,6 +102,7 @@ struct SGDVariant {
   bool scale_grad; // a grad_scale input, or maximize
   bool maximize;
   bool skip; // a skip-flag input (skip_nonfinite): a set flag copies instead
+  bool clip; // a clip-factor input (max_grad_norm)
   math::SGDHyper hyper;
 
   static SGDVariant from(
@@ -101,21 +112,24 @@ struct SGDVariant {
       bool nesterov,
       bool has_grad_scale = false,
       bool maximize = false,
-      bool skip = false) {
+      bool skip = false,
+      bool clip = false) {
     SGDVariant v;
     v.weight_decay = weight_decay != 0;
     v.momentum = momentum > 0;
     v.dampening = v.momentum && dampening > 0;
     v.nesterov = v.momentum && nesterov;
-    v.scale_grad = has_grad_scale || maximize;
+    v.scale_grad = has_grad_scale || maximize || clip;
     v.maximize = maximize;
     v.skip = skip;
+    v.clip = clip;
     v.hyper.weight_decay = static_cast<float>(weight_decay);
     v.hyper.momentum = static_cast<float>(momentum);
     // Stock computes (1 - dampening) on Python floats, then rounds once.
     v.hyper.dampening_scale = static_cast<float>(1.0 - dampening);
     // Set when a launch runs, from the grad_scale read on the device.
     v.hyper.grad_divisor = 1.0f;
+    v.hyper.grad_multiplier = 1.0f;
     return v;
   }
 
@@ -128,7 +142,8 @@ struct SGDVariant {
     return weight_decay == o.weight_decay && momentum == o.momentum &&
            dampening == o.dampening && nesterov == o.nesterov &&
            scale_grad == o.scale_grad && maximize == o.maximize &&
-           skip == o.skip && hyper.weight_decay == o.hyper.weight_decay &&
+           skip == o.skip && clip == o.clip &&
+           hyper.weight_decay == o.hyper.weight_decay &&
            hyper.momentum == o.hyper.momentum &&
            hyper.dampening_scale == o.hyper.dampening_scale;
   }
@@ -176,6 +191,7 @@ inline SGDPlan plan_sgd(
   plan.args.ndim = ndim;
   plan.args.maximize = v.maximize ? 1 : 0;
   plan.args.has_skip = v.skip ? 1 : 0;
+  plan.args.has_clip = v.clip ? 1 : 0;
   return plan;
 }
 
@@ -212,6 +228,22 @@ struct CheckPlan {
   int64_t threads;
   CheckArgs args;
 };
+
+// "grad_norm_<contiguous|general>_<dtype>": the sum of squares of a chunk
+// of tensors into one float32, cleared first by "grad_norm_clear". The
+// arguments are those of the check kernels.
+inline CheckPlan
+plan_norm(const std::string& dtype, bool contiguous, int64_t size, int ndim) {
+  CheckPlan plan;
+  plan.name =
+      std::string(contiguous ? "grad_norm_contiguous_" : "grad_norm_general_") +
+      dtype;
+  plan.threads =
+      contiguous ? (size + kWorkPerThread - 1) / kWorkPerThread : size;
+  plan.args.size = size;
+  plan.args.ndim = ndim;
+  return plan;
+}
 
 // "grad_check_<contiguous|general>_<dtype>"; the flag is cleared first by
 // the one-thread kernel "grad_check_clear".

@@ -65,6 +65,9 @@ struct SGDHyper {
   // The gradient is divided by this first (kScaleGrad only): the loss scale,
   // negated for maximize (g / -s == -(g / s) exactly).
   float grad_divisor;
+  // ... then multiplied by this (kScaleGrad only): the global-norm clip
+  // factor, 1 without clipping (g * 1 == g exactly).
+  float grad_multiplier;
 };
 
 struct ParamVelocity {
@@ -77,8 +80,9 @@ struct ParamVelocity {
 // compile time, mirroring stock's Python branches:
 //   kWeightDecay: weight_decay != 0      kMomentum: momentum > 0
 //   kDampening:   dampening > 0          kNesterov: nesterov
-//   kScaleGrad:   grad_scale given or maximize (PyTorch's order: the
-//                 gradient is scaled and negated before weight decay)
+//   kScaleGrad:   grad_scale, maximize or clipping (PyTorch's order: the
+//                 gradient is unscaled, clipped and negated before weight
+//                 decay)
 template <
     bool kWeightDecay,
     bool kMomentum,
@@ -89,6 +93,7 @@ MFS_INLINE ParamVelocity
 sgd_update_element(float p, float g, float v, float lr, SGDHyper h) {
   if (kScaleGrad) {
     g = g / h.grad_divisor;
+    g = g * h.grad_multiplier;
   }
   if (kWeightDecay) {
     float decay = h.weight_decay * p;

@@ -28,14 +28,19 @@ inline float launch_learning_rate(
 template <bool S>
 inline math::SGDHyper launch_hyper(
     constant const launch::SGDArgs& args,
-    device const float* grad_scale) {
+    device const float* grad_scale,
+    device const float* grad_multiplier) {
   math::SGDHyper h;
   h.weight_decay = args.weight_decay;
   h.momentum = args.momentum;
   h.dampening_scale = args.dampening_scale;
   h.grad_divisor = 1.0f;
+  h.grad_multiplier = 1.0f;
   if (S) {
     h.grad_divisor = args.maximize ? -grad_scale[0] : grad_scale[0];
+    if (args.has_clip) {
+      h.grad_multiplier = grad_multiplier[0];
+    }
   }
   return h;
 }
@@ -88,6 +93,7 @@ template <typename T, bool WD, bool M, bool D, bool N, bool S>
     constant const launch::SGDArgs& args [[buffer(launch::kSGDArgs)]],
     device const float* grad_scale [[buffer(launch::kGradScale)]],
     device const uint* skip [[buffer(launch::kSkip)]],
+    device const float* grad_multiplier [[buffer(launch::kGradMultiplier)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid [[threads_per_grid]]) {
   int64_t begin = int64_t(linear_thread(gid, grid)) * launch::kWorkPerThread;
@@ -96,7 +102,7 @@ template <typename T, bool WD, bool M, bool D, bool N, bool S>
   }
   bool copy = args.has_skip && skip[0] != 0;
   float rate = launch_learning_rate(lr, step, args);
-  math::SGDHyper h = launch_hyper<S>(args, grad_scale);
+  math::SGDHyper h = launch_hyper<S>(args, grad_scale, grad_multiplier);
   if (begin + launch::kWorkPerThread <= args.size) {
     for (int k = 0; k < launch::kWorkPerThread; ++k) {
       int64_t i = begin + k;
@@ -165,6 +171,7 @@ template <typename T, bool WD, bool M, bool D, bool N, bool S>
     [[buffer(launch::kVelocityStrides)]],
     device const float* grad_scale [[buffer(launch::kGradScale)]],
     device const uint* skip [[buffer(launch::kSkip)]],
+    device const float* grad_multiplier [[buffer(launch::kGradMultiplier)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid [[threads_per_grid]]) {
   int64_t i = int64_t(linear_thread(gid, grid));
@@ -186,7 +193,7 @@ template <typename T, bool WD, bool M, bool D, bool N, bool S>
       iv,
       i,
       rate,
-      launch_hyper<S>(args, grad_scale),
+      launch_hyper<S>(args, grad_scale, grad_multiplier),
       args.has_skip && skip[0] != 0);
 }
 

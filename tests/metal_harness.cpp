@@ -40,9 +40,10 @@ template <typename F> bool record(const char* name, F* fn) {
 #include "kernels/sgd_update.metal"
 #include "kernels/step_decay.metal"
 
-// The one kernel that is not a template, so not instantiated by name.
+// The kernels that are not templates, so not instantiated by name.
 static const bool mfs_clear_registered =
-    record("grad_check_clear", &grad_check_clear);
+    record("grad_check_clear", &grad_check_clear) &&
+    record("grad_norm_clear", &grad_norm_clear);
 
 namespace launch = mlx_fused_sgd::launch;
 
@@ -83,6 +84,7 @@ int run_sgd_typed(
     const uint64_t* step,
     const float* grad_scale,
     const uint* skip,
+    const float* multiplier,
     const int* shape,
     const int64_t* param_strides,
     const int64_t* grad_strides,
@@ -109,6 +111,7 @@ int run_sgd_typed(
         const launch::SGDArgs&,
         const float*,
         const uint*,
+        const float*,
         uint2,
         uint2);
     auto fn = lookup<F>(plan.name);
@@ -116,7 +119,19 @@ int run_sgd_typed(
       return 1;
     }
     run_grid(plan.threads, [&](uint2 gid, uint2 grid) {
-      fn(p, g, v, po, vo, lr, step, plan.args, grad_scale, skip, gid, grid);
+      fn(p,
+         g,
+         v,
+         po,
+         vo,
+         lr,
+         step,
+         plan.args,
+         grad_scale,
+         skip,
+         multiplier,
+         gid,
+         grid);
     });
   } else {
     using F = void(
@@ -134,6 +149,7 @@ int run_sgd_typed(
         const int64_t*,
         const float*,
         const uint*,
+        const float*,
         uint2,
         uint2);
     auto fn = lookup<F>(plan.name);
@@ -155,6 +171,7 @@ int run_sgd_typed(
          velocity_strides,
          grad_scale,
          skip,
+         multiplier,
          gid,
          grid);
     });
@@ -218,6 +235,7 @@ int run_sgd(
     int maximize,
     int scaled,
     int has_skip,
+    int has_clip,
     int scheduled,
     double init,
     double decay_rate,
@@ -237,7 +255,8 @@ int run_sgd(
     const float* lr,
     const uint64_t* step,
     const float* grad_scale,
-    const uint32_t* skip) {
+    const uint32_t* skip,
+    const float* clip_factor) {
   auto variant = launch::SGDVariant::from(
       momentum,
       weight_decay,
@@ -245,12 +264,14 @@ int run_sgd(
       nesterov,
       scaled != 0,
       maximize != 0,
-      has_skip != 0);
+      has_skip != 0,
+      has_clip != 0);
   // eval_gpu binds its last input to the grad_scale slot: the scale when
   // there is one, else the learning rate (never read).
   const float* scale_slot = variant.scale_grad ? grad_scale : lr;
   const uint* skip_slot =
       variant.skip ? skip : reinterpret_cast<const uint*>(lr);
+  const float* clip_slot = variant.clip ? clip_factor : lr;
   auto plan = launch::plan_sgd(
       dtype,
       contiguous,
@@ -273,6 +294,7 @@ int run_sgd(
         step,
         scale_slot,
         skip_slot,
+        clip_slot,
         shape,
         param_strides,
         grad_strides,
@@ -390,6 +412,74 @@ int run_grad_check(
     }
   }
   *flag = result.load();
+  return 0;
+}
+
+// The squared norm of one chunk as GradCheck::eval_gpu (GradNorm) launches
+// it: the clear kernel, then one kernel per tensor adding into `sum`.
+int run_grad_norm(
+    int count,
+    const char* const* dtypes,
+    const int* contiguous,
+    const int64_t* sizes,
+    const int* ndims,
+    const int* const* shapes,
+    const int64_t* const* strides,
+    const void* const* data,
+    float* sum) {
+  std::atomic<float> result{123.0f}; // garbage until cleared
+  using Clear = void(atomic_float*, uint);
+  auto clear = lookup<Clear>("grad_norm_clear");
+  if (!clear) {
+    return 1;
+  }
+  clear(&result, 0);
+  for (int t = 0; t < count; ++t) {
+    if (sizes[t] == 0) {
+      continue;
+    }
+    auto plan = launch::plan_norm(dtypes[t], contiguous[t], sizes[t], ndims[t]);
+    std::string d = dtypes[t];
+    auto run = [&]<typename T>() {
+      auto x = static_cast<const T*>(data[t]);
+      if (contiguous[t]) {
+        using F = void(
+            const T*, atomic_float*, const launch::CheckArgs&, uint2, uint2);
+        auto fn = lookup<F>(plan.name);
+        if (!fn) {
+          return 1;
+        }
+        run_grid(plan.threads, [&](uint2 gid, uint2 grid) {
+          fn(x, &result, plan.args, gid, grid);
+        });
+      } else {
+        using F = void(
+            const T*,
+            atomic_float*,
+            const launch::CheckArgs&,
+            const int*,
+            const int64_t*,
+            uint2,
+            uint2);
+        auto fn = lookup<F>(plan.name);
+        if (!fn) {
+          return 1;
+        }
+        run_grid(plan.threads, [&](uint2 gid, uint2 grid) {
+          fn(x, &result, plan.args, shapes[t], strides[t], gid, grid);
+        });
+      }
+      return 0;
+    };
+    int rc = d == "float32"    ? run.template operator()<float>()
+             : d == "float16"  ? run.template operator()<half>()
+             : d == "bfloat16" ? run.template operator()<bfloat>()
+                               : 2;
+    if (rc != 0) {
+      return rc;
+    }
+  }
+  *sum = result.load();
   return 0;
 }
 

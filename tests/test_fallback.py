@@ -21,6 +21,7 @@ VARIANTS = [
     dict(momentum=0.9, maximize=True),
     dict(weight_decay=0.01, grad_scale=mx.array(1024.0)),
     dict(momentum=0.7, dampening=0.25, maximize=True, grad_scale=mx.array(3.0)),
+    dict(momentum=0.9, weight_decay=0.01, clip_factor=mx.array(0.37)),
 ]
 
 
@@ -95,3 +96,14 @@ def test_grads_nonfinite_fallback_matches_primitive(bad):
     b = mfs.grads_nonfinite(grads)
     assert a.dtype == b.dtype == mx.bool_
     assert a.item() == b.item() == (bad is not None)
+
+
+def test_sq_norm_fallback_matches_primitive():
+    grads = [
+        mx.random.normal((1000,)),
+        mx.random.normal((30, 40)).T,
+        mx.ones((5,), mx.bfloat16),
+    ]
+    a = _ext._grads_sq_norm_fallback(grads).item()
+    b = _ext.grads_sq_norm(grads).item()
+    assert abs(a - b) <= 1e-5 * b

@@ -59,7 +59,9 @@ VARIANTS = [
 
 
 def _cfg_id(c):
+    clip = c.get("clip_factor")
     extra = f"-max{int(c.get('maximize', False))}-s{c.get('grad_scale')}"
+    extra += f"-c{clip.item() if clip is not None else None}"
     return f"m{c['momentum']}-wd{c['weight_decay']}-d{c['dampening']}-n{int(c['nesterov'])}{extra}"
 
 
@@ -99,6 +101,7 @@ def build_harness(out_dir: Path, kernels_root: Path = ROOT) -> ctypes.CDLL:
         ctypes.c_int,  # maximize
         ctypes.c_int,  # scaled
         ctypes.c_int,  # has_skip
+        ctypes.c_int,  # has_clip
         ctypes.c_int,
         ctypes.c_double,
         ctypes.c_double,
@@ -106,6 +109,7 @@ def build_harness(out_dir: Path, kernels_root: Path = ROOT) -> ctypes.CDLL:
         ctypes.c_int,
         ctypes.c_int64,
         ctypes.c_int,
+        p,
         p,
         p,
         p,
@@ -121,6 +125,7 @@ def build_harness(out_dir: Path, kernels_root: Path = ROOT) -> ctypes.CDLL:
         p,
     ]
     h.run_grad_check.argtypes = [ctypes.c_int] + [p] * 8
+    h.run_grad_norm.argtypes = [ctypes.c_int] + [p] * 8
     h.run_step_decay.argtypes = [
         ctypes.c_char_p,
         ctypes.c_double,
@@ -210,6 +215,8 @@ def metal_sgd(
     scale = cfg.get("grad_scale")
     scale_arr = np.array([scale if scale is not None else 1.0], np.float32)
     skip_arr = np.array([skip if skip is not None else 0], np.uint32)
+    clip = cfg.get("clip_factor")
+    clip_arr = np.array([clip.item() if clip is not None else 1.0], np.float32)
     sched = schedule or mfs.step_decay(1.0, 1.0, 1)
     rc = h.run_sgd(
         str(dtype).split(".")[-1].encode(),
@@ -220,6 +227,7 @@ def metal_sgd(
         int(cfg.get("maximize", False)),
         int(cfg.get("grad_scale") is not None),
         int(skip is not None),
+        int(cfg.get("clip_factor") is not None),
         int(schedule is not None),
         float(sched.init),
         float(sched.decay_rate),
@@ -240,6 +248,7 @@ def metal_sgd(
         _ptr(step_arr),
         _ptr(scale_arr),
         _ptr(skip_arr),
+        _ptr(clip_arr),
     )
     assert rc == 0, f"kernel for {dtype} {cfg} not instantiated (rc {rc})"
 
@@ -308,8 +317,9 @@ def test_every_instantiated_kernel_is_one_eval_gpu_can_launch(harness):
     # 3 dtypes x 8 variants x {no divisor, divisor} x {contiguous, general}
     # + 8 step dtypes x 2; each one is run by the tests above (a missing name
     # makes them fail).
-    # + the non-finite check: 3 dtypes x 2 layouts, and the clear kernel.
-    assert harness.harness_kernel_count() == 3 * 8 * 2 * 2 + 8 * 2 + 3 * 2 + 1
+    # + the non-finite check and the squared norm: 3 dtypes x 2 layouts and
+    # a clear kernel each.
+    assert harness.harness_kernel_count() == 3 * 8 * 2 * 2 + 8 * 2 + 2 * (3 * 2 + 1)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -336,8 +346,9 @@ def test_skip_flag_in_kernels_matches_cpu(harness, dtype, skip):
         assert_bitwise_equal(got_p, exp_p)
 
 
-def metal_grad_check(h, arrays):
-    """The flag GradCheck's kernels produce for a chunk of tensors."""
+def metal_grad_check(h, arrays, fn="run_grad_check", out_dtype=np.uint32):
+    """The output GradCheck's kernels (or GradNorm's, with
+    fn="run_grad_norm") produce for a chunk of tensors."""
     keep = []
     dtypes, contig, sizes, ndims, shapes, strides, data = ([] for _ in range(7))
     for a in arrays:
@@ -357,8 +368,8 @@ def metal_grad_check(h, arrays):
         strides.append(st.ctypes.data)
         data.append(_buffer_ptr(buf).value)
     n = len(arrays)
-    flag = np.zeros(1, np.uint32)
-    rc = h.run_grad_check(
+    flag = np.zeros(1, out_dtype)
+    rc = getattr(h, fn)(
         n,
         (ctypes.c_char_p * n)(*dtypes),
         _ptr(np.array(contig, np.int32)),
@@ -370,7 +381,7 @@ def metal_grad_check(h, arrays):
         _ptr(flag),
     )
     assert rc == 0
-    return bool(flag[0])
+    return bool(flag[0]) if out_dtype == np.uint32 else float(flag[0])
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -388,6 +399,25 @@ def test_grad_check_kernels_match_cpu(harness, dtype, bad, where):
     got = metal_grad_check(harness, chunk)
     expected = mfs.grads_nonfinite([a, base.T, b, c]).item()
     assert got == expected == (bad is not None)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_grad_norm_kernels_match_cpu(harness, dtype):
+    """The kernels add float32 partial sums (in grid order here, in any order
+    on a GPU); the CPU sums each tensor in double. They agree to float32
+    rounding of the partial sums."""
+    t = DTYPES[dtype]
+    a, b, c = _inputs((1037,), t, 8)
+    base = _inputs((5, 6), t, 9)[0]
+    chunk = [a, Strided(base, lambda x: x.T), b, c, mx.zeros((0,), t)]
+    got = metal_grad_check(harness, chunk, "run_grad_norm", np.float32)
+    expected = mfs._ext.grads_sq_norm([a, base.T, b, c, mx.zeros((0,), t)]).item()
+    exact = sum(
+        float(np.sum(np.array(x.astype(mx.float32), np.float64) ** 2))
+        for x in (a, b, c, base)
+    )
+    assert abs(got - exact) <= 1e-5 * exact
+    assert abs(expected - exact) <= 1e-6 * exact
 
 
 STEP_DTYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
@@ -446,6 +476,11 @@ MUTATIONS = {
         "for (int64_t i = begin; i < args.size; ++i)",
         "for (int64_t i = begin; i + 1 < args.size; ++i)",
     ),
+    "squared norm drops the tail": (
+        "kernels/grad_check.metal",
+        "  for (int64_t i = begin; i < end; ++i) {\n    float v = static_cast<float>(x[i]);",
+        "  for (int64_t i = begin; i + 1 < end; ++i) {\n    float v = static_cast<float>(x[i]);",
+    ),
     "non-finite test blind to Inf": (
         "kernels/sgd_math.h",
         "return !(d == 0.0f);",
@@ -468,6 +503,10 @@ def test_harness_catches_a_broken_kernel(tmp_path, mutation):
     assert text.count(before) == 1, f"mutation anchor not found once in {rel}"
     target.write_text(text.replace(before, after))
     mutant = build_harness(tmp_path, kernels_root=tmp_path)
+    if "norm" in mutation:
+        with pytest.raises(AssertionError, match="abs"):
+            test_grad_norm_kernels_match_cpu(mutant, "float32")
+        return
     if "Inf" in mutation:
         # The mutant's flag stays 0 where the CPU check says 1.
         with pytest.raises(AssertionError, match="assert False == True"):
@@ -509,3 +548,81 @@ def test_eval_gpu_compiles_against_mlx_metal_headers(source):
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+# --------------------------------------------------------------------------
+# Buffer slots: g++ ignores Metal's [[buffer(n)]] attributes, so the harness
+# passes arguments by position. Check that each kernel's parameters carry the
+# slots eval_gpu binds, in that order (a swapped slot fails here).
+# --------------------------------------------------------------------------
+
+_SGD_SLOTS = [
+    "kParam",
+    "kGrad",
+    "kVelocity",
+    "kParamOut",
+    "kVelocityOut",
+    "kLearningRate",
+    "kStep",
+    "kSGDArgs",
+]
+_STRIDED = ["kShape", "kParamStrides", "kGradStrides", "kVelocityStrides"]
+_SCALARS = ["kGradScale", "kSkip", "kGradMultiplier"]
+EXPECTED_SLOTS = {
+    ("sgd_update.metal", "sgd_contiguous"): _SGD_SLOTS + _SCALARS,
+    ("sgd_update.metal", "sgd_general"): _SGD_SLOTS + _STRIDED + _SCALARS,
+    ("step_decay.metal", "step_decay_contiguous"): [
+        "kStepIn",
+        "kLearningRateOut",
+        "kStepDecayArgs",
+    ],
+    ("step_decay.metal", "step_decay_general"): [
+        "kStepIn",
+        "kLearningRateOut",
+        "kStepDecayArgs",
+        "kStepShape",
+        "kStepStrides",
+    ],
+    ("grad_check.metal", "grad_check_clear"): ["kCheckFlag"],
+    ("grad_check.metal", "grad_check_contiguous"): [
+        "kCheckIn",
+        "kCheckFlag",
+        "kCheckArgs",
+    ],
+    ("grad_check.metal", "grad_check_general"): [
+        "kCheckIn",
+        "kCheckFlag",
+        "kCheckArgs",
+        "kCheckShape",
+        "kCheckStrides",
+    ],
+    ("grad_check.metal", "grad_norm_clear"): ["kNormSum"],
+    ("grad_check.metal", "grad_norm_contiguous"): ["kNormIn", "kNormSum", "kNormArgs"],
+    ("grad_check.metal", "grad_norm_general"): [
+        "kNormIn",
+        "kNormSum",
+        "kNormArgs",
+        "kNormShape",
+        "kNormStrides",
+    ],
+}
+
+
+@pytest.mark.parametrize("where", list(EXPECTED_SLOTS), ids=lambda w: w[1])
+def test_kernel_buffer_slots_are_the_ones_eval_gpu_binds(where):
+    import re
+
+    fname, kernel = where
+    src = (ROOT / "kernels" / fname).read_text()
+    m = re.search(rf"\[\[kernel\]\] void {kernel}\((.*?)\) {{", src, re.S)
+    assert m, f"kernel {kernel} not found in {fname}"
+    slots = re.findall(r"\[\[buffer\(launch::(\w+)\)\]\]", m.group(1))
+    assert slots == EXPECTED_SLOTS[where]
+    launch = (ROOT / "kernels" / "sgd_launch.h").read_text()
+    values = {}
+    for name in slots:
+        v = re.search(rf"constexpr int {name} = (\w+);", launch)
+        assert v, name
+        values[name] = v.group(1)
+    resolved = [values.get(values[n], values[n]) for n in slots]
+    assert len(set(resolved)) == len(resolved), f"duplicate slot numbers: {resolved}"

@@ -22,6 +22,7 @@ if _mx.__version__ != _MLX_BUILD_VERSION:
 
 from . import _ext  # noqa: E402, F401  (the compiled module, for advanced use)
 from .functional import (  # noqa: E402
+    grad_norm,
     grads_nonfinite,
     sgd_update,
     sgd_update_many,
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FusedSGD",
     "StepDecay",
+    "grad_norm",
     "grads_nonfinite",
     "sgd_update",
     "sgd_update_many",

@@ -40,6 +40,50 @@ def as_grad_scale(grad_scale: float | mx.array | None) -> mx.array | None:
     )
 
 
+def grad_norm(
+    grads: Sequence[mx.array], grad_scale: float | mx.array | None = None
+) -> mx.array:
+    """The global L2 norm of ``grads`` (divided by ``grad_scale``), a float32
+    scalar computed on the device without an op per tensor."""
+    norm = mx.sqrt(_ext.grads_sq_norm(list(grads)))
+    scale = as_grad_scale(grad_scale)
+    return norm if scale is None else norm / scale
+
+
+def clip_factor_for(norm: mx.array, max_grad_norm: float) -> mx.array:
+    """``min(max_grad_norm / (norm + 1e-6), 1)``, as optim.clip_grad_norm."""
+    return mx.minimum(max_grad_norm / (norm + 1e-6), 1.0)
+
+
+def check_max_grad_norm(max_grad_norm: float | None) -> float | None:
+    if max_grad_norm is None:
+        return None
+    if (
+        isinstance(max_grad_norm, bool)
+        or not isinstance(max_grad_norm, (int, float))
+        or not math.isfinite(max_grad_norm)
+        or max_grad_norm <= 0
+    ):
+        raise ValueError(
+            f"max_grad_norm must be a finite number > 0, but got {max_grad_norm!r}."
+        )
+    return float(max_grad_norm)
+
+
+def _clip(
+    clip_factor: mx.array | None,
+    max_grad_norm: float | None,
+    grads: Sequence[mx.array],
+    grad_scale: float | mx.array | None,
+) -> mx.array | None:
+    max_grad_norm = check_max_grad_norm(max_grad_norm)
+    if max_grad_norm is None:
+        return clip_factor
+    if clip_factor is not None:
+        raise ValueError("pass max_grad_norm or clip_factor, not both.")
+    return clip_factor_for(grad_norm(grads, grad_scale), max_grad_norm)
+
+
 def _check_schedule(schedule: StepDecay) -> StepDecay:
     if not isinstance(schedule, StepDecay):
         raise TypeError(
@@ -77,6 +121,8 @@ def sgd_update(
     maximize: bool = False,
     grad_scale: float | mx.array | None = None,
     skip: mx.array | None = None,
+    max_grad_norm: float | None = None,
+    clip_factor: mx.array | None = None,
     stream: StreamOrDevice = None,
 ) -> tuple[mx.array, mx.array | None]:
     """One fused SGD step of one tensor, as ``mlx.optimizers.SGD`` computes it.
@@ -97,6 +143,12 @@ def sgd_update(
             the kernel (a float, or a scalar array kept on the device).
         skip: A boolean scalar array (see :func:`grads_nonfinite`); when
             true on the device, the outputs are the inputs unchanged.
+        max_grad_norm: Clip the gradients (all of them together, after
+            unscaling) to this global L2 norm, inside the kernel:
+            ``g * min(max_grad_norm / (norm + 1e-6), 1)`` as
+            ``optim.clip_grad_norm`` computes it.
+        clip_factor: The multiplier itself, a float32 scalar array (what
+            ``max_grad_norm`` computes); not both.
         stream: Stream or device to run on.
 
     Returns:
@@ -114,6 +166,7 @@ def sgd_update(
         maximize=maximize,
         grad_scale=as_grad_scale(grad_scale),
         skip=skip,
+        clip_factor=_clip(clip_factor, max_grad_norm, [grad], grad_scale),
         stream=stream,
     )
 
@@ -132,6 +185,8 @@ def sgd_update_scheduled(
     maximize: bool = False,
     grad_scale: float | mx.array | None = None,
     skip: mx.array | None = None,
+    max_grad_norm: float | None = None,
+    clip_factor: mx.array | None = None,
     stream: StreamOrDevice = None,
 ) -> tuple[mx.array, mx.array | None]:
     """:func:`sgd_update` with the learning rate ``schedule(step)`` computed
@@ -153,6 +208,7 @@ def sgd_update_scheduled(
         maximize=maximize,
         grad_scale=as_grad_scale(grad_scale),
         skip=skip,
+        clip_factor=_clip(clip_factor, max_grad_norm, [grad], grad_scale),
         stream=stream,
     )
 
@@ -170,6 +226,8 @@ def sgd_update_many(
     maximize: bool = False,
     grad_scale: float | mx.array | None = None,
     skip: mx.array | None = None,
+    max_grad_norm: float | None = None,
+    clip_factor: mx.array | None = None,
     tensors_per_primitive: int = _ext.DEFAULT_TENSORS_PER_PRIMITIVE,
     stream: StreamOrDevice = None,
 ) -> tuple[list[mx.array], list[mx.array]]:
@@ -191,6 +249,7 @@ def sgd_update_many(
         maximize=maximize,
         grad_scale=as_grad_scale(grad_scale),
         skip=skip,
+        clip_factor=_clip(clip_factor, max_grad_norm, grads, grad_scale),
         tensors_per_primitive=tensors_per_primitive,
         stream=stream,
     )
@@ -210,6 +269,8 @@ def sgd_update_many_scheduled(
     maximize: bool = False,
     grad_scale: float | mx.array | None = None,
     skip: mx.array | None = None,
+    max_grad_norm: float | None = None,
+    clip_factor: mx.array | None = None,
     tensors_per_primitive: int = _ext.DEFAULT_TENSORS_PER_PRIMITIVE,
     stream: StreamOrDevice = None,
 ) -> tuple[list[mx.array], list[mx.array]]:
@@ -231,6 +292,7 @@ def sgd_update_many_scheduled(
         maximize=maximize,
         grad_scale=as_grad_scale(grad_scale),
         skip=skip,
+        clip_factor=_clip(clip_factor, max_grad_norm, grads, grad_scale),
         tensors_per_primitive=tensors_per_primitive,
         stream=stream,
     )

@@ -9,7 +9,12 @@ import mlx.core as mx
 from mlx.optimizers import Optimizer
 
 from . import _ext
-from .functional import as_grad_scale
+from .functional import (
+    as_grad_scale,
+    check_max_grad_norm,
+    clip_factor_for,
+    grad_norm,
+)
 from .schedules import StepDecay
 
 _array = mx.array
@@ -142,6 +147,11 @@ class FusedSGD(Optimizer):
           divided by it inside the update kernel (an array stays on the
           device, e.g. a dynamic loss scale). Settable between steps.
           Default: ``None``
+        max_grad_norm (float, optional): Clip all gradients together to this
+          global L2 norm (after unscaling), as ``optim.clip_grad_norm`` does,
+          inside the update kernel: the norm is reduced on the device and no
+          clipped gradient is materialized. :attr:`last_grad_norm` holds the
+          norm of the last step (an array). Default: ``None``
         skip_nonfinite (bool, optional): If any gradient holds a NaN or an
           Inf, the step is a no-op decided on the device: params, momentum
           buffers, step counter and learning rate all stay as they were;
@@ -162,6 +172,7 @@ class FusedSGD(Optimizer):
         maximize: bool = False,
         grad_scale: float | mx.array | None = None,
         skip_nonfinite: bool = False,
+        max_grad_norm: float | None = None,
     ) -> None:
         if nesterov and (momentum <= 0 or dampening != 0):
             # Same check and message as stock SGD.
@@ -180,7 +191,15 @@ class FusedSGD(Optimizer):
         self.maximize = bool(maximize)
         self.grad_scale = grad_scale
         self.skip_nonfinite = bool(skip_nonfinite)
+        self.max_grad_norm = check_max_grad_norm(max_grad_norm)
         self._last_step_skipped = mx.array(False)
+        self._last_grad_norm: mx.array | None = None
+
+    @property
+    def last_grad_norm(self) -> mx.array | None:
+        """The global gradient norm of the last step (after unscaling), a
+        float32 array on the device; ``None`` without ``max_grad_norm``."""
+        return self._last_grad_norm
 
     @property
     def last_step_skipped(self) -> mx.array:
@@ -321,6 +340,10 @@ class FusedSGD(Optimizer):
         settings = self._settings()
         skip = _ext.grads_nonfinite(grads) if self.skip_nonfinite else None
         settings["skip"] = skip
+        norm = None
+        if self.max_grad_norm is not None:
+            norm = grad_norm(grads, self._grad_scale)
+            settings["clip_factor"] = clip_factor_for(norm, self.max_grad_norm)
         scheduler = self._schedulers.get("learning_rate")
         if isinstance(scheduler, StepDecay):
             # The kernel computes lr_k from the step counter itself; the
@@ -360,6 +383,8 @@ class FusedSGD(Optimizer):
         else:
             self.state["step"] = step + 1
         self.state["learning_rate"] = learning_rate
+        if norm is not None:
+            self._last_grad_norm = norm
         if momentum_on:
             for s, v in zip(states, new_velocities):
                 s["v"] = v
