@@ -119,6 +119,8 @@ def mlx_runner(kind: str, shapes, dtype, device):
     loss_scale = mx.array(LOSS_SCALE)
     if kind == "fused":
         opt = mfs.FusedSGD(mfs.step_decay(*SCHEDULE), **HYPER)
+    elif kind == "fused_clip":
+        opt = mfs.FusedSGD(mfs.step_decay(*SCHEDULE), max_grad_norm=1.0, **HYPER)
     elif kind == "fused_grad_scale":
         opt = mfs.FusedSGD(
             mfs.step_decay(*SCHEDULE),
@@ -138,6 +140,11 @@ def mlx_runner(kind: str, shapes, dtype, device):
         @partial(mx.compile, inputs=state, outputs=state)
         def update(g, p):
             return opt.apply_gradients(g, p)
+
+    elif kind == "stock_clip":
+        # Stock global-norm clipping: a norm and a multiply per tensor.
+        def update(g, p):
+            return opt.apply_gradients(optim.clip_grad_norm(g, 1.0)[0], p)
 
     elif kind == "stock_grad_scale":
         # Loss scaling with a skipped step on overflow, from stock ops: a
@@ -258,15 +265,18 @@ def triad_bandwidth(n: int = 1 << 25, reps: int = 15) -> tuple[float, str]:
 
 
 IMPLS = ["fused", "stock_eager", "stock_compiled", "torch_foreach", "torch_fused"]
-# Optional rows (--impls): the cost of loss scaling with skip on non-finite
-# gradients (grad_scale + skip_nonfinite), fused vs stock ops.
-EXTRA_IMPLS = ["fused_grad_scale", "stock_grad_scale"]
+# Optional rows (--impls): the cost of global-norm clipping (max_grad_norm),
+# and of loss scaling with skip on non-finite gradients (grad_scale +
+# skip_nonfinite), fused vs stock ops.
+EXTRA_IMPLS = ["fused_clip", "stock_clip", "fused_grad_scale", "stock_grad_scale"]
 LABELS = {
     "fused": "mlx-fused-sgd",
     "stock_eager": "stock eager",
     "stock_compiled": "stock mx.compile",
     "torch_foreach": "torch foreach",
     "torch_fused": "torch fused",
+    "fused_clip": "fused +clip",
+    "stock_clip": "stock +clip",
     "fused_grad_scale": "fused +scale",
     "stock_grad_scale": "stock +scale",
     "roofline": "roofline",

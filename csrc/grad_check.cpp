@@ -67,11 +67,32 @@ bool range_nonfinite(const CheckView& v, int64_t begin, int64_t end) {
 template <typename T>
 double range_sq_sum(const CheckView& v, int64_t begin, int64_t end) {
   auto x = static_cast<const T*>(v.data);
+  if (!v.contiguous) {
+    double sum = 0.0;
+    for (int64_t i = begin; i < end; ++i) {
+      double e = static_cast<float>(x[elem_to_loc(i, v.shape, v.strides)]);
+      sum += e * e;
+    }
+    return sum;
+  }
+  // Independent double lanes: the compiler vectorizes them without
+  // reassociating any one sum.
+  constexpr int L = 16;
+  double lanes[L] = {};
+  int64_t i = begin;
+  for (; i + L <= end; i += L) {
+    for (int j = 0; j < L; ++j) {
+      double e = static_cast<float>(x[i + j]);
+      lanes[j] += e * e;
+    }
+  }
   double sum = 0.0;
-  for (int64_t i = begin; i < end; ++i) {
-    double e = static_cast<float>(
-        x[v.contiguous ? i : elem_to_loc(i, v.shape, v.strides)]);
+  for (; i < end; ++i) {
+    double e = static_cast<float>(x[i]);
     sum += e * e;
+  }
+  for (int j = 0; j < L; ++j) {
+    sum += lanes[j];
   }
   return sum;
 }
