@@ -328,9 +328,9 @@ void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   auto* lib = d.get_library(kMetalLibraryName, extension_dir());
   auto& encoder = mx::metal::get_command_encoder(s);
 
-  const bool check = kind_ == Kind::nonfinite;
-  auto* clear =
-      d.get_kernel(check ? "grad_check_clear" : "grad_norm_clear", lib);
+  const auto read = kind_ == Kind::nonfinite ? launch::GradRead::check
+                                             : launch::GradRead::norm;
+  auto* clear = d.get_kernel(launch::grad_read_clear_name(read), lib);
   encoder.set_compute_pipeline_state(clear);
   encoder.set_output_array(out, launch::kCheckFlag);
   encoder.dispatch_threads(MTL::Size(1, 1, 1), MTL::Size(1, 1, 1));
@@ -340,7 +340,8 @@ void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
       continue;
     }
     const bool contiguous = g.flags().row_contiguous;
-    auto plan = (check ? launch::plan_check : launch::plan_norm)(
+    auto plan = launch::plan_grad_read(
+        read,
         dtype_name(g.dtype()),
         contiguous,
         static_cast<int64_t>(g.size()),

@@ -229,31 +229,29 @@ struct CheckPlan {
   CheckArgs args;
 };
 
-// "grad_norm_<contiguous|general>_<dtype>": the sum of squares of a chunk
-// of tensors into one float32, cleared first by "grad_norm_clear". The
-// arguments are those of the check kernels.
-inline CheckPlan
-plan_norm(const std::string& dtype, bool contiguous, int64_t size, int ndim) {
-  CheckPlan plan;
-  plan.name =
-      std::string(contiguous ? "grad_norm_contiguous_" : "grad_norm_general_") +
-      dtype;
-  plan.threads =
-      contiguous ? (size + kWorkPerThread - 1) / kWorkPerThread : size;
-  plan.args.size = size;
-  plan.args.ndim = ndim;
-  return plan;
+// The gradient reads before an update, one kernel family each, the same
+// launch layout for both: "grad_check_<contiguous|general>_<dtype>" ORs a
+// uint32 flag (cleared first by "grad_check_clear"), "grad_norm_..." adds the
+// sum of squares into a float32 (cleared by "grad_norm_clear").
+enum class GradRead { check, norm };
+
+inline const char* grad_read_prefix(GradRead kind) {
+  return kind == GradRead::check ? "grad_check_" : "grad_norm_";
 }
 
-// "grad_check_<contiguous|general>_<dtype>"; the flag is cleared first by
-// the one-thread kernel "grad_check_clear".
-inline CheckPlan
-plan_check(const std::string& dtype, bool contiguous, int64_t size, int ndim) {
+inline std::string grad_read_clear_name(GradRead kind) {
+  return std::string(grad_read_prefix(kind)) + "clear";
+}
+
+inline CheckPlan plan_grad_read(
+    GradRead kind,
+    const std::string& dtype,
+    bool contiguous,
+    int64_t size,
+    int ndim) {
   CheckPlan plan;
-  plan.name =
-      std::string(
-          contiguous ? "grad_check_contiguous_" : "grad_check_general_") +
-      dtype;
+  plan.name = std::string(grad_read_prefix(kind)) +
+              (contiguous ? "contiguous_" : "general_") + dtype;
   plan.threads =
       contiguous ? (size + kWorkPerThread - 1) / kWorkPerThread : size;
   plan.args.size = size;

@@ -9,6 +9,7 @@
 #include <string>
 #include <typeindex>
 #include <typeinfo>
+#include <utility>
 
 #include "kernels/sgd_launch.h"
 
@@ -346,8 +347,20 @@ int run_step_decay(
   return 2;
 }
 
-// The non-finite check of one chunk as GradCheck::eval_gpu launches it:
-// the clear kernel, then one check kernel per tensor OR-ing into `flag`.
+// One chunk's gradient read as GradCheck::eval_gpu launches it: the clear
+// kernel, then one kernel per tensor accumulating into the output.
+int run_grad_read(
+    launch::GradRead kind,
+    int count,
+    const char* const* dtypes,
+    const int* contiguous,
+    const int64_t* sizes,
+    const int* ndims,
+    const int* const* shapes,
+    const int64_t* const* strides,
+    const void* const* data,
+    void* out);
+
 int run_grad_check(
     int count,
     const char* const* dtypes,
@@ -358,65 +371,19 @@ int run_grad_check(
     const int64_t* const* strides,
     const void* const* data,
     uint32_t* flag) {
-  std::atomic<unsigned int> result{7u}; // garbage until cleared
-  using Clear = void(atomic_uint*, uint);
-  auto clear = lookup<Clear>("grad_check_clear");
-  if (!clear) {
-    return 1;
-  }
-  clear(&result, 0);
-  for (int t = 0; t < count; ++t) {
-    if (sizes[t] == 0) {
-      continue;
-    }
-    auto plan =
-        launch::plan_check(dtypes[t], contiguous[t], sizes[t], ndims[t]);
-    std::string d = dtypes[t];
-    auto run = [&]<typename T>() {
-      auto x = static_cast<const T*>(data[t]);
-      if (contiguous[t]) {
-        using F = void(
-            const T*, atomic_uint*, const launch::CheckArgs&, uint2, uint2);
-        auto fn = lookup<F>(plan.name);
-        if (!fn) {
-          return 1;
-        }
-        run_grid(plan.threads, [&](uint2 gid, uint2 grid) {
-          fn(x, &result, plan.args, gid, grid);
-        });
-      } else {
-        using F = void(
-            const T*,
-            atomic_uint*,
-            const launch::CheckArgs&,
-            const int*,
-            const int64_t*,
-            uint2,
-            uint2);
-        auto fn = lookup<F>(plan.name);
-        if (!fn) {
-          return 1;
-        }
-        run_grid(plan.threads, [&](uint2 gid, uint2 grid) {
-          fn(x, &result, plan.args, shapes[t], strides[t], gid, grid);
-        });
-      }
-      return 0;
-    };
-    int rc = d == "float32"    ? run.template operator()<float>()
-             : d == "float16"  ? run.template operator()<half>()
-             : d == "bfloat16" ? run.template operator()<bfloat>()
-                               : 2;
-    if (rc != 0) {
-      return rc;
-    }
-  }
-  *flag = result.load();
-  return 0;
+  return run_grad_read(
+      launch::GradRead::check,
+      count,
+      dtypes,
+      contiguous,
+      sizes,
+      ndims,
+      shapes,
+      strides,
+      data,
+      flag);
 }
 
-// The squared norm of one chunk as GradCheck::eval_gpu (GradNorm) launches
-// it: the clear kernel, then one kernel per tensor adding into `sum`.
 int run_grad_norm(
     int count,
     const char* const* dtypes,
@@ -427,9 +394,39 @@ int run_grad_norm(
     const int64_t* const* strides,
     const void* const* data,
     float* sum) {
-  std::atomic<float> result{123.0f}; // garbage until cleared
-  using Clear = void(atomic_float*, uint);
-  auto clear = lookup<Clear>("grad_norm_clear");
+  return run_grad_read(
+      launch::GradRead::norm,
+      count,
+      dtypes,
+      contiguous,
+      sizes,
+      ndims,
+      shapes,
+      strides,
+      data,
+      sum);
+}
+
+} // extern "C"
+
+namespace {
+
+template <typename Atomic>
+int run_grad_read_typed(
+    launch::GradRead kind,
+    int count,
+    const char* const* dtypes,
+    const int* contiguous,
+    const int64_t* sizes,
+    const int* ndims,
+    const int* const* shapes,
+    const int64_t* const* strides,
+    const void* const* data,
+    void* out) {
+  using Value = decltype(std::declval<Atomic>().load());
+  Atomic result{Value(123)}; // garbage until the clear kernel runs
+  using Clear = void(Atomic*, uint);
+  auto clear = lookup<Clear>(launch::grad_read_clear_name(kind));
   if (!clear) {
     return 1;
   }
@@ -438,13 +435,14 @@ int run_grad_norm(
     if (sizes[t] == 0) {
       continue;
     }
-    auto plan = launch::plan_norm(dtypes[t], contiguous[t], sizes[t], ndims[t]);
+    auto plan = launch::plan_grad_read(
+        kind, dtypes[t], contiguous[t], sizes[t], ndims[t]);
     std::string d = dtypes[t];
     auto run = [&]<typename T>() {
       auto x = static_cast<const T*>(data[t]);
       if (contiguous[t]) {
-        using F = void(
-            const T*, atomic_float*, const launch::CheckArgs&, uint2, uint2);
+        using F =
+            void(const T*, Atomic*, const launch::CheckArgs&, uint2, uint2);
         auto fn = lookup<F>(plan.name);
         if (!fn) {
           return 1;
@@ -455,7 +453,7 @@ int run_grad_norm(
       } else {
         using F = void(
             const T*,
-            atomic_float*,
+            Atomic*,
             const launch::CheckArgs&,
             const int*,
             const int64_t*,
@@ -479,8 +477,43 @@ int run_grad_norm(
       return rc;
     }
   }
-  *sum = result.load();
+  *static_cast<Value*>(out) = result.load();
   return 0;
 }
 
-} // extern "C"
+} // namespace
+
+int run_grad_read(
+    launch::GradRead kind,
+    int count,
+    const char* const* dtypes,
+    const int* contiguous,
+    const int64_t* sizes,
+    const int* ndims,
+    const int* const* shapes,
+    const int64_t* const* strides,
+    const void* const* data,
+    void* out) {
+  return kind == launch::GradRead::check ? run_grad_read_typed<atomic_uint>(
+                                               kind,
+                                               count,
+                                               dtypes,
+                                               contiguous,
+                                               sizes,
+                                               ndims,
+                                               shapes,
+                                               strides,
+                                               data,
+                                               out)
+                                         : run_grad_read_typed<atomic_float>(
+                                               kind,
+                                               count,
+                                               dtypes,
+                                               contiguous,
+                                               sizes,
+                                               ndims,
+                                               shapes,
+                                               strides,
+                                               data,
+                                               out);
+}
