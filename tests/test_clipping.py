@@ -137,3 +137,11 @@ def test_functional_max_grad_norm_clips_all_tensors_together():
     factor = 5.0 / (10.0 + 1e-6)
     np.testing.assert_allclose(np.array(new_p[0]), -3.0 * factor, rtol=1e-6)
     np.testing.assert_allclose(np.array(new_p[1]), -4.0 * factor, rtol=1e-6)
+
+
+def test_apply_single_refuses_global_options():
+    for kw in (dict(max_grad_norm=1.0), dict(skip_nonfinite=True)):
+        opt = mfs.FusedSGD(0.1, **kw)
+        with pytest.raises(ValueError, match="apply_gradients"):
+            opt.apply_single(mx.ones(3), mx.ones(3), {})
+    assert mfs.FusedSGD(0.1).apply_single(mx.ones(3), mx.ones(3), {}).shape == (3,)

@@ -274,7 +274,15 @@ class FusedSGD(Optimizer):
     ) -> mx.array:
         """One parameter's update with the current learning rate (for code
         that drives optimizers per parameter; :meth:`apply_gradients` does
-        not use it)."""
+        not use it). The options that need every gradient at once
+        (``max_grad_norm``, ``skip_nonfinite``) are refused here rather than
+        silently left out."""
+        if self.max_grad_norm is not None or self.skip_nonfinite:
+            raise ValueError(
+                "apply_single updates one parameter alone; max_grad_norm and "
+                "skip_nonfinite look at all gradients together: use "
+                "apply_gradients (or update)."
+            )
         velocity = state.get("v") if self.momentum > 0 else None
         new_param, new_v = _ext.sgd_update(
             parameter,
