@@ -24,13 +24,13 @@ namespace mlx_fused_sgd {
 namespace cpu_kernel {
 namespace {
 
-template <typename T, bool WD, bool M, bool D, bool N, bool S>
+template <typename T, typename V, bool WD, bool M, bool D, bool N, bool S>
 MFS_LOOP_INLINE void sgd_one(
     const T* p,
     const T* g,
-    const T* v,
+    const V* v,
     T* p_out,
-    T* v_out,
+    V* v_out,
     int64_t ip,
     int64_t ig,
     int64_t iv,
@@ -42,20 +42,20 @@ MFS_LOOP_INLINE void sgd_one(
       static_cast<float>(p[ip]), static_cast<float>(g[ig]), vi, lr, h);
   p_out[io] = static_cast<T>(r.param);
   if (M) {
-    v_out[io] = static_cast<T>(r.velocity);
+    v_out[io] = static_cast<V>(r.velocity);
   }
 }
 
 // Contiguous loop. Outputs may alias their inputs (donated buffers), so each
 // block is loaded into locals, updated, then stored: the compiler vectorizes
 // the fixed-width inner loops without runtime alias checks.
-template <typename T, bool WD, bool M, bool D, bool N, bool S>
+template <typename T, typename V, bool WD, bool M, bool D, bool N, bool S>
 void sgd_contiguous(
     const T* p,
     const T* g,
-    const T* v,
+    const V* v,
     T* p_out,
-    T* v_out,
+    V* v_out,
     int64_t size,
     float lr,
     math::SGDHyper h) {
@@ -79,17 +79,17 @@ void sgd_contiguous(
     }
     if (M) {
       for (int j = 0; j < W; ++j) {
-        v_out[i + j] = static_cast<T>(vb[j]);
+        v_out[i + j] = static_cast<V>(vb[j]);
       }
     }
   }
   for (; i < size; ++i) {
-    sgd_one<T, WD, M, D, N, S>(p, g, v, p_out, v_out, i, i, i, i, lr, h);
+    sgd_one<T, V, WD, M, D, N, S>(p, g, v, p_out, v_out, i, i, i, i, lr, h);
   }
 }
 
 // Updates elements [begin, end) of one tensor.
-template <typename T, bool WD, bool M, bool D, bool N, bool S>
+template <typename T, typename V, bool WD, bool M, bool D, bool N, bool S>
 void sgd_tensor_range(
     const TensorPointers& t,
     int64_t begin,
@@ -98,11 +98,11 @@ void sgd_tensor_range(
     math::SGDHyper h) {
   auto p = static_cast<const T*>(t.param);
   auto g = static_cast<const T*>(t.grad);
-  auto v = static_cast<const T*>(t.velocity);
+  auto v = static_cast<const V*>(t.velocity);
   auto p_out = static_cast<T*>(t.param_out);
-  auto v_out = static_cast<T*>(t.velocity_out);
+  auto v_out = static_cast<V*>(t.velocity_out);
   if (t.contiguous) {
-    sgd_contiguous<T, WD, M, D, N, S>(
+    sgd_contiguous<T, V, WD, M, D, N, S>(
         p + begin,
         g + begin,
         M ? v + begin : v,
@@ -118,12 +118,12 @@ void sgd_tensor_range(
     int64_t ip = elem_to_loc(i, t.shape, t.param_strides);
     int64_t ig = elem_to_loc(i, t.shape, t.grad_strides);
     int64_t iv = M ? elem_to_loc(i, t.shape, t.velocity_strides) : 0;
-    sgd_one<T, WD, M, D, N, S>(p, g, v, p_out, v_out, ip, ig, iv, i, lr, h);
+    sgd_one<T, V, WD, M, D, N, S>(p, g, v, p_out, v_out, ip, ig, iv, i, lr, h);
   }
 #endif
 }
 
-template <typename T>
+template <typename T, typename V>
 void update_typed(
     const KernelKey& key,
     const TensorPointers& t,
@@ -133,18 +133,18 @@ void update_typed(
     math::SGDHyper h) {
   auto run = [&]<bool WD, bool S>() {
     if (!key.momentum) {
-      return sgd_tensor_range<T, WD, false, false, false, S>(
+      return sgd_tensor_range<T, V, WD, false, false, false, S>(
           t, begin, end, lr, h);
     }
     if (key.nesterov) {
-      return key.dampening ? sgd_tensor_range<T, WD, true, true, true, S>(
+      return key.dampening ? sgd_tensor_range<T, V, WD, true, true, true, S>(
                                  t, begin, end, lr, h)
-                           : sgd_tensor_range<T, WD, true, false, true, S>(
+                           : sgd_tensor_range<T, V, WD, true, false, true, S>(
                                  t, begin, end, lr, h);
     }
-    return key.dampening ? sgd_tensor_range<T, WD, true, true, false, S>(
+    return key.dampening ? sgd_tensor_range<T, V, WD, true, true, false, S>(
                                t, begin, end, lr, h)
-                         : sgd_tensor_range<T, WD, true, false, false, S>(
+                         : sgd_tensor_range<T, V, WD, true, false, false, S>(
                                t, begin, end, lr, h);
   };
   auto with_wd = [&]<bool S>() {
@@ -173,12 +173,19 @@ void MFS_CAT(update_range_, MFS_CPU_ISA)(
 #endif
   switch (key.dtype) {
   case DtypeCode::float32:
-    return update_typed<float>(key, t, begin, end, lr, h);
+    return update_typed<float, float>(key, t, begin, end, lr, h);
 #ifdef MFS_CPU_ISA_GENERIC
+  // Half params keep their momentum in their own dtype, or in float32.
   case DtypeCode::float16:
-    return update_typed<mx::float16_t>(key, t, begin, end, lr, h);
+    return key.state_dtype == DtypeCode::float32
+               ? update_typed<mx::float16_t, float>(key, t, begin, end, lr, h)
+               : update_typed<mx::float16_t, mx::float16_t>(
+                     key, t, begin, end, lr, h);
   case DtypeCode::bfloat16:
-    return update_typed<mx::bfloat16_t>(key, t, begin, end, lr, h);
+    return key.state_dtype == DtypeCode::float32
+               ? update_typed<mx::bfloat16_t, float>(key, t, begin, end, lr, h)
+               : update_typed<mx::bfloat16_t, mx::bfloat16_t>(
+                     key, t, begin, end, lr, h);
 #else
   default:
     return;
@@ -254,8 +261,17 @@ void copy_one(
 
 void copy_range(
     const KernelKey& key, const TensorPointers& t, int64_t begin, int64_t end) {
-  const size_t itemsize = key.dtype == DtypeCode::float32 ? 4 : 2;
-  copy_one(t.param, t.param_out, t, t.param_strides, begin, end, itemsize);
+  auto itemsize = [](DtypeCode d) -> size_t {
+    return d == DtypeCode::float32 ? 4 : 2;
+  };
+  copy_one(
+      t.param,
+      t.param_out,
+      t,
+      t.param_strides,
+      begin,
+      end,
+      itemsize(key.dtype));
   if (key.momentum) {
     copy_one(
         t.velocity,
@@ -264,7 +280,7 @@ void copy_range(
         t.velocity_strides,
         begin,
         end,
-        itemsize);
+        itemsize(key.state_dtype));
   }
 }
 

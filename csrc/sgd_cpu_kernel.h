@@ -45,6 +45,7 @@ inline DtypeCode dtype_code(mx::Dtype dtype) {
 // The dtype and compile-time variant of a chunk.
 struct KernelKey {
   DtypeCode dtype;
+  DtypeCode state_dtype; // the momentum buffer's: the param's, or float32
   bool weight_decay;
   bool momentum;
   bool dampening;

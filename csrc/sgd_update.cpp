@@ -79,10 +79,15 @@ mx::array check_tensor(
         "; cast the gradient to the parameter's dtype.");
   }
   if (velocity != nullptr) {
-    if (velocity->dtype() != param.dtype()) {
+    // The momentum buffer has the param's dtype, or float32 for a half
+    // param (state_dtype=float32: the buffer keeps full precision).
+    if (velocity->dtype() != param.dtype() &&
+        !(velocity->dtype() == mx::float32 && param.dtype() != mx::float32)) {
       throw std::invalid_argument(
           vname() + " has dtype " + dtype_name(velocity->dtype()) + " but " +
-          pname() + " has dtype " + dtype_name(param.dtype()) + ".");
+          pname() + " has dtype " + dtype_name(param.dtype()) +
+          "; the momentum buffer must have the parameter's dtype (or float32 "
+          "for a float16/bfloat16 parameter).");
     }
     if (velocity->shape() != param.shape()) {
       throw std::invalid_argument(
@@ -202,7 +207,7 @@ SGDResult sgd_update_composed(
         mx::astype(mx::subtract(p, mx::multiply(lr, update, s), s), dtype, s),
         params[i]));
     result.velocities.push_back(
-        keep_if_skipped(mx::astype(vel, dtype, s), old_vel));
+        keep_if_skipped(mx::astype(vel, old_vel.dtype(), s), old_vel));
   }
   if (!v.momentum) {
     result.velocities = velocities;
@@ -296,10 +301,17 @@ SGDResult sgd_update_impl(
     result.velocities.resize(n, mx::array(0.0f));
   }
 
-  // Group by dtype (one kernel instantiation per primitive), keep order.
-  std::map<int, std::vector<size_t>> groups;
+  // Group by param and momentum-buffer dtypes (one kernel instantiation per
+  // primitive), keep order.
+  auto velocity_dtype = [&](size_t i) {
+    return variant.momentum && have_velocities ? velocities[i].dtype()
+                                               : params[i].dtype();
+  };
+  std::map<std::pair<int, int>, std::vector<size_t>> groups;
   for (size_t i = 0; i < n; ++i) {
-    groups[static_cast<int>(params[i].dtype().val())].push_back(i);
+    groups[{static_cast<int>(params[i].dtype().val()),
+            static_cast<int>(velocity_dtype(i).val())}]
+        .push_back(i);
   }
   for (auto& [_, indices] : groups) {
     for (size_t start = 0; start < indices.size();
@@ -338,7 +350,8 @@ SGDResult sgd_update_impl(
       for (int o = 0; o < outputs_per_tensor; ++o) {
         for (size_t k = start; k < end; ++k) {
           shapes.push_back(params[indices[k]].shape());
-          dtypes.push_back(params[indices[k]].dtype());
+          dtypes.push_back(
+              o == 0 ? params[indices[k]].dtype() : velocity_dtype(indices[k]));
         }
       }
       auto outs = mx::array::make_arrays(
@@ -625,6 +638,8 @@ void SGDUpdate::eval_cpu(
   }
   const cpu_kernel::KernelKey key{
       cpu_kernel::dtype_code(inputs[0].dtype()),
+      cpu_kernel::dtype_code(
+          momentum ? inputs[2 * n].dtype() : inputs[0].dtype()),
       variant_.weight_decay,
       variant_.momentum,
       variant_.dampening,
@@ -696,6 +711,7 @@ void SGDUpdate::eval_gpu(
     const bool contiguous = all_row_contiguous(p, g, v);
     auto plan = launch::plan_sgd(
         dtype_name(p.dtype()),
+        dtype_name(momentum ? v->dtype() : p.dtype()),
         contiguous,
         static_cast<int64_t>(p.size()),
         p.ndim(),

@@ -164,8 +164,11 @@ struct SGDPlan {
   SGDArgs args;
 };
 
+// "sgd_<contiguous|general>_<dtype>_<state dtype>_<WD><M><D><N><S>", each
+// flag 0 or 1; kernels/sgd_update.metal instantiates the same names.
 inline SGDPlan plan_sgd(
     const std::string& dtype,
+    const std::string& state_dtype,
     bool contiguous,
     int64_t size,
     int ndim,
@@ -173,7 +176,7 @@ inline SGDPlan plan_sgd(
     const FusedSchedule& schedule) {
   SGDPlan plan;
   plan.name = contiguous ? "sgd_contiguous_" : "sgd_general_";
-  plan.name += dtype + "_";
+  plan.name += dtype + "_" + state_dtype + "_";
   for (bool flag :
        {v.weight_decay, v.momentum, v.dampening, v.nesterov, v.scale_grad}) {
     plan.name += flag ? '1' : '0';

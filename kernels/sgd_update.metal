@@ -49,13 +49,13 @@ inline uint64_t linear_thread(uint2 gid, uint2 grid) {
   return uint64_t(gid.x) + uint64_t(grid.x) * uint64_t(gid.y);
 }
 
-template <typename T, bool WD, bool M, bool D, bool N, bool S>
+template <typename T, typename V, bool WD, bool M, bool D, bool N, bool S>
 inline void update_one(
     device const T* param,
     device const T* grad,
-    device const T* velocity,
+    device const V* velocity,
     device T* param_out,
-    device T* velocity_out,
+    device V* velocity_out,
     int64_t ip,
     int64_t ig,
     int64_t iv,
@@ -76,18 +76,18 @@ inline void update_one(
       static_cast<float>(param[ip]), static_cast<float>(grad[ig]), v, lr, h);
   param_out[io] = static_cast<T>(r.param);
   if (M) {
-    velocity_out[io] = static_cast<T>(r.velocity);
+    velocity_out[io] = static_cast<V>(r.velocity);
   }
 }
 
 // Row-contiguous param, grad and velocity: kWorkPerThread elements a thread.
-template <typename T, bool WD, bool M, bool D, bool N, bool S>
+template <typename T, typename V, bool WD, bool M, bool D, bool N, bool S>
 [[kernel]] void sgd_contiguous(
     device const T* param [[buffer(launch::kParam)]],
     device const T* grad [[buffer(launch::kGrad)]],
-    device const T* velocity [[buffer(launch::kVelocity)]],
+    device const V* velocity [[buffer(launch::kVelocity)]],
     device T* param_out [[buffer(launch::kParamOut)]],
-    device T* velocity_out [[buffer(launch::kVelocityOut)]],
+    device V* velocity_out [[buffer(launch::kVelocityOut)]],
     device const float* lr [[buffer(launch::kLearningRate)]],
     device const uint64_t* step [[buffer(launch::kStep)]],
     constant const launch::SGDArgs& args [[buffer(launch::kSGDArgs)]],
@@ -106,7 +106,7 @@ template <typename T, bool WD, bool M, bool D, bool N, bool S>
   if (begin + launch::kWorkPerThread <= args.size) {
     for (int k = 0; k < launch::kWorkPerThread; ++k) {
       int64_t i = begin + k;
-      update_one<T, WD, M, D, N, S>(
+      update_one<T, V, WD, M, D, N, S>(
           param,
           grad,
           velocity,
@@ -122,7 +122,7 @@ template <typename T, bool WD, bool M, bool D, bool N, bool S>
     }
   } else {
     for (int64_t i = begin; i < args.size; ++i) {
-      update_one<T, WD, M, D, N, S>(
+      update_one<T, V, WD, M, D, N, S>(
           param,
           grad,
           velocity,
@@ -154,13 +154,13 @@ inline int64_t strided_offset(
 
 // Any strides (transposed, sliced or broadcast inputs): one element a thread,
 // outputs written row-contiguous.
-template <typename T, bool WD, bool M, bool D, bool N, bool S>
+template <typename T, typename V, bool WD, bool M, bool D, bool N, bool S>
 [[kernel]] void sgd_general(
     device const T* param [[buffer(launch::kParam)]],
     device const T* grad [[buffer(launch::kGrad)]],
-    device const T* velocity [[buffer(launch::kVelocity)]],
+    device const V* velocity [[buffer(launch::kVelocity)]],
     device T* param_out [[buffer(launch::kParamOut)]],
-    device T* velocity_out [[buffer(launch::kVelocityOut)]],
+    device V* velocity_out [[buffer(launch::kVelocityOut)]],
     device const float* lr [[buffer(launch::kLearningRate)]],
     device const uint64_t* step [[buffer(launch::kStep)]],
     constant const launch::SGDArgs& args [[buffer(launch::kSGDArgs)]],
@@ -182,7 +182,7 @@ template <typename T, bool WD, bool M, bool D, bool N, bool S>
   int64_t ip = strided_offset(i, shape, param_strides, args.ndim);
   int64_t ig = strided_offset(i, shape, grad_strides, args.ndim);
   int64_t iv = M ? strided_offset(i, shape, velocity_strides, args.ndim) : 0;
-  update_one<T, WD, M, D, N, S>(
+  update_one<T, V, WD, M, D, N, S>(
       param,
       grad,
       velocity,
@@ -204,42 +204,48 @@ template <typename T, bool WD, bool M, bool D, bool N, bool S>
   template [[host_name(name)]] [[kernel]] decltype(func<__VA_ARGS__>) func<__VA_ARGS__>;
 #endif
 
-#define MFS_SGD_VARIANT_S(dtype, T, wd, m, d, n, s)  \
-  MFS_INSTANTIATE(                                    \
-      "sgd_contiguous_" #dtype "_" #wd #m #d #n #s,   \
-      sgd_contiguous,                                 \
-      T,                                              \
-      wd,                                             \
-      m,                                              \
-      d,                                              \
-      n,                                              \
-      s)                                              \
-  MFS_INSTANTIATE(                                    \
-      "sgd_general_" #dtype "_" #wd #m #d #n #s,      \
-      sgd_general,                                    \
-      T,                                              \
-      wd,                                             \
-      m,                                              \
-      d,                                              \
-      n,                                              \
+#define MFS_SGD_VARIANT_S(dtype, T, vdtype, V, wd, m, d, n, s) \
+  MFS_INSTANTIATE(                                              \
+      "sgd_contiguous_" #dtype "_" #vdtype "_" #wd #m #d #n #s,  \
+      sgd_contiguous,                                           \
+      T,                                                        \
+      V,                                                        \
+      wd,                                                       \
+      m,                                                        \
+      d,                                                        \
+      n,                                                        \
+      s)                                                        \
+  MFS_INSTANTIATE(                                              \
+      "sgd_general_" #dtype "_" #vdtype "_" #wd #m #d #n #s,     \
+      sgd_general,                                              \
+      T,                                                        \
+      V,                                                        \
+      wd,                                                       \
+      m,                                                        \
+      d,                                                        \
+      n,                                                        \
       s)
 
-// Without and with a gradient divisor (grad_scale or maximize).
-#define MFS_SGD_VARIANT(dtype, T, wd, m, d, n) \
-  MFS_SGD_VARIANT_S(dtype, T, wd, m, d, n, 0)  \
-  MFS_SGD_VARIANT_S(dtype, T, wd, m, d, n, 1)
+// Without and with a gradient transform (grad_scale, maximize, clipping).
+#define MFS_SGD_VARIANT(dtype, T, vdtype, V, wd, m, d, n) \
+  MFS_SGD_VARIANT_S(dtype, T, vdtype, V, wd, m, d, n, 0)  \
+  MFS_SGD_VARIANT_S(dtype, T, vdtype, V, wd, m, d, n, 1)
 
 // Nesterov with dampening is refused by validation, so never launched.
-#define MFS_SGD_WD(dtype, T, wd)            \
-  MFS_SGD_VARIANT(dtype, T, wd, 0, 0, 0)    \
-  MFS_SGD_VARIANT(dtype, T, wd, 1, 0, 0)    \
-  MFS_SGD_VARIANT(dtype, T, wd, 1, 1, 0)    \
-  MFS_SGD_VARIANT(dtype, T, wd, 1, 0, 1)
+#define MFS_SGD_WD(dtype, T, vdtype, V, wd)          \
+  MFS_SGD_VARIANT(dtype, T, vdtype, V, wd, 0, 0, 0) \
+  MFS_SGD_VARIANT(dtype, T, vdtype, V, wd, 1, 0, 0) \
+  MFS_SGD_VARIANT(dtype, T, vdtype, V, wd, 1, 1, 0) \
+  MFS_SGD_VARIANT(dtype, T, vdtype, V, wd, 1, 0, 1)
 
-#define MFS_SGD_DTYPE(dtype, T) \
-  MFS_SGD_WD(dtype, T, 0)       \
-  MFS_SGD_WD(dtype, T, 1)
+#define MFS_SGD_TYPES(dtype, T, vdtype, V) \
+  MFS_SGD_WD(dtype, T, vdtype, V, 0)       \
+  MFS_SGD_WD(dtype, T, vdtype, V, 1)
 
-MFS_SGD_DTYPE(float32, float)
-MFS_SGD_DTYPE(float16, half)
-MFS_SGD_DTYPE(bfloat16, bfloat)
+// Params and momentum buffers of one dtype, and half params with float32
+// momentum buffers (state_dtype=float32).
+MFS_SGD_TYPES(float32, float, float32, float)
+MFS_SGD_TYPES(float16, half, float16, half)
+MFS_SGD_TYPES(bfloat16, bfloat, bfloat16, bfloat)
+MFS_SGD_TYPES(float16, half, float32, float)
+MFS_SGD_TYPES(bfloat16, bfloat, float32, float)

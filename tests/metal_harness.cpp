@@ -71,7 +71,7 @@ template <typename Call> void run_grid(int64_t threads, Call call) {
   }
 }
 
-template <typename T>
+template <typename T, typename V>
 int run_sgd_typed(
     const launch::SGDPlan& plan,
     bool contiguous,
@@ -92,21 +92,21 @@ int run_sgd_typed(
     const int64_t* velocity_strides) {
   auto p = static_cast<const T*>(param);
   auto g = static_cast<const T*>(grad);
-  auto v = static_cast<const T*>(velocity);
+  auto v = static_cast<const V*>(velocity);
   auto po = static_cast<T*>(param_out);
-  auto vo = static_cast<T*>(velocity_out);
+  auto vo = static_cast<V*>(velocity_out);
   // Momentum off: eval_gpu binds grad and param_out in the velocity slots.
   if (!momentum) {
-    v = g;
-    vo = po;
+    v = reinterpret_cast<const V*>(g);
+    vo = reinterpret_cast<V*>(po);
   }
   if (contiguous) {
     using F = void(
         const T*,
         const T*,
-        const T*,
+        const V*,
         T*,
-        T*,
+        V*,
         const float*,
         const uint64_t*,
         const launch::SGDArgs&,
@@ -138,9 +138,9 @@ int run_sgd_typed(
     using F = void(
         const T*,
         const T*,
-        const T*,
+        const V*,
         T*,
-        T*,
+        V*,
         const float*,
         const uint64_t*,
         const launch::SGDArgs&,
@@ -229,6 +229,7 @@ int harness_kernel_count() {
 // the kernel eval_gpu would pick is not instantiated, 2 for an unknown dtype.
 int run_sgd(
     const char* dtype,
+    const char* state_dtype,
     double momentum,
     double weight_decay,
     double dampening,
@@ -267,22 +268,24 @@ int run_sgd(
       maximize != 0,
       has_skip != 0,
       has_clip != 0);
-  // eval_gpu binds its last input to the grad_scale slot: the scale when
-  // there is one, else the learning rate (never read).
+  // As in eval_gpu, slots whose input is absent get the learning rate's
+  // buffer (never read).
   const float* scale_slot = variant.scale_grad ? grad_scale : lr;
   const uint* skip_slot =
       variant.skip ? skip : reinterpret_cast<const uint*>(lr);
   const float* clip_slot = variant.clip ? clip_factor : lr;
   auto plan = launch::plan_sgd(
       dtype,
+      state_dtype,
       contiguous,
       size,
       ndim,
       variant,
       {scheduled != 0, init, decay_rate, step_size});
   std::string d = dtype;
-  auto run = [&]<typename T>() {
-    return run_sgd_typed<T>(
+  std::string sd = state_dtype;
+  auto run = [&]<typename T, typename V>() {
+    return run_sgd_typed<T, V>(
         plan,
         contiguous,
         variant.momentum,
@@ -301,12 +304,16 @@ int run_sgd(
         grad_strides,
         velocity_strides);
   };
-  if (d == "float32")
-    return run.template operator()<float>();
-  if (d == "float16")
-    return run.template operator()<half>();
-  if (d == "bfloat16")
-    return run.template operator()<bfloat>();
+  if (d == "float32" && sd == "float32")
+    return run.template operator()<float, float>();
+  if (d == "float16" && sd == "float16")
+    return run.template operator()<half, half>();
+  if (d == "bfloat16" && sd == "bfloat16")
+    return run.template operator()<bfloat, bfloat>();
+  if (d == "float16" && sd == "float32")
+    return run.template operator()<half, float>();
+  if (d == "bfloat16" && sd == "float32")
+    return run.template operator()<bfloat, float>();
   return 2;
 }
 

@@ -94,6 +94,7 @@ def build_harness(out_dir: Path, kernels_root: Path = ROOT) -> ctypes.CDLL:
     p = ctypes.c_void_p
     h.run_sgd.argtypes = [
         ctypes.c_char_p,
+        ctypes.c_char_p,  # state dtype
         ctypes.c_double,
         ctypes.c_double,
         ctypes.c_double,
@@ -208,7 +209,9 @@ def metal_sgd(
         mx.bfloat16: np.uint16,
     }[dtype]
     out_p = np.zeros(size, host_dtype)
-    out_v = np.zeros(size, host_dtype)
+    v_host = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16}
+    vref_ = arrays[2].array if isinstance(arrays[2], Strided) else arrays[2]
+    out_v = np.zeros(size, v_host[vref_.dtype if velocity is not None else dtype])
     shape_arr = np.array(shape, np.int32) if shape else np.zeros(1, np.int32)
     lr_arr = np.array([lr if lr is not None else 0.0], np.float32)
     step_arr = np.array([step if step is not None else 0], np.uint64)
@@ -218,8 +221,11 @@ def metal_sgd(
     clip = cfg.get("clip_factor")
     clip_arr = np.array([clip.item() if clip is not None else 1.0], np.float32)
     sched = schedule or mfs.step_decay(1.0, 1.0, 1)
+    vref = arrays[2].array if isinstance(arrays[2], Strided) else arrays[2]
+    state_dtype = vref.dtype if velocity is not None else dtype
     rc = h.run_sgd(
         str(dtype).split(".")[-1].encode(),
+        str(state_dtype).split(".")[-1].encode(),
         cfg["momentum"],
         cfg["weight_decay"],
         cfg["dampening"],
@@ -252,11 +258,13 @@ def metal_sgd(
     )
     assert rc == 0, f"kernel for {dtype} {cfg} not instantiated (rc {rc})"
 
-    def back(x):
+    def back(x, dt):
         arr = mx.array(x.reshape(shape))
-        return arr.view(mx.bfloat16) if dtype == mx.bfloat16 else arr
+        return arr.view(mx.bfloat16) if dt == mx.bfloat16 else arr
 
-    return back(out_p), back(out_v)
+    return back(out_p, dtype), back(
+        out_v, vref_.dtype if velocity is not None else dtype
+    )
 
 
 def _inputs(shape, dtype, seed):
@@ -313,13 +321,40 @@ def test_general_kernel_matches_cpu(harness, dtype, cfg):
         assert_bitwise_equal(got_v, exp_v)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize(
+    "cfg", [VARIANTS[2], VARIANTS[5], VARIANTS[7], VARIANTS[10]], ids=_cfg_id
+)
+def test_float32_momentum_for_half_params_matches_cpu(harness, dtype, cfg):
+    t = DTYPES[dtype]
+    for size in (5, 37):
+        p, g, _ = _inputs((size,), t, size)
+        v = mx.random.normal((size,), key=mx.random.key(size + 1))  # float32 state
+        got_p, got_v = metal_sgd(harness, p, g, v, cfg, lr=0.0371)
+        exp_p, exp_v = mfs.sgd_update(p, g, v, learning_rate=mx.array(0.0371), **cfg)
+        assert got_v.dtype == mx.float32 and exp_v.dtype == mx.float32
+        assert_bitwise_equal(got_p, exp_p)
+        assert_bitwise_equal(got_v, exp_v)
+    bp, bg = _inputs((5, 6), t, 11)[:2]
+    base_v = mx.random.normal((5, 6), key=mx.random.key(12))  # float32 state
+    sp, sg, sv = (Strided(x, lambda a: a.T) for x in (bp, bg, base_v))
+    got_p, got_v = metal_sgd(harness, sp, sg, sv, cfg, lr=0.05)
+    exp_p, exp_v = mfs.sgd_update(
+        sp.array, sg.array, sv.array, learning_rate=0.05, **cfg
+    )
+    assert_bitwise_equal(got_p, exp_p)
+    assert_bitwise_equal(got_v, exp_v)
+
+
 def test_every_instantiated_kernel_is_one_eval_gpu_can_launch(harness):
     # 3 dtypes x 8 variants x {no divisor, divisor} x {contiguous, general}
     # + 8 step dtypes x 2; each one is run by the tests above (a missing name
     # makes them fail).
     # + the non-finite check and the squared norm: 3 dtypes x 2 layouts and
     # a clear kernel each.
-    assert harness.harness_kernel_count() == 3 * 8 * 2 * 2 + 8 * 2 + 2 * (3 * 2 + 1)
+    # The update kernels for 5 (param, momentum) dtype pairs: 3 alike, and
+    # float16/bfloat16 params with float32 momentum.
+    assert harness.harness_kernel_count() == 5 * 8 * 2 * 2 + 8 * 2 + 2 * (3 * 2 + 1)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

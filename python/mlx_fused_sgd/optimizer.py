@@ -147,6 +147,10 @@ class FusedSGD(Optimizer):
           divided by it inside the update kernel (an array stays on the
           device, e.g. a dynamic loss scale). Settable between steps.
           Default: ``None``
+        state_dtype (Dtype, optional): ``mx.float32`` keeps the momentum
+          buffers of float16/bfloat16 params in float32 (the update reads and
+          writes them at full precision; the params stay in their dtype).
+          ``None`` (default): the param's dtype, as stock.
         max_grad_norm (float, optional): Clip all gradients together to this
           global L2 norm (after unscaling), as ``optim.clip_grad_norm`` does,
           inside the update kernel: the norm is reduced on the device and no
@@ -173,6 +177,7 @@ class FusedSGD(Optimizer):
         grad_scale: float | mx.array | None = None,
         skip_nonfinite: bool = False,
         max_grad_norm: float | None = None,
+        state_dtype: mx.Dtype | None = None,
     ) -> None:
         if nesterov and (momentum <= 0 or dampening != 0):
             # Same check and message as stock SGD.
@@ -192,6 +197,12 @@ class FusedSGD(Optimizer):
         self.grad_scale = grad_scale
         self.skip_nonfinite = bool(skip_nonfinite)
         self.max_grad_norm = check_max_grad_norm(max_grad_norm)
+        if state_dtype is not None and state_dtype != mx.float32:
+            raise ValueError(
+                f"state_dtype must be None (the param's dtype) or mlx.core.float32, "
+                f"but got {state_dtype}."
+            )
+        self.state_dtype = state_dtype
         self._last_step_skipped = mx.array(False)
         self._last_grad_norm: mx.array | None = None
 
@@ -255,9 +266,16 @@ class FusedSGD(Optimizer):
         self._state = state
 
     def init_single(self, parameter: mx.array, state: dict) -> None:
-        """Initialize the momentum buffer (only when momentum is on)."""
+        """Initialize the momentum buffer (only when momentum is on), in
+        ``state_dtype`` for half params when it is set."""
         if self.momentum > 0:
-            state["v"] = mx.zeros_like(parameter)
+            if self.state_dtype is not None and parameter.dtype in (
+                mx.float16,
+                mx.bfloat16,
+            ):
+                state["v"] = mx.zeros(parameter.shape, self.state_dtype)
+            else:
+                state["v"] = mx.zeros_like(parameter)
 
     def _settings(self) -> dict[str, Any]:
         return {
