@@ -119,6 +119,8 @@ def mlx_runner(kind: str, shapes, dtype, device):
     loss_scale = mx.array(LOSS_SCALE)
     if kind == "fused":
         opt = mfs.FusedSGD(mfs.step_decay(*SCHEDULE), **HYPER)
+    elif kind == "fused_f32_state":
+        opt = mfs.FusedSGD(mfs.step_decay(*SCHEDULE), state_dtype=mx.float32, **HYPER)
     elif kind == "fused_clip":
         opt = mfs.FusedSGD(mfs.step_decay(*SCHEDULE), max_grad_norm=1.0, **HYPER)
     elif kind == "fused_grad_scale":
@@ -140,6 +142,27 @@ def mlx_runner(kind: str, shapes, dtype, device):
         @partial(mx.compile, inputs=state, outputs=state)
         def update(g, p):
             return opt.apply_gradients(g, p)
+
+    elif kind == "stock_f32_state":
+        # float32 momentum for half params from stock ops: casts and the SGD
+        # arithmetic per tensor, in float32 (the params rounded once).
+        schedule = optim.step_decay(*SCHEDULE)
+        velocities = {k: mx.zeros(v.shape, mx.float32) for k, v in params.items()}
+        counter = {"step": mx.array(0, mx.uint64)}
+        opt.state["v32"] = velocities
+
+        def update(g, p):
+            lr = schedule(counter["step"])
+            counter["step"] = counter["step"] + 1
+            new_p = {}
+            for k, x in p.items():
+                g32 = g[k].astype(mx.float32) + HYPER["weight_decay"] * x.astype(
+                    mx.float32
+                )
+                v = HYPER["momentum"] * velocities[k] + g32
+                velocities[k] = v
+                new_p[k] = (x.astype(mx.float32) - lr * v).astype(x.dtype)
+            return new_p
 
     elif kind == "stock_clip":
         # Stock global-norm clipping: a norm and a multiply per tensor.
@@ -266,15 +289,25 @@ def triad_bandwidth(n: int = 1 << 25, reps: int = 15) -> tuple[float, str]:
 
 IMPLS = ["fused", "stock_eager", "stock_compiled", "torch_foreach", "torch_fused"]
 # Optional rows (--impls): the cost of global-norm clipping (max_grad_norm),
-# and of loss scaling with skip on non-finite gradients (grad_scale +
-# skip_nonfinite), fused vs stock ops.
-EXTRA_IMPLS = ["fused_clip", "stock_clip", "fused_grad_scale", "stock_grad_scale"]
+# of loss scaling with skip on non-finite gradients (grad_scale +
+# skip_nonfinite), and of float32 momentum for half params (state_dtype; run
+# with --dtype bfloat16), fused vs stock ops.
+EXTRA_IMPLS = [
+    "fused_clip",
+    "stock_clip",
+    "fused_grad_scale",
+    "stock_grad_scale",
+    "fused_f32_state",
+    "stock_f32_state",
+]
 LABELS = {
     "fused": "mlx-fused-sgd",
     "stock_eager": "stock eager",
     "stock_compiled": "stock mx.compile",
     "torch_foreach": "torch foreach",
     "torch_fused": "torch fused",
+    "fused_f32_state": "fused f32 state",
+    "stock_f32_state": "stock f32 state",
     "fused_clip": "fused +clip",
     "stock_clip": "stock +clip",
     "fused_grad_scale": "fused +scale",
