@@ -54,38 +54,22 @@ struct KernelKey {
 };
 
 // Updates elements [begin, end) of one tensor.
-using UpdateRange = void (*)(
+using UpdateRangeFn = void(
     const KernelKey& key,
     const TensorPointers& t,
     int64_t begin,
     int64_t end,
     float lr,
     math::SGDHyper h);
+using UpdateRange = UpdateRangeFn*;
 
-void update_range_generic(
-    const KernelKey&,
-    const TensorPointers&,
-    int64_t,
-    int64_t,
-    float,
-    math::SGDHyper);
+// One loop per instruction set, all of that signature.
+UpdateRangeFn update_range_generic;
 #if defined(__x86_64__) || defined(_M_X64)
 #define MFS_X86_KERNELS 1
 // float32 only: half types always take the generic loop.
-void update_range_avx2(
-    const KernelKey&,
-    const TensorPointers&,
-    int64_t,
-    int64_t,
-    float,
-    math::SGDHyper);
-void update_range_avx512(
-    const KernelKey&,
-    const TensorPointers&,
-    int64_t,
-    int64_t,
-    float,
-    math::SGDHyper);
+UpdateRangeFn update_range_avx2;
+UpdateRangeFn update_range_avx512;
 #endif
 
 // A skipped step (skip_nonfinite): copies elements [begin, end) of the param
