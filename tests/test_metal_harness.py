@@ -183,6 +183,10 @@ class Strided:
         ) // nb.itemsize
 
 
+# The host buffer type holding each MLX dtype's bits (bfloat16 as uint16).
+HOST_DTYPE = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16}
+
+
 def metal_sgd(
     h, param, grad, velocity, cfg, lr=None, step=None, schedule=None, skip=None
 ):
@@ -203,15 +207,10 @@ def metal_sgd(
             for d in range(len(shape) - 2, -1, -1):
                 st[d] = st[d + 1] * shape[d + 1]
             strides.append(st)
-    host_dtype = {
-        mx.float32: np.float32,
-        mx.float16: np.float16,
-        mx.bfloat16: np.uint16,
-    }[dtype]
-    out_p = np.zeros(size, host_dtype)
-    v_host = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16}
-    vref_ = arrays[2].array if isinstance(arrays[2], Strided) else arrays[2]
-    out_v = np.zeros(size, v_host[vref_.dtype if velocity is not None else dtype])
+    vref = arrays[2].array if isinstance(arrays[2], Strided) else arrays[2]
+    state_dtype = vref.dtype if velocity is not None else dtype
+    out_p = np.zeros(size, HOST_DTYPE[dtype])
+    out_v = np.zeros(size, HOST_DTYPE[state_dtype])
     shape_arr = np.array(shape, np.int32) if shape else np.zeros(1, np.int32)
     lr_arr = np.array([lr if lr is not None else 0.0], np.float32)
     step_arr = np.array([step if step is not None else 0], np.uint64)
@@ -221,8 +220,6 @@ def metal_sgd(
     clip = cfg.get("clip_factor")
     clip_arr = np.array([clip.item() if clip is not None else 1.0], np.float32)
     sched = schedule or mfs.step_decay(1.0, 1.0, 1)
-    vref = arrays[2].array if isinstance(arrays[2], Strided) else arrays[2]
-    state_dtype = vref.dtype if velocity is not None else dtype
     rc = h.run_sgd(
         str(dtype).split(".")[-1].encode(),
         str(state_dtype).split(".")[-1].encode(),
@@ -262,9 +259,7 @@ def metal_sgd(
         arr = mx.array(x.reshape(shape))
         return arr.view(mx.bfloat16) if dt == mx.bfloat16 else arr
 
-    return back(out_p, dtype), back(
-        out_v, vref_.dtype if velocity is not None else dtype
-    )
+    return back(out_p, dtype), back(out_v, state_dtype)
 
 
 def _inputs(shape, dtype, seed):
