@@ -43,7 +43,7 @@ def main(argv=None) -> int:
             box = {"p": params, "v": vels}
 
             def run(box=box, chunk=chunk, grads=grads, step=step):
-                p, v = _ext.sgd_update_many_scheduled(
+                p, v, _ = _ext.sgd_update_many_scheduled(
                     box["p"],
                     grads,
                     box["v"],

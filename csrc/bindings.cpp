@@ -3,6 +3,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
@@ -31,6 +32,47 @@ std::pair<mx::array, OptionalArray> single_result(mfs::SGDResult r) {
     v = r.velocities[0];
   }
   return {r.params[0], v};
+}
+
+using OptionalArrays = std::vector<OptionalArray>;
+
+// The many-tensor functions' result: new params, new velocities and new
+// master copies (None where a param has none).
+std::tuple<std::vector<mx::array>, std::vector<mx::array>, OptionalArrays>
+many_result(mfs::SGDResult r) {
+  return {
+      std::move(r.params), std::move(r.velocities), std::move(r.master_params)};
+}
+
+// Settings of the many-tensor functions, with the half-precision storage
+// options (master weights, stochastic rounding) they alone take.
+mfs::SGDSettings many_settings(
+    double momentum,
+    double weight_decay,
+    double dampening,
+    bool nesterov,
+    bool maximize,
+    const OptionalArray& grad_scale,
+    const OptionalArray& skip,
+    const OptionalArray& clip_factor,
+    const std::optional<OptionalArrays>& master_params,
+    std::optional<uint64_t> rounding_seed,
+    const OptionalArray& rounding_step) {
+  mfs::SGDSettings settings{
+      momentum,
+      weight_decay,
+      dampening,
+      nesterov,
+      maximize,
+      grad_scale,
+      skip,
+      clip_factor};
+  if (master_params) {
+    settings.master_params = *master_params;
+  }
+  settings.rounding_seed = rounding_seed;
+  settings.rounding_step = rounding_step;
+  return settings;
 }
 
 std::vector<mx::array> as_list(const OptionalArray& v) {
@@ -278,6 +320,9 @@ kernel from the integer ``step`` counter (the step *before* increment).)");
          const OptionalArray& grad_scale,
          const OptionalArray& skip,
          const OptionalArray& clip_factor,
+         const std::optional<OptionalArrays>& master_params,
+         std::optional<uint64_t> rounding_seed,
+         const OptionalArray& rounding_step,
          int tensors_per_primitive,
          mx::StreamOrDevice s) {
         auto r = mfs::sgd_update_many(
@@ -285,17 +330,21 @@ kernel from the integer ``step`` counter (the step *before* increment).)");
             grads,
             velocities,
             learning_rate,
-            {momentum,
-             weight_decay,
-             dampening,
-             nesterov,
-             maximize,
-             grad_scale,
-             skip,
-             clip_factor},
+            many_settings(
+                momentum,
+                weight_decay,
+                dampening,
+                nesterov,
+                maximize,
+                grad_scale,
+                skip,
+                clip_factor,
+                master_params,
+                rounding_seed,
+                rounding_step),
             tensors_per_primitive,
             s);
-        return std::make_pair(std::move(r.params), std::move(r.velocities));
+        return many_result(std::move(r));
       },
       "params"_a,
       "grads"_a,
@@ -310,6 +359,9 @@ kernel from the integer ``step`` counter (the step *before* increment).)");
       "grad_scale"_a = nb::none(),
       "skip"_a = nb::none(),
       "clip_factor"_a = nb::none(),
+      "master_params"_a = nb::none(),
+      "rounding_seed"_a = nb::none(),
+      "rounding_step"_a = nb::none(),
       "tensors_per_primitive"_a = mfs::kDefaultTensorsPerPrimitive,
       "stream"_a = nb::none(),
       nb::sig(
@@ -320,10 +372,14 @@ kernel from the integer ``step`` counter (the step *before* increment).)");
           "nesterov: bool = False, maximize: bool = False, "
           "grad_scale: mlx.core.array | None = None, "
           "skip: mlx.core.array | None = None, "
-          "clip_factor: mlx.core.array | None = None, tensors_per_primitive: "
+          "clip_factor: mlx.core.array | None = None, "
+          "master_params: list[mlx.core.array | None] | None = None, "
+          "rounding_seed: int | None = None, "
+          "rounding_step: mlx.core.array | None = None, tensors_per_primitive: "
           "int = 4, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) "
-          "-> tuple[list[mlx.core.array], list[mlx.core.array]]"),
+          "-> tuple[list[mlx.core.array], list[mlx.core.array], "
+          "list[mlx.core.array | None]]"),
       R"(Fused SGD step of many tensors: grouped by dtype, chunked into
 primitives of ``tensors_per_primitive`` tensors each.)");
 
@@ -344,6 +400,9 @@ primitives of ``tensors_per_primitive`` tensors each.)");
          const OptionalArray& grad_scale,
          const OptionalArray& skip,
          const OptionalArray& clip_factor,
+         const std::optional<OptionalArrays>& master_params,
+         std::optional<uint64_t> rounding_seed,
+         const OptionalArray& rounding_step,
          int tensors_per_primitive,
          mx::StreamOrDevice s) {
         auto r = mfs::sgd_update_many_scheduled(
@@ -352,17 +411,21 @@ primitives of ``tensors_per_primitive`` tensors each.)");
             velocities,
             step,
             {init, decay_rate, step_size},
-            {momentum,
-             weight_decay,
-             dampening,
-             nesterov,
-             maximize,
-             grad_scale,
-             skip,
-             clip_factor},
+            many_settings(
+                momentum,
+                weight_decay,
+                dampening,
+                nesterov,
+                maximize,
+                grad_scale,
+                skip,
+                clip_factor,
+                master_params,
+                rounding_seed,
+                rounding_step),
             tensors_per_primitive,
             s);
-        return std::make_pair(std::move(r.params), std::move(r.velocities));
+        return many_result(std::move(r));
       },
       "params"_a,
       "grads"_a,
@@ -380,6 +443,9 @@ primitives of ``tensors_per_primitive`` tensors each.)");
       "grad_scale"_a = nb::none(),
       "skip"_a = nb::none(),
       "clip_factor"_a = nb::none(),
+      "master_params"_a = nb::none(),
+      "rounding_seed"_a = nb::none(),
+      "rounding_step"_a = nb::none(),
       "tensors_per_primitive"_a = mfs::kDefaultTensorsPerPrimitive,
       "stream"_a = nb::none(),
       nb::sig(
@@ -392,9 +458,13 @@ primitives of ``tensors_per_primitive`` tensors each.)");
           "grad_scale: mlx.core.array | None = None, "
           "skip: mlx.core.array | None = None, "
           "clip_factor: mlx.core.array | None = None, "
+          "master_params: list[mlx.core.array | None] | None = None, "
+          "rounding_seed: int | None = None, "
+          "rounding_step: mlx.core.array | None = None, "
           "tensors_per_primitive: int = 4, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) "
-          "-> tuple[list[mlx.core.array], list[mlx.core.array]]"),
+          "-> tuple[list[mlx.core.array], list[mlx.core.array], "
+          "list[mlx.core.array | None]]"),
       R"(Fused SGD step of many tensors with the step-decay learning rate
 computed in the kernel from the integer ``step`` counter.)");
 
@@ -476,8 +546,11 @@ the device (per tensor summed in double and rounded, then added in order).)");
          const OptionalArray& grad_scale,
          const OptionalArray& skip,
          const OptionalArray& clip_factor,
+         const std::optional<OptionalArrays>& master_params,
+         std::optional<uint64_t> rounding_seed,
+         const OptionalArray& rounding_step,
          mx::StreamOrDevice s) {
-        mfs::SGDSettings settings{
+        auto settings = many_settings(
             momentum,
             weight_decay,
             dampening,
@@ -485,7 +558,10 @@ the device (per tensor summed in double and rounded, then added in order).)");
             maximize,
             grad_scale,
             skip,
-            clip_factor};
+            clip_factor,
+            master_params,
+            rounding_seed,
+            rounding_step);
         auto r = step ? mfs::sgd_update_many_scheduled(
                             params,
                             grads,
@@ -505,7 +581,7 @@ the device (per tensor summed in double and rounded, then added in order).)");
                             mfs::kDefaultTensorsPerPrimitive,
                             s,
                             true);
-        return std::make_pair(std::move(r.params), std::move(r.velocities));
+        return many_result(std::move(r));
       },
       "params"_a,
       "grads"_a,
@@ -524,5 +600,8 @@ the device (per tensor summed in double and rounded, then added in order).)");
       "grad_scale"_a = nb::none(),
       "skip"_a = nb::none(),
       "clip_factor"_a = nb::none(),
+      "master_params"_a = nb::none(),
+      "rounding_seed"_a = nb::none(),
+      "rounding_step"_a = nb::none(),
       "stream"_a = nb::none());
 }

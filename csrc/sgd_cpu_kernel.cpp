@@ -7,6 +7,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #ifdef MFS_CPU_ISA_GENERIC
 #include "utils.h"
@@ -24,47 +25,85 @@ namespace mlx_fused_sgd {
 namespace cpu_kernel {
 namespace {
 
-template <typename T, typename V, bool WD, bool M, bool D, bool N, bool S>
+// Where an updated param goes (R: the rounding mode). Master weights: the
+// float32 value to the master copy, its rounding to the param; stochastic
+// rounding: bfloat16 rounded with element io's random bits.
+template <typename T, int R>
+MFS_LOOP_INLINE void
+store_param(const TensorPointers& t, T* p_out, int64_t io, float value) {
+  if (R == math::kMasterWeights) {
+    t.master_out[io] = value;
+  }
+  if (R == math::kRoundStochastic) {
+    value = math::round_bf16_stochastic(
+        value, math::rounding_bits(t.rounding_stream, uint64_t(io)));
+  }
+  p_out[io] = static_cast<T>(value);
+}
+
+template <
+    typename T,
+    typename V,
+    bool WD,
+    bool M,
+    bool D,
+    bool N,
+    bool S,
+    int R>
 MFS_LOOP_INLINE void sgd_one(
-    const T* p,
-    const T* g,
-    const V* v,
-    T* p_out,
-    V* v_out,
+    const TensorPointers& t,
     int64_t ip,
     int64_t ig,
     int64_t iv,
+    int64_t im,
     int64_t io,
     float lr,
     math::SGDHyper h) {
+  auto g = static_cast<const T*>(t.grad);
+  auto v = static_cast<const V*>(t.velocity);
+  float pi = R == math::kMasterWeights
+                 ? t.master[im]
+                 : static_cast<float>(static_cast<const T*>(t.param)[ip]);
   float vi = M ? static_cast<float>(v[iv]) : 0.0f;
   auto r = math::sgd_update_element<WD, M, D, N, S>(
-      static_cast<float>(p[ip]), static_cast<float>(g[ig]), vi, lr, h);
-  p_out[io] = static_cast<T>(r.param);
+      pi, static_cast<float>(g[ig]), vi, lr, h);
+  store_param<T, R>(t, static_cast<T*>(t.param_out), io, r.param);
   if (M) {
-    v_out[io] = static_cast<V>(r.velocity);
+    static_cast<V*>(t.velocity_out)[io] = static_cast<V>(r.velocity);
   }
 }
 
-// Contiguous loop. Outputs may alias their inputs (donated buffers), so each
-// block is loaded into locals, updated, then stored: the compiler vectorizes
-// the fixed-width inner loops without runtime alias checks.
-template <typename T, typename V, bool WD, bool M, bool D, bool N, bool S>
+// Contiguous loop over elements [begin, end). Outputs may alias their inputs
+// (donated buffers), so each block is loaded into locals, updated, then
+// stored: the compiler vectorizes the fixed-width inner loops without runtime
+// alias checks.
+template <
+    typename T,
+    typename V,
+    bool WD,
+    bool M,
+    bool D,
+    bool N,
+    bool S,
+    int R>
 void sgd_contiguous(
-    const T* p,
-    const T* g,
-    const V* v,
-    T* p_out,
-    V* v_out,
-    int64_t size,
+    const TensorPointers& t,
+    int64_t begin,
+    int64_t end,
     float lr,
     math::SGDHyper h) {
   constexpr int W = 16;
-  int64_t i = 0;
-  for (; i + W <= size; i += W) {
+  auto p = static_cast<const T*>(t.param);
+  auto g = static_cast<const T*>(t.grad);
+  auto v = static_cast<const V*>(t.velocity);
+  auto p_out = static_cast<T*>(t.param_out);
+  auto v_out = static_cast<V*>(t.velocity_out);
+  int64_t i = begin;
+  for (; i + W <= end; i += W) {
     float pb[W], gb[W], vb[W];
     for (int j = 0; j < W; ++j) {
-      pb[j] = static_cast<float>(p[i + j]);
+      pb[j] = R == math::kMasterWeights ? t.master[i + j]
+                                        : static_cast<float>(p[i + j]);
       gb[j] = static_cast<float>(g[i + j]);
       vb[j] = M ? static_cast<float>(v[i + j]) : 0.0f;
     }
@@ -74,8 +113,14 @@ void sgd_contiguous(
       pb[j] = r.param;
       vb[j] = r.velocity;
     }
-    for (int j = 0; j < W; ++j) {
-      p_out[i + j] = static_cast<T>(pb[j]);
+    if (R == math::kRoundNearest) {
+      for (int j = 0; j < W; ++j) {
+        p_out[i + j] = static_cast<T>(pb[j]);
+      }
+    } else {
+      for (int j = 0; j < W; ++j) {
+        store_param<T, R>(t, p_out, i + j, pb[j]);
+      }
     }
     if (M) {
       for (int j = 0; j < W; ++j) {
@@ -83,34 +128,29 @@ void sgd_contiguous(
       }
     }
   }
-  for (; i < size; ++i) {
-    sgd_one<T, V, WD, M, D, N, S>(p, g, v, p_out, v_out, i, i, i, i, lr, h);
+  for (; i < end; ++i) {
+    sgd_one<T, V, WD, M, D, N, S, R>(t, i, i, i, i, i, lr, h);
   }
 }
 
 // Updates elements [begin, end) of one tensor.
-template <typename T, typename V, bool WD, bool M, bool D, bool N, bool S>
+template <
+    typename T,
+    typename V,
+    bool WD,
+    bool M,
+    bool D,
+    bool N,
+    bool S,
+    int R>
 void sgd_tensor_range(
     const TensorPointers& t,
     int64_t begin,
     int64_t end,
     float lr,
     math::SGDHyper h) {
-  auto p = static_cast<const T*>(t.param);
-  auto g = static_cast<const T*>(t.grad);
-  auto v = static_cast<const V*>(t.velocity);
-  auto p_out = static_cast<T*>(t.param_out);
-  auto v_out = static_cast<V*>(t.velocity_out);
   if (t.contiguous) {
-    sgd_contiguous<T, V, WD, M, D, N, S>(
-        p + begin,
-        g + begin,
-        M ? v + begin : v,
-        p_out + begin,
-        M ? v_out + begin : v_out,
-        end - begin,
-        lr,
-        h);
+    sgd_contiguous<T, V, WD, M, D, N, S, R>(t, begin, end, lr, h);
     return;
   }
 #ifdef MFS_CPU_ISA_GENERIC
@@ -118,12 +158,15 @@ void sgd_tensor_range(
     int64_t ip = elem_to_loc(i, t.shape, t.param_strides);
     int64_t ig = elem_to_loc(i, t.shape, t.grad_strides);
     int64_t iv = M ? elem_to_loc(i, t.shape, t.velocity_strides) : 0;
-    sgd_one<T, V, WD, M, D, N, S>(p, g, v, p_out, v_out, ip, ig, iv, i, lr, h);
+    int64_t im = R == math::kMasterWeights
+                     ? elem_to_loc(i, t.shape, t.master_strides)
+                     : 0;
+    sgd_one<T, V, WD, M, D, N, S, R>(t, ip, ig, iv, im, i, lr, h);
   }
 #endif
 }
 
-template <typename T, typename V>
+template <typename T, typename V, int R>
 void update_typed(
     const KernelKey& key,
     const TensorPointers& t,
@@ -133,18 +176,19 @@ void update_typed(
     math::SGDHyper h) {
   auto run = [&]<bool WD, bool S>() {
     if (!key.momentum) {
-      return sgd_tensor_range<T, V, WD, false, false, false, S>(
+      return sgd_tensor_range<T, V, WD, false, false, false, S, R>(
           t, begin, end, lr, h);
     }
     if (key.nesterov) {
-      return key.dampening ? sgd_tensor_range<T, V, WD, true, true, true, S>(
-                                 t, begin, end, lr, h)
-                           : sgd_tensor_range<T, V, WD, true, false, true, S>(
-                                 t, begin, end, lr, h);
+      return key.dampening
+                 ? sgd_tensor_range<T, V, WD, true, true, true, S, R>(
+                       t, begin, end, lr, h)
+                 : sgd_tensor_range<T, V, WD, true, false, true, S, R>(
+                       t, begin, end, lr, h);
     }
-    return key.dampening ? sgd_tensor_range<T, V, WD, true, true, false, S>(
+    return key.dampening ? sgd_tensor_range<T, V, WD, true, true, false, S, R>(
                                t, begin, end, lr, h)
-                         : sgd_tensor_range<T, V, WD, true, false, false, S>(
+                         : sgd_tensor_range<T, V, WD, true, false, false, S, R>(
                                t, begin, end, lr, h);
   };
   auto with_wd = [&]<bool S>() {
@@ -171,21 +215,38 @@ void MFS_CAT(update_range_, MFS_CPU_ISA)(
     return update_range_generic(key, t, begin, end, lr, h);
   }
 #endif
+#ifdef MFS_CPU_ISA_GENERIC
+  // Half params keep their momentum in their own dtype or in float32, and
+  // are stored rounded to nearest, stochastically (bfloat16) or from a
+  // float32 master copy.
+  auto half_param = [&]<typename T>() {
+    auto with_state = [&]<int R>() {
+      return key.state_dtype == DtypeCode::float32
+                 ? update_typed<T, float, R>(key, t, begin, end, lr, h)
+                 : update_typed<T, T, R>(key, t, begin, end, lr, h);
+    };
+    switch (key.rounding) {
+    case math::kMasterWeights:
+      return with_state.template operator()<math::kMasterWeights>();
+    case math::kRoundStochastic:
+      if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
+        return with_state.template operator()<math::kRoundStochastic>();
+      }
+      return; // refused by the op before any graph is built
+    default:
+      return with_state.template operator()<math::kRoundNearest>();
+    }
+  };
+#endif
   switch (key.dtype) {
   case DtypeCode::float32:
-    return update_typed<float, float>(key, t, begin, end, lr, h);
+    return update_typed<float, float, math::kRoundNearest>(
+        key, t, begin, end, lr, h);
 #ifdef MFS_CPU_ISA_GENERIC
-  // Half params keep their momentum in their own dtype, or in float32.
   case DtypeCode::float16:
-    return key.state_dtype == DtypeCode::float32
-               ? update_typed<mx::float16_t, float>(key, t, begin, end, lr, h)
-               : update_typed<mx::float16_t, mx::float16_t>(
-                     key, t, begin, end, lr, h);
+    return half_param.template operator()<mx::float16_t>();
   case DtypeCode::bfloat16:
-    return key.state_dtype == DtypeCode::float32
-               ? update_typed<mx::bfloat16_t, float>(key, t, begin, end, lr, h)
-               : update_typed<mx::bfloat16_t, mx::bfloat16_t>(
-                     key, t, begin, end, lr, h);
+    return half_param.template operator()<mx::bfloat16_t>();
 #else
   default:
     return;
@@ -281,6 +342,10 @@ void copy_range(
         begin,
         end,
         itemsize(key.state_dtype));
+  }
+  if (key.rounding == math::kMasterWeights) {
+    copy_one(
+        t.master, t.master_out, t, t.master_strides, begin, end, sizeof(float));
   }
 }
 

@@ -28,6 +28,15 @@ struct TensorPointers {
   mx::Strides param_strides;
   mx::Strides grad_strides;
   mx::Strides velocity_strides;
+  // Master weights: the float32 copy read in place of the param, and where
+  // its update goes (row-contiguous or strided like the others).
+  const float* master = nullptr;
+  float* master_out = nullptr;
+  mx::Strides master_strides;
+  // Stochastic rounding: this tensor's index in the update, and its random
+  // stream (math::rounding_stream), set when the step counter is read.
+  uint64_t rounding_tensor = 0;
+  uint64_t rounding_stream = 0;
 };
 
 enum class DtypeCode : uint8_t { float32, float16, bfloat16 };
@@ -51,6 +60,7 @@ struct KernelKey {
   bool dampening;
   bool nesterov;
   bool scale_grad;
+  int rounding; // math::kRoundNearest, kRoundStochastic or kMasterWeights
 };
 
 // Updates elements [begin, end) of one tensor.
@@ -72,8 +82,9 @@ UpdateRangeFn update_range_avx2;
 UpdateRangeFn update_range_avx512;
 #endif
 
-// A skipped step (skip_nonfinite): copies elements [begin, end) of the param
-// and momentum buffer to the outputs, a no-op where they share the buffer.
+// A skipped step (skip_nonfinite): copies elements [begin, end) of the param,
+// momentum buffer and master copy to the outputs, a no-op where they share the
+// buffer.
 void copy_range(
     const KernelKey& key, const TensorPointers& t, int64_t begin, int64_t end);
 

@@ -4,6 +4,7 @@
 #include <map>
 #include <sstream>
 #include <stdexcept>
+#include <tuple>
 
 #include "mlx/backend/cpu/encoder.h"
 #ifdef _METAL_
@@ -129,6 +130,42 @@ mx::array check_skip_flag(const mx::array& x, mx::StreamOrDevice s) {
   return out.ndim() == 0 ? out : mx::reshape(out, {}, s);
 }
 
+// Checks master copy i (master weights): a float32 array with the shape of a
+// float16/bfloat16 param.
+void check_master(
+    const mx::array& param, const mx::array& master, size_t i, size_t n) {
+  const auto mname = indexed("master_params", i, n);
+  if (param.dtype() == mx::float32) {
+    throw std::invalid_argument(
+        mname + " is given for a float32 param; master copies are for "
+                "float16 and bfloat16 params (pass None for this one).");
+  }
+  if (master.dtype() != mx::float32) {
+    throw std::invalid_argument(
+        mname + " has dtype " + dtype_name(master.dtype()) +
+        "; a master copy must be float32.");
+  }
+  if (master.shape() != param.shape()) {
+    throw std::invalid_argument(
+        mname + " has shape " + shape_str(master.shape()) + " but " +
+        indexed("param", i, n) + " has shape " + shape_str(param.shape()) +
+        "; a master copy must have the parameter's shape.");
+  }
+}
+
+// The rounding step (stochastic rounding) as the uint64 0-d array the kernels
+// read.
+mx::array check_rounding_step(const mx::array& x, mx::StreamOrDevice s) {
+  if (x.size() != 1 || !mx::issubdtype(x.dtype(), mx::integer)) {
+    throw std::invalid_argument(
+        "rounding_step must be an integer scalar (the optimizer's step "
+        "counter), but got dtype " +
+        dtype_name(x.dtype()) + " and shape " + shape_str(x.shape()) + ".");
+  }
+  auto out = x.dtype() == mx::uint64 ? x : mx::astype(x, mx::uint64, s);
+  return out.ndim() == 0 ? out : mx::reshape(out, {}, s);
+}
+
 // A real scalar array as the float32 0-d array the kernels read.
 mx::array
 check_real_scalar(const mx::array& x, const char* name, mx::StreamOrDevice s) {
@@ -159,6 +196,7 @@ SGDResult sgd_update_composed(
     const mx::array& grad_scale,
     const mx::array& skip_flag,
     const mx::array& clip_factor,
+    const std::vector<std::optional<mx::array>>& masters,
     const SGDVariant& v,
     mx::StreamOrDevice s) {
   auto lr =
@@ -168,9 +206,12 @@ SGDResult sgd_update_composed(
   auto divisor =
       v.maximize ? mx::multiply(grad_scale, scalar(-1.0f), s) : grad_scale;
   SGDResult result;
+  result.master_params = masters;
   for (size_t i = 0; i < params.size(); ++i) {
     auto dtype = params[i].dtype();
-    auto p = mx::astype(params[i], mx::float32, s);
+    const auto* master =
+        masters.empty() || !masters[i] ? nullptr : &*masters[i];
+    auto p = master ? *master : mx::astype(params[i], mx::float32, s);
     auto g = mx::astype(grads[i], mx::float32, s);
     if (v.scale_grad) {
       g = mx::divide(g, divisor, s);
@@ -185,10 +226,17 @@ SGDResult sgd_update_composed(
     auto keep_if_skipped = [&](mx::array updated, const mx::array& old) {
       return v.skip ? mx::where(skip_flag, old, updated, s) : updated;
     };
+    // The new float32 param: to the master copy (if any), rounded to the
+    // param.
+    auto store = [&](const mx::array& updated) {
+      if (master) {
+        result.master_params[i] = keep_if_skipped(updated, *master);
+      }
+      result.params.push_back(
+          keep_if_skipped(mx::astype(updated, dtype, s), params[i]));
+    };
     if (!v.momentum) {
-      result.params.push_back(keep_if_skipped(
-          mx::astype(mx::subtract(p, mx::multiply(lr, g, s), s), dtype, s),
-          params[i]));
+      store(mx::subtract(p, mx::multiply(lr, g, s), s));
       continue;
     }
     auto old_vel =
@@ -203,9 +251,7 @@ SGDResult sgd_update_composed(
         v.nesterov
             ? mx::add(g, mx::multiply(scalar(v.hyper.momentum), vel, s), s)
             : vel;
-    result.params.push_back(keep_if_skipped(
-        mx::astype(mx::subtract(p, mx::multiply(lr, update, s), s), dtype, s),
-        params[i]));
+    store(mx::subtract(p, mx::multiply(lr, update, s), s));
     result.velocities.push_back(
         keep_if_skipped(mx::astype(vel, old_vel.dtype(), s), old_vel));
   }
@@ -264,6 +310,33 @@ SGDResult sgd_update_impl(
         std::to_string(velocities.size()) + " for " + std::to_string(n) +
         " params.");
   }
+  const auto& masters = settings.master_params;
+  const bool have_masters = !masters.empty();
+  if (have_masters && masters.size() != n) {
+    throw std::invalid_argument(
+        "master_params must be empty or have one entry per param, but got " +
+        std::to_string(masters.size()) + " for " + std::to_string(n) +
+        " params.");
+  }
+  const bool stochastic = settings.rounding_seed.has_value();
+  if (stochastic && !settings.rounding_step) {
+    throw std::invalid_argument(
+        "stochastic rounding needs rounding_step (the step counter its "
+        "random bits derive from).");
+  }
+  const auto rounding_step =
+      stochastic ? check_rounding_step(*settings.rounding_step, s)
+                 : mx::array(0u, mx::uint64);
+  // How tensor i's new param is stored.
+  auto rounding_of = [&](size_t i) {
+    if (have_masters && masters[i]) {
+      return math::kMasterWeights;
+    }
+    if (stochastic && params[i].dtype() == mx::bfloat16) {
+      return math::kRoundStochastic;
+    }
+    return math::kRoundNearest;
+  };
 
   // Validate everything before building any graph node.
   std::vector<mx::array> checked_grads;
@@ -276,10 +349,31 @@ SGDResult sgd_update_impl(
         i,
         n,
         s));
+    if (have_masters && masters[i]) {
+      if (stochastic) {
+        throw std::invalid_argument(
+            "stochastic rounding and master weights are alternatives: give "
+            "master_params or a rounding seed, not both.");
+      }
+      check_master(params[i], *masters[i], i, n);
+    } else if (stochastic && params[i].dtype() == mx::float16) {
+      throw std::invalid_argument(
+          indexed("param", i, n) +
+          " is float16; stochastic rounding is implemented for bfloat16 "
+          "params (use master weights for float16).");
+    }
   }
 
   auto stream = mx::to_stream(s);
   if (use_fallback || !has_fused_kernel(stream)) {
+    if (stochastic) {
+      // The random bits are the kernels'; composing them from stock ops
+      // would be a second copy of the hash to keep in step.
+      throw std::invalid_argument(
+          "stochastic rounding needs this package's kernels (CPU, or a Metal "
+          "GPU); this device runs the composed fallback. Use master weights "
+          "instead.");
+    }
     return sgd_update_composed(
         params,
         checked_grads,
@@ -289,6 +383,7 @@ SGDResult sgd_update_impl(
         grad_scale,
         skip_flag,
         clip_factor,
+        masters,
         variant,
         stream);
   }
@@ -300,20 +395,28 @@ SGDResult sgd_update_impl(
   } else {
     result.velocities.resize(n, mx::array(0.0f));
   }
+  result.master_params = masters;
 
-  // Group by param and momentum-buffer dtypes (one kernel instantiation per
-  // primitive), keep order.
+  // Group by param dtype, momentum-buffer dtype and storage mode (one kernel
+  // instantiation per primitive), keep order.
   auto velocity_dtype = [&](size_t i) {
     return variant.momentum && have_velocities ? velocities[i].dtype()
                                                : params[i].dtype();
   };
-  std::map<std::pair<int, int>, std::vector<size_t>> groups;
+  std::map<std::tuple<int, int, int>, std::vector<size_t>> groups;
   for (size_t i = 0; i < n; ++i) {
     groups[{static_cast<int>(params[i].dtype().val()),
-            static_cast<int>(velocity_dtype(i).val())}]
+            static_cast<int>(velocity_dtype(i).val()),
+            rounding_of(i)}]
         .push_back(i);
   }
-  for (auto& [_, indices] : groups) {
+  for (auto& [key, indices] : groups) {
+    auto group_variant = variant;
+    group_variant.rounding = std::get<2>(key);
+    const bool group_masters = group_variant.rounding == math::kMasterWeights;
+    const bool group_stochastic =
+        group_variant.rounding == math::kRoundStochastic;
+    group_variant.seed = group_stochastic ? *settings.rounding_seed : 0;
     for (size_t start = 0; start < indices.size();
          start += tensors_per_primitive) {
       size_t end = std::min(indices.size(), start + tensors_per_primitive);
@@ -321,7 +424,8 @@ SGDResult sgd_update_impl(
       std::vector<mx::array> inputs;
       std::vector<mx::Shape> shapes;
       std::vector<mx::Dtype> dtypes;
-      inputs.reserve(3 * count + 4);
+      std::vector<uint64_t> tensor_ids;
+      inputs.reserve(4 * count + 5);
       for (size_t k = start; k < end; ++k) {
         inputs.push_back(params[indices[k]]);
       }
@@ -336,6 +440,11 @@ SGDResult sgd_update_impl(
                               : mx::zeros(p.shape(), p.dtype(), s));
         }
       }
+      if (group_masters) {
+        for (size_t k = start; k < end; ++k) {
+          inputs.push_back(*masters[indices[k]]);
+        }
+      }
       inputs.push_back(lr_input);
       if (variant.scale_grad) {
         inputs.push_back(grad_scale);
@@ -346,23 +455,43 @@ SGDResult sgd_update_impl(
       if (variant.clip) {
         inputs.push_back(clip_factor);
       }
-      const int outputs_per_tensor = variant.momentum ? 2 : 1;
-      for (int o = 0; o < outputs_per_tensor; ++o) {
+      if (group_stochastic) {
+        inputs.push_back(rounding_step);
+        for (size_t k = start; k < end; ++k) {
+          tensor_ids.push_back(indices[k]);
+        }
+      }
+      for (size_t k = start; k < end; ++k) {
+        shapes.push_back(params[indices[k]].shape());
+        dtypes.push_back(params[indices[k]].dtype());
+      }
+      if (variant.momentum) {
         for (size_t k = start; k < end; ++k) {
           shapes.push_back(params[indices[k]].shape());
-          dtypes.push_back(
-              o == 0 ? params[indices[k]].dtype() : velocity_dtype(indices[k]));
+          dtypes.push_back(velocity_dtype(indices[k]));
+        }
+      }
+      if (group_masters) {
+        for (size_t k = start; k < end; ++k) {
+          shapes.push_back(params[indices[k]].shape());
+          dtypes.push_back(mx::float32);
         }
       }
       auto outs = mx::array::make_arrays(
           std::move(shapes),
           dtypes,
-          std::make_shared<SGDUpdate>(stream, count, variant, schedule),
+          std::make_shared<SGDUpdate>(
+              stream, count, group_variant, schedule, std::move(tensor_ids)),
           inputs);
+      const int master_base = variant.momentum ? 2 * count : count;
       for (int k = 0; k < count; ++k) {
-        result.params[indices[start + k]] = outs[k];
+        const size_t i = indices[start + k];
+        result.params[i] = outs[k];
         if (variant.momentum) {
-          result.velocities[indices[start + k]] = outs[count + k];
+          result.velocities[i] = outs[count + k];
+        }
+        if (group_masters) {
+          result.master_params[i] = outs[master_base + k];
         }
       }
     }
@@ -411,6 +540,21 @@ SGDResult sgd_update_many_scheduled(
         "step must be a scalar (the optimizer's step counter), but got an "
         "array of shape " +
         shape_str(step.shape()) + ".");
+  }
+  if (settings.rounding_seed && !settings.rounding_step) {
+    // Stochastic rounding draws its bits from the schedule's step counter.
+    auto with_step = settings;
+    with_step.rounding_step = step;
+    return sgd_update_many_scheduled(
+        params,
+        grads,
+        velocities,
+        step,
+        schedule,
+        with_step,
+        tensors_per_primitive,
+        s,
+        use_fallback);
   }
   if (step.dtype() != mx::uint64) {
     // The kernels fuse the schedule for the optimizer's uint64 counter; any
@@ -539,20 +683,27 @@ void allocate_outputs(
 }
 
 bool all_row_contiguous(
-    const mx::array& p, const mx::array& g, const mx::array* v) {
+    const mx::array& p,
+    const mx::array& g,
+    const mx::array* v,
+    const mx::array* m) {
   return p.flags().row_contiguous && g.flags().row_contiguous &&
-         (v == nullptr || v->flags().row_contiguous);
+         (v == nullptr || v->flags().row_contiguous) &&
+         (m == nullptr || m->flags().row_contiguous);
 }
 
 // The arrays of tensor i of a chunk of n, in the primitive's layout: inputs
-// params[n], grads[n], velocities[n] (momentum only), lr; outputs params[n],
-// velocities[n] (momentum only).
+// params[n], grads[n], velocities[n] (momentum only), masters[n] (master
+// weights only), scalars; outputs params[n], velocities[n] (momentum only),
+// masters[n] (master weights only).
 struct TensorSlots {
   const mx::array& p;
   const mx::array& g;
   const mx::array* v;
   mx::array& p_out;
   mx::array* v_out;
+  const mx::array* m;
+  mx::array* m_out;
 };
 
 TensorSlots tensor_slots(
@@ -560,13 +711,25 @@ TensorSlots tensor_slots(
     std::vector<mx::array>& outputs,
     int n,
     int i,
-    bool momentum) {
+    bool momentum,
+    bool master) {
+  const int master_in = (momentum ? 3 : 2) * n;
+  const int master_out = (momentum ? 2 : 1) * n;
   return {
       inputs[i],
       inputs[n + i],
       momentum ? &inputs[2 * n + i] : nullptr,
       outputs[i],
-      momentum ? &outputs[n + i] : nullptr};
+      momentum ? &outputs[n + i] : nullptr,
+      master ? &inputs[master_in + i] : nullptr,
+      master ? &outputs[master_out + i] : nullptr};
+}
+
+// The master copy's output: its own buffer when donatable (in place).
+void allocate_master(const mx::array* m, mx::array* m_out) {
+  if (m != nullptr && !try_donate(*m, *m_out)) {
+    m_out->set_data(mx::allocator::malloc(m_out->nbytes()));
+  }
 }
 
 } // namespace
@@ -577,14 +740,16 @@ void SGDUpdate::eval_cpu(
   release_sibling_inputs(inputs, outputs);
   const int n = num_tensors_;
   const bool momentum = variant_.momentum;
+  const bool master = master_weights();
   auto& encoder = mx::cpu::get_command_encoder(stream());
 
   std::vector<cpu_kernel::TensorPointers> tensors;
   tensors.reserve(n);
   for (int i = 0; i < n; ++i) {
-    auto [p, g, v, p_out, v_out] =
-        tensor_slots(inputs, outputs, n, i, momentum);
+    auto [p, g, v, p_out, v_out, m, m_out] =
+        tensor_slots(inputs, outputs, n, i, momentum, master);
     allocate_outputs(p, g, v, p_out, v_out);
+    allocate_master(m, m_out);
 
     encoder.set_input_array(p);
     encoder.set_input_array(g);
@@ -593,7 +758,11 @@ void SGDUpdate::eval_cpu(
       encoder.set_input_array(*v);
       encoder.set_output_array(*v_out);
     }
-    bool contiguous = all_row_contiguous(p, g, v);
+    if (master) {
+      encoder.set_input_array(*m);
+      encoder.set_output_array(*m_out);
+    }
+    bool contiguous = all_row_contiguous(p, g, v, m);
     cpu_kernel::TensorPointers t{
         p.data<void>(),
         g.data<void>(),
@@ -601,17 +770,21 @@ void SGDUpdate::eval_cpu(
         p_out.data<void>(),
         momentum ? v_out->data<void>() : nullptr,
         static_cast<int64_t>(p.size()),
-        contiguous,
-        {},
-        {},
-        {},
-        {}};
+        contiguous};
+    if (master) {
+      t.master = m->data<float>();
+      t.master_out = m_out->data<float>();
+    }
+    t.rounding_tensor = tensor_id(i);
     if (!contiguous) {
       t.shape = p.shape();
       t.param_strides = p.strides();
       t.grad_strides = g.strides();
       if (momentum) {
         t.velocity_strides = v->strides();
+      }
+      if (master) {
+        t.master_strides = m->strides();
       }
     }
     tensors.push_back(std::move(t));
@@ -620,22 +793,22 @@ void SGDUpdate::eval_cpu(
   const auto& lr_input = inputs[lr_index()];
   encoder.set_input_array(lr_input);
   const void* lr_ptr = lr_input.data<void>();
-  const float* scale_ptr = nullptr;
-  if (variant_.scale_grad) {
-    const auto& scale = inputs[scale_index()];
-    encoder.set_input_array(scale);
-    scale_ptr = scale.data<float>();
-  }
-  const uint32_t* skip_ptr = nullptr;
-  if (variant_.skip) {
-    encoder.set_input_array(inputs[skip_index()]);
-    skip_ptr = inputs[skip_index()].data<uint32_t>();
-  }
-  const float* clip_ptr = nullptr;
-  if (variant_.clip) {
-    encoder.set_input_array(inputs[clip_index()]);
-    clip_ptr = inputs[clip_index()].data<float>();
-  }
+  // The optional scalar inputs, read when the task runs.
+  auto scalar_ptr = [&]<typename T>(bool present, size_t index) {
+    if (!present) {
+      return static_cast<const T*>(nullptr);
+    }
+    encoder.set_input_array(inputs[index]);
+    return inputs[index].data<T>();
+  };
+  const float* scale_ptr =
+      scalar_ptr.template operator()<float>(variant_.scale_grad, scale_index());
+  const uint32_t* skip_ptr =
+      scalar_ptr.template operator()<uint32_t>(variant_.skip, skip_index());
+  const float* clip_ptr =
+      scalar_ptr.template operator()<float>(variant_.clip, clip_index());
+  const uint64_t* rounding_step_ptr = scalar_ptr.template operator()<uint64_t>(
+      stochastic_rounding(), rounding_step_index());
   const cpu_kernel::KernelKey key{
       cpu_kernel::dtype_code(inputs[0].dtype()),
       cpu_kernel::dtype_code(
@@ -644,23 +817,31 @@ void SGDUpdate::eval_cpu(
       variant_.momentum,
       variant_.dampening,
       variant_.nesterov,
-      variant_.scale_grad};
+      variant_.scale_grad,
+      variant_.rounding};
   encoder.dispatch([tensors = std::move(tensors),
                     key,
                     lr_ptr,
                     scale_ptr,
                     skip_ptr,
                     clip_ptr,
+                    rounding_step_ptr,
                     schedule = schedule_,
-                    variant = variant_]() {
-    // The learning rate and the loss scale are read when the task runs,
-    // after the ops that produce them have run.
+                    variant = variant_]() mutable {
+    // The learning rate, the loss scale and the rounding step are read when
+    // the task runs, after the ops that produce them have run.
     auto hyper = variant.hyper;
     if (scale_ptr != nullptr) {
       hyper.grad_divisor = variant.grad_divisor(*scale_ptr);
     }
     if (clip_ptr != nullptr) {
       hyper.grad_multiplier = *clip_ptr;
+    }
+    if (rounding_step_ptr != nullptr) {
+      for (auto& t : tensors) {
+        t.rounding_stream = math::rounding_stream(
+            variant.seed, *rounding_step_ptr, t.rounding_tensor);
+      }
     }
     float lr;
     if (schedule) {
@@ -684,6 +865,7 @@ void SGDUpdate::eval_gpu(
   release_sibling_inputs(inputs, outputs);
   const int n = num_tensors_;
   const bool momentum = variant_.momentum;
+  const bool master = master_weights();
   auto& s = stream();
   auto& d = mx::metal::device(s.device);
   auto* lib = d.get_library(kMetalLibraryName, extension_dir());
@@ -695,6 +877,8 @@ void SGDUpdate::eval_gpu(
       variant_.scale_grad ? inputs[scale_index()] : lr_input;
   const auto& skip_input = variant_.skip ? inputs[skip_index()] : lr_input;
   const auto& clip_input = variant_.clip ? inputs[clip_index()] : lr_input;
+  const auto& rounding_step_input =
+      stochastic_rounding() ? inputs[rounding_step_index()] : lr_input;
   const launch::FusedSchedule fused{
       schedule_.has_value(),
       schedule_ ? schedule_->init : 0.0,
@@ -702,13 +886,14 @@ void SGDUpdate::eval_gpu(
       schedule_ ? schedule_->step_size : 1};
 
   for (int i = 0; i < n; ++i) {
-    auto [p, g, v, p_out, v_out] =
-        tensor_slots(inputs, outputs, n, i, momentum);
+    auto [p, g, v, p_out, v_out, m, m_out] =
+        tensor_slots(inputs, outputs, n, i, momentum, master);
     allocate_outputs(p, g, v, p_out, v_out);
+    allocate_master(m, m_out);
     if (p.size() == 0) {
       continue;
     }
-    const bool contiguous = all_row_contiguous(p, g, v);
+    const bool contiguous = all_row_contiguous(p, g, v, m);
     auto plan = launch::plan_sgd(
         dtype_name(p.dtype()),
         dtype_name(momentum ? v->dtype() : p.dtype()),
@@ -716,12 +901,14 @@ void SGDUpdate::eval_gpu(
         static_cast<int64_t>(p.size()),
         p.ndim(),
         variant_,
-        fused);
+        fused,
+        tensor_id(i));
     auto* kernel = d.get_kernel(plan.name, lib);
     encoder.set_compute_pipeline_state(kernel);
     encoder.set_input_array(p, launch::kParam);
     encoder.set_input_array(g, launch::kGrad);
-    // Momentum off: the velocity slots get valid buffers the kernel ignores.
+    // Momentum off: the velocity slots get valid buffers the kernel ignores;
+    // likewise the master slots without master weights.
     encoder.set_input_array(momentum ? *v : g, launch::kVelocity);
     encoder.set_output_array(p_out, launch::kParamOut);
     encoder.set_output_array(momentum ? *v_out : p_out, launch::kVelocityOut);
@@ -731,12 +918,17 @@ void SGDUpdate::eval_gpu(
     encoder.set_input_array(scale_input, launch::kGradScale);
     encoder.set_input_array(skip_input, launch::kSkip);
     encoder.set_input_array(clip_input, launch::kGradMultiplier);
+    encoder.set_input_array(master ? *m : p, launch::kMaster);
+    encoder.set_output_array(master ? *m_out : p_out, launch::kMasterOut);
+    encoder.set_input_array(rounding_step_input, launch::kRoundingStep);
     if (!contiguous) {
       encoder.set_vector_bytes(p.shape(), launch::kShape);
       encoder.set_vector_bytes(p.strides(), launch::kParamStrides);
       encoder.set_vector_bytes(g.strides(), launch::kGradStrides);
       encoder.set_vector_bytes(
           momentum ? v->strides() : g.strides(), launch::kVelocityStrides);
+      encoder.set_vector_bytes(
+          master ? m->strides() : p.strides(), launch::kMasterStrides);
     }
     auto grid = launch::make_grid(
         plan.threads, kernel->maxTotalThreadsPerThreadgroup());
@@ -795,11 +987,10 @@ SGDUpdate::vmap(const std::vector<mx::array>&, const std::vector<int>&) {
 void SGDUpdate::check_layout(
     const std::vector<mx::array>& inputs,
     const std::vector<mx::array>& outputs) const {
-  const size_t per_tensor = variant_.momentum ? 3 : 2;
-  const size_t scalars =
-      1 + variant_.scale_grad + variant_.skip + variant_.clip;
-  if (inputs.size() != per_tensor * num_tensors_ + scalars ||
-      outputs.size() != (per_tensor - 1) * num_tensors_) {
+  const size_t scalars = 1 + variant_.scale_grad + variant_.skip +
+                         variant_.clip + stochastic_rounding();
+  if (inputs.size() != inputs_per_tensor() * num_tensors_ + scalars ||
+      outputs.size() != outputs_per_tensor() * num_tensors_) {
     throw std::runtime_error(
         "mlx_fused_sgd: SGDUpdate was asked to evaluate with " +
         std::to_string(inputs.size()) + " inputs and " +
@@ -812,14 +1003,13 @@ void SGDUpdate::check_layout(
 bool SGDUpdate::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const SGDUpdate&>(other);
   return num_tensors_ == o.num_tensors_ && variant_ == o.variant_ &&
-         schedule_ == o.schedule_;
+         schedule_ == o.schedule_ && tensor_ids_ == o.tensor_ids_;
 }
 
 std::vector<mx::Shape>
 SGDUpdate::output_shapes(const std::vector<mx::array>& inputs) {
   std::vector<mx::Shape> shapes;
-  const int outputs_per_tensor = variant_.momentum ? 2 : 1;
-  for (int o = 0; o < outputs_per_tensor; ++o) {
+  for (size_t o = 0; o < outputs_per_tensor(); ++o) {
     for (int i = 0; i < num_tensors_; ++i) {
       shapes.push_back(inputs[i].shape());
     }

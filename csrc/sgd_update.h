@@ -33,6 +33,14 @@ struct SGDSettings {
   // A float32 scalar every gradient is multiplied by after unscaling: the
   // global-norm clip factor (max_grad_norm), computed on the device.
   std::optional<mx::array> clip_factor;
+  // Master weights: empty, or one entry per param; a float32 copy of a
+  // float16/bfloat16 param is read and updated in its place, and the param
+  // written as its rounding. Entries of other params are empty.
+  std::vector<std::optional<mx::array>> master_params;
+  // Stochastic rounding of bfloat16 params (those without a master copy):
+  // the seed, and the integer step counter the random bits derive from.
+  std::optional<uint64_t> rounding_seed;
+  std::optional<mx::array> rounding_step;
 
   // Throws std::invalid_argument naming the bad hyperparameter.
   void validate() const;
@@ -45,6 +53,9 @@ struct SGDResult {
   // New momentum buffers; the given ones unchanged (or empty) when momentum
   // is off.
   std::vector<mx::array> velocities;
+  // New master copies where master_params had one (empty entries elsewhere,
+  // and no entries without master_params).
+  std::vector<std::optional<mx::array>> master_params;
 };
 
 // Default number of tensors per primitive. MLX gives every output of a
@@ -87,17 +98,21 @@ SGDResult sgd_update_many_scheduled(
 //          a step-decay schedule is fused in; then, with grad_scale or
 //          maximize, the float32 grad_scale scalar (1 if not given); then,
 //          with a skip flag, the uint32 flag; then, with clipping, the
-//          float32 clip factor.
-// Outputs: params[n], velocities[n] (momentum only).
+//          float32 clip factor; then, with stochastic rounding, the uint64
+//          rounding step. With master weights, masters[n] (float32) follow
+//          the velocities.
+// Outputs: params[n], velocities[n] (momentum only), masters[n] (master
+//          weights only).
 class SGDUpdate : public mx::Primitive {
  public:
   SGDUpdate(
       mx::Stream stream,
       int num_tensors,
       SGDVariant variant,
-      std::optional<StepDecay> schedule)
+      std::optional<StepDecay> schedule,
+      std::vector<uint64_t> tensor_ids = {})
       : mx::Primitive(stream), num_tensors_(num_tensors), variant_(variant),
-        schedule_(schedule) {}
+        schedule_(schedule), tensor_ids_(std::move(tensor_ids)) {}
 
   void eval_cpu(
       const std::vector<mx::array>& inputs,
@@ -130,9 +145,22 @@ class SGDUpdate : public mx::Primitive {
   void check_layout(
       const std::vector<mx::array>& inputs,
       const std::vector<mx::array>& outputs) const;
+  bool master_weights() const {
+    return variant_.rounding == math::kMasterWeights;
+  }
+  bool stochastic_rounding() const {
+    return variant_.rounding == math::kRoundStochastic;
+  }
+  // Tensor inputs and outputs per tensor.
+  size_t inputs_per_tensor() const {
+    return 2 + variant_.momentum + master_weights();
+  }
+  size_t outputs_per_tensor() const {
+    return 1 + variant_.momentum + master_weights();
+  }
   // Indices of the scalar inputs that follow the tensors.
   size_t lr_index() const {
-    return (variant_.momentum ? 3 : 2) * num_tensors_;
+    return inputs_per_tensor() * num_tensors_;
   }
   size_t scale_index() const {
     return lr_index() + 1;
@@ -143,10 +171,19 @@ class SGDUpdate : public mx::Primitive {
   size_t clip_index() const {
     return skip_index() + variant_.skip;
   }
+  size_t rounding_step_index() const {
+    return clip_index() + variant_.clip;
+  }
+  // The index of chunk tensor i in the whole update (stochastic rounding:
+  // it picks the tensor's random stream).
+  uint64_t tensor_id(int i) const {
+    return tensor_ids_.empty() ? 0 : tensor_ids_[i];
+  }
 
   int num_tensors_;
   SGDVariant variant_;
   std::optional<StepDecay> schedule_;
+  std::vector<uint64_t> tensor_ids_; // stochastic rounding only
 };
 
 } // namespace mlx_fused_sgd

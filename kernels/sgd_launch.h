@@ -36,6 +36,14 @@ MFS_CONSTANT constexpr int kVelocityStrides = 11;
 MFS_CONSTANT constexpr int kGradScale = 12; // float32 scalar (kScaleGrad)
 MFS_CONSTANT constexpr int kSkip = 13;      // uint32 scalar (args.has_skip)
 MFS_CONSTANT constexpr int kGradMultiplier = 14; // float32 (args.has_clip)
+// Master weights (kMasterWeights kernels): the float32 copy read in place of
+// the param, and its update; bound to param and param_out otherwise.
+MFS_CONSTANT constexpr int kMaster = 15;
+MFS_CONSTANT constexpr int kMasterOut = 16;
+// uint64 step counter the random rounding bits derive from
+// (kRoundStochastic kernels); bound to the learning rate otherwise.
+MFS_CONSTANT constexpr int kRoundingStep = 17;
+MFS_CONSTANT constexpr int kMasterStrides = 18; // general kernels only
 
 // Buffer slots of the non-finite check kernels.
 MFS_CONSTANT constexpr int kCheckIn = 0;
@@ -62,18 +70,20 @@ MFS_CONSTANT constexpr int kStepStrides = 4;
 // Constants of one SGD launch (64-bit fields first: one layout in C++ and
 // Metal).
 struct SGDArgs {
-  int64_t size;          // elements of the tensor
-  int64_t step_size;     // step decay, when scheduled
-  float weight_decay;    // float32(weight_decay)
-  float momentum;        // float32(momentum)
-  float dampening_scale; // float32(1 - dampening)
-  float init;            // float32(init), when scheduled
-  float decay_rate;      // float32(decay_rate), when scheduled
-  int32_t scheduled;     // 1: lr from the step counter; 0: from kLearningRate
-  int32_t ndim;          // general kernels
-  int32_t maximize;      // 1: the gradient is negated (kScaleGrad kernels)
-  int32_t has_skip;      // 1: a nonzero kSkip flag makes the update a copy
-  int32_t has_clip;      // 1: kGradMultiplier holds the clip factor
+  int64_t size;             // elements of the tensor
+  int64_t step_size;        // step decay, when scheduled
+  uint64_t rounding_seed;   // stochastic rounding: the user's seed
+  uint64_t rounding_tensor; // ... and this tensor's index in the update
+  float weight_decay;       // float32(weight_decay)
+  float momentum;           // float32(momentum)
+  float dampening_scale;    // float32(1 - dampening)
+  float init;               // float32(init), when scheduled
+  float decay_rate;         // float32(decay_rate), when scheduled
+  int32_t scheduled; // 1: lr from the step counter; 0: from kLearningRate
+  int32_t ndim;      // general kernels
+  int32_t maximize;  // 1: the gradient is negated (kScaleGrad kernels)
+  int32_t has_skip;  // 1: a nonzero kSkip flag makes the update a copy
+  int32_t has_clip;  // 1: kGradMultiplier holds the clip factor
 };
 
 struct CheckArgs {
@@ -103,6 +113,10 @@ struct SGDVariant {
   bool maximize;
   bool skip; // a skip-flag input (skip_nonfinite): a set flag copies instead
   bool clip; // a clip-factor input (max_grad_norm)
+  // How updated params are stored: math::kRoundNearest, kRoundStochastic
+  // (with a step input and `seed`) or kMasterWeights (with master inputs).
+  int rounding;
+  uint64_t seed;
   math::SGDHyper hyper;
 
   static SGDVariant from(
@@ -113,7 +127,9 @@ struct SGDVariant {
       bool has_grad_scale = false,
       bool maximize = false,
       bool skip = false,
-      bool clip = false) {
+      bool clip = false,
+      int rounding = math::kRoundNearest,
+      uint64_t seed = 0) {
     SGDVariant v;
     v.weight_decay = weight_decay != 0;
     v.momentum = momentum > 0;
@@ -123,6 +139,8 @@ struct SGDVariant {
     v.maximize = maximize;
     v.skip = skip;
     v.clip = clip;
+    v.rounding = rounding;
+    v.seed = rounding == math::kRoundStochastic ? seed : 0;
     v.hyper.weight_decay = static_cast<float>(weight_decay);
     v.hyper.momentum = static_cast<float>(momentum);
     // Stock computes (1 - dampening) on Python floats, then rounds once.
@@ -142,8 +160,8 @@ struct SGDVariant {
     return weight_decay == o.weight_decay && momentum == o.momentum &&
            dampening == o.dampening && nesterov == o.nesterov &&
            scale_grad == o.scale_grad && maximize == o.maximize &&
-           skip == o.skip && clip == o.clip &&
-           hyper.weight_decay == o.hyper.weight_decay &&
+           skip == o.skip && clip == o.clip && rounding == o.rounding &&
+           seed == o.seed && hyper.weight_decay == o.hyper.weight_decay &&
            hyper.momentum == o.hyper.momentum &&
            hyper.dampening_scale == o.hyper.dampening_scale;
   }
@@ -165,7 +183,9 @@ struct SGDPlan {
 };
 
 // "sgd_<contiguous|general>_<dtype>_<state dtype>_<WD><M><D><N><S>", each
-// flag 0 or 1; kernels/sgd_update.metal instantiates the same names.
+// flag 0 or 1, then "_sr" (stochastic rounding) or "_mw" (master weights);
+// kernels/sgd_update.metal instantiates the same names. `tensor_index` is the
+// tensor's place in the whole update (it picks the random rounding stream).
 inline SGDPlan plan_sgd(
     const std::string& dtype,
     const std::string& state_dtype,
@@ -173,7 +193,8 @@ inline SGDPlan plan_sgd(
     int64_t size,
     int ndim,
     const SGDVariant& v,
-    const FusedSchedule& schedule) {
+    const FusedSchedule& schedule,
+    uint64_t tensor_index = 0) {
   SGDPlan plan;
   plan.name = contiguous ? "sgd_contiguous_" : "sgd_general_";
   plan.name += dtype + "_" + state_dtype + "_";
@@ -181,10 +202,17 @@ inline SGDPlan plan_sgd(
        {v.weight_decay, v.momentum, v.dampening, v.nesterov, v.scale_grad}) {
     plan.name += flag ? '1' : '0';
   }
+  if (v.rounding == math::kRoundStochastic) {
+    plan.name += "_sr";
+  } else if (v.rounding == math::kMasterWeights) {
+    plan.name += "_mw";
+  }
   plan.threads =
       contiguous ? (size + kWorkPerThread - 1) / kWorkPerThread : size;
   plan.args.size = size;
   plan.args.step_size = schedule.enabled ? schedule.step_size : 1;
+  plan.args.rounding_seed = v.seed;
+  plan.args.rounding_tensor = tensor_index;
   plan.args.weight_decay = v.hyper.weight_decay;
   plan.args.momentum = v.hyper.momentum;
   plan.args.dampening_scale = v.hyper.dampening_scale;

@@ -13,6 +13,9 @@
 #include <metal_stdlib>
 #define MFS_INLINE inline
 #define MFS_POW metal::pow
+#define MFS_FLOAT_BITS(x) as_type<uint32_t>(x)
+#define MFS_BITS_FLOAT(b) as_type<float>(b)
+#define MFS_CONSTANT_INT constant constexpr int
 #else
 #include <cmath>
 #include <cstdint>
@@ -20,6 +23,9 @@
 // out-of-line copy shared between them could be one the CPU cannot run.
 #define MFS_INLINE inline __attribute__((always_inline))
 #define MFS_POW std::pow
+#define MFS_FLOAT_BITS(x) __builtin_bit_cast(uint32_t, x)
+#define MFS_BITS_FLOAT(b) __builtin_bit_cast(float, b)
+#define MFS_CONSTANT_INT constexpr int
 #endif
 
 namespace mlx_fused_sgd {
@@ -119,6 +125,62 @@ sgd_update_element(float p, float g, float v, float lr, SGDHyper h) {
   float step = lr * update;
   ParamVelocity out = {p - step, v};
   return out;
+}
+
+// How an updated param is stored (the kernels' last template argument):
+//   kRoundNearest:    rounded to the param's dtype, as stock does.
+//   kRoundStochastic: bfloat16 params, rounded up or down at random with the
+//                     probabilities that make the rounding unbiased.
+//   kMasterWeights:   a float32 master copy is read and written in place of
+//                     the param; the param is written as its rounded copy.
+MFS_CONSTANT_INT kRoundNearest = 0;
+MFS_CONSTANT_INT kRoundStochastic = 1;
+MFS_CONSTANT_INT kMasterWeights = 2;
+
+// A 32-bit integer hash with good avalanche (Wellons' lowbias32): a
+// bijection, so distinct inputs of one stream never share their bits.
+MFS_INLINE uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// The random stream of one tensor at one step, from the user's seed: a
+// different stream for every (seed, step, tensor), so the rounding is
+// deterministic given the seed and the step and independent across steps.
+MFS_INLINE uint64_t
+rounding_stream(uint64_t seed, uint64_t step, uint64_t tensor) {
+  uint32_t a = hash32(uint32_t(seed) ^ hash32(uint32_t(seed >> 32)));
+  uint32_t b = hash32(a ^ uint32_t(step));
+  b = hash32(b ^ uint32_t(step >> 32));
+  uint32_t c = hash32(b ^ uint32_t(tensor) ^ 0x9e3779b9u);
+  uint32_t d = hash32(c ^ uint32_t(tensor >> 32));
+  return (uint64_t(c) << 32) | uint64_t(d);
+}
+
+// 16 random bits for element `index` of a stream.
+MFS_INLINE uint32_t rounding_bits(uint64_t stream, uint64_t index) {
+  uint32_t lo = hash32(uint32_t(index) ^ uint32_t(stream));
+  uint32_t h =
+      hash32(lo + uint32_t(index >> 32) * 0x9e3779b9u + uint32_t(stream >> 32));
+  return h >> 16;
+}
+
+// x rounded to bfloat16 stochastically, returned as the float32 it is (its
+// low 16 bits cleared, so the caller's conversion to bfloat16 is exact).
+// Adding 16 uniform bits below bfloat16's last bit carries into it with
+// probability (x - down) / ulp: E[result] = x exactly, for either sign
+// (float32 is sign-magnitude). NaN and Inf are returned as they are.
+MFS_INLINE float round_bf16_stochastic(float x, uint32_t random16) {
+  if (is_nonfinite(x)) {
+    return x;
+  }
+  uint32_t bits = MFS_FLOAT_BITS(x);
+  bits = (bits + random16) & 0xffff0000u;
+  return MFS_BITS_FLOAT(bits);
 }
 
 } // namespace math

@@ -49,39 +49,97 @@ inline uint64_t linear_thread(uint2 gid, uint2 grid) {
   return uint64_t(gid.x) + uint64_t(grid.x) * uint64_t(gid.y);
 }
 
-template <typename T, typename V, bool WD, bool M, bool D, bool N, bool S>
+// The random rounding stream of this launch (kRoundStochastic kernels only).
+template <int R>
+inline uint64_t launch_rounding_stream(
+    device const uint64_t* rounding_step,
+    constant const launch::SGDArgs& args) {
+  if (R != math::kRoundStochastic) {
+    return 0;
+  }
+  return math::rounding_stream(
+      args.rounding_seed, rounding_step[0], args.rounding_tensor);
+}
+
+// The buffers of one tensor's update. Master weights (R == kMasterWeights):
+// the float32 master is read in place of the param and written to
+// master_out, and param_out gets its rounded copy.
+template <typename T, typename V> struct TensorBuffers {
+  device const T* param;
+  device const T* grad;
+  device const V* velocity;
+  device T* param_out;
+  device V* velocity_out;
+  device const float* master;
+  device float* master_out;
+};
+
+// Element offsets: ip, ig, iv, im into the inputs; io (the element's index)
+// into the outputs.
+struct Offsets {
+  int64_t ip;
+  int64_t ig;
+  int64_t iv;
+  int64_t im;
+  int64_t io;
+};
+
+template <
+    typename T,
+    typename V,
+    bool WD,
+    bool M,
+    bool D,
+    bool N,
+    bool S,
+    int R>
 inline void update_one(
-    device const T* param,
-    device const T* grad,
-    device const V* velocity,
-    device T* param_out,
-    device V* velocity_out,
-    int64_t ip,
-    int64_t ig,
-    int64_t iv,
-    int64_t io,
+    thread const TensorBuffers<T, V>& b,
+    Offsets at,
     float lr,
     math::SGDHyper h,
+    uint64_t stream,
     bool copy) {
+  constexpr bool kUseMaster = R == math::kMasterWeights;
   if (copy) {
     // A skipped step (a non-finite gradient somewhere): keep everything.
-    param_out[io] = param[ip];
+    b.param_out[at.io] = b.param[at.ip];
     if (M) {
-      velocity_out[io] = velocity[iv];
+      b.velocity_out[at.io] = b.velocity[at.iv];
+    }
+    if (kUseMaster) {
+      b.master_out[at.io] = b.master[at.im];
     }
     return;
   }
-  float v = M ? static_cast<float>(velocity[iv]) : 0.0f;
+  float p = kUseMaster ? b.master[at.im] : static_cast<float>(b.param[at.ip]);
+  float v = M ? static_cast<float>(b.velocity[at.iv]) : 0.0f;
   math::ParamVelocity r = math::sgd_update_element<WD, M, D, N, S>(
-      static_cast<float>(param[ip]), static_cast<float>(grad[ig]), v, lr, h);
-  param_out[io] = static_cast<T>(r.param);
+      p, static_cast<float>(b.grad[at.ig]), v, lr, h);
+  if (kUseMaster) {
+    b.master_out[at.io] = r.param;
+  }
+  if (R == math::kRoundStochastic) {
+    r.param = math::round_bf16_stochastic(
+        r.param, math::rounding_bits(stream, uint64_t(at.io)));
+  }
+  b.param_out[at.io] = static_cast<T>(r.param);
   if (M) {
-    velocity_out[io] = static_cast<V>(r.velocity);
+    b.velocity_out[at.io] = static_cast<V>(r.velocity);
   }
 }
 
-// Row-contiguous param, grad and velocity: kWorkPerThread elements a thread.
-template <typename T, typename V, bool WD, bool M, bool D, bool N, bool S>
+// Row-contiguous param, grad, velocity and master: kWorkPerThread elements a
+// thread.
+template <
+    typename T,
+    typename V,
+    bool WD,
+    bool M,
+    bool D,
+    bool N,
+    bool S,
+    int R>
 [[kernel]] void sgd_contiguous(
     device const T* param [[buffer(launch::kParam)]],
     device const T* grad [[buffer(launch::kGrad)]],
@@ -94,6 +152,9 @@ template <typename T, typename V, bool WD, bool M, bool D, bool N, bool S>
     device const float* grad_scale [[buffer(launch::kGradScale)]],
     device const uint* skip [[buffer(launch::kSkip)]],
     device const float* grad_multiplier [[buffer(launch::kGradMultiplier)]],
+    device const float* master [[buffer(launch::kMaster)]],
+    device float* master_out [[buffer(launch::kMasterOut)]],
+    device const uint64_t* rounding_step [[buffer(launch::kRoundingStep)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid [[threads_per_grid]]) {
   int64_t begin = int64_t(linear_thread(gid, grid)) * launch::kWorkPerThread;
@@ -103,38 +164,20 @@ template <typename T, typename V, bool WD, bool M, bool D, bool N, bool S>
   bool copy = args.has_skip && skip[0] != 0;
   float rate = launch_learning_rate(lr, step, args);
   math::SGDHyper h = launch_hyper<S>(args, grad_scale, grad_multiplier);
-  if (begin + launch::kWorkPerThread <= args.size) {
+  uint64_t stream = launch_rounding_stream<R>(rounding_step, args);
+  TensorBuffers<T, V> b = {
+      param, grad, velocity, param_out, velocity_out, master, master_out};
+  int64_t end = begin + launch::kWorkPerThread;
+  if (end <= args.size) {
     for (int k = 0; k < launch::kWorkPerThread; ++k) {
       int64_t i = begin + k;
-      update_one<T, V, WD, M, D, N, S>(
-          param,
-          grad,
-          velocity,
-          param_out,
-          velocity_out,
-          i,
-          i,
-          i,
-          i,
-          rate,
-          h,
-          copy);
+      update_one<T, V, WD, M, D, N, S, R>(
+          b, Offsets{i, i, i, i, i}, rate, h, stream, copy);
     }
   } else {
     for (int64_t i = begin; i < args.size; ++i) {
-      update_one<T, V, WD, M, D, N, S>(
-          param,
-          grad,
-          velocity,
-          param_out,
-          velocity_out,
-          i,
-          i,
-          i,
-          i,
-          rate,
-          h,
-          copy);
+      update_one<T, V, WD, M, D, N, S, R>(
+          b, Offsets{i, i, i, i, i}, rate, h, stream, copy);
     }
   }
 }
@@ -154,7 +197,15 @@ inline int64_t strided_offset(
 
 // Any strides (transposed, sliced or broadcast inputs): one element a thread,
 // outputs written row-contiguous.
-template <typename T, typename V, bool WD, bool M, bool D, bool N, bool S>
+template <
+    typename T,
+    typename V,
+    bool WD,
+    bool M,
+    bool D,
+    bool N,
+    bool S,
+    int R>
 [[kernel]] void sgd_general(
     device const T* param [[buffer(launch::kParam)]],
     device const T* grad [[buffer(launch::kGrad)]],
@@ -172,6 +223,10 @@ template <typename T, typename V, bool WD, bool M, bool D, bool N, bool S>
     device const float* grad_scale [[buffer(launch::kGradScale)]],
     device const uint* skip [[buffer(launch::kSkip)]],
     device const float* grad_multiplier [[buffer(launch::kGradMultiplier)]],
+    device const float* master [[buffer(launch::kMaster)]],
+    device float* master_out [[buffer(launch::kMasterOut)]],
+    device const uint64_t* rounding_step [[buffer(launch::kRoundingStep)]],
+    constant const int64_t* master_strides [[buffer(launch::kMasterStrides)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid [[threads_per_grid]]) {
   int64_t i = int64_t(linear_thread(gid, grid));
@@ -179,73 +234,103 @@ template <typename T, typename V, bool WD, bool M, bool D, bool N, bool S>
     return;
   }
   float rate = launch_learning_rate(lr, step, args);
-  int64_t ip = strided_offset(i, shape, param_strides, args.ndim);
-  int64_t ig = strided_offset(i, shape, grad_strides, args.ndim);
-  int64_t iv = M ? strided_offset(i, shape, velocity_strides, args.ndim) : 0;
-  update_one<T, V, WD, M, D, N, S>(
-      param,
-      grad,
-      velocity,
-      param_out,
-      velocity_out,
-      ip,
-      ig,
-      iv,
-      i,
+  Offsets at = {
+      strided_offset(i, shape, param_strides, args.ndim),
+      strided_offset(i, shape, grad_strides, args.ndim),
+      M ? strided_offset(i, shape, velocity_strides, args.ndim) : 0,
+      R == math::kMasterWeights
+          ? strided_offset(i, shape, master_strides, args.ndim)
+          : 0,
+      i};
+  TensorBuffers<T, V> b = {
+      param, grad, velocity, param_out, velocity_out, master, master_out};
+  update_one<T, V, WD, M, D, N, S, R>(
+      b,
+      at,
       rate,
       launch_hyper<S>(args, grad_scale, grad_multiplier),
+      launch_rounding_stream<R>(rounding_step, args),
       args.has_skip && skip[0] != 0);
 }
 
 // Instantiation by name. The Linux harness defines MFS_INSTANTIATE to record
 // each (name, function) pair instead.
 #ifndef MFS_INSTANTIATE
-#define MFS_INSTANTIATE(name, func, ...) \
-  template [[host_name(name)]] [[kernel]] decltype(func<__VA_ARGS__>) func<__VA_ARGS__>;
+#define MFS_INSTANTIATE(name, func, ...)                                       \
+  template [[host_name(                                                        \
+      name)]] [[kernel]] decltype(func<__VA_ARGS__>) func<__VA_ARGS__>;
 #endif
 
-#define MFS_SGD_VARIANT_S(dtype, T, vdtype, V, wd, m, d, n, s) \
-  MFS_INSTANTIATE(                                              \
-      "sgd_contiguous_" #dtype "_" #vdtype "_" #wd #m #d #n #s,  \
-      sgd_contiguous,                                           \
-      T,                                                        \
-      V,                                                        \
-      wd,                                                       \
-      m,                                                        \
-      d,                                                        \
-      n,                                                        \
-      s)                                                        \
-  MFS_INSTANTIATE(                                              \
-      "sgd_general_" #dtype "_" #vdtype "_" #wd #m #d #n #s,     \
-      sgd_general,                                              \
-      T,                                                        \
-      V,                                                        \
-      wd,                                                       \
-      m,                                                        \
-      d,                                                        \
-      n,                                                        \
-      s)
+#define MFS_SGD_KERNELS(name, T, V, wd, m, d, n, s, r)                         \
+  MFS_INSTANTIATE(                                                             \
+      "sgd_contiguous_" name, sgd_contiguous, T, V, wd, m, d, n, s, r)         \
+  MFS_INSTANTIATE("sgd_general_" name, sgd_general, T, V, wd, m, d, n, s, r)
+
+// Name suffixes of the storage modes: "" (round to nearest), "_sr"
+// (stochastic rounding), "_mw" (master weights); the rounding mode each
+// dtype pair gets is listed with the pairs below.
+#define MFS_SGD_ROUND_nearest(dtype, T, vdtype, V, wd, m, d, n, s)             \
+  MFS_SGD_KERNELS(                                                             \
+      #dtype "_" #vdtype "_" #wd #m #d #n #s,                                  \
+      T,                                                                       \
+      V,                                                                       \
+      wd,                                                                      \
+      m,                                                                       \
+      d,                                                                       \
+      n,                                                                       \
+      s,                                                                       \
+      math::kRoundNearest)
+#define MFS_SGD_ROUND_stochastic(dtype, T, vdtype, V, wd, m, d, n, s)          \
+  MFS_SGD_KERNELS(                                                             \
+      #dtype "_" #vdtype "_" #wd #m #d #n #s "_sr",                            \
+      T,                                                                       \
+      V,                                                                       \
+      wd,                                                                      \
+      m,                                                                       \
+      d,                                                                       \
+      n,                                                                       \
+      s,                                                                       \
+      math::kRoundStochastic)
+#define MFS_SGD_ROUND_master(dtype, T, vdtype, V, wd, m, d, n, s)              \
+  MFS_SGD_KERNELS(                                                             \
+      #dtype "_" #vdtype "_" #wd #m #d #n #s "_mw",                            \
+      T,                                                                       \
+      V,                                                                       \
+      wd,                                                                      \
+      m,                                                                       \
+      d,                                                                       \
+      n,                                                                       \
+      s,                                                                       \
+      math::kMasterWeights)
 
 // Without and with a gradient transform (grad_scale, maximize, clipping).
-#define MFS_SGD_VARIANT(dtype, T, vdtype, V, wd, m, d, n) \
-  MFS_SGD_VARIANT_S(dtype, T, vdtype, V, wd, m, d, n, 0)  \
-  MFS_SGD_VARIANT_S(dtype, T, vdtype, V, wd, m, d, n, 1)
+#define MFS_SGD_VARIANT(mode, dtype, T, vdtype, V, wd, m, d, n)                \
+  MFS_SGD_ROUND_##mode(dtype, T, vdtype, V, wd, m, d, n, 0)                    \
+      MFS_SGD_ROUND_##mode(dtype, T, vdtype, V, wd, m, d, n, 1)
 
 // Nesterov with dampening is refused by validation, so never launched.
-#define MFS_SGD_WD(dtype, T, vdtype, V, wd)          \
-  MFS_SGD_VARIANT(dtype, T, vdtype, V, wd, 0, 0, 0) \
-  MFS_SGD_VARIANT(dtype, T, vdtype, V, wd, 1, 0, 0) \
-  MFS_SGD_VARIANT(dtype, T, vdtype, V, wd, 1, 1, 0) \
-  MFS_SGD_VARIANT(dtype, T, vdtype, V, wd, 1, 0, 1)
+#define MFS_SGD_WD(mode, dtype, T, vdtype, V, wd)                              \
+  MFS_SGD_VARIANT(mode, dtype, T, vdtype, V, wd, 0, 0, 0)                      \
+  MFS_SGD_VARIANT(mode, dtype, T, vdtype, V, wd, 1, 0, 0)                      \
+  MFS_SGD_VARIANT(mode, dtype, T, vdtype, V, wd, 1, 1, 0)                      \
+  MFS_SGD_VARIANT(mode, dtype, T, vdtype, V, wd, 1, 0, 1)
 
-#define MFS_SGD_TYPES(dtype, T, vdtype, V) \
-  MFS_SGD_WD(dtype, T, vdtype, V, 0)       \
-  MFS_SGD_WD(dtype, T, vdtype, V, 1)
+#define MFS_SGD_TYPES(mode, dtype, T, vdtype, V)                               \
+  MFS_SGD_WD(mode, dtype, T, vdtype, V, 0)                                     \
+  MFS_SGD_WD(mode, dtype, T, vdtype, V, 1)
 
 // Params and momentum buffers of one dtype, and half params with float32
 // momentum buffers (state_dtype=float32).
-MFS_SGD_TYPES(float32, float, float32, float)
-MFS_SGD_TYPES(float16, half, float16, half)
-MFS_SGD_TYPES(bfloat16, bfloat, bfloat16, bfloat)
-MFS_SGD_TYPES(float16, half, float32, float)
-MFS_SGD_TYPES(bfloat16, bfloat, float32, float)
+MFS_SGD_TYPES(nearest, float32, float, float32, float)
+MFS_SGD_TYPES(nearest, float16, half, float16, half)
+MFS_SGD_TYPES(nearest, bfloat16, bfloat, bfloat16, bfloat)
+MFS_SGD_TYPES(nearest, float16, half, float32, float)
+MFS_SGD_TYPES(nearest, bfloat16, bfloat, float32, float)
+// Stochastic rounding: bfloat16 params.
+MFS_SGD_TYPES(stochastic, bfloat16, bfloat, bfloat16, bfloat)
+MFS_SGD_TYPES(stochastic, bfloat16, bfloat, float32, float)
+// Master weights: half params.
+MFS_SGD_TYPES(master, float16, half, float16, half)
+MFS_SGD_TYPES(master, float16, half, float32, float)
+MFS_SGD_TYPES(master, bfloat16, bfloat, bfloat16, bfloat)
+MFS_SGD_TYPES(master, bfloat16, bfloat, float32, float)

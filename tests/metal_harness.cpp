@@ -89,7 +89,11 @@ int run_sgd_typed(
     const int* shape,
     const int64_t* param_strides,
     const int64_t* grad_strides,
-    const int64_t* velocity_strides) {
+    const int64_t* velocity_strides,
+    const float* master,
+    float* master_out,
+    const uint64_t* rounding_step,
+    const int64_t* master_strides) {
   auto p = static_cast<const T*>(param);
   auto g = static_cast<const T*>(grad);
   auto v = static_cast<const V*>(velocity);
@@ -113,6 +117,9 @@ int run_sgd_typed(
         const float*,
         const uint*,
         const float*,
+        const float*,
+        float*,
+        const uint64_t*,
         uint2,
         uint2);
     auto fn = lookup<F>(plan.name);
@@ -131,6 +138,9 @@ int run_sgd_typed(
          grad_scale,
          skip,
          multiplier,
+         master,
+         master_out,
+         rounding_step,
          gid,
          grid);
     });
@@ -151,6 +161,10 @@ int run_sgd_typed(
         const float*,
         const uint*,
         const float*,
+        const float*,
+        float*,
+        const uint64_t*,
+        const int64_t*,
         uint2,
         uint2);
     auto fn = lookup<F>(plan.name);
@@ -173,6 +187,10 @@ int run_sgd_typed(
          grad_scale,
          skip,
          multiplier,
+         master,
+         master_out,
+         rounding_step,
+         master_strides,
          gid,
          grid);
     });
@@ -258,7 +276,14 @@ int run_sgd(
     const uint64_t* step,
     const float* grad_scale,
     const uint32_t* skip,
-    const float* clip_factor) {
+    const float* clip_factor,
+    int rounding,
+    uint64_t seed,
+    uint64_t tensor_index,
+    const float* master,
+    float* master_out,
+    const int64_t* master_strides,
+    const uint64_t* rounding_step) {
   auto variant = launch::SGDVariant::from(
       momentum,
       weight_decay,
@@ -267,13 +292,20 @@ int run_sgd(
       scaled != 0,
       maximize != 0,
       has_skip != 0,
-      has_clip != 0);
+      has_clip != 0,
+      rounding,
+      seed);
   // As in eval_gpu, slots whose input is absent get the learning rate's
   // buffer (never read).
   const float* scale_slot = variant.scale_grad ? grad_scale : lr;
   const uint* skip_slot =
       variant.skip ? skip : reinterpret_cast<const uint*>(lr);
   const float* clip_slot = variant.clip ? clip_factor : lr;
+  const bool use_master = rounding == mlx_fused_sgd::math::kMasterWeights;
+  const uint64_t* rounding_step_slot =
+      rounding == mlx_fused_sgd::math::kRoundStochastic
+          ? rounding_step
+          : reinterpret_cast<const uint64_t*>(lr);
   auto plan = launch::plan_sgd(
       dtype,
       state_dtype,
@@ -281,7 +313,8 @@ int run_sgd(
       size,
       ndim,
       variant,
-      {scheduled != 0, init, decay_rate, step_size});
+      {scheduled != 0, init, decay_rate, step_size},
+      tensor_index);
   std::string d = dtype;
   std::string sd = state_dtype;
   auto run = [&]<typename T, typename V>() {
@@ -302,7 +335,12 @@ int run_sgd(
         shape,
         param_strides,
         grad_strides,
-        velocity_strides);
+        velocity_strides,
+        // Without master weights eval_gpu binds param and param_out here.
+        use_master ? master : static_cast<const float*>(param),
+        use_master ? master_out : static_cast<float*>(param_out),
+        rounding_step_slot,
+        use_master ? master_strides : param_strides);
   };
   if (d == "float32" && sd == "float32")
     return run.template operator()<float, float>();

@@ -40,13 +40,15 @@ def test_fallback_matches_primitive(dtype, kw):
         mx.random.normal(s, key=keys[6 + i]).astype(dtype) for i, s in enumerate(shapes)
     ]
     lr = mx.array(0.03)
-    fp, fv = _ext._sgd_update_many_fallback(params, grads, vels, learning_rate=lr, **kw)
+    fp, fv, _ = _ext._sgd_update_many_fallback(
+        params, grads, vels, learning_rate=lr, **kw
+    )
     kp, kv = mfs.sgd_update_many(params, grads, vels, learning_rate=lr, **kw)
     for a, b in zip(fp + fv, kp + kv):
         assert_bitwise_equal(a, b)
     step = mx.array(np.uint64(23))
     sched = mfs.step_decay(0.1, 0.9, 10)
-    fp, fv = _ext._sgd_update_many_fallback(
+    fp, fv, _ = _ext._sgd_update_many_fallback(
         params, grads, vels, step=step, init=0.1, decay_rate=0.9, step_size=10, **kw
     )
     kp, kv = mfs.sgd_update_many_scheduled(
@@ -76,7 +78,7 @@ def test_fallback_skip_matches_primitive(skip):
     g = [mx.full((9,), 0.5), mx.full((2, 3), 2.0, mx.bfloat16)]
     v = [mx.full((9,), 0.25), mx.zeros((2, 3), mx.bfloat16)]
     flag = mx.array(skip)
-    fp, fv = _ext._sgd_update_many_fallback(
+    fp, fv, _ = _ext._sgd_update_many_fallback(
         p, g, v, learning_rate=mx.array(0.1), momentum=0.9, skip=flag
     )
     kp, kv = mfs.sgd_update_many(p, g, v, learning_rate=0.1, momentum=0.9, skip=flag)

@@ -170,10 +170,10 @@ def test_every_binding_takes_and_returns_arrays():
             p, g, v, step=step, init=0.1, decay_rate=0.9, step_size=2, momentum=0.5
         ),
     ]
-    a, b = _ext.sgd_update_many(
+    a, b, _ = _ext.sgd_update_many(
         [p], [g], [v], learning_rate=mx.array(0.1), momentum=0.5
     )
-    c, d = _ext.sgd_update_many_scheduled(
+    c, d, _ = _ext.sgd_update_many_scheduled(
         [p], [g], [v], step=step, init=0.1, decay_rate=0.9, step_size=2, momentum=0.5
     )
     outs += a + b + c + d

@@ -124,6 +124,13 @@ def build_harness(out_dir: Path, kernels_root: Path = ROOT) -> ctypes.CDLL:
         p,
         p,
         p,
+        ctypes.c_int,  # rounding
+        ctypes.c_uint64,  # seed
+        ctypes.c_uint64,  # tensor index
+        p,  # master
+        p,  # master_out
+        p,  # master strides
+        p,  # rounding step
     ]
     h.run_grad_check.argtypes = [ctypes.c_int] + [p] * 8
     h.run_grad_norm.argtypes = [ctypes.c_int] + [p] * 8
@@ -187,11 +194,36 @@ class Strided:
 HOST_DTYPE = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16}
 
 
+ROUNDING = {"nearest": 0, "stochastic": 1, "master": 2}
+
+
 def metal_sgd(
-    h, param, grad, velocity, cfg, lr=None, step=None, schedule=None, skip=None
+    h,
+    param,
+    grad,
+    velocity,
+    cfg,
+    lr=None,
+    step=None,
+    schedule=None,
+    skip=None,
+    master=None,
+    rounding_seed=None,
+    rounding_step=0,
+    tensor_index=0,
 ):
-    """Run the kernel eval_gpu would pick; return (param_out, velocity_out)."""
+    """Run the kernel eval_gpu would pick; return (param_out, velocity_out),
+    and master_out third when ``master`` is given."""
+    rounding = (
+        "master"
+        if master is not None
+        else "stochastic"
+        if rounding_seed is not None
+        else "nearest"
+    )
     arrays = [param, grad, velocity if velocity is not None else grad]
+    if master is not None:
+        arrays.append(master)
     strided = any(isinstance(a, Strided) for a in arrays)
     ref = arrays[0].array if isinstance(arrays[0], Strided) else arrays[0]
     shape, dtype = ref.shape, ref.dtype
@@ -211,6 +243,8 @@ def metal_sgd(
     state_dtype = vref.dtype if velocity is not None else dtype
     out_p = np.zeros(size, HOST_DTYPE[dtype])
     out_v = np.zeros(size, HOST_DTYPE[state_dtype])
+    out_m = np.zeros(size, np.float32)
+    rstep_arr = np.array([rounding_step], np.uint64)
     shape_arr = np.array(shape, np.int32) if shape else np.zeros(1, np.int32)
     lr_arr = np.array([lr if lr is not None else 0.0], np.float32)
     step_arr = np.array([step if step is not None else 0], np.uint64)
@@ -252,6 +286,13 @@ def metal_sgd(
         _ptr(scale_arr),
         _ptr(skip_arr),
         _ptr(clip_arr),
+        ROUNDING[rounding],
+        rounding_seed or 0,
+        tensor_index,
+        _buffer_ptr(bufs[3]) if master is not None else None,
+        _ptr(out_m),
+        _ptr(strides[3]) if master is not None else None,
+        _ptr(rstep_arr),
     )
     assert rc == 0, f"kernel for {dtype} {cfg} not instantiated (rc {rc})"
 
@@ -259,6 +300,8 @@ def metal_sgd(
         arr = mx.array(x.reshape(shape))
         return arr.view(mx.bfloat16) if dt == mx.bfloat16 else arr
 
+    if master is not None:
+        return back(out_p, dtype), back(out_v, state_dtype), back(out_m, mx.float32)
     return back(out_p, dtype), back(out_v, state_dtype)
 
 
@@ -341,15 +384,132 @@ def test_float32_momentum_for_half_params_matches_cpu(harness, dtype, cfg):
     assert_bitwise_equal(got_v, exp_v)
 
 
+# The (param, momentum buffer) dtype pairs of the half-precision storage
+# modes: stochastic rounding for bfloat16, master weights for both halves.
+HALF_PAIRS = {
+    "stochastic": [("bfloat16", "bfloat16"), ("bfloat16", "float32")],
+    "master": [
+        ("float16", "float16"),
+        ("float16", "float32"),
+        ("bfloat16", "bfloat16"),
+        ("bfloat16", "float32"),
+    ],
+}
+
+
+def _state(dtype, state_dtype, shape, seed):
+    return mx.random.normal(shape, key=mx.random.key(seed)).astype(DTYPES[state_dtype])
+
+
+@pytest.mark.parametrize("pair", HALF_PAIRS["master"], ids="-".join)
+@pytest.mark.parametrize("cfg", VARIANTS, ids=_cfg_id)
+def test_master_weight_kernels_match_cpu(harness, pair, cfg):
+    dtype, state_dtype = pair
+    t = DTYPES[dtype]
+    for size in (5, 37):
+        m = mx.random.normal((size,), key=mx.random.key(size))  # float32 master
+        p = m.astype(t)
+        g = mx.random.normal((size,), key=mx.random.key(size + 1)).astype(t)
+        v = _state(dtype, state_dtype, (size,), size + 2)
+        got = metal_sgd(harness, p, g, v, cfg, lr=0.0371, master=m)
+        exp = mfs.sgd_update_many(
+            [p], [g], [v], learning_rate=0.0371, master_params=[m], **cfg
+        )
+        assert_bitwise_equal(got[0], exp[0][0], f"param, size {size}")
+        assert_bitwise_equal(got[2], exp[2][0], f"master, size {size}")
+        if cfg["momentum"] > 0:
+            assert_bitwise_equal(got[1], exp[1][0], f"velocity, size {size}")
+    base_m = mx.random.normal((5, 6), key=mx.random.key(3))
+    sm = Strided(base_m, lambda a: a.T)
+    sp = Strided(base_m.astype(t), lambda a: a.T)
+    sg = Strided(
+        mx.random.normal((5, 6), key=mx.random.key(4)).astype(t), lambda a: a.T
+    )
+    sv = Strided(_state(dtype, state_dtype, (5, 6), 5), lambda a: a.T)
+    got = metal_sgd(harness, sp, sg, sv, cfg, lr=0.05, master=sm)
+    exp = mfs.sgd_update_many(
+        [sp.array],
+        [sg.array],
+        [sv.array],
+        learning_rate=0.05,
+        master_params=[sm.array],
+        **cfg,
+    )
+    assert_bitwise_equal(got[0], exp[0][0])
+    assert_bitwise_equal(got[2], exp[2][0])
+
+
+@pytest.mark.parametrize("pair", HALF_PAIRS["stochastic"], ids="-".join)
+@pytest.mark.parametrize("cfg", VARIANTS, ids=_cfg_id)
+def test_stochastic_rounding_kernels_match_cpu(harness, pair, cfg):
+    dtype, state_dtype = pair
+    t = DTYPES[dtype]
+    seed, step = 2**40 + 17, 2**33 + 5
+    for size in (5, 37, 1025):
+        # Three tensors: the kernel for the third (index 2) must use that
+        # tensor's random stream, as the CPU primitive does.
+        ps = [
+            mx.random.normal((size,), key=mx.random.key(size + k)).astype(t)
+            for k in range(3)
+        ]
+        gs = [
+            mx.random.normal((size,), key=mx.random.key(size + 9 + k)).astype(t)
+            for k in range(3)
+        ]
+        vs = [_state(dtype, state_dtype, (size,), size + 20 + k) for k in range(3)]
+        exp_p, exp_v = mfs.sgd_update_many(
+            ps,
+            gs,
+            vs,
+            learning_rate=0.0371,
+            rounding_seed=seed,
+            rounding_step=step,
+            **cfg,
+        )
+        got_p, got_v = metal_sgd(
+            harness,
+            ps[2],
+            gs[2],
+            vs[2],
+            cfg,
+            lr=0.0371,
+            rounding_seed=seed,
+            rounding_step=step,
+            tensor_index=2,
+        )
+        assert_bitwise_equal(got_p, exp_p[2], f"param, size {size}")
+        if cfg["momentum"] > 0:
+            assert_bitwise_equal(got_v, exp_v[2], f"velocity, size {size}")
+    sp, sg, sv = (
+        Strided(x, lambda a: a.T)
+        for x in _inputs((5, 6), t, 9)[:2] + [_state(dtype, state_dtype, (5, 6), 10)]
+    )
+    got_p, _ = metal_sgd(
+        harness, sp, sg, sv, cfg, lr=0.05, rounding_seed=seed, rounding_step=step
+    )
+    exp_p, _ = mfs.sgd_update_many(
+        [sp.array],
+        [sg.array],
+        [sv.array],
+        learning_rate=0.05,
+        rounding_seed=seed,
+        rounding_step=step,
+        **cfg,
+    )
+    assert_bitwise_equal(got_p, exp_p[0])
+
+
 def test_every_instantiated_kernel_is_one_eval_gpu_can_launch(harness):
-    # 3 dtypes x 8 variants x {no divisor, divisor} x {contiguous, general}
+    # dtype pairs x 8 variants x {no divisor, divisor} x {contiguous, general}
     # + 8 step dtypes x 2; each one is run by the tests above (a missing name
     # makes them fail).
     # + the non-finite check and the squared norm: 3 dtypes x 2 layouts and
     # a clear kernel each.
-    # The update kernels for 5 (param, momentum) dtype pairs: 3 alike, and
-    # float16/bfloat16 params with float32 momentum.
-    assert harness.harness_kernel_count() == 5 * 8 * 2 * 2 + 8 * 2 + 2 * (3 * 2 + 1)
+    # Round to nearest for 5 (param, momentum) dtype pairs: 3 alike, and
+    # float16/bfloat16 params with float32 momentum; stochastic rounding and
+    # master weights for the pairs in HALF_PAIRS.
+    pairs = 5 + len(HALF_PAIRS["stochastic"]) + len(HALF_PAIRS["master"])
+    assert harness.harness_kernel_count() == pairs * 8 * 2 * 2 + 8 * 2 + 2 * (3 * 2 + 1)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -498,8 +658,8 @@ def test_step_decay_kernel_matches_cpu(harness, dtype):
 MUTATIONS = {
     "update sign flipped in the shared math": (
         "kernels/sgd_math.h",
-        "ParamVelocity out = {p - step, v};\n  return out;\n}\n\n}",
-        "ParamVelocity out = {p + step, v};\n  return out;\n}\n\n}",
+        "ParamVelocity out = {p - step, v};\n  return out;\n}\n\n// How",
+        "ParamVelocity out = {p + step, v};\n  return out;\n}\n\n// How",
     ),
     "contiguous kernel drops the last tail element": (
         "kernels/sgd_update.metal",
@@ -515,6 +675,16 @@ MUTATIONS = {
         "kernels/sgd_math.h",
         "return !(d == 0.0f);",
         "return d != d && x != x;",
+    ),
+    "stochastic rounding bits taken for the wrong element": (
+        "kernels/sgd_update.metal",
+        "math::rounding_bits(stream, uint64_t(at.io))",
+        "math::rounding_bits(stream, uint64_t(at.io + 1))",
+    ),
+    "master-weight kernel reads the param, not its master copy": (
+        "kernels/sgd_update.metal",
+        "float p = kUseMaster ? b.master[at.im]",
+        "float p = false ? b.master[at.im]",
     ),
     "step-decay kernel off by one in step_size": (
         "kernels/step_decay.metal",
@@ -543,7 +713,15 @@ def test_harness_catches_a_broken_kernel(tmp_path, mutation):
             test_grad_check_kernels_match_cpu(mutant, "float32", np.inf, 6)
         return
     with pytest.raises(AssertionError, match="differ"):
-        if rel.endswith("step_decay.metal"):
+        if "stochastic" in mutation:
+            test_stochastic_rounding_kernels_match_cpu(
+                mutant, ("bfloat16", "bfloat16"), VARIANTS[3]
+            )
+        elif "master" in mutation:
+            test_master_weight_kernels_match_cpu(
+                mutant, ("bfloat16", "float32"), VARIANTS[3]
+            )
+        elif rel.endswith("step_decay.metal"):
             test_step_decay_kernel_matches_cpu(mutant, "int32")
         else:
             test_contiguous_kernel_matches_cpu(mutant, "float32", VARIANTS[3])
@@ -597,10 +775,20 @@ _SGD_SLOTS = [
     "kSGDArgs",
 ]
 _STRIDED = ["kShape", "kParamStrides", "kGradStrides", "kVelocityStrides"]
-_SCALARS = ["kGradScale", "kSkip", "kGradMultiplier"]
+_SCALARS = [
+    "kGradScale",
+    "kSkip",
+    "kGradMultiplier",
+    "kMaster",
+    "kMasterOut",
+    "kRoundingStep",
+]
 EXPECTED_SLOTS = {
     ("sgd_update.metal", "sgd_contiguous"): _SGD_SLOTS + _SCALARS,
-    ("sgd_update.metal", "sgd_general"): _SGD_SLOTS + _STRIDED + _SCALARS,
+    ("sgd_update.metal", "sgd_general"): _SGD_SLOTS
+    + _STRIDED
+    + _SCALARS
+    + ["kMasterStrides"],
     ("step_decay.metal", "step_decay_contiguous"): [
         "kStepIn",
         "kLearningRateOut",

@@ -84,6 +84,27 @@ def _clip(
     return clip_factor_for(grad_norm(grads, grad_scale), max_grad_norm)
 
 
+def _check_seed(seed: int | None) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(
+            f"rounding_seed must be an integer in [0, 2**64), but got {seed!r}."
+        )
+    return seed
+
+
+def _as_step(step: mx.array | int | None) -> mx.array | None:
+    if step is None or isinstance(step, mx.array):
+        return step
+    if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+        return mx.array(step, mx.uint64)
+    raise TypeError(
+        "rounding_step must be a non-negative int or an integer scalar "
+        f"mx.array, but got {step!r}."
+    )
+
+
 def _check_schedule(schedule: StepDecay) -> StepDecay:
     if not isinstance(schedule, StepDecay):
         raise TypeError(
@@ -228,16 +249,41 @@ def sgd_update_many(
     skip: mx.array | None = None,
     max_grad_norm: float | None = None,
     clip_factor: mx.array | None = None,
+    master_params: Sequence[mx.array | None] | None = None,
+    rounding_seed: int | None = None,
+    rounding_step: mx.array | int | None = None,
     tensors_per_primitive: int = _ext.DEFAULT_TENSORS_PER_PRIMITIVE,
     stream: StreamOrDevice = None,
-) -> tuple[list[mx.array], list[mx.array]]:
+) -> (
+    tuple[list[mx.array], list[mx.array]]
+    | tuple[list[mx.array], list[mx.array], list[mx.array | None]]
+):
     """The fused SGD step of many tensors, in few primitives.
 
     Tensors are grouped by dtype and packed ``tensors_per_primitive`` to a
-    primitive. Returns ``(new_params, new_velocities)`` (``velocities``
-    unchanged, or ``[]``, when momentum is 0).
+    primitive. The arguments are :func:`sgd_update`'s, and two ways to store
+    float16/bfloat16 params without losing small updates:
+
+    Args:
+        master_params: One entry per param: a float32 master copy for a
+            float16/bfloat16 param (the kernel updates the copy in place of
+            the param and writes the param as its rounding), ``None`` for a
+            param without one.
+        rounding_seed: Round updated bfloat16 params stochastically
+            (unbiased: up or down with the probabilities that keep the
+            expected value), with random bits derived from this seed,
+            ``rounding_step`` and the param's position in ``params``: the
+            same inputs give the same bits. Not with ``master_params``;
+            float16 params are refused (use master copies).
+        rounding_step: The integer step counter for ``rounding_seed`` (the
+            scheduled variant uses ``step`` when this is ``None``).
+
+    Returns:
+        ``(new_params, new_velocities)`` (``velocities`` unchanged, or
+        ``[]``, when momentum is 0), and ``new_master_params`` third when
+        ``master_params`` is given.
     """
-    return _ext.sgd_update_many(
+    new_params, new_velocities, new_masters = _ext.sgd_update_many(
         list(params),
         list(grads),
         list(velocities or []),
@@ -250,9 +296,15 @@ def sgd_update_many(
         grad_scale=as_grad_scale(grad_scale),
         skip=skip,
         clip_factor=_clip(clip_factor, max_grad_norm, grads, grad_scale),
+        master_params=None if master_params is None else list(master_params),
+        rounding_seed=_check_seed(rounding_seed),
+        rounding_step=_as_step(rounding_step),
         tensors_per_primitive=tensors_per_primitive,
         stream=stream,
     )
+    if master_params is None:
+        return new_params, new_velocities
+    return new_params, new_velocities, new_masters
 
 
 def sgd_update_many_scheduled(
@@ -271,13 +323,19 @@ def sgd_update_many_scheduled(
     skip: mx.array | None = None,
     max_grad_norm: float | None = None,
     clip_factor: mx.array | None = None,
+    master_params: Sequence[mx.array | None] | None = None,
+    rounding_seed: int | None = None,
+    rounding_step: mx.array | int | None = None,
     tensors_per_primitive: int = _ext.DEFAULT_TENSORS_PER_PRIMITIVE,
     stream: StreamOrDevice = None,
-) -> tuple[list[mx.array], list[mx.array]]:
+) -> (
+    tuple[list[mx.array], list[mx.array]]
+    | tuple[list[mx.array], list[mx.array], list[mx.array | None]]
+):
     """:func:`sgd_update_many` with the step-decay learning rate computed in
-    the kernel from ``step``."""
+    the kernel from ``step`` (also the default ``rounding_step``)."""
     s = _check_schedule(schedule)
-    return _ext.sgd_update_many_scheduled(
+    new_params, new_velocities, new_masters = _ext.sgd_update_many_scheduled(
         list(params),
         list(grads),
         list(velocities or []),
@@ -293,6 +351,12 @@ def sgd_update_many_scheduled(
         grad_scale=as_grad_scale(grad_scale),
         skip=skip,
         clip_factor=_clip(clip_factor, max_grad_norm, grads, grad_scale),
+        master_params=None if master_params is None else list(master_params),
+        rounding_seed=_check_seed(rounding_seed),
+        rounding_step=_as_step(rounding_step),
         tensors_per_primitive=tensors_per_primitive,
         stream=stream,
     )
+    if master_params is None:
+        return new_params, new_velocities
+    return new_params, new_velocities, new_masters

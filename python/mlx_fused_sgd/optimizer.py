@@ -10,6 +10,7 @@ from mlx.optimizers import Optimizer
 
 from . import _ext
 from .functional import (
+    _check_seed,
     as_grad_scale,
     check_max_grad_norm,
     clip_factor_for,
@@ -160,10 +161,25 @@ class FusedSGD(Optimizer):
           Inf, the step is a no-op decided on the device: params, momentum
           buffers, step counter and learning rate all stay as they were;
           :attr:`last_step_skipped` tells (as an array). Default: ``False``
+        master_weights (bool, optional): Keep a float32 copy of every
+          float16/bfloat16 param in the state (``"master"``); the kernel
+          updates the copy and writes the param as its rounding, so updates
+          smaller than the param's precision accumulate. A state without
+          copies (a stock checkpoint) starts them from the params.
+          Default: ``False``
+        stochastic_rounding (bool, optional): Round updated bfloat16 params
+          stochastically (unbiased: up with probability equal to the
+          fraction of an ulp), with random bits derived from
+          ``rounding_seed``, the step counter and the param's place in the
+          tree: the same seed and step give the same bits. Not with
+          ``master_weights``; float16 params are refused. Default: ``False``
+        rounding_seed (int, optional): The seed of ``stochastic_rounding``.
+          Default: ``0``
 
     The state holds ``step``, ``learning_rate`` and, when ``momentum > 0``,
     ``{"v": buffer}`` per parameter, exactly as stock SGD stores them, so
-    checkpoints move between the two.
+    checkpoints move between the two (``master_weights`` adds ``"master"``
+    entries, which stock ignores).
     """
 
     def __init__(
@@ -178,6 +194,9 @@ class FusedSGD(Optimizer):
         skip_nonfinite: bool = False,
         max_grad_norm: float | None = None,
         state_dtype: mx.Dtype | None = None,
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
     ) -> None:
         if nesterov and (momentum <= 0 or dampening != 0):
             # Same check and message as stock SGD.
@@ -203,6 +222,14 @@ class FusedSGD(Optimizer):
                 f"but got {state_dtype}."
             )
         self.state_dtype = state_dtype
+        if master_weights and stochastic_rounding:
+            raise ValueError(
+                "master_weights and stochastic_rounding are alternatives for "
+                "half-precision params; choose one."
+            )
+        self.master_weights = bool(master_weights)
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self.rounding_seed = _check_seed(rounding_seed)
         self._last_step_skipped = mx.array(False)
         self._last_grad_norm: mx.array | None = None
 
@@ -267,7 +294,16 @@ class FusedSGD(Optimizer):
 
     def init_single(self, parameter: mx.array, state: dict) -> None:
         """Initialize the momentum buffer (only when momentum is on), in
-        ``state_dtype`` for half params when it is set."""
+        ``state_dtype`` for half params when it is set, and the float32
+        master copy of a half param with ``master_weights``."""
+        if self.stochastic_rounding and parameter.dtype == mx.float16:
+            raise ValueError(
+                "stochastic_rounding rounds bfloat16 params, but a param of "
+                f"shape {tuple(parameter.shape)} is float16; use "
+                "master_weights=True for float16 params."
+            )
+        if self.master_weights and parameter.dtype in (mx.float16, mx.bfloat16):
+            state["master"] = parameter.astype(mx.float32)
         if self.momentum > 0:
             if self.state_dtype is not None and parameter.dtype in (
                 mx.float16,
@@ -293,13 +329,20 @@ class FusedSGD(Optimizer):
         """One parameter's update with the current learning rate (for code
         that drives optimizers per parameter; :meth:`apply_gradients` does
         not use it). The options that need every gradient at once
-        (``max_grad_norm``, ``skip_nonfinite``) are refused here rather than
-        silently left out."""
+        (``max_grad_norm``, ``skip_nonfinite``) or the param's place in the
+        tree and its master copy (``stochastic_rounding``,
+        ``master_weights``) are refused here rather than silently left
+        out."""
         if self.max_grad_norm is not None or self.skip_nonfinite:
             raise ValueError(
                 "apply_single updates one parameter alone; max_grad_norm and "
                 "skip_nonfinite look at all gradients together: use "
                 "apply_gradients (or update)."
+            )
+        if self.master_weights or self.stochastic_rounding:
+            raise ValueError(
+                "apply_single does not support master_weights or "
+                "stochastic_rounding: use apply_gradients (or update)."
             )
         velocity = state.get("v") if self.momentum > 0 else None
         new_param, new_v = _ext.sgd_update(
@@ -364,6 +407,20 @@ class FusedSGD(Optimizer):
 
         step = self.step
         settings = self._settings()
+        masters = None
+        if self.master_weights:
+            # A state without master copies (a stock checkpoint) starts them
+            # from the params.
+            masters = [
+                s.get("master", p.astype(mx.float32))
+                if p.dtype in (mx.float16, mx.bfloat16)
+                else None
+                for p, s in zip(params, states)
+            ]
+            settings["master_params"] = masters
+        if self.stochastic_rounding:
+            settings["rounding_seed"] = self.rounding_seed
+            settings["rounding_step"] = step
         skip = _ext.grads_nonfinite(grads) if self.skip_nonfinite else None
         settings["skip"] = skip
         norm = None
@@ -375,7 +432,7 @@ class FusedSGD(Optimizer):
             # The kernel computes lr_k from the step counter itself; the
             # state still records lr_k as stock does.
             learning_rate = scheduler(step)
-            new_params, new_velocities = _ext.sgd_update_many_scheduled(
+            new_params, new_velocities, new_masters = _ext.sgd_update_many_scheduled(
                 params,
                 grads,
                 velocities,
@@ -392,7 +449,7 @@ class FusedSGD(Optimizer):
                 learning_rate = self.state["learning_rate"]
             if not isinstance(learning_rate, mx.array):
                 learning_rate = mx.array(learning_rate)
-            new_params, new_velocities = _ext.sgd_update_many(
+            new_params, new_velocities, new_masters = _ext.sgd_update_many(
                 params,
                 grads,
                 velocities,
@@ -414,4 +471,8 @@ class FusedSGD(Optimizer):
         if momentum_on:
             for s, v in zip(states, new_velocities):
                 s["v"] = v
+        if masters is not None:
+            for s, m in zip(states, new_masters):
+                if m is not None:
+                    s["master"] = m
         return _rebuild(gradients, iter(new_params))
