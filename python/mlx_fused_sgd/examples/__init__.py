@@ -1,0 +1,1 @@
+"""Runnable examples (python -m mlx_fused_sgd.examples.<name>)."""
