@@ -651,11 +651,17 @@ void sgd_chunk(
 }
 
 // Gives `out` the buffer of `in` when MLX says nothing else can read `in`,
-// so a steady-state training loop updates in place.
+// so a steady-state training loop updates in place. The output gets the
+// layout a fresh buffer would give it (row-major strides, MLX's flags), not
+// the input's: a row-contiguous input may carry other strides on its size-1
+// axes (a gradient of a (1, n) weight, say), and a param that inherited
+// those would send the next forward pass down another matmul path, with
+// other rounding, than the same values in a fresh buffer.
 bool try_donate(const mx::array& in, mx::array& out) {
   if (in.is_donatable() && in.flags().row_contiguous &&
       in.dtype() == out.dtype() && in.size() == out.size()) {
-    out.copy_shared_buffer(in);
+    out.copy_shared_buffer(
+        in, row_major_strides(out.shape()), fresh_flags(out), out.size());
     return true;
   }
   return false;

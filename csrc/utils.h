@@ -1,6 +1,7 @@
 // Small helpers shared by the primitives of mlx-fused-sgd.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -23,6 +24,29 @@ elem_to_loc(int64_t elem, const mx::Shape& shape, const mx::Strides& strides) {
     elem /= shape[i];
   }
   return loc;
+}
+
+// Row-major strides of `shape`, as MLX gives a freshly allocated array.
+inline mx::Strides row_major_strides(const mx::Shape& shape) {
+  mx::Strides strides(shape.size(), 1);
+  for (int i = static_cast<int>(shape.size()) - 2; i >= 0; --i) {
+    strides[i] = strides[i + 1] * shape[i + 1];
+  }
+  return strides;
+}
+
+// The flags MLX gives a freshly allocated row-major array (array::set_data).
+inline mx::array::Flags fresh_flags(const mx::array& a) {
+  mx::array::Flags flags;
+  flags.contiguous = true;
+  flags.row_contiguous = true;
+  int64_t max_dim = 0;
+  for (auto d : a.shape()) {
+    max_dim = std::max<int64_t>(max_dim, d);
+  }
+  flags.col_contiguous =
+      a.size() <= 1 || static_cast<int64_t>(a.size()) == max_dim;
+  return flags;
 }
 
 // MLX gives every output of a multi-output primitive its own copy of the input

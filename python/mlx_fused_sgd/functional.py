@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from . import _ext
 from .schedules import StepDecay
@@ -40,12 +42,18 @@ def as_grad_scale(grad_scale: float | mx.array | None) -> mx.array | None:
     )
 
 
-def grad_norm(
-    grads: Sequence[mx.array], grad_scale: float | mx.array | None = None
-) -> mx.array:
-    """The global L2 norm of ``grads`` (divided by ``grad_scale``), a float32
-    scalar computed on the device without an op per tensor."""
-    norm = mx.sqrt(_ext.grads_sq_norm(list(grads)))
+def _leaves(grads: Any) -> list[mx.array]:
+    """The arrays of a sequence of arrays or of a gradient tree."""
+    if isinstance(grads, (list, tuple)) and all(type(g) is mx.array for g in grads):
+        return list(grads)
+    return [g for _, g in tree_flatten(grads)]
+
+
+def grad_norm(grads: Any, grad_scale: float | mx.array | None = None) -> mx.array:
+    """The global L2 norm of ``grads`` (a sequence of arrays or a gradient
+    tree), divided by ``grad_scale``: a float32 scalar computed on the device
+    without an op per tensor."""
+    norm = mx.sqrt(_ext.grads_sq_norm(_leaves(grads)))
     scale = as_grad_scale(grad_scale)
     return norm if scale is None else norm / scale
 
@@ -116,16 +124,17 @@ def _check_schedule(schedule: StepDecay) -> StepDecay:
 
 
 def grads_nonfinite(
-    grads: Sequence[mx.array],
+    grads: Any,
     *,
     tensors_per_primitive: int = 1024,
     stream: StreamOrDevice = None,
 ) -> mx.array:
     """A boolean scalar, computed on the device: True when any element of any
-    gradient is NaN or Inf. Pass it as ``skip`` to the update functions to
-    make a step a no-op without reading it back to the host."""
+    gradient (a sequence of arrays or a gradient tree) is NaN or Inf. Pass it
+    as ``skip`` to the update functions to make a step a no-op without
+    reading it back to the host."""
     return _ext.grads_nonfinite(
-        list(grads), tensors_per_primitive=tensors_per_primitive, stream=stream
+        _leaves(grads), tensors_per_primitive=tensors_per_primitive, stream=stream
     )
 
 
