@@ -121,6 +121,15 @@ def mlx_runner(kind: str, shapes, dtype, device):
         opt = mfs.FusedSGD(mfs.step_decay(*SCHEDULE), **HYPER)
     elif kind == "fused_f32_state":
         opt = mfs.FusedSGD(mfs.step_decay(*SCHEDULE), state_dtype=mx.float32, **HYPER)
+    elif kind == "fused_master":
+        opt = mfs.FusedSGD(
+            mfs.step_decay(*SCHEDULE),
+            master_weights=True,
+            state_dtype=mx.float32,
+            **HYPER,
+        )
+    elif kind == "fused_sr":
+        opt = mfs.FusedSGD(mfs.step_decay(*SCHEDULE), stochastic_rounding=True, **HYPER)
     elif kind == "fused_clip":
         opt = mfs.FusedSGD(mfs.step_decay(*SCHEDULE), max_grad_norm=1.0, **HYPER)
     elif kind == "fused_grad_scale":
@@ -143,25 +152,31 @@ def mlx_runner(kind: str, shapes, dtype, device):
         def update(g, p):
             return opt.apply_gradients(g, p)
 
-    elif kind == "stock_f32_state":
-        # float32 momentum for half params from stock ops: casts and the SGD
+    elif kind in ("stock_f32_state", "stock_master"):
+        # float32 momentum (and, for stock_master, float32 master copies of
+        # the params) for half params from stock ops: casts and the SGD
         # arithmetic per tensor, in float32 (the params rounded once).
         schedule = optim.step_decay(*SCHEDULE)
         velocities = {k: mx.zeros(v.shape, mx.float32) for k, v in params.items()}
+        masters = {k: v.astype(mx.float32) for k, v in params.items()}
         counter = {"step": mx.array(0, mx.uint64)}
         opt.state["v32"] = velocities
+        if kind == "stock_master":
+            opt.state["master"] = masters
 
         def update(g, p):
             lr = schedule(counter["step"])
             counter["step"] = counter["step"] + 1
             new_p = {}
             for k, x in p.items():
-                g32 = g[k].astype(mx.float32) + HYPER["weight_decay"] * x.astype(
-                    mx.float32
-                )
+                x32 = masters[k] if kind == "stock_master" else x.astype(mx.float32)
+                g32 = g[k].astype(mx.float32) + HYPER["weight_decay"] * x32
                 v = HYPER["momentum"] * velocities[k] + g32
                 velocities[k] = v
-                new_p[k] = (x.astype(mx.float32) - lr * v).astype(x.dtype)
+                x32 = x32 - lr * v
+                if kind == "stock_master":
+                    masters[k] = x32
+                new_p[k] = x32.astype(x.dtype)
             return new_p
 
     elif kind == "stock_clip":
@@ -290,8 +305,10 @@ def triad_bandwidth(n: int = 1 << 25, reps: int = 15) -> tuple[float, str]:
 IMPLS = ["fused", "stock_eager", "stock_compiled", "torch_foreach", "torch_fused"]
 # Optional rows (--impls): the cost of global-norm clipping (max_grad_norm),
 # of loss scaling with skip on non-finite gradients (grad_scale +
-# skip_nonfinite), and of float32 momentum for half params (state_dtype; run
-# with --dtype bfloat16), fused vs stock ops.
+# skip_nonfinite), of float32 momentum for half params (state_dtype; run
+# with --dtype bfloat16), of float32 master weights (with float32 momentum),
+# fused vs stock ops; and of stochastic rounding (bfloat16; stock MLX has no
+# counterpart).
 EXTRA_IMPLS = [
     "fused_clip",
     "stock_clip",
@@ -299,6 +316,9 @@ EXTRA_IMPLS = [
     "stock_grad_scale",
     "fused_f32_state",
     "stock_f32_state",
+    "fused_master",
+    "stock_master",
+    "fused_sr",
 ]
 LABELS = {
     "fused": "mlx-fused-sgd",
@@ -308,6 +328,9 @@ LABELS = {
     "torch_fused": "torch fused",
     "fused_f32_state": "fused f32 state",
     "stock_f32_state": "stock f32 state",
+    "fused_master": "fused master wts",
+    "stock_master": "stock master wts",
+    "fused_sr": "fused stoch. round",
     "fused_clip": "fused +clip",
     "stock_clip": "stock +clip",
     "fused_grad_scale": "fused +scale",
