@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import platform
 import shutil
@@ -421,6 +422,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def _ratio(x: float, width: int, digits: int) -> str:
+    """A ratio for the table; "-" where its rows were not run."""
+    text = f"{x:.{digits}f}x" if math.isfinite(x) else "-"
+    return text.rjust(width)
+
+
 def print_table(results, impls) -> None:
     m = results["machine"]
     print(
@@ -445,7 +452,7 @@ def print_table(results, impls) -> None:
             else float("nan")
         )
         sizes = f"{wl:<8} {row['tensors']:>7} {row['params'] / 1e6:>7.1f}M"
-        ratios = f"{ratio_roof:>13.2f}x {ratio_eager:>10.1f}x"
+        ratios = f"{_ratio(ratio_roof, 14, 2)} {_ratio(ratio_eager, 11, 1)}"
         print(f"{sizes} | {cells} | {ratios}")
 
 

@@ -20,3 +20,16 @@ def test_readme_commands_match_ci():
     test_cmd = 'pip install ".[test]" && python -m pytest -q tests'
     assert test_cmd in text and test_cmd in ci
     assert 'pip install ".[bench]" && python benchmarks/bench.py' in text
+
+
+def test_option_examples_construct(device):
+    """The README's option snippets use the real keyword names."""
+    import mlx.core as mx
+
+    import mlx_fused_sgd as mfs
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    snippet = next(b for b in blocks if "master_weights=True" in b)
+    scope = {"mx": mx, "mfs": mfs}
+    exec(compile(snippet, "README options", "exec"), scope)
+    assert scope["opt"].stochastic_rounding and scope["opt"].rounding_seed == 1234
