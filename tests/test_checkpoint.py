@@ -34,6 +34,14 @@ def _load(path, model, optimizer):
     )
 
 
+def _assert_same_flat(tree, expected: dict) -> None:
+    """`tree` flattened has exactly `expected`'s keys and bits."""
+    got = dict(tree_flatten(tree))
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert_bitwise_equal(got[k], expected[k], k)
+
+
 def _make(cls, schedule):
     lr = (
         (mfs.step_decay if cls is mfs.FusedSGD else optim.step_decay)(0.1, 0.9, 7)
@@ -72,14 +80,8 @@ def test_resume_across_implementations(tmp_path, first, second, schedule):
     assert opt2.state["step"].item() == 10
     _run(model2, opt2, 10, seed=2)
 
-    got_params = dict(tree_flatten(model2.parameters()))
-    got_state = dict(tree_flatten(opt2.state))
-    assert got_params.keys() == expected_params.keys()
-    for k in expected_params:
-        assert_bitwise_equal(got_params[k], expected_params[k], k)
-    assert got_state.keys() == expected_state.keys()
-    for k in expected_state:
-        assert_bitwise_equal(got_state[k], expected_state[k], k)
+    _assert_same_flat(model2.parameters(), expected_params)
+    _assert_same_flat(opt2.state, expected_state)
 
 
 class _Grads:
@@ -177,14 +179,8 @@ def test_every_option_survives_checkpoint_and_resume(tmp_path, option, schedule)
     opt2 = make()
     _load(tmp_path, model2, opt2)
     train_steps(model2, opt2, 5, mx.random.key(2), _Grads(scale, nan_at, start=5))
-    got_params = dict(tree_flatten(model2.parameters()))
-    got_state = dict(tree_flatten(opt2.state))
-    assert got_params.keys() == expected_params.keys()
-    for k in expected_params:
-        assert_bitwise_equal(got_params[k], expected_params[k], k)
-    assert got_state.keys() == expected_state.keys()
-    for k in expected_state:
-        assert_bitwise_equal(got_state[k], expected_state[k], k)
+    _assert_same_flat(model2.parameters(), expected_params)
+    _assert_same_flat(opt2.state, expected_state)
     if nan_at:
         # The NaN steps were skipped: the counter counts only the others.
-        assert got_state["step"].item() == 10 - len(nan_at)
+        assert opt2.state["step"].item() == 10 - len(nan_at)

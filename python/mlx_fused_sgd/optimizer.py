@@ -19,6 +19,7 @@ from .functional import (
 from .schedules import StepDecay
 
 _array = mx.array
+_HALF = (mx.float16, mx.bfloat16)
 
 
 def _join(path: str, key: Any) -> str:
@@ -302,13 +303,10 @@ class FusedSGD(Optimizer):
                 f"shape {tuple(parameter.shape)} is float16; use "
                 "master_weights=True for float16 params."
             )
-        if self.master_weights and parameter.dtype in (mx.float16, mx.bfloat16):
+        if self.master_weights and parameter.dtype in _HALF:
             state["master"] = parameter.astype(mx.float32)
         if self.momentum > 0:
-            if self.state_dtype is not None and parameter.dtype in (
-                mx.float16,
-                mx.bfloat16,
-            ):
+            if self.state_dtype is not None and parameter.dtype in _HALF:
                 state["v"] = mx.zeros(parameter.shape, self.state_dtype)
             else:
                 state["v"] = mx.zeros_like(parameter)
@@ -412,8 +410,8 @@ class FusedSGD(Optimizer):
             # A state without master copies (a stock checkpoint) starts them
             # from the params.
             masters = [
-                s.get("master", p.astype(mx.float32))
-                if p.dtype in (mx.float16, mx.bfloat16)
+                (s["master"] if "master" in s else p.astype(mx.float32))
+                if p.dtype in _HALF
                 else None
                 for p, s in zip(params, states)
             ]
