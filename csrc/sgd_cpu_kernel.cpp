@@ -25,6 +25,31 @@ namespace mlx_fused_sgd {
 namespace cpu_kernel {
 namespace {
 
+// Element loads and stores in float32. bfloat16 is converted here, on its
+// bits, exactly as MLX's bfloat16_t converts (widening: the bits shifted up;
+// narrowing: round to nearest even, NaN to 0x7FC0), but branch-free and with
+// internal linkage: the loops vectorize, and no out-of-line copy compiled
+// for a wider instruction set can be shared with the generic loop.
+template <typename T> MFS_LOOP_INLINE float load(const T* p, int64_t i) {
+  if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
+    uint32_t bits = uint32_t(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+    return __builtin_bit_cast(float, bits);
+  } else {
+    return static_cast<float>(p[i]);
+  }
+}
+
+template <typename T> MFS_LOOP_INLINE void store(T* p, int64_t i, float x) {
+  if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
+    uint32_t bits = __builtin_bit_cast(uint32_t, x);
+    uint32_t rounded = (bits + ((bits >> 16) & 1u) + 0x7FFFu) >> 16;
+    reinterpret_cast<uint16_t*>(p)[i] =
+        static_cast<uint16_t>(x != x ? 0x7FC0u : rounded);
+  } else {
+    p[i] = static_cast<T>(x);
+  }
+}
+
 // Where an updated param goes (R: the rounding mode). Master weights: the
 // float32 value to the master copy, its rounding to the param; stochastic
 // rounding: bfloat16 rounded with element io's random bits.
@@ -38,7 +63,7 @@ store_param(const TensorPointers& t, T* p_out, int64_t io, float value) {
     value = math::round_bf16_stochastic(
         value, math::rounding_bits(t.rounding_stream, uint64_t(io)));
   }
-  p_out[io] = static_cast<T>(value);
+  store(p_out, io, value);
 }
 
 template <
@@ -63,13 +88,12 @@ MFS_LOOP_INLINE void sgd_one(
   auto v = static_cast<const V*>(t.velocity);
   float pi = R == math::kMasterWeights
                  ? t.master[im]
-                 : static_cast<float>(static_cast<const T*>(t.param)[ip]);
-  float vi = M ? static_cast<float>(v[iv]) : 0.0f;
-  auto r = math::sgd_update_element<WD, M, D, N, S>(
-      pi, static_cast<float>(g[ig]), vi, lr, h);
+                 : load(static_cast<const T*>(t.param), ip);
+  float vi = M ? load(v, iv) : 0.0f;
+  auto r = math::sgd_update_element<WD, M, D, N, S>(pi, load(g, ig), vi, lr, h);
   store_param<T, R>(t, static_cast<T*>(t.param_out), io, r.param);
   if (M) {
-    static_cast<V*>(t.velocity_out)[io] = static_cast<V>(r.velocity);
+    store(static_cast<V*>(t.velocity_out), io, r.velocity);
   }
 }
 
@@ -102,10 +126,9 @@ void sgd_contiguous(
   for (; i + W <= end; i += W) {
     float pb[W], gb[W], vb[W];
     for (int j = 0; j < W; ++j) {
-      pb[j] = R == math::kMasterWeights ? t.master[i + j]
-                                        : static_cast<float>(p[i + j]);
-      gb[j] = static_cast<float>(g[i + j]);
-      vb[j] = M ? static_cast<float>(v[i + j]) : 0.0f;
+      pb[j] = R == math::kMasterWeights ? t.master[i + j] : load(p, i + j);
+      gb[j] = load(g, i + j);
+      vb[j] = M ? load(v, i + j) : 0.0f;
     }
     for (int j = 0; j < W; ++j) {
       auto r =
@@ -113,18 +136,26 @@ void sgd_contiguous(
       pb[j] = r.param;
       vb[j] = r.velocity;
     }
-    if (R == math::kRoundNearest) {
+    // store_param's steps, each a loop over the block so that it
+    // vectorizes (the random bits included).
+    if (R == math::kMasterWeights) {
       for (int j = 0; j < W; ++j) {
-        p_out[i + j] = static_cast<T>(pb[j]);
+        t.master_out[i + j] = pb[j];
       }
-    } else {
+    }
+    if (R == math::kRoundStochastic) {
+      const uint64_t stream = t.rounding_stream;
       for (int j = 0; j < W; ++j) {
-        store_param<T, R>(t, p_out, i + j, pb[j]);
+        pb[j] = math::round_bf16_stochastic(
+            pb[j], math::rounding_bits(stream, uint64_t(i + j)));
       }
+    }
+    for (int j = 0; j < W; ++j) {
+      store(p_out, i + j, pb[j]);
     }
     if (M) {
       for (int j = 0; j < W; ++j) {
-        v_out[i + j] = static_cast<V>(vb[j]);
+        store(v_out, i + j, vb[j]);
       }
     }
   }
@@ -209,13 +240,13 @@ void MFS_CAT(update_range_, MFS_CPU_ISA)(
     float lr,
     math::SGDHyper h) {
 #ifndef MFS_CPU_ISA_GENERIC
-  // Strided tensors and half types take the generic loop: nothing compiled
-  // for this instruction set calls a helper shared with other files.
-  if (!t.contiguous || key.dtype != DtypeCode::float32) {
+  // Strided tensors and float16 (converted by MLX's float16_t) take the
+  // generic loop: nothing compiled for this instruction set calls a helper
+  // shared with other files.
+  if (!t.contiguous || key.dtype == DtypeCode::float16) {
     return update_range_generic(key, t, begin, end, lr, h);
   }
 #endif
-#ifdef MFS_CPU_ISA_GENERIC
   // Half params keep their momentum in their own dtype or in float32, and
   // are stored rounded to nearest, stochastically (bfloat16) or from a
   // float32 master copy.
@@ -237,18 +268,16 @@ void MFS_CAT(update_range_, MFS_CPU_ISA)(
       return with_state.template operator()<math::kRoundNearest>();
     }
   };
-#endif
   switch (key.dtype) {
   case DtypeCode::float32:
     return update_typed<float, float, math::kRoundNearest>(
         key, t, begin, end, lr, h);
-#ifdef MFS_CPU_ISA_GENERIC
-  case DtypeCode::float16:
-    return half_param.template operator()<mx::float16_t>();
   case DtypeCode::bfloat16:
     return half_param.template operator()<mx::bfloat16_t>();
+  case DtypeCode::float16:
+#ifdef MFS_CPU_ISA_GENERIC
+    return half_param.template operator()<mx::float16_t>();
 #else
-  default:
     return;
 #endif
   }

@@ -77,7 +77,8 @@ using UpdateRange = UpdateRangeFn*;
 UpdateRangeFn update_range_generic;
 #if defined(__x86_64__) || defined(_M_X64)
 #define MFS_X86_KERNELS 1
-// float32 only: half types always take the generic loop.
+// float32 and bfloat16, contiguous; float16 and strided tensors take the
+// generic loop.
 UpdateRangeFn update_range_avx2;
 UpdateRangeFn update_range_avx512;
 #endif

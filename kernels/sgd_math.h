@@ -161,12 +161,15 @@ rounding_stream(uint64_t seed, uint64_t step, uint64_t tensor) {
   return (uint64_t(c) << 32) | uint64_t(d);
 }
 
-// 16 random bits for element `index` of a stream.
+// 16 random bits for element `index` of a stream: one hash of the element's
+// index keyed by the stream (a bijection of the index for a fixed stream, so
+// no two elements below 2^32 share their input; the index's high word, zero
+// for smaller tensors, is folded in too). One hash, not two: the bits are
+// computed for every element of every step.
 MFS_INLINE uint32_t rounding_bits(uint64_t stream, uint64_t index) {
-  uint32_t lo = hash32(uint32_t(index) ^ uint32_t(stream));
-  uint32_t h =
-      hash32(lo + uint32_t(index >> 32) * 0x9e3779b9u + uint32_t(stream >> 32));
-  return h >> 16;
+  uint32_t x = (uint32_t(index) ^ uint32_t(stream)) + uint32_t(stream >> 32) +
+               uint32_t(index >> 32) * 0x9e3779b9u;
+  return hash32(x) >> 16;
 }
 
 // x rounded to bfloat16 stochastically, returned as the float32 it is (its

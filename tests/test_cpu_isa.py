@@ -9,6 +9,7 @@ import pytest
 from mlx_fused_sgd import _ext
 
 CHECK = r"""
+import hashlib
 import mlx.core as mx, mlx.optimizers as optim, numpy as np
 import mlx_fused_sgd as mfs
 from mlx_fused_sgd import _ext
@@ -25,21 +26,54 @@ for kw in cases:
         assert np.array_equal(np.array(new_p).view(np.uint32), np.array(ref).view(np.uint32)), (kw, n)
         if kw.get("momentum"):
             assert np.array_equal(np.array(new_v).view(np.uint32), np.array(opt.state["p"]["v"]).view(np.uint32)), (kw, n)
-print("OK")
+
+# bfloat16 params: the float32 step rounded once (momentum in bfloat16 or in
+# float32), NaN and Inf included; stochastic rounding and master weights print
+# a digest of their bits, which must be the generic loop's.
+bits16 = lambda a: np.array(a.view(mx.uint16))
+digest = hashlib.sha256()
+for kw in cases:
+    for n in [1, 17, 100003, 300001]:
+        k = mx.random.split(mx.random.key(n + 7), 3)
+        p32, g32, v32 = (mx.random.normal((n,), key=kk) for kk in k)
+        if n > 1:
+            p32[3] = float("nan"); g32[5] = float("inf")
+        p, g = p32.astype(mx.bfloat16), g32.astype(mx.bfloat16)
+        for state in (mx.bfloat16, mx.float32):
+            v = v32.astype(state)
+            new_p, new_v = mfs.sgd_update(p, g, v, learning_rate=0.0371, **kw)
+            ref_p, ref_v = mfs.sgd_update(p.astype(mx.float32), g.astype(mx.float32), v.astype(mx.float32), learning_rate=0.0371, **kw)
+            assert np.array_equal(bits16(new_p), bits16(ref_p.astype(mx.bfloat16))), (kw, n, state)
+            if kw.get("momentum"):
+                assert new_v.dtype == state
+                assert np.array_equal(np.array(new_v.astype(mx.float32)), np.array(ref_v.astype(state).astype(mx.float32)), equal_nan=True), (kw, n, state)
+            sr = mfs.sgd_update_many([p], [g], [v], learning_rate=0.0371, rounding_seed=n, rounding_step=3, **kw)[0][0]
+            mw = mfs.sgd_update_many([p], [g], [v], learning_rate=0.0371, master_params=[p32], **kw)
+            for a in (sr, mw[0][0], mw[2][0], *mw[1]):
+                digest.update(np.array(a.view(mx.uint16 if a.dtype == mx.bfloat16 else mx.uint32)).tobytes())
+print("OK", digest.hexdigest())
 """
+
+
+def _check(isa: str) -> tuple[str, str]:
+    """Run CHECK with the loop of `isa`; return (the loop used, the digest)."""
+    env = dict(os.environ, MLX_FUSED_SGD_CPU_ISA=isa)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECK], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    used, verdict, digest = proc.stdout.split()
+    assert verdict == "OK"
+    return used, digest
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_each_isa_loop_is_bit_identical_to_stock(isa, device):
     if device != "cpu":
         pytest.skip("CPU loops")
-    env = dict(os.environ, MLX_FUSED_SGD_CPU_ISA=isa)
-    proc = subprocess.run(
-        [sys.executable, "-c", CHECK], capture_output=True, text=True, env=env
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    used, verdict = proc.stdout.split()
-    assert verdict == "OK"
+    used, digest = _check(isa)
+    if isa != "generic":
+        assert digest == _check("generic")[1], "half-precision bits differ"
     if used != isa:
         # Not compiled for this platform, or the CPU lacks it: say so.
         pytest.skip(f"{isa} loop not available here (ran {used})")
