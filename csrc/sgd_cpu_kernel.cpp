@@ -20,6 +20,11 @@
 #define MFS_CAT2(a, b) a##b
 #define MFS_CAT(a, b) MFS_CAT2(a, b)
 #define MFS_LOOP_INLINE inline __attribute__((always_inline))
+#if defined(__clang__)
+#define MFS_IVDEP _Pragma("clang loop vectorize(assume_safety)")
+#else
+#define MFS_IVDEP _Pragma("GCC ivdep")
+#endif
 
 namespace mlx_fused_sgd {
 namespace cpu_kernel {
@@ -43,8 +48,9 @@ template <typename T> MFS_LOOP_INLINE void store(T* p, int64_t i, float x) {
   if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
     uint32_t bits = __builtin_bit_cast(uint32_t, x);
     uint32_t rounded = (bits + ((bits >> 16) & 1u) + 0x7FFFu) >> 16;
+    bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
     reinterpret_cast<uint16_t*>(p)[i] =
-        static_cast<uint16_t>(x != x ? 0x7FC0u : rounded);
+        static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
   } else {
     p[i] = static_cast<T>(x);
   }
@@ -97,10 +103,12 @@ MFS_LOOP_INLINE void sgd_one(
   }
 }
 
-// Contiguous loop over elements [begin, end). Outputs may alias their inputs
-// (donated buffers), so each block is loaded into locals, updated, then
-// stored: the compiler vectorizes the fixed-width inner loops without runtime
-// alias checks.
+// Contiguous loop over elements [begin, end). Outputs may share a buffer
+// with an input (donation), always the whole buffer at the same offset, so
+// every element is read before it is written and no element is read after
+// another one is written: safe to vectorize, which the pragma tells the
+// compiler (it cannot prove it, and would otherwise check for overlap at run
+// time and take a scalar loop for the in-place case).
 template <
     typename T,
     typename V,
@@ -116,51 +124,31 @@ void sgd_contiguous(
     int64_t end,
     float lr,
     math::SGDHyper h) {
-  constexpr int W = 16;
   auto p = static_cast<const T*>(t.param);
   auto g = static_cast<const T*>(t.grad);
   auto v = static_cast<const V*>(t.velocity);
   auto p_out = static_cast<T*>(t.param_out);
   auto v_out = static_cast<V*>(t.velocity_out);
-  int64_t i = begin;
-  for (; i + W <= end; i += W) {
-    float pb[W], gb[W], vb[W];
-    for (int j = 0; j < W; ++j) {
-      pb[j] = R == math::kMasterWeights ? t.master[i + j] : load(p, i + j);
-      gb[j] = load(g, i + j);
-      vb[j] = M ? load(v, i + j) : 0.0f;
-    }
-    for (int j = 0; j < W; ++j) {
-      auto r =
-          math::sgd_update_element<WD, M, D, N, S>(pb[j], gb[j], vb[j], lr, h);
-      pb[j] = r.param;
-      vb[j] = r.velocity;
-    }
-    // store_param's steps, each a loop over the block so that it
-    // vectorizes (the random bits included).
+  const float* master = t.master;
+  float* master_out = t.master_out;
+  const uint64_t stream = t.rounding_stream;
+  MFS_IVDEP
+  for (int64_t i = begin; i < end; ++i) {
+    float pi = R == math::kMasterWeights ? master[i] : load(p, i);
+    float vi = M ? load(v, i) : 0.0f;
+    auto r =
+        math::sgd_update_element<WD, M, D, N, S>(pi, load(g, i), vi, lr, h);
     if (R == math::kMasterWeights) {
-      for (int j = 0; j < W; ++j) {
-        t.master_out[i + j] = pb[j];
-      }
+      master_out[i] = r.param;
     }
     if (R == math::kRoundStochastic) {
-      const uint64_t stream = t.rounding_stream;
-      for (int j = 0; j < W; ++j) {
-        pb[j] = math::round_bf16_stochastic(
-            pb[j], math::rounding_bits(stream, uint64_t(i + j)));
-      }
+      r.param = math::round_bf16_stochastic(
+          r.param, math::rounding_bits(stream, uint64_t(i)));
     }
-    for (int j = 0; j < W; ++j) {
-      store(p_out, i + j, pb[j]);
-    }
+    store(p_out, i, r.param);
     if (M) {
-      for (int j = 0; j < W; ++j) {
-        store(v_out, i + j, vb[j]);
-      }
+      store(v_out, i, r.velocity);
     }
-  }
-  for (; i < end; ++i) {
-    sgd_one<T, V, WD, M, D, N, S, R>(t, i, i, i, i, i, lr, h);
   }
 }
 
