@@ -13,10 +13,11 @@ import mlx_fused_sgd as mfs
 from conftest import assert_bitwise_equal
 
 
-def _setup(lr):
+def _setup(lr, dtype=mx.float32, **options):
     mx.random.seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
-    opt = mfs.FusedSGD(lr, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    model.set_dtype(dtype)
+    opt = mfs.FusedSGD(lr, momentum=0.9, weight_decay=1e-3, nesterov=True, **options)
     opt.init(model.trainable_parameters())
     mx.eval(model.parameters(), opt.state)
     x = mx.random.normal((32, 4))
@@ -25,20 +26,32 @@ def _setup(lr):
     return model, opt, loss_and_grad
 
 
+# Options that change the state (master copies) or read the step counter
+# inside the kernel (stochastic rounding), on bfloat16 params.
+HALF_OPTIONS = {
+    "master_weights": dict(master_weights=True, state_dtype=mx.float32),
+    "stochastic_rounding": dict(stochastic_rounding=True, rounding_seed=3),
+}
+
+
 @pytest.mark.parametrize(
     "make_lr",
     [lambda: mfs.step_decay(0.1, 0.5, 3), lambda: 0.05],
     ids=["step_decay", "float"],
 )
-def test_compiled_step_matches_eager_without_retracing(make_lr):
+@pytest.mark.parametrize("options", [None, *HALF_OPTIONS], ids=str)
+def test_compiled_step_matches_eager_without_retracing(make_lr, options):
     steps = 12  # crosses four decay boundaries
-    model_e, opt_e, lg_e = _setup(make_lr())
+    setup = _setup
+    if options is not None:
+        setup = partial(_setup, dtype=mx.bfloat16, **HALF_OPTIONS[options])
+    model_e, opt_e, lg_e = setup(make_lr())
     for _ in range(steps):
         _, grads = lg_e(model_e)
         opt_e.update(model_e, grads)
         mx.eval(model_e.parameters(), opt_e.state)
 
-    model_c, opt_c, lg_c = _setup(make_lr())
+    model_c, opt_c, lg_c = setup(make_lr())
     traces = 0
     state = [model_c.state, opt_c.state]
 

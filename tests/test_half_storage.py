@@ -425,3 +425,27 @@ def test_scheduled_stochastic_rounding_draws_from_the_step():
         [p], [g], learning_rate=sched(step), rounding_seed=4, rounding_step=7
     )
     assert_bitwise_equal(a[0], b[0])
+
+
+@pytest.mark.parametrize("mode", ["master", "stochastic"])
+def test_strided_inputs_give_the_contiguous_result(mode):
+    """Transposed params, grads, momentum buffers and master copies take the
+    strided loop; its bits are those of the same values made contiguous (the
+    random bits follow the element's row-major index)."""
+    keys = mx.random.split(mx.random.key(8), 4)
+    base = [mx.random.normal((37, 29), key=k) for k in keys]
+    p, g, v = (x.astype(mx.bfloat16).T for x in base[:3])
+    m = base[3].T
+    kw = dict(learning_rate=0.05, momentum=0.9, weight_decay=1e-2)
+    if mode == "master":
+        kw["master_params"] = [m]
+        contiguous_kw = dict(kw, master_params=[mx.contiguous(m)])
+    else:
+        kw.update(rounding_seed=17, rounding_step=4)
+        contiguous_kw = kw
+    got = mfs.sgd_update_many([p], [g], [v], **kw)
+    want = mfs.sgd_update_many(
+        [mx.contiguous(p)], [mx.contiguous(g)], [mx.contiguous(v)], **contiguous_kw
+    )
+    for a, b in zip(sum(got, []), sum(want, [])):
+        assert_bitwise_equal(a, b)
