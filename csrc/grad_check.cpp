@@ -9,6 +9,7 @@
 #endif
 
 #include "kernels/sgd_launch.h"
+#include "sgd_cpu_kernel.h"
 #include "thread_pool.h"
 #include "utils.h"
 
@@ -47,75 +48,58 @@ struct CheckView {
   mx::Strides strides;
 };
 
+// Strided tensors (rare): one element at a time, one sum.
 template <typename T>
-bool range_nonfinite(const CheckView& v, int64_t begin, int64_t end) {
+bool strided_nonfinite(const CheckView& v, int64_t begin, int64_t end) {
   auto x = static_cast<const T*>(v.data);
   int bad = 0;
-  if (v.contiguous) {
-    for (int64_t i = begin; i < end; ++i) {
-      bad |= math::is_nonfinite(static_cast<float>(x[i]));
-    }
-  } else {
-    for (int64_t i = begin; i < end; ++i) {
-      bad |= math::is_nonfinite(
-          static_cast<float>(x[elem_to_loc(i, v.shape, v.strides)]));
-    }
+  for (int64_t i = begin; i < end; ++i) {
+    bad |= math::is_nonfinite(
+        static_cast<float>(x[elem_to_loc(i, v.shape, v.strides)]));
   }
   return bad != 0;
 }
 
 template <typename T>
-double range_sq_sum(const CheckView& v, int64_t begin, int64_t end) {
+double strided_sq_sum(const CheckView& v, int64_t begin, int64_t end) {
   auto x = static_cast<const T*>(v.data);
-  if (!v.contiguous) {
-    double sum = 0.0;
-    for (int64_t i = begin; i < end; ++i) {
-      double e = static_cast<float>(x[elem_to_loc(i, v.shape, v.strides)]);
-      sum += e * e;
-    }
-    return sum;
-  }
-  // Independent double lanes: the compiler vectorizes them without
-  // reassociating any one sum.
-  constexpr int L = 16;
-  double lanes[L] = {};
-  int64_t i = begin;
-  for (; i + L <= end; i += L) {
-    for (int j = 0; j < L; ++j) {
-      double e = static_cast<float>(x[i + j]);
-      lanes[j] += e * e;
-    }
-  }
   double sum = 0.0;
-  for (; i < end; ++i) {
-    double e = static_cast<float>(x[i]);
+  for (int64_t i = begin; i < end; ++i) {
+    double e = static_cast<float>(x[elem_to_loc(i, v.shape, v.strides)]);
     sum += e * e;
-  }
-  for (int j = 0; j < L; ++j) {
-    sum += lanes[j];
   }
   return sum;
 }
 
+// Contiguous tensors take the loops compiled for this CPU's widest
+// instruction set (csrc/sgd_cpu_kernel.cpp), as the update does.
 double view_sq_sum(const CheckView& v, int64_t begin, int64_t end) {
+  if (v.contiguous) {
+    static const auto sq_sum = cpu_kernel::selected_loops().sq_sum;
+    return sq_sum(cpu_kernel::dtype_code(v.dtype), v.data, begin, end);
+  }
   switch (v.dtype) {
   case mx::float16:
-    return range_sq_sum<mx::float16_t>(v, begin, end);
+    return strided_sq_sum<mx::float16_t>(v, begin, end);
   case mx::bfloat16:
-    return range_sq_sum<mx::bfloat16_t>(v, begin, end);
+    return strided_sq_sum<mx::bfloat16_t>(v, begin, end);
   default:
-    return range_sq_sum<float>(v, begin, end);
+    return strided_sq_sum<float>(v, begin, end);
   }
 }
 
 bool view_nonfinite(const CheckView& v, int64_t begin, int64_t end) {
+  if (v.contiguous) {
+    static const auto nonfinite = cpu_kernel::selected_loops().nonfinite;
+    return nonfinite(cpu_kernel::dtype_code(v.dtype), v.data, begin, end);
+  }
   switch (v.dtype) {
   case mx::float16:
-    return range_nonfinite<mx::float16_t>(v, begin, end);
+    return strided_nonfinite<mx::float16_t>(v, begin, end);
   case mx::bfloat16:
-    return range_nonfinite<mx::bfloat16_t>(v, begin, end);
+    return strided_nonfinite<mx::bfloat16_t>(v, begin, end);
   default:
-    return range_nonfinite<float>(v, begin, end);
+    return strided_nonfinite<float>(v, begin, end);
   }
 }
 

@@ -19,6 +19,8 @@
 
 #define MFS_CAT2(a, b) a##b
 #define MFS_CAT(a, b) MFS_CAT2(a, b)
+#define MFS_STR2(a) #a
+#define MFS_STR(a) MFS_STR2(a)
 #define MFS_LOOP_INLINE inline __attribute__((always_inline))
 #if defined(__clang__)
 #define MFS_IVDEP _Pragma("clang loop vectorize(assume_safety)")
@@ -271,16 +273,88 @@ void MFS_CAT(update_range_, MFS_CPU_ISA)(
   }
 }
 
+namespace {
+
+template <typename T>
+double sq_sum_typed(const void* data, int64_t begin, int64_t end) {
+  auto x = static_cast<const T*>(data);
+  // Independent double lanes: the compiler vectorizes them without
+  // reassociating any one sum, so every instruction set gives the same bits.
+  constexpr int L = 16;
+  double lanes[L] = {};
+  int64_t i = begin;
+  for (; i + L <= end; i += L) {
+    for (int j = 0; j < L; ++j) {
+      double e = load(x, i + j);
+      lanes[j] += e * e;
+    }
+  }
+  double sum = 0.0;
+  for (; i < end; ++i) {
+    double e = load(x, i);
+    sum += e * e;
+  }
+  for (int j = 0; j < L; ++j) {
+    sum += lanes[j];
+  }
+  return sum;
+}
+
+template <typename T>
+bool nonfinite_typed(const void* data, int64_t begin, int64_t end) {
+  auto x = static_cast<const T*>(data);
+  int bad = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    bad |= math::is_nonfinite(load(x, i));
+  }
+  return bad != 0;
+}
+
+} // namespace
+
+double MFS_CAT(sq_sum_range_, MFS_CPU_ISA)(
+    DtypeCode dtype, const void* data, int64_t begin, int64_t end) {
+  switch (dtype) {
+  case DtypeCode::bfloat16:
+    return sq_sum_typed<mx::bfloat16_t>(data, begin, end);
+  case DtypeCode::float16:
+#ifdef MFS_CPU_ISA_GENERIC
+    return sq_sum_typed<mx::float16_t>(data, begin, end);
+#else
+    return loops_generic.sq_sum(dtype, data, begin, end);
+#endif
+  default:
+    return sq_sum_typed<float>(data, begin, end);
+  }
+}
+
+bool MFS_CAT(nonfinite_range_, MFS_CPU_ISA)(
+    DtypeCode dtype, const void* data, int64_t begin, int64_t end) {
+  switch (dtype) {
+  case DtypeCode::bfloat16:
+    return nonfinite_typed<mx::bfloat16_t>(data, begin, end);
+  case DtypeCode::float16:
+#ifdef MFS_CPU_ISA_GENERIC
+    return nonfinite_typed<mx::float16_t>(data, begin, end);
+#else
+    return loops_generic.nonfinite(dtype, data, begin, end);
+#endif
+  default:
+    return nonfinite_typed<float>(data, begin, end);
+  }
+}
+
+const Loops MFS_CAT(loops_, MFS_CPU_ISA) = {
+    MFS_CAT(update_range_, MFS_CPU_ISA),
+    MFS_CAT(sq_sum_range_, MFS_CPU_ISA),
+    MFS_CAT(nonfinite_range_, MFS_CPU_ISA),
+    MFS_STR(MFS_CPU_ISA)};
+
 #ifdef MFS_CPU_ISA_GENERIC
 
 namespace {
 
-struct Selected {
-  UpdateRange fn;
-  const char* name;
-};
-
-Selected select() {
+const Loops& select() {
   const char* want = std::getenv("MLX_FUSED_SGD_CPU_ISA");
   auto asked = [&](const char* name) {
     return want == nullptr || std::strcmp(want, name) == 0;
@@ -289,19 +363,14 @@ Selected select() {
   __builtin_cpu_init();
   // __builtin_cpu_supports also checks that the OS saves the wide registers.
   if (asked("avx512") && __builtin_cpu_supports("avx512f")) {
-    return {update_range_avx512, "avx512"};
+    return loops_avx512;
   }
   if ((asked("avx2") || (want && std::strcmp(want, "avx512") == 0)) &&
       __builtin_cpu_supports("avx2")) {
-    return {update_range_avx2, "avx2"};
+    return loops_avx2;
   }
 #endif
-  return {update_range_generic, "generic"};
-}
-
-const Selected& selected() {
-  static const Selected s = select();
-  return s;
+  return loops_generic;
 }
 
 } // namespace
@@ -366,12 +435,17 @@ void copy_range(
   }
 }
 
+const Loops& selected_loops() {
+  static const Loops& loops = select();
+  return loops;
+}
+
 UpdateRange select_update_range() {
-  return selected().fn;
+  return selected_loops().update;
 }
 
 const char* selected_isa() {
-  return selected().name;
+  return selected_loops().isa;
 }
 
 #endif

@@ -73,14 +73,31 @@ using UpdateRangeFn = void(
     math::SGDHyper h);
 using UpdateRange = UpdateRangeFn*;
 
-// One loop per instruction set, all of that signature.
+// The gradient reads before an update, over contiguous elements [begin,
+// end) of one tensor: the sum of squares (max_grad_norm) in 16 independent
+// double lanes, so every instruction set adds in the same order; and whether
+// any element is NaN or Inf (skip_nonfinite).
+using SqSumRangeFn =
+    double(DtypeCode dtype, const void* data, int64_t begin, int64_t end);
+using NonfiniteRangeFn =
+    bool(DtypeCode dtype, const void* data, int64_t begin, int64_t end);
+
+// The loops of one instruction set.
+struct Loops {
+  UpdateRangeFn* update;
+  SqSumRangeFn* sq_sum;
+  NonfiniteRangeFn* nonfinite;
+  const char* isa;
+};
+
+// One set per instruction set. The wider ones take float32 and bfloat16,
+// contiguous; float16 and strided tensors go to the generic loops.
+extern const Loops loops_generic;
 UpdateRangeFn update_range_generic;
 #if defined(__x86_64__) || defined(_M_X64)
 #define MFS_X86_KERNELS 1
-// float32 and bfloat16, contiguous; float16 and strided tensors take the
-// generic loop.
-UpdateRangeFn update_range_avx2;
-UpdateRangeFn update_range_avx512;
+extern const Loops loops_avx2;
+extern const Loops loops_avx512;
 #endif
 
 // A skipped step (skip_nonfinite): copies elements [begin, end) of the param,
@@ -89,11 +106,13 @@ UpdateRangeFn update_range_avx512;
 void copy_range(
     const KernelKey& key, const TensorPointers& t, int64_t begin, int64_t end);
 
-// The loop for this CPU: the widest instruction set it (and its OS) supports,
-// unless MLX_FUSED_SGD_CPU_ISA=generic|avx2|avx512 asks for another.
+// The loops for this CPU: the widest instruction set it (and its OS)
+// supports, unless MLX_FUSED_SGD_CPU_ISA=generic|avx2|avx512 asks for another.
+const Loops& selected_loops();
+
 UpdateRange select_update_range();
 
-// The name of the instruction set select_update_range() picks.
+// The name of the instruction set selected_loops() picks.
 const char* selected_isa();
 
 } // namespace cpu_kernel

@@ -51,6 +51,13 @@ for kw in cases:
             mw = mfs.sgd_update_many([p], [g], [v], learning_rate=0.0371, master_params=[p32], **kw)
             for a in (sr, mw[0][0], mw[2][0], *mw[1]):
                 digest.update(np.array(a.view(mx.uint16 if a.dtype == mx.bfloat16 else mx.uint32)).tobytes())
+# The gradient reads (max_grad_norm, skip_nonfinite) of every dtype.
+for dtype in (mx.float32, mx.bfloat16, mx.float16):
+    gs = [mx.random.normal((n,), key=mx.random.key(n)).astype(dtype) for n in (5, 100003, 300001)]
+    digest.update(np.array(_ext.grads_sq_norm(gs)).tobytes())
+    assert not _ext.grads_nonfinite(gs).item()
+    gs[1][77] = float("inf")
+    assert _ext.grads_nonfinite(gs).item()
 print("OK", digest.hexdigest())
 """
 
