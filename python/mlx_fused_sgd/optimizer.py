@@ -174,7 +174,9 @@ class FusedSGD(Optimizer):
           ``rounding_seed``, the step counter and the param's place in the
           tree: the same seed and step give the same bits. Not with
           ``master_weights``; float16 params are refused. Default: ``False``
-        rounding_seed (int, optional): The seed of ``stochastic_rounding``.
+        rounding_seed (int, optional): The seed of ``stochastic_rounding``
+          (an argument, not part of ``state``: pass the same seed when
+          resuming from a checkpoint to continue the same random sequence).
           Default: ``0``
 
     The state holds ``step``, ``learning_rate`` and, when ``momentum > 0``,
