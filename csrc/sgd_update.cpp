@@ -184,6 +184,57 @@ check_real_scalar(const mx::array& x, const char* name, mx::StreamOrDevice s) {
   return out.ndim() == 0 ? out : mx::reshape(out, {}, s);
 }
 
+// math::hash32 on a uint32 array, from stock ops (uint32 arithmetic wraps).
+mx::array hash32_composed(mx::array x, mx::StreamOrDevice s) {
+  auto u32 = [](uint32_t c) { return mx::array(c, mx::uint32); };
+  auto xorshift = [&](const mx::array& a, uint32_t k) {
+    return mx::bitwise_xor(a, mx::right_shift(a, u32(k), s), s);
+  };
+  x = mx::multiply(xorshift(x, 16), u32(0x7feb352du), s);
+  x = mx::multiply(xorshift(x, 15), u32(0x846ca68bu), s);
+  return xorshift(x, 16);
+}
+
+// math::round_bf16_stochastic of a float32 array, with the random bits of
+// math::rounding_stream and math::rounding_bits, from stock ops: the
+// fallback's stochastic rounding, bit for bit the kernels'.
+mx::array round_bf16_stochastic_composed(
+    const mx::array& x,
+    uint64_t seed,
+    const mx::array& step,
+    uint64_t tensor,
+    mx::StreamOrDevice s) {
+  auto u32 = [](uint32_t c) { return mx::array(c, mx::uint32); };
+  auto host_hash = [](uint32_t v) { return math::hash32(v); };
+  // rounding_stream: the seed's part on the host, the step's on the device.
+  const uint32_t a =
+      host_hash(uint32_t(seed) ^ host_hash(uint32_t(seed >> 32)));
+  auto step_lo = mx::astype(step, mx::uint32, s);
+  auto step_hi = mx::astype(
+      mx::right_shift(step, mx::array(uint64_t(32)), s), mx::uint32, s);
+  auto b = hash32_composed(mx::bitwise_xor(u32(a), step_lo, s), s);
+  b = hash32_composed(mx::bitwise_xor(b, step_hi, s), s);
+  auto c = hash32_composed(
+      mx::bitwise_xor(b, u32(uint32_t(tensor) ^ 0x9e3779b9u), s), s);
+  auto d =
+      hash32_composed(mx::bitwise_xor(c, u32(uint32_t(tensor >> 32)), s), s);
+  // rounding_bits of every element's row-major index (stream: hi c, lo d).
+  const int64_t n = static_cast<int64_t>(x.size());
+  auto index = mx::arange(0.0, static_cast<double>(n), 1.0, mx::uint64, s);
+  auto index_lo = mx::astype(index, mx::uint32, s);
+  auto index_hi = mx::astype(
+      mx::right_shift(index, mx::array(uint64_t(32)), s), mx::uint32, s);
+  auto h = mx::add(
+      mx::add(mx::bitwise_xor(index_lo, d, s), c, s),
+      mx::multiply(index_hi, u32(0x9e3779b9u), s),
+      s);
+  auto random16 = mx::reshape(
+      mx::right_shift(hash32_composed(h, s), u32(16), s), x.shape(), s);
+  auto bits = mx::view(x, mx::uint32, s);
+  bits = mx::bitwise_and(mx::add(bits, random16, s), u32(0xffff0000u), s);
+  return mx::where(mx::isfinite(x, s), mx::view(bits, mx::float32, s), x, s);
+}
+
 // The update from stock MLX ops, with the kernels' semantics (float32
 // intermediates, one rounding to the param dtype): the fallback for devices
 // without a kernel of this package.
@@ -197,6 +248,8 @@ SGDResult sgd_update_composed(
     const mx::array& skip_flag,
     const mx::array& clip_factor,
     const std::vector<std::optional<mx::array>>& masters,
+    const std::optional<uint64_t>& rounding_seed,
+    const mx::array& rounding_step,
     const SGDVariant& v,
     mx::StreamOrDevice s) {
   auto lr =
@@ -232,8 +285,13 @@ SGDResult sgd_update_composed(
       if (master) {
         result.master_params[i] = keep_if_skipped(updated, *master);
       }
+      auto stored = updated;
+      if (rounding_seed && !master && dtype == mx::bfloat16) {
+        stored = round_bf16_stochastic_composed(
+            updated, *rounding_seed, rounding_step, i, s);
+      }
       result.params.push_back(
-          keep_if_skipped(mx::astype(updated, dtype, s), params[i]));
+          keep_if_skipped(mx::astype(stored, dtype, s), params[i]));
     };
     if (!v.momentum) {
       store(mx::subtract(p, mx::multiply(lr, g, s), s));
@@ -366,14 +424,6 @@ SGDResult sgd_update_impl(
 
   auto stream = mx::to_stream(s);
   if (use_fallback || !has_fused_kernel(stream)) {
-    if (stochastic) {
-      // The random bits are the kernels'; composing them from stock ops
-      // would be a second copy of the hash to keep in step.
-      throw std::invalid_argument(
-          "stochastic rounding needs this package's kernels (CPU, or a Metal "
-          "GPU); this device runs the composed fallback. Use master weights "
-          "instead.");
-    }
     return sgd_update_composed(
         params,
         checked_grads,
@@ -384,6 +434,8 @@ SGDResult sgd_update_impl(
         skip_flag,
         clip_factor,
         masters,
+        settings.rounding_seed,
+        rounding_step,
         variant,
         stream);
   }

@@ -385,7 +385,7 @@ def test_master_copy_for_a_float32_param_is_refused():
         mfs.sgd_update_many([p, p], [p, p], learning_rate=0.1, master_params=[None])
 
 
-def test_stochastic_rounding_needs_a_step_and_the_fused_kernels():
+def test_stochastic_rounding_needs_an_integer_step():
     p = mx.ones((3,), mx.bfloat16)
     with pytest.raises(ValueError, match="rounding_step"):
         mfs.sgd_update_many([p], [p], learning_rate=0.1, rounding_seed=0)
@@ -393,17 +393,33 @@ def test_stochastic_rounding_needs_a_step_and_the_fused_kernels():
         mfs.sgd_update_many(
             [p], [p], learning_rate=0.1, rounding_seed=0, rounding_step=mx.array(1.5)
         )
+
+
+@pytest.mark.parametrize(
+    "seed,step", [(0, 0), (2**63 + 5, 2**40 + 3)], ids=["small", "large"]
+)
+def test_composed_fallback_rounds_stochastically_like_the_kernels(seed, step):
+    """The fallback for GPUs without our kernels (stock ops) draws the same
+    random bits and rounds the same way, bit for bit, strided and float32
+    params included (float32 params are not rounded)."""
     from mlx_fused_sgd import _ext
 
-    with pytest.raises(ValueError, match="composed fallback"):
-        _ext._sgd_update_many_fallback(
-            [p],
-            [p],
-            [],
-            learning_rate=mx.array(0.1),
-            rounding_seed=0,
-            rounding_step=mx.array(0, mx.uint64),
-        )
+    keys = mx.random.split(mx.random.key(6), 6)
+    p = [
+        mx.random.normal((1000,), key=keys[0]).astype(mx.bfloat16),
+        mx.random.normal((9, 7), key=keys[1]).astype(mx.bfloat16).T,
+        mx.random.normal((33,), key=keys[2]),
+    ]
+    g = [(mx.random.normal(x.shape, key=keys[3]) * 1e-3).astype(x.dtype) for x in p]
+    v = [mx.random.normal(x.shape, key=keys[4]).astype(x.dtype) for x in p]
+    kw = dict(momentum=0.9, weight_decay=1e-2, rounding_seed=seed)
+    rstep = mx.array(step, mx.uint64)
+    got = _ext._sgd_update_many_fallback(
+        p, g, v, learning_rate=mx.array(0.5), rounding_step=rstep, **kw
+    )
+    want = mfs.sgd_update_many(p, g, v, learning_rate=0.5, rounding_step=rstep, **kw)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert_bitwise_equal(a, b)
 
 
 def test_apply_single_refuses_the_storage_options():
