@@ -5,6 +5,7 @@
 // compiled for a wider instruction set can stand in for the generic one.
 #include "sgd_cpu_kernel.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -32,27 +33,79 @@ namespace mlx_fused_sgd {
 namespace cpu_kernel {
 namespace {
 
-// Element loads and stores in float32. bfloat16 is converted here, on its
-// bits, exactly as MLX's bfloat16_t converts (widening: the bits shifted up;
-// narrowing: round to nearest even, NaN to 0x7FC0), but branch-free and with
-// internal linkage: the loops vectorize, and no out-of-line copy compiled
-// for a wider instruction set can be shared with the generic loop.
+// Element loads and stores in float32. Where MLX's half types are its
+// software structs (x86; not ARM's native types), they are converted here, on
+// their bits, with MLX's own algorithms and so to MLX's bits (NaN included):
+// bfloat16 widens by a shift and narrows by round-to-nearest-even; float16
+// follows FP16's (Maratyszcza) magic-number conversions, as MLX's does. Here
+// they are branch-free with internal linkage: the loops vectorize, and no
+// out-of-line copy compiled for a wider instruction set can be shared with
+// the generic loop.
+#ifndef __ARM_FEATURE_BF16
+template <typename T>
+constexpr bool kBFloat16Bits = std::is_same_v<T, mx::bfloat16_t>;
+#else
+template <typename T> constexpr bool kBFloat16Bits = false;
+#endif
+#ifndef __ARM_FEATURE_FP16_SCALAR_ARITHMETIC
+template <typename T>
+constexpr bool kFloat16Bits = std::is_same_v<T, mx::float16_t>;
+#else
+template <typename T> constexpr bool kFloat16Bits = false;
+#endif
+
+MFS_LOOP_INLINE float as_float(uint32_t bits) {
+  return __builtin_bit_cast(float, bits);
+}
+
+MFS_LOOP_INLINE uint32_t as_bits(float x) {
+  return __builtin_bit_cast(uint32_t, x);
+}
+
 template <typename T> MFS_LOOP_INLINE float load(const T* p, int64_t i) {
-  if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
-    uint32_t bits = uint32_t(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
-    return __builtin_bit_cast(float, bits);
+  if constexpr (kBFloat16Bits<T> || kFloat16Bits<T>) {
+    uint32_t h = reinterpret_cast<const uint16_t*>(p)[i];
+    if constexpr (kBFloat16Bits<T>) {
+      return as_float(h << 16);
+    } else {
+      uint32_t sign = (h << 16) & 0x80000000u;
+      uint32_t two_base = h << 17;
+      float denormal = as_float((126u << 23) | (two_base >> 17)) - 0.5f;
+      float unscaled = as_float((0xE0u << 23) + (two_base >> 4));
+      float normal = as_float(0x7800000u) * unscaled;
+      // Branch-free select (the loop vectorizer takes no branches here).
+      uint32_t use_denormal = 0u - uint32_t(two_base < (1u << 27));
+      uint32_t magnitude = (as_bits(denormal) & use_denormal) |
+                           (as_bits(normal) & ~use_denormal);
+      return as_float(magnitude | sign);
+    }
   } else {
     return static_cast<float>(p[i]);
   }
 }
 
 template <typename T> MFS_LOOP_INLINE void store(T* p, int64_t i, float x) {
-  if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
-    uint32_t bits = __builtin_bit_cast(uint32_t, x);
-    uint32_t rounded = (bits + ((bits >> 16) & 1u) + 0x7FFFu) >> 16;
+  if constexpr (kBFloat16Bits<T> || kFloat16Bits<T>) {
+    uint32_t bits = as_bits(x);
     bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
-    reinterpret_cast<uint16_t*>(p)[i] =
-        static_cast<uint16_t>(nan ? 0x7FC0u : rounded);
+    uint32_t out;
+    if constexpr (kBFloat16Bits<T>) {
+      uint32_t rounded = (bits + ((bits >> 16) & 1u) + 0x7FFFu) >> 16;
+      out = nan ? 0x7FC0u : rounded;
+    } else {
+      uint32_t sign = (bits & 0x80000000u) >> 16;
+      uint32_t exponent = bits & 0x7F800000u;
+      exponent = std::max(exponent, 0x38800000u);
+      exponent += 15u << 23;
+      float magnitude = as_float(bits & 0x7FFFFFFFu);
+      float scaled =
+          (magnitude * as_float(0x77800000u)) * as_float(0x08800000u);
+      uint32_t magic = as_bits(as_float(exponent) + scaled);
+      uint32_t rounded = ((magic >> 13) & 0x7C00u) + (magic & 0x0FFFu);
+      uint32_t is_nan = 0u - uint32_t(nan);
+      out = sign | (0x7D00u & is_nan) | (rounded & 0xFFFFu & ~is_nan);
+    }
+    reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(out);
   } else {
     p[i] = static_cast<T>(x);
   }
@@ -230,10 +283,9 @@ void MFS_CAT(update_range_, MFS_CPU_ISA)(
     float lr,
     math::SGDHyper h) {
 #ifndef MFS_CPU_ISA_GENERIC
-  // Strided tensors and float16 (converted by MLX's float16_t) take the
-  // generic loop: nothing compiled for this instruction set calls a helper
-  // shared with other files.
-  if (!t.contiguous || key.dtype == DtypeCode::float16) {
+  // Strided tensors take the generic loop: nothing compiled for this
+  // instruction set calls a helper shared with other files.
+  if (!t.contiguous) {
     return update_range_generic(key, t, begin, end, lr, h);
   }
 #endif
@@ -265,11 +317,7 @@ void MFS_CAT(update_range_, MFS_CPU_ISA)(
   case DtypeCode::bfloat16:
     return half_param.template operator()<mx::bfloat16_t>();
   case DtypeCode::float16:
-#ifdef MFS_CPU_ISA_GENERIC
     return half_param.template operator()<mx::float16_t>();
-#else
-    return;
-#endif
   }
 }
 
@@ -318,11 +366,7 @@ double MFS_CAT(sq_sum_range_, MFS_CPU_ISA)(
   case DtypeCode::bfloat16:
     return sq_sum_typed<mx::bfloat16_t>(data, begin, end);
   case DtypeCode::float16:
-#ifdef MFS_CPU_ISA_GENERIC
     return sq_sum_typed<mx::float16_t>(data, begin, end);
-#else
-    return loops_generic.sq_sum(dtype, data, begin, end);
-#endif
   default:
     return sq_sum_typed<float>(data, begin, end);
   }
@@ -334,11 +378,7 @@ bool MFS_CAT(nonfinite_range_, MFS_CPU_ISA)(
   case DtypeCode::bfloat16:
     return nonfinite_typed<mx::bfloat16_t>(data, begin, end);
   case DtypeCode::float16:
-#ifdef MFS_CPU_ISA_GENERIC
     return nonfinite_typed<mx::float16_t>(data, begin, end);
-#else
-    return loops_generic.nonfinite(dtype, data, begin, end);
-#endif
   default:
     return nonfinite_typed<float>(data, begin, end);
   }

@@ -90,8 +90,8 @@ struct Loops {
   const char* isa;
 };
 
-// One set per instruction set. The wider ones take float32 and bfloat16,
-// contiguous; float16 and strided tensors go to the generic loops.
+// One set per instruction set. The wider ones take contiguous tensors;
+// strided ones go to the generic loops.
 extern const Loops loops_generic;
 UpdateRangeFn update_range_generic;
 #if defined(__x86_64__) || defined(_M_X64)

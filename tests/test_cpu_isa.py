@@ -27,30 +27,37 @@ for kw in cases:
         if kw.get("momentum"):
             assert np.array_equal(np.array(new_v).view(np.uint32), np.array(opt.state["p"]["v"]).view(np.uint32)), (kw, n)
 
-# bfloat16 params: the float32 step rounded once (momentum in bfloat16 or in
-# float32), NaN and Inf included; stochastic rounding and master weights print
-# a digest of their bits, which must be the generic loop's.
-bits16 = lambda a: np.array(a.view(mx.uint16))
+# Half params: the float32 step rounded once by MLX's conversion (momentum in
+# the half type or in float32), NaN, Inf, subnormals and overflow included;
+# stochastic rounding and master weights add a digest of their bits, which
+# must be the generic loop's.
+bits = lambda a: np.array(a.view(mx.uint16 if a.dtype != mx.float32 else mx.uint32))
 digest = hashlib.sha256()
-for kw in cases:
-    for n in [1, 17, 100003, 300001]:
-        k = mx.random.split(mx.random.key(n + 7), 3)
-        p32, g32, v32 = (mx.random.normal((n,), key=kk) for kk in k)
-        if n > 1:
-            p32[3] = float("nan"); g32[5] = float("inf")
-        p, g = p32.astype(mx.bfloat16), g32.astype(mx.bfloat16)
-        for state in (mx.bfloat16, mx.float32):
-            v = v32.astype(state)
-            new_p, new_v = mfs.sgd_update(p, g, v, learning_rate=0.0371, **kw)
-            ref_p, ref_v = mfs.sgd_update(p.astype(mx.float32), g.astype(mx.float32), v.astype(mx.float32), learning_rate=0.0371, **kw)
-            assert np.array_equal(bits16(new_p), bits16(ref_p.astype(mx.bfloat16))), (kw, n, state)
-            if kw.get("momentum"):
-                assert new_v.dtype == state
-                assert np.array_equal(np.array(new_v.astype(mx.float32)), np.array(ref_v.astype(state).astype(mx.float32)), equal_nan=True), (kw, n, state)
-            sr = mfs.sgd_update_many([p], [g], [v], learning_rate=0.0371, rounding_seed=n, rounding_step=3, **kw)[0][0]
-            mw = mfs.sgd_update_many([p], [g], [v], learning_rate=0.0371, master_params=[p32], **kw)
-            for a in (sr, mw[0][0], mw[2][0], *mw[1]):
-                digest.update(np.array(a.view(mx.uint16 if a.dtype == mx.bfloat16 else mx.uint32)).tobytes())
+for half in (mx.bfloat16, mx.float16):
+    for kw in cases:
+        for n in [1, 17, 100003, 300001]:
+            k = mx.random.split(mx.random.key(n + 7), 3)
+            p32, g32, v32 = (mx.random.normal((n,), key=kk) for kk in k)
+            if n > 1:
+                p32[3] = float("nan"); g32[5] = float("inf")
+            if n > 100:
+                p32[10:20] = p32[10:20] * 1e-6  # float16 subnormals
+                p32[20:30] = p32[20:30] * 7e4  # past float16's range
+            p, g = p32.astype(half), g32.astype(half)
+            for state in (half, mx.float32):
+                v = v32.astype(state)
+                new_p, new_v = mfs.sgd_update(p, g, v, learning_rate=0.0371, **kw)
+                ref_p, ref_v = mfs.sgd_update(p.astype(mx.float32), g.astype(mx.float32), v.astype(mx.float32), learning_rate=0.0371, **kw)
+                assert np.array_equal(bits(new_p), bits(ref_p.astype(half))), (half, kw, n, state)
+                if kw.get("momentum"):
+                    assert new_v.dtype == state
+                    assert np.array_equal(bits(new_v), bits(ref_v.astype(state))), (half, kw, n, state)
+                mw = mfs.sgd_update_many([p], [g], [v], learning_rate=0.0371, master_params=[p32], **kw)
+                outs = [mw[0][0], mw[2][0], *mw[1]]
+                if half == mx.bfloat16:
+                    outs.append(mfs.sgd_update_many([p], [g], [v], learning_rate=0.0371, rounding_seed=n, rounding_step=3, **kw)[0][0])
+                for a in outs:
+                    digest.update(bits(a).tobytes())
 # The gradient reads (max_grad_norm, skip_nonfinite) of every dtype.
 for dtype in (mx.float32, mx.bfloat16, mx.float16):
     gs = [mx.random.normal((n,), key=mx.random.key(n)).astype(dtype) for n in (5, 100003, 300001)]
