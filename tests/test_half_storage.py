@@ -320,7 +320,7 @@ def test_master_weights_and_stochastic_rounding_are_alternatives():
         )
 
 
-@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, True, "0"])
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, True, "0", None])
 def test_bad_rounding_seed_is_refused(seed):
     with pytest.raises(ValueError, match="rounding_seed"):
         mfs.FusedSGD(0.1, stochastic_rounding=True, rounding_seed=seed)

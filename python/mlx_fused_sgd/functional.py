@@ -92,8 +92,9 @@ def _clip(
     return clip_factor_for(grad_norm(grads, grad_scale), max_grad_norm)
 
 
-def _check_seed(seed: int | None) -> int | None:
-    if seed is None:
+def check_rounding_seed(seed: int | None, allow_none: bool = True) -> int | None:
+    """The stochastic-rounding seed, checked: an integer in [0, 2**64)."""
+    if seed is None and allow_none:
         return None
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ValueError(
@@ -306,7 +307,7 @@ def sgd_update_many(
         skip=skip,
         clip_factor=_clip(clip_factor, max_grad_norm, grads, grad_scale),
         master_params=None if master_params is None else list(master_params),
-        rounding_seed=_check_seed(rounding_seed),
+        rounding_seed=check_rounding_seed(rounding_seed),
         rounding_step=_as_step(rounding_step),
         tensors_per_primitive=tensors_per_primitive,
         stream=stream,
@@ -361,7 +362,7 @@ def sgd_update_many_scheduled(
         skip=skip,
         clip_factor=_clip(clip_factor, max_grad_norm, grads, grad_scale),
         master_params=None if master_params is None else list(master_params),
-        rounding_seed=_check_seed(rounding_seed),
+        rounding_seed=check_rounding_seed(rounding_seed),
         rounding_step=_as_step(rounding_step),
         tensors_per_primitive=tensors_per_primitive,
         stream=stream,

@@ -10,9 +10,9 @@ from mlx.optimizers import Optimizer
 
 from . import _ext
 from .functional import (
-    _check_seed,
     as_grad_scale,
     check_max_grad_norm,
+    check_rounding_seed,
     clip_factor_for,
     grad_norm,
 )
@@ -232,7 +232,7 @@ class FusedSGD(Optimizer):
             )
         self.master_weights = bool(master_weights)
         self.stochastic_rounding = bool(stochastic_rounding)
-        self.rounding_seed = _check_seed(rounding_seed)
+        self.rounding_seed = check_rounding_seed(rounding_seed, allow_none=False)
         self._last_step_skipped = mx.array(False)
         self._last_grad_norm: mx.array | None = None
 
