@@ -114,6 +114,29 @@ def _as_step(step: mx.array | int | None) -> mx.array | None:
     )
 
 
+def _storage_kwargs(
+    master_params: Sequence[mx.array | None] | None,
+    rounding_seed: int | None,
+    rounding_step: mx.array | int | None,
+) -> dict[str, Any]:
+    """The half-precision storage options, checked, as the extension takes
+    them."""
+    return dict(
+        master_params=None if master_params is None else list(master_params),
+        rounding_seed=check_rounding_seed(rounding_seed),
+        rounding_step=_as_step(rounding_step),
+    )
+
+
+def _many_result(out: tuple, master_params: Sequence | None) -> tuple:
+    """The extension's (params, velocities, masters), without the masters
+    when none were given."""
+    new_params, new_velocities, new_masters = out
+    if master_params is None:
+        return new_params, new_velocities
+    return new_params, new_velocities, new_masters
+
+
 def _check_schedule(schedule: StepDecay) -> StepDecay:
     if not isinstance(schedule, StepDecay):
         raise TypeError(
@@ -293,7 +316,7 @@ def sgd_update_many(
         ``[]``, when momentum is 0), and ``new_master_params`` third when
         ``master_params`` is given.
     """
-    new_params, new_velocities, new_masters = _ext.sgd_update_many(
+    out = _ext.sgd_update_many(
         list(params),
         list(grads),
         list(velocities or []),
@@ -306,15 +329,11 @@ def sgd_update_many(
         grad_scale=as_grad_scale(grad_scale),
         skip=skip,
         clip_factor=_clip(clip_factor, max_grad_norm, grads, grad_scale),
-        master_params=None if master_params is None else list(master_params),
-        rounding_seed=check_rounding_seed(rounding_seed),
-        rounding_step=_as_step(rounding_step),
+        **_storage_kwargs(master_params, rounding_seed, rounding_step),
         tensors_per_primitive=tensors_per_primitive,
         stream=stream,
     )
-    if master_params is None:
-        return new_params, new_velocities
-    return new_params, new_velocities, new_masters
+    return _many_result(out, master_params)
 
 
 def sgd_update_many_scheduled(
@@ -345,7 +364,7 @@ def sgd_update_many_scheduled(
     """:func:`sgd_update_many` with the step-decay learning rate computed in
     the kernel from ``step`` (also the default ``rounding_step``)."""
     s = _check_schedule(schedule)
-    new_params, new_velocities, new_masters = _ext.sgd_update_many_scheduled(
+    out = _ext.sgd_update_many_scheduled(
         list(params),
         list(grads),
         list(velocities or []),
@@ -361,12 +380,8 @@ def sgd_update_many_scheduled(
         grad_scale=as_grad_scale(grad_scale),
         skip=skip,
         clip_factor=_clip(clip_factor, max_grad_norm, grads, grad_scale),
-        master_params=None if master_params is None else list(master_params),
-        rounding_seed=check_rounding_seed(rounding_seed),
-        rounding_step=_as_step(rounding_step),
+        **_storage_kwargs(master_params, rounding_seed, rounding_step),
         tensors_per_primitive=tensors_per_primitive,
         stream=stream,
     )
-    if master_params is None:
-        return new_params, new_velocities
-    return new_params, new_velocities, new_masters
+    return _many_result(out, master_params)
