@@ -397,7 +397,8 @@ HALF_PAIRS = {
 }
 
 
-def _state(dtype, state_dtype, shape, seed):
+def _state(state_dtype, shape, seed):
+    """A momentum buffer of `state_dtype`."""
     return mx.random.normal(shape, key=mx.random.key(seed)).astype(DTYPES[state_dtype])
 
 
@@ -410,7 +411,7 @@ def test_master_weight_kernels_match_cpu(harness, pair, cfg):
         m = mx.random.normal((size,), key=mx.random.key(size))  # float32 master
         p = m.astype(t)
         g = mx.random.normal((size,), key=mx.random.key(size + 1)).astype(t)
-        v = _state(dtype, state_dtype, (size,), size + 2)
+        v = _state(state_dtype, (size,), size + 2)
         got = metal_sgd(harness, p, g, v, cfg, lr=0.0371, master=m)
         exp = mfs.sgd_update_many(
             [p], [g], [v], learning_rate=0.0371, master_params=[m], **cfg
@@ -425,7 +426,7 @@ def test_master_weight_kernels_match_cpu(harness, pair, cfg):
     sg = Strided(
         mx.random.normal((5, 6), key=mx.random.key(4)).astype(t), lambda a: a.T
     )
-    sv = Strided(_state(dtype, state_dtype, (5, 6), 5), lambda a: a.T)
+    sv = Strided(_state(state_dtype, (5, 6), 5), lambda a: a.T)
     got = metal_sgd(harness, sp, sg, sv, cfg, lr=0.05, master=sm)
     exp = mfs.sgd_update_many(
         [sp.array],
@@ -456,7 +457,7 @@ def test_stochastic_rounding_kernels_match_cpu(harness, pair, cfg):
             mx.random.normal((size,), key=mx.random.key(size + 9 + k)).astype(t)
             for k in range(3)
         ]
-        vs = [_state(dtype, state_dtype, (size,), size + 20 + k) for k in range(3)]
+        vs = [_state(state_dtype, (size,), size + 20 + k) for k in range(3)]
         exp_p, exp_v = mfs.sgd_update_many(
             ps,
             gs,
@@ -482,7 +483,7 @@ def test_stochastic_rounding_kernels_match_cpu(harness, pair, cfg):
             assert_bitwise_equal(got_v, exp_v[2], f"velocity, size {size}")
     sp, sg, sv = (
         Strided(x, lambda a: a.T)
-        for x in _inputs((5, 6), t, 9)[:2] + [_state(dtype, state_dtype, (5, 6), 10)]
+        for x in _inputs((5, 6), t, 9)[:2] + [_state(state_dtype, (5, 6), 10)]
     )
     got_p, _ = metal_sgd(
         harness, sp, sg, sv, cfg, lr=0.05, rounding_seed=seed, rounding_step=step
