@@ -8,11 +8,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <type_traits>
-
-#ifdef MFS_CPU_ISA_GENERIC
-#include "utils.h"
-#endif
 
 #ifndef MFS_CPU_ISA
 #error "compile with -DMFS_CPU_ISA=generic|avx2|avx512"
@@ -111,22 +108,25 @@ template <typename T> MFS_LOOP_INLINE void store(T* p, int64_t i, float x) {
   }
 }
 
-// Where an updated param goes (R: the rounding mode). Master weights: the
-// float32 value to the master copy, its rounding to the param; stochastic
-// rounding: bfloat16 rounded with element io's random bits.
-template <typename T, int R>
-MFS_LOOP_INLINE void
-store_param(const TensorPointers& t, T* p_out, int64_t io, float value) {
-  if (R == math::kMasterWeights) {
-    t.master_out[io] = value;
-  }
-  if (R == math::kRoundStochastic) {
-    value = math::round_bf16_stochastic(
-        value, math::rounding_bits(t.rounding_stream, uint64_t(io)));
-  }
-  store(p_out, io, value);
-}
+// Unit-stride pointers to one run of elements of a tensor's update; absent
+// operands (no momentum, no master copy) are nullptr.
+template <typename T, typename V> struct RowPointers {
+  const T* p;
+  const T* g;
+  const V* v;
+  const float* m;
+  T* p_out;
+  V* v_out;
+  float* m_out;
+};
 
+// The update of n consecutive elements, the first of which is element io of
+// the tensor in row-major order (it keys the stochastic rounding bits). An
+// output may share its buffer with an input (donation), always at the same
+// offset, so every element is read before it is written and no element is
+// read after another one is written: safe to vectorize, which the pragma
+// tells the compiler (it cannot prove it, and would otherwise check for
+// overlap at run time and take a scalar loop for the in-place case).
 template <
     typename T,
     typename V,
@@ -136,59 +136,22 @@ template <
     bool N,
     bool S,
     int R>
-MFS_LOOP_INLINE void sgd_one(
-    const TensorPointers& t,
-    int64_t ip,
-    int64_t ig,
-    int64_t iv,
-    int64_t im,
+MFS_LOOP_INLINE void sgd_row(
+    const RowPointers<T, V>& row,
+    int64_t n,
     int64_t io,
+    uint64_t stream,
     float lr,
     math::SGDHyper h) {
-  auto g = static_cast<const T*>(t.grad);
-  auto v = static_cast<const V*>(t.velocity);
-  float pi = R == math::kMasterWeights
-                 ? t.master[im]
-                 : load(static_cast<const T*>(t.param), ip);
-  float vi = M ? load(v, iv) : 0.0f;
-  auto r = math::sgd_update_element<WD, M, D, N, S>(pi, load(g, ig), vi, lr, h);
-  store_param<T, R>(t, static_cast<T*>(t.param_out), io, r.param);
-  if (M) {
-    store(static_cast<V*>(t.velocity_out), io, r.velocity);
-  }
-}
-
-// Contiguous loop over elements [begin, end). Outputs may share a buffer
-// with an input (donation), always the whole buffer at the same offset, so
-// every element is read before it is written and no element is read after
-// another one is written: safe to vectorize, which the pragma tells the
-// compiler (it cannot prove it, and would otherwise check for overlap at run
-// time and take a scalar loop for the in-place case).
-template <
-    typename T,
-    typename V,
-    bool WD,
-    bool M,
-    bool D,
-    bool N,
-    bool S,
-    int R>
-void sgd_contiguous(
-    const TensorPointers& t,
-    int64_t begin,
-    int64_t end,
-    float lr,
-    math::SGDHyper h) {
-  auto p = static_cast<const T*>(t.param);
-  auto g = static_cast<const T*>(t.grad);
-  auto v = static_cast<const V*>(t.velocity);
-  auto p_out = static_cast<T*>(t.param_out);
-  auto v_out = static_cast<V*>(t.velocity_out);
-  const float* master = t.master;
-  float* master_out = t.master_out;
-  const uint64_t stream = t.rounding_stream;
+  const T* p = row.p;
+  const T* g = row.g;
+  const V* v = row.v;
+  const float* master = row.m;
+  T* p_out = row.p_out;
+  V* v_out = row.v_out;
+  float* master_out = row.m_out;
   MFS_IVDEP
-  for (int64_t i = begin; i < end; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     float pi = R == math::kMasterWeights ? master[i] : load(p, i);
     float vi = M ? load(v, i) : 0.0f;
     auto r =
@@ -198,7 +161,7 @@ void sgd_contiguous(
     }
     if (R == math::kRoundStochastic) {
       r.param = math::round_bf16_stochastic(
-          r.param, math::rounding_bits(stream, uint64_t(i)));
+          r.param, math::rounding_bits(stream, uint64_t(io + i)));
     }
     store(p_out, i, r.param);
     if (M) {
@@ -207,7 +170,238 @@ void sgd_contiguous(
   }
 }
 
-// Updates elements [begin, end) of one tensor.
+template <typename P> MFS_LOOP_INLINE P* offset(P* p, int64_t k) {
+  return p == nullptr ? p : p + k;
+}
+
+// The row pointers of elements [begin, ...) of a row-contiguous tensor.
+template <typename T, typename V>
+MFS_LOOP_INLINE RowPointers<T, V>
+contiguous_row(const TensorPointers& t, int64_t begin) {
+  return {
+      offset(static_cast<const T*>(t.param), begin),
+      offset(static_cast<const T*>(t.grad), begin),
+      offset(static_cast<const V*>(t.velocity), begin),
+      offset(t.master, begin),
+      offset(static_cast<T*>(t.param_out), begin),
+      offset(static_cast<V*>(t.velocity_out), begin),
+      offset(t.master_out, begin)};
+}
+
+// Where one input operand's rows of a tile come from: its own memory (step
+// between rows: its row stride) or the tile buffer it was gathered into.
+template <typename X> struct TileSource {
+  const X* data;
+  int64_t row_step;
+};
+
+// 8 x 8 blocks of 4- and 2-byte elements, transposed in registers on their
+// bits (GCC and clang vector extensions, lowered to each instruction set's
+// own shuffles): three rounds of interleaving pairs of rows.
+typedef uint32_t Bits32x8 __attribute__((vector_size(32)));
+typedef uint16_t Bits16x8 __attribute__((vector_size(16)));
+
+template <typename Rows>
+MFS_LOOP_INLINE void transpose8x8(
+    const unsigned char* src,
+    int64_t src_ld,
+    unsigned char* dst,
+    int64_t dst_ld) {
+  Rows a[8];
+  for (int i = 0; i < 8; ++i) {
+    std::memcpy(&a[i], src + i * src_ld, sizeof(Rows));
+  }
+  Rows t[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(a[i], a[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] =
+        __builtin_shufflevector(a[i], a[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    a[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    a[i + 1] =
+        __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    a[i + 2] =
+        __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    a[i + 3] =
+        __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int i = 0; i < 4; ++i) {
+    Rows lo = __builtin_shufflevector(a[i], a[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    Rows hi =
+        __builtin_shufflevector(a[i], a[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    std::memcpy(dst + i * dst_ld, &lo, sizeof(Rows));
+    std::memcpy(dst + (i + 4) * dst_ld, &hi, sizeof(Rows));
+  }
+}
+
+// buf[r * ld + c] = x[c * col_stride + r] for an nr x nc tile: 8 x 8 blocks
+// in registers, the edges one element at a time.
+template <typename X>
+MFS_LOOP_INLINE void gather_transposed(
+    const X* x,
+    int64_t col_stride,
+    int64_t nr,
+    int64_t nc,
+    int64_t ld,
+    X* buf) {
+  static_assert(sizeof(X) == 4 || sizeof(X) == 2);
+  using Rows = std::conditional_t<sizeof(X) == 4, Bits32x8, Bits16x8>;
+  const int64_t nr8 = nr & ~int64_t(7);
+  const int64_t nc8 = nc & ~int64_t(7);
+  for (int64_t c = 0; c < nc8; c += 8) {
+    for (int64_t r = 0; r < nr8; r += 8) {
+      transpose8x8<Rows>(
+          reinterpret_cast<const unsigned char*>(x + c * col_stride + r),
+          col_stride * int64_t(sizeof(X)),
+          reinterpret_cast<unsigned char*>(buf + r * ld + c),
+          ld * int64_t(sizeof(X)));
+    }
+  }
+  for (int64_t c = 0; c < nc; ++c) {
+    const X* column = x + c * col_stride;
+    for (int64_t r = c < nc8 ? nr8 : 0; r < nr; ++r) {
+      buf[r * ld + c] = column[r];
+    }
+  }
+}
+
+// Operand `x` (already offset to the tile's first element) for a tile of nr
+// x nc elements. Contiguous along the columns: read in place. Transposed
+// (contiguous along the rows): gathered in 8 x 8 blocks. Otherwise gathered
+// row by row (a stride of 0 is a broadcast).
+template <typename X>
+MFS_LOOP_INLINE TileSource<X> tile_source(
+    const X* x,
+    int64_t row_stride,
+    int64_t col_stride,
+    int64_t nr,
+    int64_t nc,
+    int64_t ld,
+    X* buf) {
+  if (x == nullptr) {
+    return {nullptr, 0};
+  }
+  if (col_stride == 1) {
+    return {x, row_stride};
+  }
+  if (nr > 1 && row_stride == 1) {
+    gather_transposed(x, col_stride, nr, nc, ld, buf);
+  } else {
+    for (int64_t r = 0; r < nr; ++r) {
+      const X* in = x + r * row_stride;
+      X* out = buf + r * ld;
+      for (int64_t c = 0; c < nc; ++c) {
+        out[c] = in[c * col_stride];
+      }
+    }
+  }
+  return {buf, ld};
+}
+
+// Walks the tiles of a strided tensor that hold elements [begin, end) of
+// its row-major order and calls row_op(rows, n, io) for every row of every
+// tile, with unit-stride pointers (see kTileRows). Whole tiles: element i
+// maps to tile i * units / size, so shares that partition the elements
+// partition the tiles. The outer index is decoded once per tile; no division
+// per element. The grad is read only when with_grad.
+template <typename T, typename V, typename RowOp>
+MFS_LOOP_INLINE void walk_strided(
+    const TensorPointers& t,
+    int64_t begin,
+    int64_t end,
+    bool with_grad,
+    RowOp row_op) {
+  const StridedWalk& w = t.walk;
+  const launch::StridedLayout& layout = w.layout;
+  if (t.size == 0 || w.units == 0) {
+    return;
+  }
+  auto tile_of = [&](int64_t e) {
+    return static_cast<int64_t>(
+        static_cast<unsigned __int128>(e) * w.units / t.size);
+  };
+  const int64_t u_begin = tile_of(begin);
+  const int64_t u_end = tile_of(end);
+  const int nd = layout.ndim();
+  const int64_t rows = layout.rows();
+  const int64_t cols = layout.cols();
+  const int64_t ld = w.tile_cols;
+  const T* param = static_cast<const T*>(t.param);
+  const T* grad = with_grad ? static_cast<const T*>(t.grad) : nullptr;
+  const V* velocity = static_cast<const V*>(t.velocity);
+  // Tile buffers on the heap, one per operand that is gathered (threads'
+  // stacks are small on macOS); one allocation per call, not per tile.
+  const void* data[] = {param, grad, velocity, t.master};
+  const size_t item[] = {sizeof(T), sizeof(T), sizeof(V), sizeof(float)};
+  size_t at[4];
+  size_t bytes = 0;
+  for (int op = 0; op < 4; ++op) {
+    at[op] = bytes;
+    if (data[op] != nullptr && layout.col_stride(op) != 1) {
+      bytes += kTileElems * item[op];
+    }
+  }
+  std::unique_ptr<unsigned char[]> buffers;
+  if (bytes > 0) {
+    buffers = std::make_unique_for_overwrite<unsigned char[]>(bytes);
+  }
+  auto buffer = [&]<typename X>(int op) {
+    return reinterpret_cast<X*>(buffers.get() + at[op]);
+  };
+  T* p_buf = buffer.template operator()<T>(launch::kLayoutParam);
+  T* g_buf = buffer.template operator()<T>(launch::kLayoutGrad);
+  V* v_buf = buffer.template operator()<V>(launch::kLayoutVelocity);
+  float* m_buf = buffer.template operator()<float>(launch::kLayoutMaster);
+  for (int64_t u = u_begin; u < u_end; ++u) {
+    const int64_t c0 = (u % w.col_tiles) * w.tile_cols;
+    const int64_t rest = u / w.col_tiles;
+    const int64_t r0 = (rest % w.row_tiles) * w.tile_rows;
+    int64_t outer = rest / w.row_tiles;
+    const int64_t nr = std::min(w.tile_rows, rows - r0);
+    const int64_t nc = std::min(w.tile_cols, cols - c0);
+    int64_t base[launch::kLayoutOperands];
+    for (int op = 0; op < launch::kLayoutOperands; ++op) {
+      base[op] = r0 * layout.row_stride(op) + c0 * layout.col_stride(op);
+    }
+    for (int d = nd - 3; d >= 0 && outer > 0; --d) {
+      const int64_t index = outer % layout.shape[d];
+      outer /= layout.shape[d];
+      for (int op = 0; op < launch::kLayoutOperands; ++op) {
+        base[op] += index * layout.strides[op][d];
+      }
+    }
+    auto source = [&]<typename X>(int op, const X* data, X* buf) {
+      return tile_source<X>(
+          offset(data, base[op]),
+          layout.row_stride(op),
+          layout.col_stride(op),
+          nr,
+          nc,
+          ld,
+          buf);
+    };
+    const auto p = source(launch::kLayoutParam, param, p_buf);
+    const auto g = source(launch::kLayoutGrad, grad, g_buf);
+    const auto v = source(launch::kLayoutVelocity, velocity, v_buf);
+    const auto m = source(launch::kLayoutMaster, t.master, m_buf);
+    const int64_t out_row_stride = layout.row_stride(launch::kLayoutOut);
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t io = base[launch::kLayoutOut] + r * out_row_stride;
+      const RowPointers<T, V> row = {
+          p.data + r * p.row_step,
+          g.data + r * g.row_step,
+          v.data + r * v.row_step,
+          m.data + r * m.row_step,
+          offset(static_cast<T*>(t.param_out), io),
+          offset(static_cast<V*>(t.velocity_out), io),
+          offset(t.master_out, io)};
+      row_op(row, nc, io);
+    }
+  }
+}
+
+// Updates elements [begin, end) of one tensor (its row-major order).
 template <
     typename T,
     typename V,
@@ -223,21 +417,20 @@ void sgd_tensor_range(
     int64_t end,
     float lr,
     math::SGDHyper h) {
+  const uint64_t stream = t.rounding_stream;
   if (t.contiguous) {
-    sgd_contiguous<T, V, WD, M, D, N, S, R>(t, begin, end, lr, h);
+    sgd_row<T, V, WD, M, D, N, S, R>(
+        contiguous_row<T, V>(t, begin), end - begin, begin, stream, lr, h);
     return;
   }
-#ifdef MFS_CPU_ISA_GENERIC
-  for (int64_t i = begin; i < end; ++i) {
-    int64_t ip = elem_to_loc(i, t.shape, t.param_strides);
-    int64_t ig = elem_to_loc(i, t.shape, t.grad_strides);
-    int64_t iv = M ? elem_to_loc(i, t.shape, t.velocity_strides) : 0;
-    int64_t im = R == math::kMasterWeights
-                     ? elem_to_loc(i, t.shape, t.master_strides)
-                     : 0;
-    sgd_one<T, V, WD, M, D, N, S, R>(t, ip, ig, iv, im, i, lr, h);
-  }
-#endif
+  walk_strided<T, V>(
+      t,
+      begin,
+      end,
+      true,
+      [&](const RowPointers<T, V>& row, int64_t n, int64_t io) {
+        sgd_row<T, V, WD, M, D, N, S, R>(row, n, io, stream, lr, h);
+      });
 }
 
 template <typename T, typename V, int R>
@@ -282,13 +475,6 @@ void MFS_CAT(update_range_, MFS_CPU_ISA)(
     int64_t end,
     float lr,
     math::SGDHyper h) {
-#ifndef MFS_CPU_ISA_GENERIC
-  // Strided tensors take the generic loop: nothing compiled for this
-  // instruction set calls a helper shared with other files.
-  if (!t.contiguous) {
-    return update_range_generic(key, t, begin, end, lr, h);
-  }
-#endif
   // Half params keep their momentum in their own dtype or in float32, and
   // are stored rounded to nearest, stochastically (bfloat16) or from a
   // float32 master copy.
@@ -417,30 +603,26 @@ const Loops& select() {
 
 namespace {
 
-void copy_one(
-    const void* src,
-    void* dst,
-    const TensorPointers& t,
-    const mx::Strides& strides,
-    int64_t begin,
-    int64_t end,
-    size_t itemsize) {
-  auto in = static_cast<const char*>(src);
-  auto out = static_cast<char*>(dst);
-  if (t.contiguous) {
-    if (in != out) {
-      std::memcpy(
-          out + begin * itemsize,
-          in + begin * itemsize,
-          (end - begin) * itemsize);
-    }
-    return;
+// Copies n elements (a no-op in place).
+template <typename X> void copy_run(const X* in, X* out, int64_t n) {
+  if (in != nullptr && in != out) {
+    std::memcpy(out, in, n * sizeof(X));
   }
-  for (int64_t i = begin; i < end; ++i) {
-    std::memcpy(
-        out + i * itemsize,
-        in + elem_to_loc(i, t.shape, strides) * itemsize,
-        itemsize);
+}
+
+// copy_range on the raw element types (P: the param's, S: the momentum
+// buffer's).
+template <typename P, typename S>
+void copy_typed(const TensorPointers& t, int64_t begin, int64_t end) {
+  auto copy_row = [](const RowPointers<P, S>& row, int64_t n, int64_t) {
+    copy_run(row.p, row.p_out, n);
+    copy_run(row.v, row.v_out, n);
+    copy_run(row.m, row.m_out, n);
+  };
+  if (t.contiguous) {
+    copy_row(contiguous_row<P, S>(t, begin), end - begin, begin);
+  } else {
+    walk_strided<P, S>(t, begin, end, false, copy_row);
   }
 }
 
@@ -448,31 +630,31 @@ void copy_one(
 
 void copy_range(
     const KernelKey& key, const TensorPointers& t, int64_t begin, int64_t end) {
-  auto itemsize = [](DtypeCode d) -> size_t {
-    return d == DtypeCode::float32 ? 4 : 2;
-  };
-  copy_one(
-      t.param,
-      t.param_out,
-      t,
-      t.param_strides,
-      begin,
-      end,
-      itemsize(key.dtype));
-  if (key.momentum) {
-    copy_one(
-        t.velocity,
-        t.velocity_out,
-        t,
-        t.velocity_strides,
-        begin,
-        end,
-        itemsize(key.state_dtype));
+  const bool half = key.dtype != DtypeCode::float32;
+  const bool half_state = key.state_dtype != DtypeCode::float32;
+  if (half) {
+    return half_state ? copy_typed<uint16_t, uint16_t>(t, begin, end)
+                      : copy_typed<uint16_t, uint32_t>(t, begin, end);
   }
-  if (key.rounding == math::kMasterWeights) {
-    copy_one(
-        t.master, t.master_out, t, t.master_strides, begin, end, sizeof(float));
+  return copy_typed<uint32_t, uint32_t>(t, begin, end);
+}
+
+StridedWalk plan_walk(
+    const mx::Shape& shape,
+    const mx::Strides* const (&strides)[launch::kLayoutOut]) {
+  StridedWalk w;
+  w.layout = launch::plan_strided(shape, strides);
+  const auto& layout = w.layout;
+  bool transposed = false;
+  for (int op = 0; op < launch::kLayoutOut; ++op) {
+    transposed = transposed || (strides[op] && layout.transposed(op));
   }
+  w.tile_rows = transposed ? kTileRows : 1;
+  w.tile_cols = transposed ? kTileCols : kTileElems;
+  w.row_tiles = (layout.rows() + w.tile_rows - 1) / w.tile_rows;
+  w.col_tiles = (layout.cols() + w.tile_cols - 1) / w.tile_cols;
+  w.units = layout.outer_size() * w.row_tiles * w.col_tiles;
+  return w;
 }
 
 const Loops& selected_loops() {

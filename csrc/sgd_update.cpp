@@ -835,15 +835,12 @@ void SGDUpdate::eval_cpu(
     }
     t.rounding_tensor = tensor_id(i);
     if (!contiguous) {
-      t.shape = p.shape();
-      t.param_strides = p.strides();
-      t.grad_strides = g.strides();
-      if (momentum) {
-        t.velocity_strides = v->strides();
-      }
-      if (master) {
-        t.master_strides = m->strides();
-      }
+      t.walk = cpu_kernel::plan_walk(
+          p.shape(),
+          {&p.strides(),
+           &g.strides(),
+           momentum ? &v->strides() : nullptr,
+           master ? &m->strides() : nullptr});
     }
     tensors.push_back(std::move(t));
   }

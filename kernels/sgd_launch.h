@@ -9,6 +9,8 @@
 #else
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 #define MFS_CONSTANT
 #endif
 
@@ -44,6 +46,23 @@ MFS_CONSTANT constexpr int kMasterOut = 16;
 // (kRoundStochastic kernels); bound to the learning rate otherwise.
 MFS_CONSTANT constexpr int kRoundingStep = 17;
 MFS_CONSTANT constexpr int kMasterStrides = 18; // general kernels only
+// Element strides of the row-major outputs over the general kernels' layout
+// (its axes are reordered, so the output offset is not the thread index).
+MFS_CONSTANT constexpr int kOutStrides = 19;
+
+// Rows each thread of a general kernel updates, stepping along the layout's
+// row axis: adjacent threads take adjacent columns (row-major operands are
+// read and written coalesced), and a transposed operand, contiguous along
+// the rows, is read as kRowsPerThread consecutive elements by each thread.
+MFS_CONSTANT constexpr int kRowsPerThread = 8;
+
+// The operands of a strided update, in StridedLayout::strides.
+MFS_CONSTANT constexpr int kLayoutParam = 0;
+MFS_CONSTANT constexpr int kLayoutGrad = 1;
+MFS_CONSTANT constexpr int kLayoutVelocity = 2;
+MFS_CONSTANT constexpr int kLayoutMaster = 3;
+MFS_CONSTANT constexpr int kLayoutOut = 4; // the row-major outputs
+MFS_CONSTANT constexpr int kLayoutOperands = 5;
 
 // Buffer slots of the non-finite check kernels.
 MFS_CONSTANT constexpr int kCheckIn = 0;
@@ -166,6 +185,134 @@ struct SGDVariant {
            hyper.dampening_scale == o.hyper.dampening_scale;
   }
 };
+
+// How a tensor whose operands are not all row-contiguous is walked, by the
+// CPU loop and by the general Metal kernels alike (planned once per tensor
+// on the host by plan_strided). Size-1 axes are dropped and adjacent axes
+// merged wherever every operand steps over them as one; then the two axes
+// of the "tile plane" are put last: the columns (the last axis, along which
+// the row-major outputs are contiguous) and the rows, the axis along which a
+// transposed operand is contiguous (the second-last axis otherwise). The
+// other axes, in front, are the outer axes. 1-D layouts get a rows axis of
+// size 1.
+struct StridedLayout {
+  std::vector<int64_t> shape; // (outer..., rows, cols)
+  // Element strides of each operand over `shape` (kLayoutParam ...
+  // kLayoutOut); an absent operand (no momentum, no master copy) gets the
+  // outputs' strides and is never read.
+  std::vector<int64_t> strides[kLayoutOperands];
+
+  int ndim() const {
+    return static_cast<int>(shape.size());
+  }
+  int64_t rows() const {
+    return shape[ndim() - 2];
+  }
+  int64_t cols() const {
+    return shape[ndim() - 1];
+  }
+  int64_t outer_size() const {
+    int64_t n = 1;
+    for (int d = 0; d + 2 < ndim(); ++d) {
+      n *= shape[d];
+    }
+    return n;
+  }
+  int64_t row_stride(int op) const {
+    return strides[op][ndim() - 2];
+  }
+  int64_t col_stride(int op) const {
+    return strides[op][ndim() - 1];
+  }
+  // Read along the rows: contiguous down a column, not along a row.
+  bool transposed(int op) const {
+    return rows() > 1 && col_stride(op) != 1 && row_stride(op) == 1;
+  }
+};
+
+// The layout of one tensor of `ndim` axes of `shape`, with the element
+// strides of each input operand (nullptr: absent). Shape and strides are
+// MLX's (any integer vector types).
+template <typename ShapeT, typename StridesT>
+StridedLayout
+plan_strided(const ShapeT& shape, const StridesT* const (&inputs)[kLayoutOut]) {
+  const int ndim = static_cast<int>(shape.size());
+  // Axes of size > 1, merged from the last: axis a folds into the one after
+  // it when every present operand's stride on a equals its stride on the
+  // next axis times that axis's size (always true of row-major outputs).
+  std::vector<int64_t> dims;
+  std::vector<int64_t> strides[kLayoutOut];
+  for (int a = ndim - 1; a >= 0; --a) {
+    const int64_t n = static_cast<int64_t>(shape[a]);
+    if (n == 1) {
+      continue;
+    }
+    bool merge = !dims.empty();
+    for (int op = 0; merge && op < kLayoutOut; ++op) {
+      if (inputs[op] != nullptr) {
+        merge = int64_t((*inputs[op])[a]) == strides[op].back() * dims.back();
+      }
+    }
+    if (merge) {
+      dims.back() *= n;
+      continue;
+    }
+    dims.push_back(n);
+    for (int op = 0; op < kLayoutOut; ++op) {
+      strides[op].push_back(
+          inputs[op] != nullptr ? int64_t((*inputs[op])[a]) : 0);
+    }
+  }
+  // Built last axis first; at least two axes (rows, cols).
+  while (dims.size() < 2) {
+    dims.push_back(1);
+    for (auto& s : strides) {
+      s.push_back(0);
+    }
+  }
+  StridedLayout layout;
+  layout.shape.assign(dims.rbegin(), dims.rend());
+  for (int op = 0; op < kLayoutOut; ++op) {
+    layout.strides[op].assign(strides[op].rbegin(), strides[op].rend());
+  }
+  const int nd = layout.ndim();
+  auto& out = layout.strides[kLayoutOut];
+  out.assign(nd, 1);
+  for (int d = nd - 2; d >= 0; --d) {
+    out[d] = out[d + 1] * layout.shape[d + 1];
+  }
+  // The rows axis: the one along which the first operand that is not
+  // contiguous along the columns is contiguous, if any.
+  int row_axis = nd - 2;
+  for (int op = 0; op < kLayoutOut && row_axis == nd - 2; ++op) {
+    if (inputs[op] == nullptr || layout.strides[op][nd - 1] == 1) {
+      continue;
+    }
+    for (int d = 0; d < nd - 1; ++d) {
+      if (layout.strides[op][d] == 1 && layout.shape[d] > 1) {
+        row_axis = d;
+        break;
+      }
+    }
+  }
+  if (row_axis != nd - 2) {
+    auto move_to_rows = [&](auto& v) {
+      auto x = v[row_axis];
+      v.erase(v.begin() + row_axis);
+      v.insert(v.end() - 1, x);
+    };
+    move_to_rows(layout.shape);
+    for (auto& s : layout.strides) {
+      move_to_rows(s);
+    }
+  }
+  for (int op = 0; op < kLayoutOut; ++op) {
+    if (inputs[op] == nullptr) {
+      layout.strides[op] = out;
+    }
+  }
+  return layout;
+}
 
 // A step-decay schedule folded into a launch (absent: a float32 lr buffer).
 struct FusedSchedule {

@@ -1,0 +1,295 @@
+"""Every layout MLX hands the optimizer gives the bits of the same values
+laid out row-contiguously: transposed gradients (as ``nn.value_and_grad``
+returns every ``nn.Linear`` weight's), batched transposes, slices,
+broadcasts, and params, momentum buffers and master copies in any of these.
+The layout paths only move data; the arithmetic is the shared per-element
+math, so the results must be identical bit for bit."""
+
+import itertools
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_map
+
+import mlx_fused_sgd as mfs
+from mlx_fused_sgd.examples import models
+
+from conftest import assert_bitwise_equal
+
+# Sizes that cross the CPU loop's 8 x 8 blocks and 64 x 128 tiles with
+# remainders, and one large enough to be split across threads.
+LAYOUTS = {
+    # name: (make a strided view of an array made by `make(shape)`, shape)
+    "transposed": (lambda make: make((203, 77)).T, None),
+    "transposed_tiles": (lambda make: make((131, 259)).T, None),
+    "transposed_threads": (lambda make: make((700, 390)).T, None),
+    "batched_transposed": (lambda make: make((3, 45, 70)).swapaxes(1, 2), None),
+    "leading_transposed": (lambda make: make((9, 4, 33)).transpose(1, 0, 2), None),
+    "permuted_4d": (lambda make: make((5, 6, 7, 8)).transpose(3, 1, 0, 2), None),
+    "sliced_step": (lambda make: make((40, 190))[:, ::2], None),
+    "sliced_columns": (lambda make: make((50, 100))[3:47, 7:88], None),
+    "sliced_1d": (lambda make: make((20001,))[::3], None),
+    "size_one_axes": (lambda make: make((1, 60, 1, 33)).swapaxes(1, 3), None),
+}
+
+
+def _random(shape, dtype, key):
+    return (mx.random.normal(shape, key=key) * 0.1).astype(dtype)
+
+
+def _strided(name, dtype, key):
+    view, _ = LAYOUTS[name]
+    x = view(lambda shape: _random(shape, dtype, key))
+    mx.eval(x)
+    return x
+
+
+def _contiguous(x):
+    y = mx.contiguous(x)
+    mx.eval(y)
+    assert memoryview(y).c_contiguous
+    return y
+
+
+def _is_strided(x):
+    return not memoryview(x).c_contiguous
+
+
+VARIANTS = {
+    "plain": dict(momentum=0.0),
+    "momentum_wd": dict(momentum=0.9, weight_decay=1e-2),
+    "dampening": dict(momentum=0.8, dampening=0.3),
+    "nesterov_scaled": dict(momentum=0.9, nesterov=True, grad_scale=8.0, maximize=True),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("operand", ["grad", "param", "velocity", "all"])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_strided_operand_gives_contiguous_bits(layout, operand, dtype):
+    keys = mx.random.split(mx.random.key(7), 3)
+    strided = [_strided(layout, dtype, k) for k in keys]
+    contiguous = [_contiguous(x) for x in strided]
+    assert _is_strided(strided[0]), "the layout under test must not be row-contiguous"
+    which = {"param": 0, "grad": 1, "velocity": 2}
+    use = [
+        strided[i] if operand in ("all", name) else contiguous[i]
+        for name, i in which.items()
+    ]
+    for name, kwargs in VARIANTS.items():
+        got = mfs.sgd_update(*use, learning_rate=0.05, **kwargs)
+        want = mfs.sgd_update(*contiguous, learning_rate=0.05, **kwargs)
+        mx.eval(got, want)
+        assert_bitwise_equal(got[0], want[0], f"{name}: param")
+        assert_bitwise_equal(got[1], want[1], f"{name}: velocity")
+
+
+@pytest.mark.parametrize(
+    "layout", ["transposed_tiles", "batched_transposed", "sliced_step"]
+)
+def test_float32_strided_matches_stock(layout):
+    """Stock's ops on the same strided arrays: the same bits."""
+    keys = mx.random.split(mx.random.key(3), 2)
+    p, g = (_strided(layout, mx.float32, k) for k in keys)
+    stock = optim.SGD(0.05, momentum=0.9, weight_decay=1e-3)
+    fused = mfs.FusedSGD(0.05, momentum=0.9, weight_decay=1e-3)
+    ps, pf = {"w": p}, {"w": p}
+    for _ in range(3):
+        ps = stock.apply_gradients({"w": g}, ps)
+        pf = fused.apply_gradients({"w": g}, pf)
+        mx.eval(ps, pf, stock.state, fused.state)
+    assert_bitwise_equal(pf["w"], ps["w"], "param")
+    assert_bitwise_equal(fused.state["w"]["v"], stock.state["w"]["v"], "momentum")
+
+
+@pytest.mark.parametrize("grad_shape", [(77,), (1, 77), (203, 1), (), (1,)], ids=str)
+def test_broadcast_gradients(grad_shape):
+    """Gradients that broadcast to the param: as stock broadcasts them."""
+    p = _random((203, 77), mx.float32, mx.random.key(1))
+    g = _random(grad_shape, mx.float32, mx.random.key(2))
+    g_full = _contiguous(mx.broadcast_to(g, p.shape))
+    got = mfs.sgd_update(p, g, None, learning_rate=0.1, momentum=0.9)
+    want = mfs.sgd_update(p, g_full, None, learning_rate=0.1, momentum=0.9)
+    mx.eval(got, want)
+    assert_bitwise_equal(got[0], want[0], "param")
+    assert_bitwise_equal(got[1], want[1], "velocity")
+
+
+@pytest.mark.parametrize(
+    "layout", ["transposed_tiles", "batched_transposed", "sliced_columns"]
+)
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_half_storage_options_on_strided_inputs(layout, dtype):
+    """Master weights (a strided master copy too) and stochastic rounding:
+    the bits of the contiguous run; the rounding bits follow the element's
+    row-major index, whatever the layout."""
+    keys = mx.random.split(mx.random.key(11), 4)
+    p, g, v = (_strided(layout, dtype, k) for k in keys[:3])
+    master = _strided(layout, mx.float32, keys[3])
+    cp, cg, cv, cm = (_contiguous(x) for x in (p, g, v, master))
+    kw = dict(learning_rate=0.05, momentum=0.9, weight_decay=1e-3)
+    got = mfs.sgd_update_many([p], [g], [v], master_params=[master], **kw)
+    want = mfs.sgd_update_many([cp], [cg], [cv], master_params=[cm], **kw)
+    mx.eval(got, want)
+    for a, b, what in zip(itertools.chain(*got), itertools.chain(*want), "pvm"):
+        assert_bitwise_equal(a, b, what)
+    if dtype == mx.bfloat16:
+        sr = dict(rounding_seed=5, rounding_step=17, **kw)
+        got = mfs.sgd_update_many([p], [g], [v], **sr)
+        want = mfs.sgd_update_many([cp], [cg], [cv], **sr)
+        mx.eval(got, want)
+        for a, b, what in zip(itertools.chain(*got), itertools.chain(*want), "pv"):
+            assert_bitwise_equal(a, b, what)
+
+
+def test_skipped_step_keeps_strided_inputs():
+    """A skipped step copies strided params and momentum buffers exactly."""
+    p = _strided("transposed_tiles", mx.float32, mx.random.key(1))
+    v = _strided("transposed_tiles", mx.float32, mx.random.key(3))
+    g = _strided("transposed_tiles", mx.float32, mx.random.key(4))
+    new_p, new_v = mfs.sgd_update(
+        p, g, v, learning_rate=0.1, momentum=0.9, skip=mx.array(True)
+    )
+    mx.eval(new_p, new_v)
+    assert_bitwise_equal(new_p, _contiguous(p), "param")
+    assert_bitwise_equal(new_v, _contiguous(v), "velocity")
+
+
+# ---------------------------------------------------------------------------
+# Real models: gradients as nn.value_and_grad returns them
+# ---------------------------------------------------------------------------
+
+WORKLOADS = {
+    "mlp": lambda: models.mlp([75, 131, 203, 10], batch=16),
+    "gpt": lambda: models.gpt(97, 72, heads=4, layers=2, context=16, batch=4),
+    "convnet": lambda: models.convnet([3, 12, 20], classes=10, image=16, batch=4),
+}
+
+STOCK_CONFIGS = ["momentum_wd_step_decay", "nesterov", "dampening"]
+
+
+def _optimizer(module, name):
+    if name == "momentum_wd_step_decay":
+        return module.SGD(
+            module.step_decay(0.1, 0.9, 3), momentum=0.9, weight_decay=1e-4
+        )
+    if name == "nesterov":
+        return module.SGD(0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    return module.SGD(0.05, momentum=0.8, dampening=0.25)
+
+
+class _Fused:
+    """The package under stock's names, for _optimizer."""
+
+    SGD = mfs.FusedSGD
+    step_decay = staticmethod(mfs.step_decay)
+
+
+def train(workload, optimizer, steps=6):
+    mx.random.seed(0)
+    w = WORKLOADS[workload]()
+    mx.eval(w.model.parameters())
+    loss_and_grad = nn.value_and_grad(w.model, w.loss)
+    key = mx.random.key(42)
+    strided = 0
+    for _ in range(steps):
+        key, sub = mx.random.split(key)
+        _, grads = loss_and_grad(w.model, *w.batch(sub))
+        mx.eval(grads)
+        strided = max(strided, sum(_is_strided(g) for _, g in tree_flatten(grads)))
+        optimizer.update(w.model, grads)
+        mx.eval(w.model.parameters(), optimizer.state)
+    return w.model, optimizer, strided
+
+
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+@pytest.mark.parametrize("config", STOCK_CONFIGS)
+def test_real_models_bit_identical_to_stock(workload, config):
+    model_f, opt_f, strided = train(workload, _optimizer(_Fused, config))
+    model_s, opt_s, _ = train(workload, _optimizer(optim, config))
+    assert strided >= 1, "the model's gradients must include transposed ones"
+    pf, ps = (
+        dict(tree_flatten(model_f.parameters())),
+        dict(tree_flatten(model_s.parameters())),
+    )
+    assert pf.keys() == ps.keys()
+    for k in pf:
+        assert_bitwise_equal(pf[k], ps[k], f"param {k}")
+    sf, ss = dict(tree_flatten(opt_f.state)), dict(tree_flatten(opt_s.state))
+    assert sf.keys() == ss.keys()
+    for k in sf:
+        assert_bitwise_equal(sf[k], ss[k], f"state {k}")
+
+
+OPTIONS = {
+    "maximize": dict(maximize=True),
+    "grad_scale_skip": dict(grad_scale=64.0, skip_nonfinite=True),
+    "clip": dict(max_grad_norm=0.05),
+    "float32_state": dict(state_dtype=mx.float32),
+    "master_weights": dict(master_weights=True),
+    "stochastic_rounding": dict(stochastic_rounding=True, rounding_seed=3),
+}
+
+
+@pytest.mark.parametrize("workload", ["mlp", "gpt"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_real_models_every_option_layout_free(workload, option):
+    """Options stock has no counterpart for: training on the gradients as
+    MLX returns them gives the bits of training on their contiguous copies
+    (in bfloat16 for the half-precision options)."""
+    half = option in ("float32_state", "master_weights", "stochastic_rounding")
+
+    def make():
+        return mfs.FusedSGD(0.05, momentum=0.9, weight_decay=1e-4, **OPTIONS[option])
+
+    runs = []
+    for layout in ("as_returned", "contiguous"):
+        mx.random.seed(0)
+        w = WORKLOADS[workload]()
+        if half:
+            w.model.set_dtype(mx.bfloat16)
+        mx.eval(w.model.parameters())
+        opt = make()
+        loss_and_grad = nn.value_and_grad(w.model, w.loss)
+        key = mx.random.key(42)
+        strided = 0
+        for _ in range(5):
+            key, sub = mx.random.split(key)
+            _, grads = loss_and_grad(w.model, *w.batch(sub))
+            mx.eval(grads)
+            strided += sum(_is_strided(g) for _, g in tree_flatten(grads))
+            if layout == "contiguous":
+                grads = _tree_contiguous(grads)
+            opt.update(w.model, grads)
+            mx.eval(w.model.parameters(), opt.state)
+        runs.append((w.model, opt, strided))
+    (model_a, opt_a, strided_a), (model_b, opt_b, _) = runs
+    assert strided_a >= 1
+    pa, pb = (
+        dict(tree_flatten(model_a.parameters())),
+        dict(tree_flatten(model_b.parameters())),
+    )
+    for k in pa:
+        assert_bitwise_equal(pa[k], pb[k], f"param {k}")
+    sa, sb = dict(tree_flatten(opt_a.state)), dict(tree_flatten(opt_b.state))
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert_bitwise_equal(sa[k], sb[k], f"state {k}")
+
+
+def _tree_contiguous(tree):
+    out = tree_map(mx.contiguous, tree)
+    mx.eval(out)
+    return out
+
+
+def test_layout_tests_are_not_vacuous():
+    """The comparison used above sees a one-element difference."""
+    p = _strided("transposed_tiles", mx.float32, mx.random.key(1))
+    q = mx.array(np.array(p)) + 0
+    q[5, 3] = q[5, 3] + 1
+    with pytest.raises(AssertionError, match="differ"):
+        assert_bitwise_equal(_contiguous(p), q, "param")
