@@ -38,6 +38,26 @@ sq_norm_composed(const std::vector<mx::array>& grads, mx::StreamOrDevice s) {
   return total;
 }
 
+// Whether a gradient can be read as one block of memory in storage order:
+// row-contiguous, or any other order of a dense block (a transposed view,
+// as nn.value_and_grad returns every nn.Linear weight's gradient) with
+// non-negative strides, so that its data pointer is the block's start. The
+// check and the sum of squares do not depend on the order.
+bool reads_as_block(const mx::array& g) {
+  if (g.flags().row_contiguous) {
+    return true;
+  }
+  if (!g.flags().contiguous || g.data_size() != g.size()) {
+    return false;
+  }
+  for (auto s : g.strides()) {
+    if (s < 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
 // One tensor of a chunk, as the CPU loop sees it.
 struct CheckView {
   const void* data;
@@ -48,7 +68,8 @@ struct CheckView {
   mx::Strides strides;
 };
 
-// Strided tensors (rare): one element at a time, one sum.
+// Other strided tensors (sliced, broadcast; rare): one element at a time,
+// one sum.
 template <typename T>
 bool strided_nonfinite(const CheckView& v, int64_t begin, int64_t end) {
   auto x = static_cast<const T*>(v.data);
@@ -281,7 +302,7 @@ void GradCheck::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     CheckView v{
         g.data<void>(),
         static_cast<int64_t>(g.size()),
-        g.flags().row_contiguous,
+        reads_as_block(g),
         g.dtype(),
         {},
         {}};
@@ -323,7 +344,7 @@ void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
     if (g.size() == 0) {
       continue;
     }
-    const bool contiguous = g.flags().row_contiguous;
+    const bool contiguous = reads_as_block(g);
     auto plan = launch::plan_grad_read(
         read,
         dtype_name(g.dtype()),

@@ -949,12 +949,20 @@ void SGDUpdate::eval_gpu(
       continue;
     }
     const bool contiguous = all_row_contiguous(p, g, v, m);
+    std::optional<launch::StridedLayout> layout;
+    if (!contiguous) {
+      layout = launch::plan_strided(
+          p.shape(),
+          {&p.strides(),
+           &g.strides(),
+           momentum ? &v->strides() : nullptr,
+           master ? &m->strides() : nullptr});
+    }
     auto plan = launch::plan_sgd(
         dtype_name(p.dtype()),
         dtype_name(momentum ? v->dtype() : p.dtype()),
-        contiguous,
+        layout ? &*layout : nullptr,
         static_cast<int64_t>(p.size()),
-        p.ndim(),
         variant_,
         fused,
         tensor_id(i));
@@ -976,14 +984,17 @@ void SGDUpdate::eval_gpu(
     encoder.set_input_array(master ? *m : p, launch::kMaster);
     encoder.set_output_array(master ? *m_out : p_out, launch::kMasterOut);
     encoder.set_input_array(rounding_step_input, launch::kRoundingStep);
-    if (!contiguous) {
-      encoder.set_vector_bytes(p.shape(), launch::kShape);
-      encoder.set_vector_bytes(p.strides(), launch::kParamStrides);
-      encoder.set_vector_bytes(g.strides(), launch::kGradStrides);
+    if (layout) {
+      // Absent operands have the outputs' strides (never read).
+      const auto& st = layout->strides;
+      encoder.set_vector_bytes(layout->shape, launch::kShape);
+      encoder.set_vector_bytes(st[launch::kLayoutParam], launch::kParamStrides);
+      encoder.set_vector_bytes(st[launch::kLayoutGrad], launch::kGradStrides);
       encoder.set_vector_bytes(
-          momentum ? v->strides() : g.strides(), launch::kVelocityStrides);
+          st[launch::kLayoutVelocity], launch::kVelocityStrides);
       encoder.set_vector_bytes(
-          master ? m->strides() : p.strides(), launch::kMasterStrides);
+          st[launch::kLayoutMaster], launch::kMasterStrides);
+      encoder.set_vector_bytes(st[launch::kLayoutOut], launch::kOutStrides);
     }
     auto grid = launch::make_grid(
         plan.threads, kernel->maxTotalThreadsPerThreadgroup());

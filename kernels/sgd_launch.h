@@ -31,7 +31,7 @@ MFS_CONSTANT constexpr int kVelocityOut = 4;  // bound to param_out likewise
 MFS_CONSTANT constexpr int kLearningRate = 5; // float32 scalar
 MFS_CONSTANT constexpr int kStep = 6; // uint64 scalar (scheduled kernels)
 MFS_CONSTANT constexpr int kSGDArgs = 7;
-MFS_CONSTANT constexpr int kShape = 8; // general kernels only
+MFS_CONSTANT constexpr int kShape = 8; // general kernels: StridedLayout
 MFS_CONSTANT constexpr int kParamStrides = 9;
 MFS_CONSTANT constexpr int kGradStrides = 10;
 MFS_CONSTANT constexpr int kVelocityStrides = 11;
@@ -99,7 +99,7 @@ struct SGDArgs {
   float init;               // float32(init), when scheduled
   float decay_rate;         // float32(decay_rate), when scheduled
   int32_t scheduled; // 1: lr from the step counter; 0: from kLearningRate
-  int32_t ndim;      // general kernels
+  int32_t ndim;      // general kernels: the StridedLayout's axes
   int32_t maximize;  // 1: the gradient is negated (kScaleGrad kernels)
   int32_t has_skip;  // 1: a nonzero kSkip flag makes the update a copy
   int32_t has_clip;  // 1: kGradMultiplier holds the clip factor
@@ -336,12 +336,12 @@ struct SGDPlan {
 inline SGDPlan plan_sgd(
     const std::string& dtype,
     const std::string& state_dtype,
-    bool contiguous,
+    const StridedLayout* layout, // nullptr: row-contiguous operands
     int64_t size,
-    int ndim,
     const SGDVariant& v,
     const FusedSchedule& schedule,
     uint64_t tensor_index = 0) {
+  const bool contiguous = layout == nullptr;
   SGDPlan plan;
   plan.name = contiguous ? "sgd_contiguous_" : "sgd_general_";
   plan.name += dtype + "_" + state_dtype + "_";
@@ -354,8 +354,11 @@ inline SGDPlan plan_sgd(
   } else if (v.rounding == math::kMasterWeights) {
     plan.name += "_mw";
   }
+  // General kernels: a thread per column and kRowsPerThread rows.
   plan.threads =
-      contiguous ? (size + kWorkPerThread - 1) / kWorkPerThread : size;
+      contiguous ? (size + kWorkPerThread - 1) / kWorkPerThread
+                 : layout->outer_size() * layout->cols() *
+                       ((layout->rows() + kRowsPerThread - 1) / kRowsPerThread);
   plan.args.size = size;
   plan.args.step_size = schedule.enabled ? schedule.step_size : 1;
   plan.args.rounding_seed = v.seed;
@@ -366,7 +369,7 @@ inline SGDPlan plan_sgd(
   plan.args.init = static_cast<float>(schedule.init);
   plan.args.decay_rate = static_cast<float>(schedule.decay_rate);
   plan.args.scheduled = schedule.enabled ? 1 : 0;
-  plan.args.ndim = ndim;
+  plan.args.ndim = contiguous ? 0 : layout->ndim();
   plan.args.maximize = v.maximize ? 1 : 0;
   plan.args.has_skip = v.skip ? 1 : 0;
   plan.args.has_clip = v.clip ? 1 : 0;

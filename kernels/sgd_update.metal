@@ -182,21 +182,41 @@ template <
   }
 }
 
-inline int64_t strided_offset(
-    int64_t elem,
-    constant const int* shape,
+// The offset of outer index `outer` over the layout's outer axes (all but
+// the last two), once per thread.
+inline int64_t outer_offset(
+    int64_t outer,
+    constant const int64_t* shape,
     constant const int64_t* strides,
-    int ndim) {
+    int outer_ndim) {
   int64_t loc = 0;
-  for (int d = ndim - 1; d >= 0 && elem > 0; --d) {
-    loc += (elem % shape[d]) * strides[d];
-    elem /= shape[d];
+  for (int d = outer_ndim - 1; d >= 0 && outer > 0; --d) {
+    loc += (outer % shape[d]) * strides[d];
+    outer /= shape[d];
   }
   return loc;
 }
 
-// Any strides (transposed, sliced or broadcast inputs): one element a thread,
-// outputs written row-contiguous.
+// The offset of an operand's element (outer, r0, c) of the layout.
+inline int64_t layout_start(
+    int64_t outer,
+    int64_t r0,
+    int64_t c,
+    constant const int64_t* shape,
+    constant const int64_t* strides,
+    int nd) {
+  return outer_offset(outer, shape, strides, nd - 2) + r0 * strides[nd - 2] +
+         c * strides[nd - 1];
+}
+
+// Any strides (transposed, sliced or broadcast inputs), over the layout
+// launch::plan_strided made on the host: (outer..., rows, cols), with the
+// axis a transposed operand is contiguous along as the rows. A thread
+// updates one column of kRowsPerThread consecutive rows, stepping each
+// operand's offset by its row stride: adjacent threads take adjacent columns
+// (row-major operands and the outputs are read and written coalesced), and
+// a transposed operand is read as consecutive elements by each thread. The
+// outputs are row-major (out_strides over the layout's axes).
 template <
     typename T,
     typename V,
@@ -215,7 +235,7 @@ template <
     device const float* lr [[buffer(launch::kLearningRate)]],
     device const uint64_t* step [[buffer(launch::kStep)]],
     constant const launch::SGDArgs& args [[buffer(launch::kSGDArgs)]],
-    constant const int* shape [[buffer(launch::kShape)]],
+    constant const int64_t* shape [[buffer(launch::kShape)]],
     constant const int64_t* param_strides [[buffer(launch::kParamStrides)]],
     constant const int64_t* grad_strides [[buffer(launch::kGradStrides)]],
     constant const int64_t* velocity_strides
@@ -227,30 +247,51 @@ template <
     device float* master_out [[buffer(launch::kMasterOut)]],
     device const uint64_t* rounding_step [[buffer(launch::kRoundingStep)]],
     constant const int64_t* master_strides [[buffer(launch::kMasterStrides)]],
+    constant const int64_t* out_strides [[buffer(launch::kOutStrides)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid [[threads_per_grid]]) {
-  int64_t i = int64_t(linear_thread(gid, grid));
-  if (i >= args.size) {
+  const int nd = args.ndim;
+  const int64_t rows = shape[nd - 2];
+  const int64_t cols = shape[nd - 1];
+  const int64_t bands =
+      (rows + launch::kRowsPerThread - 1) / launch::kRowsPerThread;
+  const int64_t t = int64_t(linear_thread(gid, grid));
+  const int64_t c = t % cols;
+  const int64_t rest = t / cols;
+  const int64_t r0 = (rest % bands) * launch::kRowsPerThread;
+  const int64_t outer = rest / bands;
+  if (outer * rows * cols >= args.size) {
     return;
   }
-  float rate = launch_learning_rate(lr, step, args);
+  constexpr bool kUseMaster = R == math::kMasterWeights;
   Offsets at = {
-      strided_offset(i, shape, param_strides, args.ndim),
-      strided_offset(i, shape, grad_strides, args.ndim),
-      M ? strided_offset(i, shape, velocity_strides, args.ndim) : 0,
-      R == math::kMasterWeights
-          ? strided_offset(i, shape, master_strides, args.ndim)
-          : 0,
-      i};
+      layout_start(outer, r0, c, shape, param_strides, nd),
+      layout_start(outer, r0, c, shape, grad_strides, nd),
+      M ? layout_start(outer, r0, c, shape, velocity_strides, nd) : 0,
+      kUseMaster ? layout_start(outer, r0, c, shape, master_strides, nd) : 0,
+      layout_start(outer, r0, c, shape, out_strides, nd)};
+  const Offsets row_step = {
+      param_strides[nd - 2],
+      grad_strides[nd - 2],
+      M ? velocity_strides[nd - 2] : 0,
+      kUseMaster ? master_strides[nd - 2] : 0,
+      out_strides[nd - 2]};
+  float rate = launch_learning_rate(lr, step, args);
+  math::SGDHyper h = launch_hyper<S>(args, grad_scale, grad_multiplier);
+  uint64_t stream = launch_rounding_stream<R>(rounding_step, args);
+  bool copy = args.has_skip && skip[0] != 0;
   TensorBuffers<T, V> b = {
       param, grad, velocity, param_out, velocity_out, master, master_out};
-  update_one<T, V, WD, M, D, N, S, R>(
-      b,
-      at,
-      rate,
-      launch_hyper<S>(args, grad_scale, grad_multiplier),
-      launch_rounding_stream<R>(rounding_step, args),
-      args.has_skip && skip[0] != 0);
+  const int64_t r_last = r0 + launch::kRowsPerThread;
+  const int64_t r_end = r_last < rows ? r_last : rows;
+  for (int64_t r = r0; r < r_end; ++r) {
+    update_one<T, V, WD, M, D, N, S, R>(b, at, rate, h, stream, copy);
+    at.ip += row_step.ip;
+    at.ig += row_step.ig;
+    at.iv += row_step.iv;
+    at.im += row_step.im;
+    at.io += row_step.io;
+  }
 }
 
 // Instantiation by name. The Linux harness defines MFS_INSTANTIATE to record

@@ -6,6 +6,7 @@
 // Python through ctypes.
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <typeindex>
 #include <typeinfo>
@@ -86,14 +87,10 @@ int run_sgd_typed(
     const float* grad_scale,
     const uint* skip,
     const float* multiplier,
-    const int* shape,
-    const int64_t* param_strides,
-    const int64_t* grad_strides,
-    const int64_t* velocity_strides,
+    const launch::StridedLayout* layout,
     const float* master,
     float* master_out,
-    const uint64_t* rounding_step,
-    const int64_t* master_strides) {
+    const uint64_t* rounding_step) {
   auto p = static_cast<const T*>(param);
   auto g = static_cast<const T*>(grad);
   auto v = static_cast<const V*>(velocity);
@@ -154,7 +151,7 @@ int run_sgd_typed(
         const float*,
         const uint64_t*,
         const launch::SGDArgs&,
-        const int*,
+        const int64_t*,
         const int64_t*,
         const int64_t*,
         const int64_t*,
@@ -164,6 +161,7 @@ int run_sgd_typed(
         const float*,
         float*,
         const uint64_t*,
+        const int64_t*,
         const int64_t*,
         uint2,
         uint2);
@@ -180,17 +178,18 @@ int run_sgd_typed(
          lr,
          step,
          plan.args,
-         shape,
-         param_strides,
-         grad_strides,
-         velocity_strides,
+         layout->shape.data(),
+         layout->strides[launch::kLayoutParam].data(),
+         layout->strides[launch::kLayoutGrad].data(),
+         layout->strides[launch::kLayoutVelocity].data(),
          grad_scale,
          skip,
          multiplier,
          master,
          master_out,
          rounding_step,
-         master_strides,
+         layout->strides[launch::kLayoutMaster].data(),
+         layout->strides[launch::kLayoutOut].data(),
          gid,
          grid);
     });
@@ -306,12 +305,29 @@ int run_sgd(
       rounding == mlx_fused_sgd::math::kRoundStochastic
           ? rounding_step
           : reinterpret_cast<const uint64_t*>(lr);
+  // The layout eval_gpu plans from the operands' shape and strides.
+  std::vector<int> dims(shape, shape + ndim);
+  auto strides_of = [&](const int64_t* s) {
+    return std::vector<int64_t>(s, s + ndim);
+  };
+  const auto ps = strides_of(param_strides);
+  const auto gs = strides_of(grad_strides);
+  const auto vs = variant.momentum ? strides_of(velocity_strides) : ps;
+  const auto ms = use_master ? strides_of(master_strides) : ps;
+  std::optional<launch::StridedLayout> layout;
+  if (!contiguous) {
+    layout = launch::plan_strided(
+        dims,
+        {&ps,
+         &gs,
+         variant.momentum ? &vs : nullptr,
+         use_master ? &ms : nullptr});
+  }
   auto plan = launch::plan_sgd(
       dtype,
       state_dtype,
-      contiguous,
+      layout ? &*layout : nullptr,
       size,
-      ndim,
       variant,
       {scheduled != 0, init, decay_rate, step_size},
       tensor_index);
@@ -332,15 +348,11 @@ int run_sgd(
         scale_slot,
         skip_slot,
         clip_slot,
-        shape,
-        param_strides,
-        grad_strides,
-        velocity_strides,
+        layout ? &*layout : nullptr,
         // Without master weights eval_gpu binds param and param_out here.
         use_master ? master : static_cast<const float*>(param),
         use_master ? master_out : static_cast<float*>(param_out),
-        rounding_step_slot,
-        use_master ? master_strides : param_strides);
+        rounding_step_slot);
   };
   if (d == "float32" && sd == "float32")
     return run.template operator()<float, float>();

@@ -293,3 +293,38 @@ def test_layout_tests_are_not_vacuous():
     q[5, 3] = q[5, 3] + 1
     with pytest.raises(AssertionError, match="differ"):
         assert_bitwise_equal(_contiguous(p), q, "param")
+
+
+@pytest.mark.parametrize(
+    "layout", ["transposed_threads", "batched_transposed", "sliced_step"]
+)
+def test_gradient_reads_on_strided_gradients(layout):
+    """The non-finite check finds a NaN wherever it sits in a strided
+    gradient, and the norm matches the contiguous copy's (the order of the
+    double-precision sum differs, so within float32 rounding)."""
+    g = _strided(layout, mx.float32, mx.random.key(5))
+    assert not mfs.grads_nonfinite([g]).item()
+    norm = mfs.grad_norm([g]).item()
+    want = mfs.grad_norm([_contiguous(g)]).item()
+    assert norm == pytest.approx(want, rel=2**-23)
+    host = np.array(g)
+    for index in [(0,) * g.ndim, tuple(s - 1 for s in g.shape)]:
+        bad = host.copy()
+        bad[index] = np.nan
+        base = mx.array(bad)
+        # The same layout as g, holding the NaN at `index`.
+        view, _ = LAYOUTS[layout]
+        shaped = view(lambda shape, b=bad: mx.array(_inverse(layout, b, shape)))
+        assert np.array_equal(np.isnan(np.array(shaped)), np.isnan(np.array(base)))
+        assert mfs.grads_nonfinite([shaped]).item(), f"NaN at {index} missed"
+
+
+def _inverse(layout, values, base_shape):
+    """A base array of `base_shape` whose LAYOUTS[layout] view is `values`
+    (where the view does not cover the base, zeros)."""
+    base = np.zeros(base_shape, np.float32)
+    index = np.arange(base.size).reshape(base_shape)
+    view, _ = LAYOUTS[layout]
+    positions = np.array(view(lambda shape: mx.array(index))).reshape(-1)
+    base.reshape(-1)[positions] = values.reshape(-1)
+    return base

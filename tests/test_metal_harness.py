@@ -340,20 +340,88 @@ def test_scheduled_kernel_matches_cpu(harness, dtype, step):
     assert_bitwise_equal(got_v, exp_v)
 
 
+def _broadcast(shape):
+    def view(a):
+        return (np if isinstance(a, np.ndarray) else mx).broadcast_to(a, shape)
+
+    return view
+
+
+# Layouts for the general kernels: the logical shape, then for param, grad
+# and momentum buffer either None (row-contiguous) or (base shape, view).
+# The rows of a layout are cut into bands of kRowsPerThread (8) with a
+# remainder; the planner moves a transposed operand's contiguous axis to the
+# rows.
+GENERAL_LAYOUTS = {
+    "transposed_grad": ((19, 13), None, ((13, 19), lambda a: a.T), None),
+    "all_transposed_negative_strides": (
+        (6, 5),
+        ((5, 6), lambda a: a.T),
+        ((5, 6), lambda a: a[::-1].T),
+        ((5, 6), lambda a: a.T),
+    ),
+    "batched_transposed_grad": (
+        (3, 11, 17),
+        None,
+        ((3, 17, 11), lambda a: a.swapaxes(1, 2)),
+        None,
+    ),
+    "transposed_leading_axis": (
+        (4, 9, 6),
+        None,
+        ((9, 4, 6), lambda a: a.transpose(1, 0, 2)),
+        ((9, 4, 6), lambda a: a.transpose(1, 0, 2)),
+    ),
+    "permuted_4d": (
+        (2, 3, 4, 5),
+        None,
+        ((4, 3, 5, 2), lambda a: a.transpose(3, 1, 0, 2)),
+        None,
+    ),
+    "sliced_step": (
+        (9, 13),
+        ((9, 40), lambda a: a[:, 1::3]),
+        ((9, 40), lambda a: a[:, ::3][:, :13]),
+        None,
+    ),
+    "broadcast_row_grad": ((9, 13), None, ((13,), _broadcast((9, 13))), None),
+    "broadcast_column_grad": ((9, 13), None, ((9, 1), _broadcast((9, 13))), None),
+    "size_one_axes": (
+        (1, 5, 1, 7),
+        None,
+        ((1, 7, 1, 5), lambda a: a.swapaxes(1, 3)),
+        ((1, 7, 1, 5), lambda a: a.swapaxes(1, 3)),
+    ),
+}
+
+
+def _general_operands(layout, dtypes, seed):
+    """param, grad and momentum buffer for a GENERAL_LAYOUTS entry, each of
+    its dtype: arrays, or Strided views."""
+    shape, *specs = GENERAL_LAYOUTS[layout]
+    out = []
+    for k, (spec, dtype) in enumerate(zip(specs, dtypes)):
+        base_shape, view = spec if spec is not None else (shape, None)
+        base = mx.random.normal(base_shape, key=mx.random.key(seed + k)).astype(dtype)
+        out.append(base if view is None else Strided(base, view))
+    for x in out:
+        assert (x.array if isinstance(x, Strided) else x).shape == shape
+    assert any(isinstance(x, Strided) for x in out)
+    return out
+
+
+def _arrays(operands):
+    return [x.array if isinstance(x, Strided) else x for x in operands]
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize(
-    "cfg",
-    VARIANTS,
-    ids=_cfg_id,
-)
-def test_general_kernel_matches_cpu(harness, dtype, cfg):
+@pytest.mark.parametrize("cfg", VARIANTS, ids=_cfg_id)
+@pytest.mark.parametrize("layout", list(GENERAL_LAYOUTS))
+def test_general_kernel_matches_cpu(harness, dtype, cfg, layout):
     t = DTYPES[dtype]
-    base_p, base_g, base_v = _inputs((5, 6), t, 7)
-    p = Strided(base_p, lambda a: a.T)  # transposed
-    g = Strided(base_g, lambda a: a[::-1].T)  # negative strides
-    v = Strided(base_v, lambda a: a.T)
+    p, g, v = _general_operands(layout, (t, t, t), 7)
     got_p, got_v = metal_sgd(harness, p, g, v, cfg, lr=0.05)
-    exp_p, exp_v = mfs.sgd_update(p.array, g.array, v.array, learning_rate=0.05, **cfg)
+    exp_p, exp_v = mfs.sgd_update(*_arrays((p, g, v)), learning_rate=0.05, **cfg)
     assert_bitwise_equal(got_p, exp_p)
     if cfg["momentum"] > 0:
         assert_bitwise_equal(got_v, exp_v)
@@ -498,6 +566,51 @@ def test_stochastic_rounding_kernels_match_cpu(harness, pair, cfg):
         **cfg,
     )
     assert_bitwise_equal(got_p, exp_p[0])
+
+
+@pytest.mark.parametrize(
+    "mode, pair",
+    [("master", pr) for pr in HALF_PAIRS["master"]]
+    + [("stochastic", pr) for pr in HALF_PAIRS["stochastic"]],
+    ids=lambda x: x if isinstance(x, str) else "-".join(x),
+)
+@pytest.mark.parametrize("layout", list(GENERAL_LAYOUTS))
+def test_half_storage_general_kernels_match_cpu(harness, mode, pair, layout):
+    """Master weights (the master copy laid out like the gradient) and
+    stochastic rounding (bits keyed by the row-major index) on every general
+    layout."""
+    dtype, state_dtype = pair
+    p, g, v = _general_operands(
+        layout, (DTYPES[dtype],) * 2 + (DTYPES[state_dtype],), 3
+    )
+    shape, _, grad_spec, _ = GENERAL_LAYOUTS[layout]
+    base_shape, view = grad_spec if grad_spec is not None else (shape, None)
+    base_m = mx.random.normal(base_shape, key=mx.random.key(99))
+    m = base_m if view is None else Strided(base_m, view)
+    seed, step = 2**40 + 17, 2**33 + 5
+    for cfg in (VARIANTS[3], VARIANTS[7], VARIANTS[10]):
+        if mode == "master":
+            got = metal_sgd(harness, p, g, v, cfg, lr=0.05, master=m)
+            exp = mfs.sgd_update_many(
+                *([x] for x in _arrays((p, g, v))),
+                learning_rate=0.05,
+                master_params=_arrays([m]),
+                **cfg,
+            )
+            assert_bitwise_equal(got[2], exp[2][0], "master")
+        else:
+            got = metal_sgd(
+                harness, p, g, v, cfg, lr=0.05, rounding_seed=seed, rounding_step=step
+            )
+            exp = mfs.sgd_update_many(
+                *([x] for x in _arrays((p, g, v))),
+                learning_rate=0.05,
+                rounding_seed=seed,
+                rounding_step=step,
+                **cfg,
+            )
+        assert_bitwise_equal(got[0], exp[0][0], "param")
+        assert_bitwise_equal(got[1], exp[1][0], "velocity")
 
 
 def test_every_instantiated_kernel_is_one_eval_gpu_can_launch(harness):
@@ -687,6 +800,16 @@ MUTATIONS = {
         "float p = kUseMaster ? b.master[at.im]",
         "float p = false ? b.master[at.im]",
     ),
+    "general kernel steps the grad by the param's row stride": (
+        "kernels/sgd_update.metal",
+        "at.ig += row_step.ig;",
+        "at.ig += row_step.ip;",
+    ),
+    "general kernel drops the last row of each band": (
+        "kernels/sgd_update.metal",
+        "for (int64_t r = r0; r < r_end; ++r) {",
+        "for (int64_t r = r0; r + 1 < r_end; ++r) {",
+    ),
     "step-decay kernel off by one in step_size": (
         "kernels/step_decay.metal",
         "out[i] = math::step_decay_lr<I>(\n      step[i], I(args.step_size),",
@@ -721,6 +844,10 @@ def test_harness_catches_a_broken_kernel(tmp_path, mutation):
         elif "master" in mutation:
             test_master_weight_kernels_match_cpu(
                 mutant, ("bfloat16", "float32"), VARIANTS[3]
+            )
+        elif "general" in mutation:
+            test_general_kernel_matches_cpu(
+                mutant, "float32", VARIANTS[3], "transposed_grad"
             )
         elif rel.endswith("step_decay.metal"):
             test_step_decay_kernel_matches_cpu(mutant, "int32")
@@ -789,7 +916,7 @@ EXPECTED_SLOTS = {
     ("sgd_update.metal", "sgd_general"): _SGD_SLOTS
     + _STRIDED
     + _SCALARS
-    + ["kMasterStrides"],
+    + ["kMasterStrides", "kOutStrides"],
     ("step_decay.metal", "step_decay_contiguous"): [
         "kStepIn",
         "kLearningRateOut",
