@@ -1,12 +1,25 @@
-"""Benchmark of one SGD optimizer step: mlx-fused-sgd against its peers.
+"""Benchmark of the SGD optimizer step: mlx-fused-sgd against its peers.
 
-Workloads and method are fixed by DESIGN.md: fp32 params,
-SGD(momentum=0.9, weight_decay=1e-4, step_decay(0.1, 0.9, 10)); the time of
-one optimizer step including evaluation; the median over repeated steps after
-warm-up. Peers, all in the same run: stock ``mlx.optimizers.SGD`` eager and
+Every workload: fp32 params, SGD(momentum=0.9, weight_decay=1e-4,
+step_decay(0.1, 0.9, 10)); the time of one optimizer step including
+evaluation. Peers, all in the same run: stock ``mlx.optimizers.SGD`` eager and
 under ``mx.compile``, PyTorch ``SGD(foreach=True)`` and ``SGD(fused=True)``
-with ``StepLR`` (if torch is installed), and the memory roofline (20 bytes per
-parameter at the bandwidth of an in-place triad measured on this machine).
+with ``StepLR`` (if torch is installed), and the memory roofline (20 bytes
+per parameter at the bandwidth of an in-place triad measured on this
+machine).
+
+Real models first (an MLP, a GPT-style decoder, a convnet from
+``mlx_fused_sgd.examples.models``): their gradients come from
+``nn.value_and_grad`` with the layouts MLX produces (every ``nn.Linear``
+weight gradient is a transposed view). For them the whole training step
+(forward, backward, update) is timed too, eager and under MLX's compile
+idiom. Then synthetic workloads with contiguous random gradients.
+
+Implementations and the roofline are measured in interleaved rounds (every
+round times each of them once), so a busy machine shows up as spread: the
+tables give the median and the JSON the min and max of the round medians,
+and a warning is printed when the spread passes 15% or a step beats the
+roofline.
 
 Run ``python benchmarks/bench.py --help`` for the options.
 """
@@ -30,18 +43,20 @@ from functools import partial
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 import mlx_fused_sgd as mfs
+from mlx_fused_sgd.examples import models
 
 HERE = Path(__file__).resolve().parent
 HYPER = dict(momentum=0.9, weight_decay=1e-4)
 SCHEDULE = (0.1, 0.9, 10)
 BYTES_PER_PARAM = 20  # read p, g, v; write p, v (fp32)
 LOSS_SCALE = 1024.0  # for the loss-scaling rows
-
+SPREAD_WARNING = 0.15
 
 # --------------------------------------------------------------------------
 # Workloads
@@ -62,6 +77,46 @@ def workload_shapes(name: str) -> list[tuple[int, ...]]:
     if name == "small":
         return [(1024,)] * 1000
     raise ValueError(f"unknown workload {name!r}; choose from large, gpt, small")
+
+
+# Real models: (factory, description). The decoder has about as many
+# parameters as the synthetic "gpt" workload. The batches are small because
+# MLX's CPU matrix multiply runs at about 2.5 GFLOP/s on the 2-core machine
+# the README's figures come from; the batch changes neither the gradients'
+# sizes nor their layouts, only the training step's forward and backward.
+REAL_WORKLOADS = {
+    "mlp": (
+        lambda: models.mlp([1024, 2048, 2048, 1024], batch=4),
+        "MLP 1024-2048-2048-1024, batch 4",
+    ),
+    "decoder": (
+        lambda: models.gpt(8192, 512, heads=8, layers=6, context=16, batch=1),
+        "GPT-style decoder: vocab 8192, d 512, 6 layers, 8 heads, 1 x 16 tokens",
+    ),
+    "convnet": (
+        lambda: models.convnet([3, 64, 128, 256], classes=10, image=32, batch=2),
+        "convnet 3-64-128-256 + BatchNorm + linear head, 2 images of 32 x 32",
+    ),
+}
+SYNTHETIC_WORKLOADS = ["large", "gpt", "small"]
+
+
+def real_workload(name: str, dtype):
+    """The model, one batch, and its gradients as nn.value_and_grad returns
+    them."""
+    mx.random.seed(0)
+    w = REAL_WORKLOADS[name][0]()
+    if dtype != mx.float32:
+        w.model.set_dtype(dtype)
+    mx.eval(w.model.parameters())
+    batch = w.batch(mx.random.key(1))
+    _, grads = nn.value_and_grad(w.model, w.loss)(w.model, *batch)
+    mx.eval(batch, grads)
+    return w, batch, grads
+
+
+def not_row_contiguous(tree) -> int:
+    return sum(not memoryview(g).c_contiguous for _, g in tree_flatten(tree))
 
 
 def make_tree(shapes, dtype, seed):
@@ -99,6 +154,41 @@ class Progress:
         sys.stderr.flush()
 
 
+def measure_rounds(
+    runners: dict[str, tuple[Callable[[], None], Callable[[], None]]],
+    rounds: int,
+    reps: int,
+    warmup: int,
+    progress: Progress,
+    label: str,
+    roofline_bytes: float | None = None,
+) -> dict[str, list[float]]:
+    """Each runner's median step time (ms) in each of ``rounds`` rounds;
+    every round times each runner for ``reps`` steps in turn (and, with
+    ``roofline_bytes``, measures the triad bandwidth first), so that load
+    on the machine spreads over all of them alike."""
+    for step, sync in runners.values():
+        time_steps(step, warmup, 0, sync)
+    out: dict[str, list[float]] = {name: [] for name in runners}
+    if roofline_bytes is not None:
+        out["roofline"] = []
+    for r in range(rounds):
+        progress.advance(f"{label}: round {r + 1}/{rounds}")
+        if roofline_bytes is not None:
+            bw, _ = triad_bandwidth(reps=3)
+            out["roofline"].append(roofline_bytes / bw * 1e3)
+        for name, (step, sync) in runners.items():
+            out[name].append(statistics.median(time_steps(step, 0, reps, sync)))
+    return out
+
+
+def summarize(round_medians: dict[str, list[float]], row: dict) -> None:
+    """Median, min and max over the rounds, into ``row``."""
+    for name, values in round_medians.items():
+        row[f"{name}_ms"] = statistics.median(values)
+        row[f"{name}_range_ms"] = [min(values), max(values)]
+
+
 def time_steps(step: Callable[[], None], warmup: int, reps: int, sync) -> list[float]:
     for _ in range(warmup):
         step()
@@ -112,11 +202,11 @@ def time_steps(step: Callable[[], None], warmup: int, reps: int, sync) -> list[f
     return times
 
 
-def mlx_runner(kind: str, shapes, dtype, device):
-    """A closure doing one optimizer step of ``kind`` on a fresh tree."""
-    mx.set_default_device(device)
-    params = make_tree(shapes, dtype, 0)
-    grads = make_tree(shapes, dtype, 1)
+def mlx_runner(kind: str, params, grads):
+    """A closure doing one optimizer step of ``kind`` on ``params`` (its own
+    copy) with ``grads`` (shared, read only)."""
+    params = tree_map(lambda x: x + 0, params)
+    mx.eval(params)
     loss_scale = mx.array(LOSS_SCALE)
     if kind == "fused":
         opt = mfs.FusedSGD(mfs.step_decay(*SCHEDULE), **HYPER)
@@ -216,6 +306,8 @@ def mlx_runner(kind: str, shapes, dtype, device):
 
 
 def torch_runner(kind: str, shapes):
+    """PyTorch's SGD on params of ``shapes`` with contiguous gradients (the
+    layout PyTorch's autograd gives them)."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -274,11 +366,14 @@ def _load_triad():
     return None, "C triad failed to build"
 
 
+_TRIAD: dict = {}
+
+
 def triad_bandwidth(n: int = 1 << 25, reps: int = 15) -> tuple[float, str]:
     """Bytes per second of ``b += s * c`` (12 bytes per element)."""
-    b = np.ones(n, np.float32)
-    c = np.ones(n, np.float32)
-    lib, how = _load_triad()
+    if n not in _TRIAD:
+        _TRIAD[n] = (np.ones(n, np.float32), np.ones(n, np.float32), *_load_triad())
+    b, c, lib, how = _TRIAD[n]
     if lib is not None:
 
         def run():
@@ -340,21 +435,68 @@ LABELS = {
 }
 
 
+TRAIN_IMPLS = ["stock_eager", "fused_eager", "stock_compiled", "fused_compiled"]
+TRAIN_LABELS = {
+    "stock_eager": "stock eager",
+    "fused_eager": "fused eager",
+    "stock_compiled": "stock compiled",
+    "fused_compiled": "fused compiled",
+}
+
+
+def make_optimizer(fused: bool):
+    if fused:
+        return mfs.FusedSGD(mfs.step_decay(*SCHEDULE), **HYPER)
+    return optim.SGD(optim.step_decay(*SCHEDULE), **HYPER)
+
+
+def train_runner(kind: str, name: str, dtype):
+    """One training step (forward, backward, update) of real workload
+    ``name`` on a fixed batch; ``*_compiled`` in MLX's idiom,
+    ``partial(mx.compile, inputs=state, outputs=state)``."""
+    w, batch, _ = real_workload(name, dtype)
+    opt = make_optimizer(kind.startswith("fused"))
+    opt.init(w.model.trainable_parameters())
+    mx.eval(opt.state)
+    loss_and_grad = nn.value_and_grad(w.model, w.loss)
+
+    def train_step(*b):
+        loss, grads = loss_and_grad(w.model, *b)
+        opt.update(w.model, grads)
+        return loss
+
+    if kind.endswith("compiled"):
+        state = [w.model.state, opt.state]
+        train_step = partial(mx.compile, inputs=state, outputs=state)(train_step)
+
+    def step():
+        loss = train_step(*batch)
+        mx.eval(loss, w.model.state, opt.state)
+
+    return step, mx.synchronize
+
+
 def main(argv=None) -> int:
+    all_workloads = [*REAL_WORKLOADS, *SYNTHETIC_WORKLOADS]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--workloads",
-        nargs="+",
-        default=["large", "gpt", "small"],
-        choices=["large", "gpt", "small"],
+        "--workloads", nargs="+", default=all_workloads, choices=all_workloads
     )
     ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     ap.add_argument(
         "--dtype", default="float32", choices=["float32", "float16", "bfloat16"]
     )
-    ap.add_argument("--reps", type=int, default=20, help="timed steps per measurement")
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    ap.add_argument(
+        "--reps", type=int, default=4, help="timed steps per implementation per round"
+    )
+    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS + EXTRA_IMPLS)
+    ap.add_argument(
+        "--no-training",
+        action="store_true",
+        help="skip the training-step table of the real models",
+    )
     ap.add_argument(
         "--out", default=str(HERE / "results"), help="folder for JSON and PNG"
     )
@@ -363,6 +505,7 @@ def main(argv=None) -> int:
     device = mx.gpu if args.device == "gpu" else mx.cpu
     if args.device == "gpu" and not mx.metal.is_available():
         ap.error("--device gpu needs MLX with Metal (Apple silicon)")
+    mx.set_default_device(device)
     dtype = getattr(mx, args.dtype)
     try:
         import torch  # noqa: F401
@@ -373,6 +516,10 @@ def main(argv=None) -> int:
     impls = [i for i in args.impls if have_torch or not i.startswith("torch")]
     if have_torch and args.device != "cpu":
         impls = [i for i in impls if not i.startswith("torch")]  # torch peers are CPU
+    # The option rows compare with stock ops on flat trees: synthetic only.
+    real_impls = [i for i in impls if i in IMPLS]
+    real = [w for w in args.workloads if w in REAL_WORKLOADS]
+    synthetic = [w for w in args.workloads if w in SYNTHETIC_WORKLOADS]
 
     bw, bw_how = triad_bandwidth()
     results = {
@@ -388,31 +535,70 @@ def main(argv=None) -> int:
             "triad_method": bw_how,
         },
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "method": (
+            f"{args.rounds} interleaved rounds x {args.reps} steps after "
+            f"{args.warmup} warm-up steps; medians, min and max of the round "
+            "medians"
+        ),
         "workloads": {},
+        "training": {},
     }
-    progress = Progress(len(args.workloads) * len(impls))
+    units = (len(real) * (1 + (not args.no_training)) + len(synthetic)) * args.rounds
+    progress = Progress(units)
+    bytes_per_param = BYTES_PER_PARAM * dtype.size / 4
     for wl in args.workloads:
-        shapes = workload_shapes(wl)
-        n_params = sum(int(np.prod(s)) for s in shapes)
-        # 20 bytes per fp32 parameter; half types move half as many bytes.
-        bytes_per_param = BYTES_PER_PARAM * dtype.size / 4
-        row = {
-            "tensors": len(shapes),
-            "params": n_params,
-            "roofline_ms": bytes_per_param * n_params / bw * 1e3,
-        }
-        for impl in impls:
-            progress.advance(f"{wl}: {LABELS[impl]}")
+        if wl in REAL_WORKLOADS:
+            w, _, grads = real_workload(wl, dtype)
+            params = w.model.trainable_parameters()
+            wl_impls = real_impls
+            row = {"kind": "real", "description": REAL_WORKLOADS[wl][1]}
+            row["not_row_contiguous"] = not_row_contiguous(grads)
+        else:
+            shapes = workload_shapes(wl)
+            params = make_tree(shapes, dtype, 0)
+            grads = make_tree(shapes, dtype, 1)
+            wl_impls = impls
+            row = {"kind": "synthetic", "description": "contiguous random gradients"}
+        leaves = [p for _, p in tree_flatten(params)]
+        shapes = [tuple(p.shape) for p in leaves]
+        row["tensors"] = len(leaves)
+        row["params"] = sum(p.size for p in leaves)
+        runners = {}
+        for impl in wl_impls:
             if impl.startswith("torch"):
-                step, sync = torch_runner(impl, shapes)
+                runners[impl] = torch_runner(impl, shapes)
             else:
-                step, sync = mlx_runner(impl, shapes, dtype, device)
-            times = time_steps(step, args.warmup, args.reps, sync)
-            row[impl + "_ms"] = statistics.median(times)
-            del step
+                runners[impl] = mlx_runner(impl, params, grads)
+        rounds = measure_rounds(
+            runners,
+            args.rounds,
+            args.reps,
+            args.warmup,
+            progress,
+            f"{wl}: optimizer step",
+            bytes_per_param * row["params"],
+        )
+        summarize(rounds, row)
         results["workloads"][wl] = row
+        del runners
+        if wl in REAL_WORKLOADS and not args.no_training:
+            train = {}
+            trainers = {k: train_runner(k, wl, dtype) for k in TRAIN_IMPLS}
+            summarize(
+                measure_rounds(
+                    trainers,
+                    args.rounds,
+                    1,
+                    1,
+                    progress,
+                    f"{wl}: training step",
+                ),
+                train,
+            )
+            results["training"][wl] = train
+            del trainers
 
-    print_table(results, impls)
+    print_tables(results, impls)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2))
@@ -428,32 +614,176 @@ def _ratio(x: float, width: int, digits: int) -> str:
     return text.rjust(width)
 
 
-def print_table(results, impls) -> None:
+def _ms(row: dict, name: str) -> float:
+    return row.get(name + "_ms", float("nan"))
+
+
+def _step_table(results, names, impls, title) -> None:
+    cols = ["roofline", *impls]
+    real = any(results["workloads"][w]["kind"] == "real" for w in names)
+    print(f"\n{title}")
+    grads = f" {'strided':>7}" if real else ""
+    head = f"{'workload':<8} {'tensors':>7} {'params':>8}{grads} | " + " ".join(
+        f"{LABELS[c]:>16}" for c in cols
+    )
+    print(head + f" | {'fused/roofline':>14} {'eager/fused':>11}")
+    print("-" * len(head) + "-" * 29)
+    for wl in names:
+        row = results["workloads"][wl]
+        cells = " ".join(f"{_ms(row, c):>13.2f} ms" for c in cols)
+        fused = _ms(row, "fused")
+        sizes = f"{wl:<8} {row['tensors']:>7} {row['params'] / 1e6:>7.1f}M"
+        if real:
+            sizes += f" {row['not_row_contiguous']:>3}/{row['tensors']:<3}"
+        ratios = (
+            f"{_ratio(fused / row['roofline_ms'], 14, 2)} "
+            f"{_ratio(_ms(row, 'stock_eager') / fused, 11, 1)}"
+        )
+        print(f"{sizes} | {cells} | {ratios}")
+
+
+def _warnings(results) -> list[str]:
+    """Spread past SPREAD_WARNING, or a step faster than the roofline."""
+    out = []
+    rows = [(f"{w} optimizer step", r) for w, r in results["workloads"].items()]
+    rows += [(f"{w} training step", r) for w, r in results["training"].items()]
+    for where, row in rows:
+        for key, (lo, hi) in (
+            (k, v) for k, v in row.items() if k.endswith("_range_ms")
+        ):
+            name = key[: -len("_range_ms")]
+            median = row[f"{name}_ms"]
+            if (hi - lo) / median > SPREAD_WARNING:
+                out.append(
+                    f"{where}, {LABELS.get(name, TRAIN_LABELS.get(name, name))}: "
+                    f"round medians {lo:.2f} to {hi:.2f} ms "
+                    f"({(hi - lo) / median:.0%} spread)"
+                )
+        roof = row.get("roofline_ms")
+        medians = {
+            k: v
+            for k, v in row.items()
+            if k.endswith("_ms") and not k.endswith("_range_ms") and k != "roofline_ms"
+        }
+        for key, value in medians.items():
+            if roof and value < roof:
+                out.append(
+                    f"{where}, {LABELS.get(key[:-3], key[:-3])}: {value:.2f} ms "
+                    f"beats the roofline {roof:.2f} ms"
+                )
+    return out
+
+
+def print_tables(results, impls) -> None:
     m = results["machine"]
     print(
         f"\n{m['platform']}, {m['cpus']} CPUs, MLX {m['mlx']}, torch {m['torch']}, "
         f"device {m['device']}, {m['dtype']}"
     )
-    print(f"triad bandwidth {m['triad_GBps']:.1f} GB/s ({m['triad_method']})\n")
-    cols = ["roofline", *impls]
-    head = f"{'workload':<8} {'tensors':>7} {'params':>8} | " + " ".join(
-        f"{LABELS[c]:>16}" for c in cols
+    print(
+        f"triad bandwidth {m['triad_GBps']:.1f} GB/s ({m['triad_method']}); "
+        f"{results['method']}"
     )
-    print(head + f" | {'fused/roofline':>14} {'eager/fused':>11}")
-    print("-" * len(head) + "-" * 29)
-    for wl, row in results["workloads"].items():
-        cells = " ".join(f"{row.get(c + '_ms', float('nan')):>13.2f} ms" for c in cols)
-        ratio_roof = (
-            row["fused_ms"] / row["roofline_ms"] if "fused_ms" in row else float("nan")
+    wls = results["workloads"]
+    real = [w for w in wls if wls[w]["kind"] == "real"]
+    synthetic = [w for w in wls if wls[w]["kind"] == "synthetic"]
+    if real:
+        _step_table(
+            results,
+            real,
+            [i for i in impls if i in IMPLS],
+            "Optimizer step, real models (gradients from nn.value_and_grad; "
+            "'strided': gradients that are not row-contiguous; torch: the same "
+            "shapes, PyTorch's contiguous gradients)",
         )
-        ratio_eager = (
-            row.get("stock_eager_ms", float("nan")) / row["fused_ms"]
-            if "fused_ms" in row
-            else float("nan")
+        for w in real:
+            print(f"  {w}: {wls[w]['description']}")
+    if results["training"]:
+        print(
+            "\nTraining step, real models (forward + backward + update; compiled: "
+            "partial(mx.compile, inputs=state, outputs=state))"
         )
-        sizes = f"{wl:<8} {row['tensors']:>7} {row['params'] / 1e6:>7.1f}M"
-        ratios = f"{_ratio(ratio_roof, 14, 2)} {_ratio(ratio_eager, 11, 1)}"
-        print(f"{sizes} | {cells} | {ratios}")
+        head = f"{'workload':<8} | " + " ".join(
+            f"{TRAIN_LABELS[c]:>16}" for c in TRAIN_IMPLS
+        )
+        print(head + f" | {'fused/stock':>11} {'opt share stock':>15} {'fused':>6}")
+        print("-" * (len(head) + 38))
+        for wl, row in results["training"].items():
+            cells = " ".join(f"{_ms(row, c):>13.2f} ms" for c in TRAIN_IMPLS)
+            opt = wls[wl]
+            share_stock = _ms(opt, "stock_eager") / _ms(row, "stock_eager")
+            share_fused = _ms(opt, "fused") / _ms(row, "fused_eager")
+            ratio = _ms(row, "fused_eager") / _ms(row, "stock_eager")
+            print(
+                f"{wl:<8} | {cells} | {_ratio(ratio, 11, 2)} "
+                f"{share_stock:>15.0%} {share_fused:>6.0%}"
+            )
+    if synthetic:
+        _step_table(
+            results,
+            synthetic,
+            impls,
+            "Optimizer step, synthetic workloads (contiguous random gradients)",
+        )
+    warnings = _warnings(results)
+    if warnings:
+        print("\nWARNING: the machine was busy during this run; compare with care:")
+        for line in warnings:
+            print(f"  {line}")
+
+
+def _bars(ax, groups, series, values, labels, roofline=False, log=True) -> None:
+    """Grouped bars with their values printed on them; the roofline as a
+    dashed line across each group; a legend below the axes."""
+    width = 0.8 / len(series)
+    x = np.arange(len(groups))
+    for j, name in enumerate(series):
+        heights = [values[g].get(name + "_ms", np.nan) for g in groups]
+        bars = ax.bar(x + j * width, heights, width, label=labels[name])
+        for bar, h in zip(bars, heights):
+            if np.isfinite(h):
+                ax.annotate(
+                    f"{h:.3g}",
+                    (bar.get_x() + bar.get_width() / 2, h),
+                    ha="center",
+                    va="bottom",
+                    fontsize=6,
+                    rotation=90,
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                )
+    if roofline:
+        for i, g in enumerate(groups):
+            y = values[g].get("roofline_ms")
+            if y:
+                ax.hlines(
+                    y,
+                    x[i] - width / 2,
+                    x[i] + width * (len(series) - 0.5),
+                    colors="k",
+                    linestyles="--",
+                    linewidth=1,
+                    label="memory roofline" if i == 0 else None,
+                )
+    ax.set_xticks(x + width * (len(series) - 1) / 2, groups)
+    if log:
+        from matplotlib.ticker import FuncFormatter, LogLocator
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+        ax.set_ylabel("ms per step (log scale)")
+    else:
+        ax.set_ylabel("ms per step")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(
+        fontsize=7,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.08),
+        ncol=min(len(series) + bool(roofline), 4),
+        frameon=False,
+    )
 
 
 def plot(results, impls, path):
@@ -464,23 +794,27 @@ def plot(results, impls, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    cols = ["roofline", *impls]
-    wls = list(results["workloads"])
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    width = 0.8 / len(cols)
-    for j, c in enumerate(cols):
-        vals = [results["workloads"][w].get(c + "_ms", np.nan) for w in wls]
-        ax.bar(np.arange(len(wls)) + j * width, vals, width, label=LABELS[c])
-    ax.set_xticks(np.arange(len(wls)) + width * (len(cols) - 1) / 2, wls)
-    ax.set_yscale("log")
-    ax.set_ylabel("ms per optimizer step (log scale)")
+    wls = results["workloads"]
+    panels = 2 if results["training"] else 1
+    fig, axes = plt.subplots(
+        1, panels, figsize=(14 if panels == 2 else 9, 5.5), squeeze=False
+    )
+    ax = axes[0][0]
+    _bars(ax, list(wls), impls, wls, LABELS, roofline=True)
     m = results["machine"]
     ax.set_title(
-        f"SGD step, {m['dtype']} on {m['device']} ({m['cpus']} CPUs, MLX {m['mlx']})"
+        f"Optimizer step, {m['dtype']} on {m['device']} "
+        f"({m['cpus']} CPUs, MLX {m['mlx']})",
+        fontsize=10,
     )
-    ax.legend(fontsize=8)
+    if panels == 2:
+        ax = axes[0][1]
+        train = results["training"]
+        _bars(ax, list(train), TRAIN_IMPLS, train, TRAIN_LABELS, log=False)
+        ax.set_title("Training step (forward + backward + update)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path
 
 

@@ -18,6 +18,8 @@ def test_benchmark_runs_and_writes_results(tmp_path, device):
         str(ROOT / "benchmarks" / "bench.py"),
         "--workloads",
         "small",
+        "--rounds",
+        "2",
         "--reps",
         "2",
         "--warmup",
@@ -35,6 +37,43 @@ def test_benchmark_runs_and_writes_results(tmp_path, device):
     row = result["workloads"]["small"]
     assert row["tensors"] == 1000 and row["params"] == 1024 * 1000
     assert row["fused_ms"] > 0 and row["stock_eager_ms"] > 0 and row["roofline_ms"] > 0
+    for name in ("fused", "stock_eager", "roofline"):
+        lo, hi = row[f"{name}_range_ms"]
+        assert 0 < lo <= row[f"{name}_ms"] <= hi
+
+
+def test_benchmark_real_model_rows(tmp_path, device):
+    """A real model: its gradients' layouts are counted, and the training
+    step is timed eager and compiled, stock and fused."""
+    if device != "cpu":
+        pytest.skip("one run is enough")
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench.py"),
+        "--workloads",
+        "convnet",
+        "--rounds",
+        "1",
+        "--reps",
+        "1",
+        "--warmup",
+        "1",
+        "--impls",
+        "fused",
+        "stock_eager",
+        "--out",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    row = result["workloads"]["convnet"]
+    assert row["kind"] == "real" and row["not_row_contiguous"] >= 1
+    assert row["fused_ms"] > 0 and row["stock_eager_ms"] > 0
+    train = result["training"]["convnet"]
+    for kind in ("stock_eager", "fused_eager", "stock_compiled", "fused_compiled"):
+        assert train[f"{kind}_ms"] > 0, kind
+    assert "Training step" in proc.stdout
 
 
 def test_benchmark_option_rows_run(tmp_path, device):
@@ -54,6 +93,8 @@ def test_benchmark_option_rows_run(tmp_path, device):
         "small",
         "--dtype",
         "bfloat16",
+        "--rounds",
+        "1",
         "--reps",
         "1",
         "--warmup",
