@@ -2,7 +2,7 @@
 // update. This header is the one source of truth for both backends: the CPU
 // loops in csrc/ and the Metal kernels in kernels/*.metal include it.
 //
-// Parity contract (see DESIGN.md): every line rounds to float32 exactly as
+// Parity contract (docs/design.md): every line rounds to float32 exactly as
 // stock mlx.optimizers.SGD rounds it. Each multiply and each add is its own
 // statement so that no compiler may contract them into an FMA (contraction
 // only happens inside one expression unless fast-math is on); the CPU build

@@ -11,7 +11,7 @@ def to_numpy(a: mx.array) -> np.ndarray:
 
 
 def sgd_reference(p, g, v, lr, momentum, weight_decay, dampening, nesterov):
-    """The DESIGN.md formulas, in the precision of the NumPy inputs (float64
+    """The formulas of docs/design.md, in the precision of the NumPy inputs (float64
     in the tests)."""
     g = g + weight_decay * p
     if momentum <= 0:
@@ -21,7 +21,7 @@ def sgd_reference(p, g, v, lr, momentum, weight_decay, dampening, nesterov):
     return p - lr * u, v
 
 
-# On the GPU (Metal) the kernels aim for stock's bits too, but DESIGN.md
+# On the GPU (Metal) the kernels aim for stock's bits too, but docs/design.md
 # accepts a few ulp there (the Metal compiler's code generation is not ours);
 # on the CPU the comparison is exact.
 GPU_ULP_TOLERANCE = 4

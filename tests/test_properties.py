@@ -1,6 +1,6 @@
 """Property tests (hypothesis): random shapes, layouts, dtypes,
 hyperparameters and steps, against stock optim.SGD (float32: the same bits)
-and a float64 NumPy reference of the DESIGN.md formulas (every dtype)."""
+and a float64 NumPy reference of the formulas in docs/design.md (every dtype)."""
 
 import math
 import os
