@@ -328,3 +328,16 @@ def _inverse(layout, values, base_shape):
     positions = np.array(view(lambda shape: mx.array(index))).reshape(-1)
     base.reshape(-1)[positions] = values.reshape(-1)
     return base
+
+
+@pytest.mark.parametrize("shape", [(5, 0), (0, 5), (3, 4, 0), (2, 0, 3)], ids=str)
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_empty_tensors_in_strided_layouts(shape, dtype):
+    """An axis of size 0 in a transposed layout: no tiles, no work, empty
+    results (once a division by zero in the tile plan)."""
+    p = mx.zeros(shape, dtype)
+    g = mx.zeros(shape[:-2] + (shape[-1], shape[-2]), dtype).swapaxes(-1, -2)
+    v = mx.zeros(shape[:-2] + (shape[-1], shape[-2]), dtype).swapaxes(-1, -2)
+    new_p, new_v = mfs.sgd_update(p, g, v, learning_rate=0.1, momentum=0.9)
+    mx.eval(new_p, new_v)
+    assert new_p.shape == shape and new_v.shape == shape
