@@ -341,7 +341,9 @@ MFS_LOOP_INLINE void walk_strided(
   for (int op = 0; op < 4; ++op) {
     at[op] = bytes;
     if (data[op] != nullptr && layout.col_stride(op) != 1) {
-      bytes += tile * item[op];
+      // Whole 64-byte lines each: a float buffer after a half-precision one
+      // of an odd number of elements stays aligned.
+      bytes += (tile * item[op] + 63) & ~size_t(63);
     }
   }
   std::unique_ptr<unsigned char[]> owned;

@@ -1,4 +1,4 @@
-"""The benchmark runs (a small, quick configuration) and writes its JSON."""
+"""The benchmark runs (small, quick configurations) and writes its JSON."""
 
 import json
 import subprocess
@@ -10,30 +10,32 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_benchmark_runs_and_writes_results(tmp_path, device):
-    if device != "cpu":
-        pytest.skip("one run is enough")
+def _run_bench(tmp_path, *args):
+    """Runs benchmarks/bench.py with a quick timing configuration and
+    ``args``; returns its stdout and its JSON."""
     cmd = [
         sys.executable,
         str(ROOT / "benchmarks" / "bench.py"),
-        "--workloads",
-        "small",
-        "--rounds",
-        "2",
-        "--reps",
-        "2",
         "--warmup",
         "1",
-        "--impls",
-        "fused",
-        "stock_eager",
         "--out",
         str(tmp_path),
+        *args,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "mlx-fused-sgd" in proc.stdout
-    result = json.loads((tmp_path / "bench.json").read_text())
+    return proc.stdout, json.loads((tmp_path / "bench.json").read_text())
+
+
+def test_benchmark_runs_and_writes_results(tmp_path, device):
+    if device != "cpu":
+        pytest.skip("one run is enough")
+    out, result = _run_bench(
+        tmp_path,
+        *("--workloads", "small", "--rounds", "2", "--reps", "2"),
+        *("--impls", "fused", "stock_eager"),
+    )
+    assert "mlx-fused-sgd" in out
     row = result["workloads"]["small"]
     assert row["tensors"] == 1000 and row["params"] == 1024 * 1000
     assert row["fused_ms"] > 0 and row["stock_eager_ms"] > 0 and row["roofline_ms"] > 0
@@ -47,33 +49,18 @@ def test_benchmark_real_model_rows(tmp_path, device):
     step is timed eager and compiled, stock and fused."""
     if device != "cpu":
         pytest.skip("one run is enough")
-    cmd = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "bench.py"),
-        "--workloads",
-        "convnet",
-        "--rounds",
-        "1",
-        "--reps",
-        "1",
-        "--warmup",
-        "1",
-        "--impls",
-        "fused",
-        "stock_eager",
-        "--out",
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "bench.json").read_text())
+    out, result = _run_bench(
+        tmp_path,
+        *("--workloads", "convnet", "--rounds", "1", "--reps", "1"),
+        *("--impls", "fused", "stock_eager"),
+    )
     row = result["workloads"]["convnet"]
     assert row["kind"] == "real" and row["not_row_contiguous"] >= 1
     assert row["fused_ms"] > 0 and row["stock_eager_ms"] > 0
     train = result["training"]["convnet"]
     for kind in ("stock_eager", "fused_eager", "stock_compiled", "fused_compiled"):
         assert train[f"{kind}_ms"] > 0, kind
-    assert "Training step" in proc.stdout
+    assert "Training step" in out
 
 
 def test_benchmark_option_rows_run(tmp_path, device):
@@ -86,27 +73,12 @@ def test_benchmark_option_rows_run(tmp_path, device):
         import bench
     finally:
         sys.path.pop(0)
-    cmd = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "bench.py"),
-        "--workloads",
-        "small",
-        "--dtype",
-        "bfloat16",
-        "--rounds",
-        "1",
-        "--reps",
-        "1",
-        "--warmup",
-        "1",
-        "--impls",
-        *bench.EXTRA_IMPLS,
-        "--out",
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    row = json.loads((tmp_path / "bench.json").read_text())["workloads"]["small"]
+    out, result = _run_bench(
+        tmp_path,
+        *("--workloads", "small", "--dtype", "bfloat16", "--rounds", "1"),
+        *("--reps", "1", "--impls", *bench.EXTRA_IMPLS),
+    )
+    row = result["workloads"]["small"]
     for impl in bench.EXTRA_IMPLS:
         assert row[f"{impl}_ms"] > 0, impl
-        assert bench.LABELS[impl] in proc.stdout
+        assert bench.LABELS[impl] in out

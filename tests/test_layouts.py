@@ -188,9 +188,15 @@ class _Fused:
     step_decay = staticmethod(mfs.step_decay)
 
 
-def train(workload, optimizer, steps=6):
+def train(workload, optimizer, steps=6, dtype=None, contiguous=False):
+    """`steps` training steps of a WORKLOADS model; the gradients as
+    nn.value_and_grad returns them, or their contiguous copies. Returns the
+    model, the optimizer and the most gradients of a step that were not
+    row-contiguous as returned."""
     mx.random.seed(0)
     w = WORKLOADS[workload]()
+    if dtype is not None:
+        w.model.set_dtype(dtype)
     mx.eval(w.model.parameters())
     loss_and_grad = nn.value_and_grad(w.model, w.loss)
     key = mx.random.key(42)
@@ -200,9 +206,23 @@ def train(workload, optimizer, steps=6):
         _, grads = loss_and_grad(w.model, *w.batch(sub))
         mx.eval(grads)
         strided = max(strided, sum(_is_strided(g) for _, g in tree_flatten(grads)))
+        if contiguous:
+            grads = _tree_contiguous(grads)
         optimizer.update(w.model, grads)
         mx.eval(w.model.parameters(), optimizer.state)
     return w.model, optimizer, strided
+
+
+def _assert_same_training(model_a, opt_a, model_b, opt_b):
+    """Params and optimizer state (every entry) bit for bit."""
+    for tree_a, tree_b, what in (
+        (model_a.parameters(), model_b.parameters(), "param"),
+        (opt_a.state, opt_b.state, "state"),
+    ):
+        a, b = dict(tree_flatten(tree_a)), dict(tree_flatten(tree_b))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_bitwise_equal(a[k], b[k], f"{what} {k}")
 
 
 @pytest.mark.parametrize("workload", list(WORKLOADS))
@@ -211,17 +231,7 @@ def test_real_models_bit_identical_to_stock(workload, config):
     model_f, opt_f, strided = train(workload, _optimizer(_Fused, config))
     model_s, opt_s, _ = train(workload, _optimizer(optim, config))
     assert strided >= 1, "the model's gradients must include transposed ones"
-    pf, ps = (
-        dict(tree_flatten(model_f.parameters())),
-        dict(tree_flatten(model_s.parameters())),
-    )
-    assert pf.keys() == ps.keys()
-    for k in pf:
-        assert_bitwise_equal(pf[k], ps[k], f"param {k}")
-    sf, ss = dict(tree_flatten(opt_f.state)), dict(tree_flatten(opt_s.state))
-    assert sf.keys() == ss.keys()
-    for k in sf:
-        assert_bitwise_equal(sf[k], ss[k], f"state {k}")
+    _assert_same_training(model_f, opt_f, model_s, opt_s)
 
 
 OPTIONS = {
@@ -241,43 +251,15 @@ def test_real_models_every_option_layout_free(workload, option):
     MLX returns them gives the bits of training on their contiguous copies
     (in bfloat16 for the half-precision options)."""
     half = option in ("float32_state", "master_weights", "stochastic_rounding")
+    dtype = mx.bfloat16 if half else None
 
     def make():
         return mfs.FusedSGD(0.05, momentum=0.9, weight_decay=1e-4, **OPTIONS[option])
 
-    runs = []
-    for layout in ("as_returned", "contiguous"):
-        mx.random.seed(0)
-        w = WORKLOADS[workload]()
-        if half:
-            w.model.set_dtype(mx.bfloat16)
-        mx.eval(w.model.parameters())
-        opt = make()
-        loss_and_grad = nn.value_and_grad(w.model, w.loss)
-        key = mx.random.key(42)
-        strided = 0
-        for _ in range(5):
-            key, sub = mx.random.split(key)
-            _, grads = loss_and_grad(w.model, *w.batch(sub))
-            mx.eval(grads)
-            strided += sum(_is_strided(g) for _, g in tree_flatten(grads))
-            if layout == "contiguous":
-                grads = _tree_contiguous(grads)
-            opt.update(w.model, grads)
-            mx.eval(w.model.parameters(), opt.state)
-        runs.append((w.model, opt, strided))
-    (model_a, opt_a, strided_a), (model_b, opt_b, _) = runs
-    assert strided_a >= 1
-    pa, pb = (
-        dict(tree_flatten(model_a.parameters())),
-        dict(tree_flatten(model_b.parameters())),
-    )
-    for k in pa:
-        assert_bitwise_equal(pa[k], pb[k], f"param {k}")
-    sa, sb = dict(tree_flatten(opt_a.state)), dict(tree_flatten(opt_b.state))
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert_bitwise_equal(sa[k], sb[k], f"state {k}")
+    model_a, opt_a, strided = train(workload, make(), steps=5, dtype=dtype)
+    model_b, opt_b, _ = train(workload, make(), steps=5, dtype=dtype, contiguous=True)
+    assert strided >= 1
+    _assert_same_training(model_a, opt_a, model_b, opt_b)
 
 
 def _tree_contiguous(tree):
@@ -341,3 +323,28 @@ def test_empty_tensors_in_strided_layouts(shape, dtype):
     new_p, new_v = mfs.sgd_update(p, g, v, learning_rate=0.1, momentum=0.9)
     mx.eval(new_p, new_v)
     assert new_p.shape == shape and new_v.shape == shape
+
+
+def test_half_params_float32_buffers_with_odd_tiles():
+    """A bfloat16 gradient gathered next to a float32 momentum buffer and
+    master copy, in tiles of an odd number of elements: the float32 buffers
+    stay aligned (UBSan checks this under .ci/sanitize) and the bits are the
+    contiguous ones."""
+    keys = mx.random.split(mx.random.key(4), 4)
+    # One gathered bfloat16 buffer (the gradient: 7 x 13 = 91 elements, 182
+    # bytes) before the float32 ones; the param is read in place.
+    p = _random((7, 13), mx.bfloat16, keys[0])
+    g = _random((13, 7), mx.bfloat16, keys[1]).T
+    v = _random((13, 7), mx.float32, keys[2]).T
+    m = _random((13, 7), mx.float32, keys[3]).T
+    kw = dict(learning_rate=0.05, momentum=0.9, master_params=[m])
+    got = mfs.sgd_update_many([p], [g], [v], **kw)
+    want = mfs.sgd_update_many(
+        [_contiguous(p)],
+        [_contiguous(g)],
+        [_contiguous(v)],
+        **{**kw, "master_params": [_contiguous(m)]},
+    )
+    mx.eval(got, want)
+    for a, b, what in zip(itertools.chain(*got), itertools.chain(*want), "pvm"):
+        assert_bitwise_equal(a, b, what)
