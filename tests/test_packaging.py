@@ -48,7 +48,14 @@ def test_import_refuses_a_different_mlx():
     assert proc.returncode != 0
     assert "ImportError" in proc.stderr
     assert "0.0.1" in proc.stderr and mfs._ext.mlx_build_version in proc.stderr
-    assert "Rebuild" in proc.stderr
+    # The advice must work: match the MLX, or rebuild against the installed
+    # one without build isolation (an isolated rebuild pins the old MLX).
+    assert f'pip install "mlx=={mfs._ext.mlx_build_version}"' in proc.stderr
+    assert "--no-build-isolation" in proc.stderr
+    rebuild = next(
+        line for line in proc.stderr.splitlines() if "--force-reinstall" in line
+    )
+    assert "--no-build-isolation" in rebuild and "--no-deps" in rebuild
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF only")

@@ -1,47 +1,84 @@
-"""The README's quick start runs as written."""
+"""The README's and the docs' code runs as written, and the README's test
+command is the one CI runs."""
 
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
 
 
-def test_quick_start_runs(device):
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+def _python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
+
+
+def test_quick_start_runs(device, capsys):
+    blocks = _python_blocks(README)
     assert blocks, "README has no python block"
     scope: dict = {}
     exec(compile(blocks[0], "README quick start", "exec"), scope)
     assert scope["optimizer"].state["step"].item() == 100
+    printed = capsys.readouterr().out
+    assert printed.count("loss") == 4, "the quick start prints its loss"
+
+
+@pytest.mark.parametrize("page", [README, *DOCS], ids=lambda p: p.name)
+def test_every_python_block_runs(page, device):
+    """Every ```python block of a page runs, in order, in one namespace per
+    page (later blocks may use what earlier ones defined)."""
+    blocks = _python_blocks(page)
+    scope: dict = {}
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"{page.name} block {i + 1}", "exec"), scope)
 
 
 def test_readme_commands_match_ci():
     text = README.read_text()
-    ci = (README.parent / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
     test_cmd = 'pip install ".[test]" && python -m pytest -q tests'
     assert test_cmd in text and test_cmd in ci
     assert 'pip install ".[bench]" && python benchmarks/bench.py' in text
 
 
+def test_docs_links_resolve():
+    """Every relative link of the README and the docs names a file of the
+    repository."""
+    for page in [README, *DOCS]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name}: {target}"
+
+
+def test_nothing_points_outside_the_repository():
+    for page in [README, *DOCS]:
+        text = page.read_text()
+        assert "DESIGN.md" not in text and "../shared" not in text, page.name
+
+
 def test_option_examples_construct(device):
-    """The README's option snippets use the real keyword names."""
+    """The docs' option snippets use the real keyword names."""
+    snippet = next(
+        b for p in DOCS for b in _python_blocks(p) if "rounding_seed=1234" in b
+    )
     import mlx.core as mx
 
     import mlx_fused_sgd as mfs
 
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    snippet = next(b for b in blocks if "rounding_seed=1234" in b)
     scope = {"mx": mx, "mfs": mfs}
-    exec(compile(snippet, "README options", "exec"), scope)
+    exec(compile(snippet, "docs options", "exec"), scope)
     assert scope["opt"].stochastic_rounding and scope["opt"].rounding_seed == 1234
 
 
 def test_every_option_example_runs(device):
-    """The README's one-place example of every option runs, each optimizer
-    taking its step."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    snippet = next(b for b in blocks if "for kw in options:" in b)
+    """The one-place example of every option runs, each optimizer taking its
+    step."""
+    snippet = next(
+        b for p in DOCS for b in _python_blocks(p) if "for kw in options:" in b
+    )
     scope: dict = {}
-    exec(compile(snippet, "README every option", "exec"), scope)
+    exec(compile(snippet, "docs every option", "exec"), scope)
     assert len(scope["options"]) == 6
     assert scope["opt"].state["step"].item() == 1
     assert scope["new_params"]["w"].tolist() != scope["params"]["w"].tolist()

@@ -11,13 +11,20 @@ import mlx.core as _mx
 from ._build_info import MLX_BUILD_VERSION as _MLX_BUILD_VERSION
 
 if _mx.__version__ != _MLX_BUILD_VERSION:
+    # An isolated rebuild (plain `pip install`) would pin the old MLX again:
+    # the advice is to match the MLX, or rebuild against the installed one.
     raise ImportError(
         f"mlx_fused_sgd was built against MLX {_MLX_BUILD_VERSION} but MLX "
-        f"{_mx.__version__} is installed; an extension must run with the MLX "
-        "release it was compiled against. Rebuild it in this environment: "
-        "pip install --force-reinstall --no-cache-dir mlx-fused-sgd (from its "
-        "source directory: pip install --force-reinstall .), or install "
-        f"mlx=={_MLX_BUILD_VERSION}."
+        f"{_mx.__version__} is installed; the extension must run with the MLX "
+        "release it was compiled against. Either install that MLX:\n"
+        f'    pip install "mlx=={_MLX_BUILD_VERSION}"\n'
+        "or rebuild mlx-fused-sgd against the installed MLX, from its source "
+        "directory, without build isolation (the build tools must then be in "
+        "this environment):\n"
+        "    pip install scikit-build-core cmake nanobind\n"
+        "    pip install --no-build-isolation --no-deps --force-reinstall .\n"
+        "(nanobind must be the release your MLX was built with: 3.1.0 for "
+        "MLX 0.32.4)."
     )
 
 from . import _ext  # noqa: E402, F401  (the compiled module, for advanced use)
