@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -93,12 +94,20 @@ def _collect(
         )
 
 
+def _like(tree: list | tuple, items: Any) -> list | tuple:
+    """A list or tuple of ``tree``'s type holding ``items``; namedtuples take
+    their fields as arguments (as ``mlx.utils.tree_map`` rebuilds them)."""
+    if isinstance(tree, tuple) and hasattr(type(tree), "_fields"):
+        return type(tree)(*items)
+    return type(tree)(items)
+
+
 def _copy_containers(tree: Any) -> Any:
     """A copy of the dicts, lists and tuples of ``tree``, sharing its leaves."""
     if isinstance(tree, dict):
         return {k: _copy_containers(v) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(_copy_containers(v) for v in tree)
+        return _like(tree, [_copy_containers(v) for v in tree])
     return tree
 
 
@@ -111,7 +120,7 @@ def _rebuild(grads: Any, new_leaves: Any) -> Any:
             for k, g in grads.items()
         }
     if isinstance(grads, (list, tuple)):
-        return type(grads)(_rebuild(g, new_leaves) for g in grads)
+        return _like(grads, [_rebuild(g, new_leaves) for g in grads])
     return next(new_leaves)
 
 
@@ -201,6 +210,19 @@ class FusedSGD(Optimizer):
         stochastic_rounding: bool = False,
         rounding_seed: int = 0,
     ) -> None:
+        for name, value in (
+            ("momentum", momentum),
+            ("weight_decay", weight_decay),
+            ("dampening", dampening),
+        ):
+            scalar_array = isinstance(value, mx.array) and value.size == 1
+            if isinstance(value, bool) or not (
+                isinstance(value, numbers.Real) or scalar_array
+            ):
+                raise TypeError(
+                    f"{name} must be a real number, but got "
+                    f"{type(value).__name__} {value!r}."
+                )
         if nesterov and (momentum <= 0 or dampening != 0):
             # Same check and message as stock SGD.
             raise ValueError(
@@ -367,7 +389,9 @@ class FusedSGD(Optimizer):
         if self._initialized:
             return self._apply_gradients(gradients, parameters)
         # The first step initializes the state in place (stock's init); undo
-        # that too if the step is refused.
+        # that too if the step is refused, in place: code holding the state
+        # dict (MLX's compile idiom, state = [model.state, optimizer.state])
+        # keeps seeing the optimizer's state.
         snapshot = _copy_containers(self._state)
         try:
             # Check the trees first, then initialize from the params (shaped
@@ -379,7 +403,8 @@ class FusedSGD(Optimizer):
             self.init(_rebuild(gradients, iter(params)))
             return self._apply_gradients(gradients, parameters)
         except BaseException:
-            self._state = snapshot
+            self._state.clear()
+            self._state.update(snapshot)
             self._initialized = False
             raise
 
@@ -428,7 +453,9 @@ class FusedSGD(Optimizer):
             norm = grad_norm(grads, self._grad_scale)
             settings["clip_factor"] = clip_factor_for(norm, self.max_grad_norm)
         scheduler = self._schedulers.get("learning_rate")
-        if isinstance(scheduler, StepDecay):
+        # Only exactly step decay is folded into the kernel; a subclass (one
+        # that adds warm-up, say) is evaluated like any other schedule.
+        if type(scheduler) is StepDecay:
             # The kernel computes lr_k from the step counter itself; the
             # state still records lr_k as stock does.
             learning_rate = scheduler(step)
@@ -457,6 +484,9 @@ class FusedSGD(Optimizer):
                 **settings,
             )
 
+        # The result first: nothing that can fail comes after the commit.
+        result = _rebuild(gradients, iter(new_params))
+
         # Commit: nothing above touched the state. A skipped step (decided on
         # the device) keeps the step counter and the learning rate too.
         if skip is not None:
@@ -475,4 +505,4 @@ class FusedSGD(Optimizer):
             for s, m in zip(states, new_masters):
                 if m is not None:
                     s["master"] = m
-        return _rebuild(gradients, iter(new_params))
+        return result
