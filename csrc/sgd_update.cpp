@@ -24,13 +24,17 @@ namespace mlx_fused_sgd {
 void SGDSettings::validate() const {
   auto fail = [](const std::string& msg) { throw std::invalid_argument(msg); };
   std::ostringstream os;
-  if (!std::isfinite(momentum) || momentum < 0) {
-    os << "momentum must be a finite number >= 0, but got " << momentum << ".";
+  // The kernels compute with float32(momentum) and float32(weight_decay):
+  // a value that overflows float32 would be inf there.
+  if (!std::isfinite(static_cast<float>(momentum)) || momentum < 0) {
+    os << "momentum must be a finite number >= 0 that fits in float32, but "
+          "got "
+       << momentum << ".";
     fail(os.str());
   }
-  if (!std::isfinite(weight_decay)) {
-    os << "weight_decay must be a finite number, but got " << weight_decay
-       << ".";
+  if (!std::isfinite(static_cast<float>(weight_decay))) {
+    os << "weight_decay must be a finite number that fits in float32, but got "
+       << weight_decay << ".";
     fail(os.str());
   }
   if (!(dampening >= 0 && dampening <= 1)) {
@@ -126,7 +130,12 @@ mx::array check_skip_flag(const mx::array& x, mx::StreamOrDevice s) {
         "grads_nonfinite), but got dtype " +
         dtype_name(x.dtype()) + " and shape " + shape_str(x.shape()) + ".");
   }
-  auto out = x.dtype() == mx::uint32 ? x : mx::astype(x, mx::uint32, s);
+  // Nonzero of any width skips (a cast to uint32 would drop the high bits
+  // of a 64-bit flag).
+  auto out = x.dtype() == mx::uint32 || x.dtype() == mx::bool_
+                 ? x
+                 : mx::not_equal(x, mx::array(0, x.dtype()), s);
+  out = out.dtype() == mx::uint32 ? out : mx::astype(out, mx::uint32, s);
   return out.ndim() == 0 ? out : mx::reshape(out, {}, s);
 }
 
@@ -330,9 +339,11 @@ SGDResult sgd_update_impl(
     bool use_fallback,
     mx::StreamOrDevice s) {
   settings.validate();
-  if (tensors_per_primitive < 1) {
+  if (tensors_per_primitive < 1 ||
+      tensors_per_primitive > kMaxTensorsPerPrimitive) {
     throw std::invalid_argument(
-        "tensors_per_primitive must be >= 1, but got " +
+        "tensors_per_primitive must be in [1, " +
+        std::to_string(kMaxTensorsPerPrimitive) + "], but got " +
         std::to_string(tensors_per_primitive) + ".");
   }
   const size_t n = params.size();

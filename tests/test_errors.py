@@ -202,3 +202,90 @@ def test_broadcast_rules_match_stock():
         ValueError, match="must have the parameter's shape or broadcast to it"
     ):
         mfs.sgd_update(mx.ones((4,)), mx.ones((3, 4)), learning_rate=0.1)
+
+
+# ---------------------------------------------------------------------------
+# Scalars checked as the float32 / uint64 the kernels use; flags of any width
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(learning_rate=1e39), "learning_rate"),
+        (dict(learning_rate=0.1, grad_scale=1e39), "grad_scale"),
+        (dict(learning_rate=0.1, grad_scale=1e-320), "grad_scale"),
+        (dict(learning_rate=0.1, weight_decay=1e39), "weight_decay"),
+        (dict(learning_rate=0.1, momentum=1e39), "momentum"),
+    ],
+    ids=lambda x: (
+        x if isinstance(x, str) else "-".join(f"{k}={v}" for k, v in x.items())
+    ),
+)
+def test_scalars_checked_as_float32(kwargs, name):
+    """Python numbers that overflow float32, or a loss scale that rounds to
+    0 in it, are refused naming the argument (they used to give inf params
+    or a silently vanishing update)."""
+    p, g = mx.ones((3,)), mx.ones((3,))
+    with pytest.raises(ValueError, match=name):
+        mfs.sgd_update(p, g, None, **kwargs)
+
+
+def test_optimizer_scalars_checked_as_float32():
+    with pytest.raises(ValueError, match="learning_rate"):
+        mfs.FusedSGD(1e39)
+    with pytest.raises(ValueError, match="grad_scale"):
+        mfs.FusedSGD(0.1, grad_scale=1e-320)
+    with pytest.raises(ValueError, match="weight_decay"):
+        mfs.FusedSGD(0.1, weight_decay=-1e39)
+
+
+def test_huge_integer_learning_rate_and_rounding_step():
+    """Python ints past int64 used to raise std::bad_cast."""
+    p, g = mx.ones((3,)), mx.ones((3,))
+    new_p, _ = mfs.sgd_update(p, g, None, learning_rate=2**63)
+    assert new_p.tolist() == [1 - 2.0**63] * 3
+    assert mfs.FusedSGD(2**63).state["learning_rate"].item() == 2.0**63
+    half = [p.astype(mx.bfloat16)], [g.astype(mx.bfloat16)]
+    for step in (2**63, 2**64 - 1):
+        got = mfs.sgd_update_many(
+            *half, None, learning_rate=0.1, rounding_seed=7, rounding_step=step
+        )
+        want = mfs.sgd_update_many(
+            *half,
+            None,
+            learning_rate=0.1,
+            rounding_seed=7,
+            rounding_step=mx.array(step - 2**63, mx.uint64)
+            + mx.array(2**62, mx.uint64) * 2,
+        )
+        mx.eval(got, want)
+        assert got[0][0].tolist() == want[0][0].tolist()
+    with pytest.raises(TypeError, match="rounding_step"):
+        mfs.sgd_update_many(
+            *half, None, learning_rate=0.1, rounding_seed=7, rounding_step=2**64
+        )
+
+
+@pytest.mark.parametrize("dtype", [mx.int64, mx.uint64])
+def test_skip_flag_of_any_width(dtype):
+    """A nonzero 64-bit flag whose low 32 bits are zero skips (it was cast
+    to uint32 and did not)."""
+    p, g = mx.ones((3,)), mx.ones((3,))
+    kw = dict(learning_rate=mx.array(0.1), skip=mx.array(2**32, dtype))
+    new_p, _ = mfs.sgd_update(p, g, None, **kw)
+    assert new_p.tolist() == [1.0, 1.0, 1.0], "kernel"
+    fallback = mfs._ext._sgd_update_many_fallback([p], [g], [], **kw)
+    assert fallback[0][0].tolist() == [1.0, 1.0, 1.0], "composed fallback"
+
+
+def test_tensors_per_primitive_is_bounded():
+    p, g = [mx.ones((3,))] * 2, [mx.ones((3,))] * 2
+    for bad in (0, 257, 4000):
+        with pytest.raises(
+            ValueError, match=r"tensors_per_primitive must be in \[1, 256\]"
+        ):
+            mfs.sgd_update_many(
+                p, g, None, learning_rate=0.1, tensors_per_primitive=bad
+            )
+    mfs.sgd_update_many(p, g, None, learning_rate=0.1, tensors_per_primitive=256)

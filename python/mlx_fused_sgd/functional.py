@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,11 +16,30 @@ from .schedules import StepDecay
 StreamOrDevice = mx.Stream | mx.Device | None
 
 
+def as_float32(x: float, name: str) -> float:
+    """``x`` rounded to float32, as the kernels use it; a ValueError naming
+    ``name`` when that overflows (the kernel would compute with inf)."""
+    x = float(x)
+    try:
+        rounded = struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        rounded = math.inf
+    if math.isfinite(x) and not math.isfinite(rounded):
+        raise ValueError(
+            f"{name} must fit in float32 (the kernels compute in float32), "
+            f"but got {x!r}."
+        )
+    return rounded
+
+
 def _as_lr(learning_rate: float | mx.array) -> mx.array:
     if isinstance(learning_rate, mx.array):
         return learning_rate
     if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
-        return mx.array(learning_rate, mx.float32)
+        lr = as_float32(learning_rate, "learning_rate")
+        if not math.isfinite(lr):
+            raise ValueError(f"learning_rate must be finite, but got {learning_rate}.")
+        return mx.array(lr, mx.float32)
     raise TypeError(
         "learning_rate must be a float or a scalar mx.array, but got "
         f"{type(learning_rate).__name__}."
@@ -31,11 +51,14 @@ def as_grad_scale(grad_scale: float | mx.array | None) -> mx.array | None:
     if grad_scale is None or isinstance(grad_scale, mx.array):
         return grad_scale
     if isinstance(grad_scale, (int, float)) and not isinstance(grad_scale, bool):
-        if not math.isfinite(grad_scale) or grad_scale == 0:
+        scale = as_float32(grad_scale, "grad_scale")
+        if not math.isfinite(scale) or scale == 0:
             raise ValueError(
-                f"grad_scale must be a finite nonzero number, but got {grad_scale}."
+                "grad_scale must be a finite nonzero number in float32 (the "
+                f"kernels divide by it in float32), but got {grad_scale}"
+                + (" (0 in float32)." if scale == 0 and grad_scale != 0 else ".")
             )
-        return mx.array(grad_scale, mx.float32)
+        return mx.array(scale, mx.float32)
     raise TypeError(
         "grad_scale must be a float, a scalar mx.array or None, but got "
         f"{type(grad_scale).__name__}."
@@ -106,10 +129,14 @@ def check_rounding_seed(seed: int | None, allow_none: bool = True) -> int | None
 def _as_step(step: mx.array | int | None) -> mx.array | None:
     if step is None or isinstance(step, mx.array):
         return step
-    if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
-        return mx.array(step, mx.uint64)
+    if isinstance(step, int) and not isinstance(step, bool) and 0 <= step < 2**64:
+        # Two 32-bit halves: MLX converts Python ints through int64, so a
+        # step of 2**63 or more cannot be given to mx.array directly.
+        high = mx.array(step >> 32, mx.uint64)
+        low = mx.array(step & 0xFFFFFFFF, mx.uint64)
+        return (high << mx.array(32, mx.uint64)) | low
     raise TypeError(
-        "rounding_step must be a non-negative int or an integer scalar "
+        "rounding_step must be an int in [0, 2**64) or an integer scalar "
         f"mx.array, but got {step!r}."
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,7 @@ from mlx.optimizers import Optimizer
 
 from . import _ext
 from .functional import (
+    as_float32,
     as_grad_scale,
     check_max_grad_norm,
     check_rounding_seed,
@@ -231,6 +233,18 @@ class FusedSGD(Optimizer):
         _ext.validate_sgd_settings(
             float(momentum), float(weight_decay), float(dampening), bool(nesterov)
         )
+        if isinstance(learning_rate, (int, float)) and not isinstance(
+            learning_rate, bool
+        ):
+            # The kernels compute with float32(learning_rate): refuse what
+            # overflows it (stock would compute with inf), and give ints past
+            # int32 as floats (mx.array cannot take them as they are).
+            if not math.isfinite(as_float32(learning_rate, "learning_rate")):
+                raise ValueError(
+                    f"learning_rate must be finite, but got {learning_rate}."
+                )
+            if isinstance(learning_rate, int) and abs(learning_rate) >= 2**31:
+                learning_rate = float(learning_rate)
         super().__init__()
         self._maybe_schedule("learning_rate", learning_rate)
         self.momentum = momentum
