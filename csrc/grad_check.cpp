@@ -293,7 +293,7 @@ mx::array grads_nonfinite(
 }
 
 void GradCheck::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
+  allocate(out);
   auto& encoder = mx::cpu::get_command_encoder(stream());
   std::vector<CheckView> views;
   views.reserve(inputs.size());
@@ -327,7 +327,7 @@ void GradCheck::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
 #ifdef _METAL_
 
 void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  out.set_data(mx::allocator::malloc(out.nbytes()));
+  allocate(out);
   auto& s = stream();
   auto& d = mx::metal::device(s.device);
   auto* lib = d.get_library(kMetalLibraryName, extension_dir());

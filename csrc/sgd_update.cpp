@@ -742,12 +742,12 @@ void allocate_outputs(
   if (!try_donate(p, p_out)) {
     grad_taken = try_donate(g, p_out);
     if (!grad_taken) {
-      p_out.set_data(mx::allocator::malloc(p_out.nbytes()));
+      allocate(p_out);
     }
   }
   if (v != nullptr && !try_donate(*v, *v_out) &&
       (grad_taken || !try_donate(g, *v_out))) {
-    v_out->set_data(mx::allocator::malloc(v_out->nbytes()));
+    allocate(*v_out);
   }
 }
 
@@ -797,7 +797,7 @@ TensorSlots tensor_slots(
 // The master copy's output: its own buffer when donatable (in place).
 void allocate_master(const mx::array* m, mx::array* m_out) {
   if (m != nullptr && !try_donate(*m, *m_out)) {
-    m_out->set_data(mx::allocator::malloc(m_out->nbytes()));
+    allocate(*m_out);
   }
 }
 

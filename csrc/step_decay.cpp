@@ -117,7 +117,7 @@ mx::array step_decay_lr_composed(
 void StepDecayLR::eval_cpu(
     const std::vector<mx::array>& inputs, mx::array& out) {
   const auto& step = inputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
+  allocate(out);
 
   auto& encoder = mx::cpu::get_command_encoder(stream());
   encoder.set_input_array(step);
@@ -150,7 +150,7 @@ void StepDecayLR::eval_cpu(
 void StepDecayLR::eval_gpu(
     const std::vector<mx::array>& inputs, mx::array& out) {
   const auto& step = inputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
+  allocate(out);
   if (out.size() == 0) {
     return;
   }

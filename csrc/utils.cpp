@@ -4,7 +4,9 @@
 
 #include <filesystem>
 #include <sstream>
+#include <utility>
 
+#include "mlx/allocator.h"
 #include "mlx/utils.h"
 #include <stdexcept>
 
@@ -20,6 +22,19 @@ std::string extension_dir() {
     return std::filesystem::path(info.dli_fname).parent_path().string();
   }();
   return dir;
+}
+
+void allocate(mx::array& out) {
+  auto data = mx::allocator::malloc(out.nbytes());
+  if (data.buffer().ptr() == nullptr && out.nbytes() > 0) {
+    throw std::runtime_error(
+        "mlx_fused_sgd: could not allocate " + std::to_string(out.nbytes()) +
+        " bytes for an output of shape " + shape_str(out.shape()) + " (" +
+        dtype_name(out.dtype()) +
+        "); the update writes a full array for every param (a broadcast "
+        "param is materialized).");
+  }
+  out.set_data(std::move(data));
 }
 
 std::string dtype_name(mx::Dtype dtype) {

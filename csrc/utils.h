@@ -49,6 +49,12 @@ inline mx::array::Flags fresh_flags(const mx::array& a) {
   return flags;
 }
 
+// Gives `out` a new buffer from MLX's allocator. MLX returns a null buffer
+// instead of raising when an allocation fails (a broadcast param of huge
+// logical size, say), and a kernel would then write through it: raise a
+// clear error instead (mx.eval reports it as a RuntimeError).
+void allocate(mx::array& out);
+
 // MLX gives every output of a multi-output primitive its own copy of the input
 // list, so each input is referenced once per output and is_donatable() (use
 // count == 1) can never hold. The eval loop clears those sibling copies with

@@ -2,6 +2,9 @@
 is evaluated or written; params and optimizer state are left exactly as they
 were (step counter included)."""
 
+import subprocess
+import sys
+
 import mlx.core as mx
 import mlx.optimizers as optim
 import pytest
@@ -289,3 +292,29 @@ def test_tensors_per_primitive_is_bounded():
                 p, g, None, learning_rate=0.1, tensors_per_primitive=bad
             )
     mfs.sgd_update_many(p, g, None, learning_rate=0.1, tensors_per_primitive=256)
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"),
+    reason="Linux refuses a 4 TB allocation; other systems may overcommit it",
+)
+def test_failed_allocation_raises_instead_of_crashing():
+    """A param that is a broadcast view of huge logical size: the output
+    allocation fails, and mx.eval raises a clear error (it used to segfault
+    writing through the missing buffer); the process goes on working."""
+    code = (
+        "import mlx.core as mx, mlx_fused_sgd as mfs\n"
+        "p = mx.broadcast_to(mx.array(1.0), (2**20, 2**20))\n"
+        "out = mfs.sgd_update(p, p, None, learning_rate=0.1)\n"
+        "try:\n"
+        "    mx.eval(out)\n"
+        "except RuntimeError as e:\n"
+        "    print('raised:', e)\n"
+        "print(mfs.sgd_update(mx.ones((2,)), mx.ones((2,)), None, learning_rate=0.5)[0].tolist())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "raised: mlx_fused_sgd: could not allocate" in proc.stdout
+    assert "(1048576, 1048576)" in proc.stdout and "[0.5, 0.5]" in proc.stdout
