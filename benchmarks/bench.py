@@ -57,6 +57,7 @@ SCHEDULE = (0.1, 0.9, 10)
 BYTES_PER_PARAM = 20  # read p, g, v; write p, v (fp32)
 LOSS_SCALE = 1024.0  # for the loss-scaling rows
 SPREAD_WARNING = 0.15
+SETTLE_S = 0.05  # pause between implementations (see measure_rounds)
 
 # --------------------------------------------------------------------------
 # Workloads
@@ -178,6 +179,10 @@ def measure_rounds(
             bw, _ = triad_bandwidth(reps=3)
             out["roofline"].append(roofline_bytes / bw * 1e3)
         for name, (step, sync) in runners.items():
+            # OpenMP's threads (the triad's, PyTorch's) spin for a while after
+            # their work; on a machine with few cores they would slow whatever
+            # runs next. Let them go idle first, outside the timed steps.
+            time.sleep(SETTLE_S)
             out[name].append(statistics.median(time_steps(step, 0, reps, sync)))
     return out
 
