@@ -10,6 +10,7 @@
 #include <cstring>
 #include <memory>
 #include <type_traits>
+#include <utility>
 
 #ifndef MFS_CPU_ISA
 #error "compile with -DMFS_CPU_ISA=generic|avx2|avx512"
@@ -336,9 +337,9 @@ MFS_LOOP_INLINE void walk_strided(
   const void* data[] = {param, grad, velocity, t.master};
   const size_t item[] = {sizeof(T), sizeof(T), sizeof(V), sizeof(float)};
   const size_t tile = static_cast<size_t>(w.tile_rows * w.tile_cols);
-  size_t at[4];
+  size_t at[launch::kLayoutOut];
   size_t bytes = 0;
-  for (int op = 0; op < 4; ++op) {
+  for (int op = 0; op < launch::kLayoutOut; ++op) {
     at[op] = bytes;
     if (data[op] != nullptr && layout.col_stride(op) != 1) {
       // Whole 64-byte lines each: a float buffer after a half-precision one
@@ -644,15 +645,14 @@ void copy_range(
   return copy_typed<uint32_t, uint32_t>(t, begin, end);
 }
 
-StridedWalk plan_walk(
-    const mx::Shape& shape,
-    const mx::Strides* const (&strides)[launch::kLayoutOut]) {
+StridedWalk plan_walk(launch::StridedLayout layout_in) {
   StridedWalk w;
-  w.layout = launch::plan_strided(shape, strides);
+  w.layout = std::move(layout_in);
   const auto& layout = w.layout;
+  // Absent operands carry the outputs' strides, never transposed.
   bool transposed = false;
   for (int op = 0; op < launch::kLayoutOut; ++op) {
-    transposed = transposed || (strides[op] && layout.transposed(op));
+    transposed = transposed || layout.transposed(op);
   }
   // At least 1: an empty tensor has an axis of size 0 (and no tiles).
   w.tile_rows =

@@ -17,7 +17,7 @@ namespace mx = mlx::core;
 
 // Tiles of the strided loop. Operands contiguous along the layout's columns
 // are read in place, a row at a time; transposed operands (contiguous along
-// the rows) are gathered a tile at a time into a per-thread buffer, 8 x 8
+// the rows) are gathered a tile at a time into a heap buffer, 8 x 8
 // blocks transposed in registers, each block read as 8 runs along the
 // operand's contiguous axis; any other operand (sliced with a step,
 // broadcast) is gathered row by row. Then the same vector loop as the
@@ -46,11 +46,8 @@ struct StridedWalk {
   int64_t units = 0;
 };
 
-// The walk of a tensor whose operands have `strides` (param, grad,
-// velocity, master; nullptr: absent) over `shape`.
-StridedWalk plan_walk(
-    const mx::Shape& shape,
-    const mx::Strides* const (&strides)[launch::kLayoutOut]);
+// The tiles of a tensor's layout.
+StridedWalk plan_walk(launch::StridedLayout layout);
 
 // One tensor of a chunk, as the loops see it.
 struct TensorPointers {

@@ -794,6 +794,21 @@ TensorSlots tensor_slots(
       master ? &outputs[master_out + i] : nullptr};
 }
 
+// The layout the CPU strided loop and the general Metal kernels walk, from
+// one tensor's operands (v, m: nullptr when absent).
+launch::StridedLayout strided_layout(
+    const mx::array& p,
+    const mx::array& g,
+    const mx::array* v,
+    const mx::array* m) {
+  return launch::plan_strided(
+      p.shape(),
+      {&p.strides(),
+       &g.strides(),
+       v ? &v->strides() : nullptr,
+       m ? &m->strides() : nullptr});
+}
+
 // The master copy's output: its own buffer when donatable (in place).
 void allocate_master(const mx::array* m, mx::array* m_out) {
   if (m != nullptr && !try_donate(*m, *m_out)) {
@@ -846,12 +861,7 @@ void SGDUpdate::eval_cpu(
     }
     t.rounding_tensor = tensor_id(i);
     if (!contiguous) {
-      t.walk = cpu_kernel::plan_walk(
-          p.shape(),
-          {&p.strides(),
-           &g.strides(),
-           momentum ? &v->strides() : nullptr,
-           master ? &m->strides() : nullptr});
+      t.walk = cpu_kernel::plan_walk(strided_layout(p, g, v, m));
     }
     tensors.push_back(std::move(t));
   }
@@ -962,12 +972,7 @@ void SGDUpdate::eval_gpu(
     const bool contiguous = all_row_contiguous(p, g, v, m);
     std::optional<launch::StridedLayout> layout;
     if (!contiguous) {
-      layout = launch::plan_strided(
-          p.shape(),
-          {&p.strides(),
-           &g.strides(),
-           momentum ? &v->strides() : nullptr,
-           master ? &m->strides() : nullptr});
+      layout = strided_layout(p, g, v, m);
     }
     auto plan = launch::plan_sgd(
         dtype_name(p.dtype()),
