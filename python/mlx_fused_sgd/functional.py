@@ -32,14 +32,20 @@ def as_float32(x: float, name: str) -> float:
     return rounded
 
 
+def check_learning_rate(learning_rate: float) -> float:
+    """A Python learning rate as the float32 the kernels use; a ValueError
+    when it overflows float32 or is not finite."""
+    lr = as_float32(learning_rate, "learning_rate")
+    if not math.isfinite(lr):
+        raise ValueError(f"learning_rate must be finite, but got {learning_rate}.")
+    return lr
+
+
 def _as_lr(learning_rate: float | mx.array) -> mx.array:
     if isinstance(learning_rate, mx.array):
         return learning_rate
     if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
-        lr = as_float32(learning_rate, "learning_rate")
-        if not math.isfinite(lr):
-            raise ValueError(f"learning_rate must be finite, but got {learning_rate}.")
-        return mx.array(lr, mx.float32)
+        return mx.array(check_learning_rate(learning_rate), mx.float32)
     raise TypeError(
         "learning_rate must be a float or a scalar mx.array, but got "
         f"{type(learning_rate).__name__}."

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -12,8 +11,8 @@ from mlx.optimizers import Optimizer
 
 from . import _ext
 from .functional import (
-    as_float32,
     as_grad_scale,
+    check_learning_rate,
     check_max_grad_norm,
     check_rounding_seed,
     clip_factor_for,
@@ -239,10 +238,7 @@ class FusedSGD(Optimizer):
             # The kernels compute with float32(learning_rate): refuse what
             # overflows it (stock would compute with inf), and give ints past
             # int32 as floats (mx.array cannot take them as they are).
-            if not math.isfinite(as_float32(learning_rate, "learning_rate")):
-                raise ValueError(
-                    f"learning_rate must be finite, but got {learning_rate}."
-                )
+            check_learning_rate(learning_rate)
             if isinstance(learning_rate, int) and abs(learning_rate) >= 2**31:
                 learning_rate = float(learning_rate)
         super().__init__()
