@@ -102,17 +102,24 @@ REAL_WORKLOADS = {
 SYNTHETIC_WORKLOADS = ["large", "gpt", "small"]
 
 
-def real_workload(name: str, dtype):
-    """The model, one batch, and its gradients as nn.value_and_grad returns
-    them."""
+def real_model(name: str, dtype):
+    """Real workload ``name``: the model and one batch."""
     mx.random.seed(0)
     w = REAL_WORKLOADS[name][0]()
     if dtype != mx.float32:
         w.model.set_dtype(dtype)
     mx.eval(w.model.parameters())
     batch = w.batch(mx.random.key(1))
+    mx.eval(batch)
+    return w, batch
+
+
+def real_workload(name: str, dtype):
+    """The model, one batch, and its gradients as nn.value_and_grad returns
+    them."""
+    w, batch = real_model(name, dtype)
     _, grads = nn.value_and_grad(w.model, w.loss)(w.model, *batch)
-    mx.eval(batch, grads)
+    mx.eval(grads)
     return w, batch, grads
 
 
@@ -459,7 +466,7 @@ def train_runner(kind: str, name: str, dtype):
     """One training step (forward, backward, update) of real workload
     ``name`` on a fixed batch; ``*_compiled`` in MLX's idiom,
     ``partial(mx.compile, inputs=state, outputs=state)``."""
-    w, batch, _ = real_workload(name, dtype)
+    w, batch = real_model(name, dtype)
     opt = make_optimizer(kind.startswith("fused"))
     opt.init(w.model.trainable_parameters())
     mx.eval(opt.state)
