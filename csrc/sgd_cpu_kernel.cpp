@@ -252,6 +252,12 @@ MFS_LOOP_INLINE void gather_transposed(
   const int64_t nc8 = nc & ~int64_t(7);
   for (int64_t c = 0; c < nc8; c += 8) {
     for (int64_t r = 0; r < nr8; r += 8) {
+      // Once per cache line: the same rows of the next 8 columns.
+      if (c + 8 < nc8 && (r * int64_t(sizeof(X))) % 64 == 0) {
+        for (int j = 0; j < 8; ++j) {
+          __builtin_prefetch(x + (c + 8 + j) * col_stride + r, 0, 2);
+        }
+      }
       transpose8x8<Rows>(
           reinterpret_cast<const unsigned char*>(x + c * col_stride + r),
           col_stride * int64_t(sizeof(X)),
@@ -327,7 +333,7 @@ MFS_LOOP_INLINE void walk_strided(
   const int nd = layout.ndim();
   const int64_t rows = layout.rows();
   const int64_t cols = layout.cols();
-  const int64_t ld = w.tile_cols;
+  const int64_t ld = w.tile_ld;
   const T* param = static_cast<const T*>(t.param);
   const T* grad = with_grad ? static_cast<const T*>(t.grad) : nullptr;
   const V* velocity = static_cast<const V*>(t.velocity);
@@ -336,7 +342,7 @@ MFS_LOOP_INLINE void walk_strided(
   // (measured no slower than a per-thread buffer kept between calls).
   const void* data[] = {param, grad, velocity, t.master};
   const size_t item[] = {sizeof(T), sizeof(T), sizeof(V), sizeof(float)};
-  const size_t tile = static_cast<size_t>(w.tile_rows * w.tile_cols);
+  const size_t tile = static_cast<size_t>(w.tile_rows * w.tile_ld);
   size_t at[launch::kLayoutOut];
   size_t bytes = 0;
   for (int op = 0; op < launch::kLayoutOut; ++op) {
@@ -660,6 +666,7 @@ StridedWalk plan_walk(launch::StridedLayout layout_in) {
   w.tile_cols = std::max<int64_t>(
       1,
       std::min(layout.cols(), transposed ? kTileBudget / kTileRows : kRowTile));
+  w.tile_ld = w.tile_rows > 1 ? w.tile_cols + kTilePad : w.tile_cols;
   w.row_tiles = (layout.rows() + w.tile_rows - 1) / w.tile_rows;
   w.col_tiles = (layout.cols() + w.tile_cols - 1) / w.tile_cols;
   w.units = layout.outer_size() * w.row_tiles * w.col_tiles;

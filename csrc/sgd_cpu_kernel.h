@@ -31,9 +31,18 @@ namespace mx = mlx::core;
 // width 5.3, 64 x 128 tiles 5.8, 256 x half width 6.1 (three interleaved
 // runs each). Without a transposed operand a tile is one row of up to
 // kRowTile elements.
+//
+// The buffer's rows are kTilePad elements longer than the tile: with a
+// power-of-two width, the 8 rows an 8 x 8 block writes would otherwise fall
+// in one L1 set. The gather also prefetches the next 8 columns' lines into
+// L2 (the runs along a column are too short for the hardware prefetcher to
+// warm up). Measured on one 2048 x 2048 update with a transposed gradient,
+// 2 threads: 1.8-2.3 ms unpadded, 1.7-1.9 padded, 1.6-1.8 padded and
+// prefetched, against 0.85-1.0 ms with a contiguous gradient.
 inline constexpr int64_t kTileRows = 256;
 inline constexpr int64_t kTileBudget = int64_t(1) << 19; // elements
 inline constexpr int64_t kRowTile = 8192;
+inline constexpr int64_t kTilePad = 32; // elements
 
 // A tensor's layout (launch::plan_strided) cut into tiles: `units` tiles in
 // the order outer index, row tile, column tile (fastest).
@@ -41,6 +50,7 @@ struct StridedWalk {
   launch::StridedLayout layout;
   int64_t tile_rows = 1;
   int64_t tile_cols = 1;
+  int64_t tile_ld = 1; // a gather buffer's row pitch (kTilePad)
   int64_t row_tiles = 0;
   int64_t col_tiles = 0;
   int64_t units = 0;
