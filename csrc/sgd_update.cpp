@@ -59,8 +59,9 @@ std::string indexed(const char* what, size_t i, size_t n) {
   return std::string(what) + "[" + std::to_string(i) + "]";
 }
 
-// Checks one (param, grad, velocity) triple; returns the grad broadcast to the
-// param's shape when stock would broadcast it.
+// Checks one (param, grad, velocity) triple; returns the grad as the kernel
+// reads it: widened to float32 for a float32 param, broadcast to the param's
+// shape where stock would broadcast it.
 mx::array check_tensor(
     const mx::array& param,
     const mx::array& grad,
@@ -77,11 +78,19 @@ mx::array check_tensor(
         pname() + " has dtype " + dtype_name(param.dtype()) +
         "; the fused SGD update supports float32, float16 and bfloat16.");
   }
-  if (grad.dtype() != param.dtype()) {
+  // A float16/bfloat16 gradient of a float32 param is widened, exactly, as
+  // stock's arithmetic promotes it (same bits). Any other mix would make
+  // stock promote the param itself to another dtype: refused.
+  const bool widened =
+      grad.dtype() != param.dtype() && param.dtype() == mx::float32 &&
+      is_supported_float(grad.dtype());
+  if (grad.dtype() != param.dtype() && !widened) {
     throw std::invalid_argument(
         gname() + " has dtype " + dtype_name(grad.dtype()) + " but " + pname() +
         " has dtype " + dtype_name(param.dtype()) +
-        "; cast the gradient to the parameter's dtype.");
+        "; the update keeps the parameter's dtype, so the gradient must have "
+        "it (or be float16/bfloat16 for a float32 parameter): cast the "
+        "gradient to the parameter's dtype.");
   }
   if (velocity != nullptr) {
     // The momentum buffer has the param's dtype, or float32 for a half
@@ -101,8 +110,9 @@ mx::array check_tensor(
           "; the momentum buffer must have the parameter's shape.");
     }
   }
-  if (grad.shape() == param.shape()) {
-    return grad;
+  const mx::array g = widened ? mx::astype(grad, mx::float32, s) : grad;
+  if (g.shape() == param.shape()) {
+    return g;
   }
   // Stock `param - lr * grad` broadcasts a gradient to the parameter's shape;
   // the other way round would change the parameter's shape, so it is refused.
@@ -117,7 +127,7 @@ mx::array check_tensor(
         " has shape " + shape_str(param.shape()) +
         "; a gradient must have the parameter's shape or broadcast to it.");
   }
-  return mx::broadcast_to(grad, param.shape(), s);
+  return mx::broadcast_to(g, param.shape(), s);
 }
 
 // A skip flag (any integer or bool scalar, nonzero: skip) as the uint32 0-d

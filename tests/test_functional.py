@@ -197,9 +197,9 @@ def test_every_binding_takes_and_returns_arrays():
         ),
         (
             lambda: mfs.sgd_update(
-                mx.ones(3), mx.ones(3, mx.float16), learning_rate=0.1
+                mx.ones(3, mx.float16), mx.ones(3), learning_rate=0.1
             ),
-            "grad has dtype float16 but param has dtype float32",
+            "grad has dtype float32 but param has dtype float16",
         ),
         (
             lambda: mfs.sgd_update(

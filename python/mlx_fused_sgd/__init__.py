@@ -10,12 +10,14 @@ import mlx.core as _mx
 
 from ._build_info import MLX_BUILD_VERSION as _MLX_BUILD_VERSION
 
-if _mx.__version__ != _MLX_BUILD_VERSION:
+_MLX_VERSION: str = _mx.__version__  # type: ignore[attr-defined]  # not in the stubs
+
+if _MLX_VERSION != _MLX_BUILD_VERSION:
     # An isolated rebuild (plain `pip install`) would pin the old MLX again:
     # the advice is to match the MLX, or rebuild against the installed one.
     raise ImportError(
         f"mlx_fused_sgd was built against MLX {_MLX_BUILD_VERSION} but MLX "
-        f"{_mx.__version__} is installed; the extension must run with the MLX "
+        f"{_MLX_VERSION} is installed; the extension must run with the MLX "
         "release it was compiled against. Either install that MLX:\n"
         f'    pip install "mlx=={_MLX_BUILD_VERSION}"\n'
         "or rebuild mlx-fused-sgd against the installed MLX, from its source "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -14,6 +14,31 @@ from . import _ext
 from .schedules import StepDecay
 
 StreamOrDevice = mx.Stream | mx.Device | None
+
+if TYPE_CHECKING:
+    from typing_extensions import TypedDict, Unpack
+
+    class _UpdateOptions(TypedDict, total=False):
+        """The keyword arguments the many-tensor updates share (for the
+        overloads that type their results)."""
+
+        momentum: float
+        weight_decay: float
+        dampening: float
+        nesterov: bool
+        maximize: bool
+        grad_scale: float | mx.array | None
+        skip: mx.array | None
+        max_grad_norm: float | None
+        clip_factor: mx.array | None
+        rounding_seed: int | None
+        rounding_step: mx.array | int | None
+        tensors_per_primitive: int
+        stream: StreamOrDevice
+
+
+_Pair = tuple[list[mx.array], list[mx.array]]
+_Triple = tuple[list[mx.array], list[mx.array], list[mx.array | None]]
 
 
 def as_float32(x: float, name: str) -> float:
@@ -75,7 +100,8 @@ def _leaves(grads: Any) -> list[mx.array]:
     """The arrays of a sequence of arrays or of a gradient tree."""
     if isinstance(grads, (list, tuple)) and all(type(g) is mx.array for g in grads):
         return list(grads)
-    return [g for _, g in tree_flatten(grads)]
+    # (mlx.utils' stub types tree_flatten's result loosely)
+    return [g for _, g in tree_flatten(grads)]  # type: ignore[misc, str-unpack]
 
 
 def grad_norm(grads: Any, grad_scale: float | mx.array | None = None) -> mx.array:
@@ -300,6 +326,30 @@ def sgd_update_scheduled(
     )
 
 
+@overload
+def sgd_update_many(
+    params: Sequence[mx.array],
+    grads: Sequence[mx.array],
+    velocities: Sequence[mx.array] | None = None,
+    *,
+    learning_rate: float | mx.array,
+    master_params: None = None,
+    **options: Unpack[_UpdateOptions],
+) -> _Pair: ...
+
+
+@overload
+def sgd_update_many(
+    params: Sequence[mx.array],
+    grads: Sequence[mx.array],
+    velocities: Sequence[mx.array] | None = None,
+    *,
+    learning_rate: float | mx.array,
+    master_params: Sequence[mx.array | None],
+    **options: Unpack[_UpdateOptions],
+) -> _Triple: ...
+
+
 def sgd_update_many(
     params: Sequence[mx.array],
     grads: Sequence[mx.array],
@@ -320,10 +370,7 @@ def sgd_update_many(
     rounding_step: mx.array | int | None = None,
     tensors_per_primitive: int = _ext.DEFAULT_TENSORS_PER_PRIMITIVE,
     stream: StreamOrDevice = None,
-) -> (
-    tuple[list[mx.array], list[mx.array]]
-    | tuple[list[mx.array], list[mx.array], list[mx.array | None]]
-):
+) -> _Pair | _Triple:
     """The fused SGD step of many tensors, in few primitives.
 
     Tensors are grouped by dtype and packed ``tensors_per_primitive`` to a
@@ -369,6 +416,32 @@ def sgd_update_many(
     return _many_result(out, master_params)
 
 
+@overload
+def sgd_update_many_scheduled(
+    params: Sequence[mx.array],
+    grads: Sequence[mx.array],
+    velocities: Sequence[mx.array] | None = None,
+    *,
+    step: mx.array,
+    schedule: StepDecay,
+    master_params: None = None,
+    **options: Unpack[_UpdateOptions],
+) -> _Pair: ...
+
+
+@overload
+def sgd_update_many_scheduled(
+    params: Sequence[mx.array],
+    grads: Sequence[mx.array],
+    velocities: Sequence[mx.array] | None = None,
+    *,
+    step: mx.array,
+    schedule: StepDecay,
+    master_params: Sequence[mx.array | None],
+    **options: Unpack[_UpdateOptions],
+) -> _Triple: ...
+
+
 def sgd_update_many_scheduled(
     params: Sequence[mx.array],
     grads: Sequence[mx.array],
@@ -390,10 +463,7 @@ def sgd_update_many_scheduled(
     rounding_step: mx.array | int | None = None,
     tensors_per_primitive: int = _ext.DEFAULT_TENSORS_PER_PRIMITIVE,
     stream: StreamOrDevice = None,
-) -> (
-    tuple[list[mx.array], list[mx.array]]
-    | tuple[list[mx.array], list[mx.array], list[mx.array | None]]
-):
+) -> _Pair | _Triple:
     """:func:`sgd_update_many` with the step-decay learning rate computed in
     the kernel from ``step`` (also the default ``rounding_step``)."""
     s = _check_schedule(schedule)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -93,6 +94,63 @@ def _collect(
             f"gradient '{path or '<root>'}' must be an mx.array, but got "
             f"{type(grads).__name__}."
         )
+
+
+def _leaf_paths(grads: Any, path: str = "") -> list[str]:
+    """The paths ('layers.7.bias') of the leaves of ``grads`` in the order
+    :func:`_collect` gathers them. Built only for an error message."""
+    if isinstance(grads, dict):
+        return [q for k, g in grads.items() for q in _leaf_paths(g, _join(path, k))]
+    if isinstance(grads, (list, tuple)):
+        return [q for i, g in enumerate(grads) for q in _leaf_paths(g, _join(path, i))]
+    return [path or "<root>"]
+
+
+# How the C++ ops name tensor i of the lists they are given.
+_INDEXED = re.compile(r"\b(param|grad|grads|velocity|master_params)\[(\d+)\]")
+_SINGLE = re.compile(r"\b(param|grad|velocity|master_params)(?= (?:has|is)\b)")
+_NAMES = {
+    "param": "param",
+    "grad": "gradient",
+    "grads": "gradient",
+    "velocity": "momentum buffer",
+    "master_params": "master copy",
+}
+
+
+def _with_paths(error: ValueError, gradients: Any) -> ValueError:
+    """``error`` of a C++ op with each tensor named by its path in the tree
+    ("param 'layers.7.bias'" for "param[15]"), or prefixed by the path when
+    the op was given a single tensor (and named none)."""
+    paths = _leaf_paths(gradients)
+    message = str(error)
+
+    def name(m: re.Match) -> str:
+        i = int(m.group(2))
+        where = paths[i] if i < len(paths) else m.group(0)
+        return f"{_NAMES[m.group(1)]} '{where}'"
+
+    named = _INDEXED.sub(name, message)
+    if named == message and len(paths) == 1:
+        # A single tensor: the ops name it without an index.
+        named = _SINGLE.sub(lambda m: f"{_NAMES[m.group(1)]} '{paths[0]}'", message)
+    return ValueError(named)
+
+
+def _missing_state(grads: Any, state: Any, path: str = "") -> str | None:
+    """The path of the first gradient the optimizer state has no entry for
+    (``None``: every one has). Built only for an error message."""
+    if isinstance(grads, (dict, list, tuple)):
+        keys = grads.keys() if isinstance(grads, dict) else range(len(grads))
+        for k in keys:
+            try:
+                sub = state[k]
+            except (KeyError, IndexError, TypeError):
+                return _join(path, k)
+            found = _missing_state(grads[k], sub, _join(path, k))
+            if found is not None:
+                return found
+    return None
 
 
 def _like(tree: list | tuple, items: Any) -> list | tuple:
@@ -197,7 +255,7 @@ class FusedSGD(Optimizer):
 
     def __init__(
         self,
-        learning_rate: float | Callable[[mx.array], mx.array],
+        learning_rate: float | Callable[[mx.array], mx.array | float],
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         dampening: float = 0.0,
@@ -242,7 +300,9 @@ class FusedSGD(Optimizer):
             if isinstance(learning_rate, int) and abs(learning_rate) >= 2**31:
                 learning_rate = float(learning_rate)
         super().__init__()
-        self._maybe_schedule("learning_rate", learning_rate)
+        # A StepDecay gives a float only for a Python int step; MLX calls
+        # schedules with the array step counter.
+        self._maybe_schedule("learning_rate", learning_rate)  # type: ignore[arg-type]
         self.momentum = momentum
         self.weight_decay = weight_decay
         self.dampening = dampening
@@ -425,9 +485,11 @@ class FusedSGD(Optimizer):
         try:
             _collect(gradients, parameters, self.state, "", grads, params, states)
         except (KeyError, IndexError) as e:
+            where = _missing_state(gradients, self.state)
+            entry = f"for parameter '{where}'" if where else f"{e} for a gradient"
             raise ValueError(
-                f"the optimizer state has no entry {e} for a gradient; the "
-                "state does not match these parameters."
+                f"the optimizer state has no entry {entry}; the state does not "
+                "match these parameters."
             ) from None
         momentum_on = self.momentum > 0
         velocities = []
@@ -435,9 +497,16 @@ class FusedSGD(Optimizer):
             try:
                 velocities = [s["v"] for s in states]
             except (KeyError, TypeError):
+                paths = _leaf_paths(gradients)
+                where = next(
+                    q
+                    for q, s in zip(paths, states)
+                    if not isinstance(s, dict) or "v" not in s
+                )
                 raise ValueError(
-                    "the optimizer state has no momentum buffer 'v' for some "
-                    "parameters; the state does not match these parameters."
+                    f"the optimizer state has no momentum buffer 'v' for "
+                    f"parameter '{where}'; the state does not match these "
+                    "parameters."
                 ) from None
 
         step = self.step
@@ -456,43 +525,49 @@ class FusedSGD(Optimizer):
         if self.stochastic_rounding:
             settings["rounding_seed"] = self.rounding_seed
             settings["rounding_step"] = step
-        skip = _ext.grads_nonfinite(grads) if self.skip_nonfinite else None
-        settings["skip"] = skip
-        norm = None
-        if self.max_grad_norm is not None:
-            norm = grad_norm(grads, self._grad_scale)
-            settings["clip_factor"] = clip_factor_for(norm, self.max_grad_norm)
-        scheduler = self._schedulers.get("learning_rate")
-        # Only exactly step decay is folded into the kernel; a subclass (one
-        # that adds warm-up, say) is evaluated like any other schedule.
-        if type(scheduler) is StepDecay:
-            # The kernel computes lr_k from the step counter itself; the
-            # state still records lr_k as stock does.
-            learning_rate = scheduler(step)
-            new_params, new_velocities, new_masters = _ext.sgd_update_many_scheduled(
-                params,
-                grads,
-                velocities,
-                step=step,
-                init=float(scheduler.init),
-                decay_rate=float(scheduler.decay_rate),
-                step_size=scheduler.step_size,
-                **settings,
-            )
-        else:
-            if scheduler is not None:
+        # The C++ ops name tensors by index; errors name them by path.
+        try:
+            skip = _ext.grads_nonfinite(grads) if self.skip_nonfinite else None
+            settings["skip"] = skip
+            norm = None
+            if self.max_grad_norm is not None:
+                norm = grad_norm(grads, self._grad_scale)
+                settings["clip_factor"] = clip_factor_for(norm, self.max_grad_norm)
+            scheduler = self._schedulers.get("learning_rate")
+            # Only exactly step decay is folded into the kernel; a subclass (one
+            # that adds warm-up, say) is evaluated like any other schedule.
+            if type(scheduler) is StepDecay:
+                # The kernel computes lr_k from the step counter itself; the
+                # state still records lr_k as stock does.
                 learning_rate = scheduler(step)
+                new_params, new_velocities, new_masters = (
+                    _ext.sgd_update_many_scheduled(
+                        params,
+                        grads,
+                        velocities,
+                        step=step,
+                        init=float(scheduler.init),
+                        decay_rate=float(scheduler.decay_rate),
+                        step_size=scheduler.step_size,
+                        **settings,
+                    )
+                )
             else:
-                learning_rate = self.state["learning_rate"]
-            if not isinstance(learning_rate, mx.array):
-                learning_rate = mx.array(learning_rate)
-            new_params, new_velocities, new_masters = _ext.sgd_update_many(
-                params,
-                grads,
-                velocities,
-                learning_rate=learning_rate,
-                **settings,
-            )
+                if scheduler is not None:
+                    learning_rate = scheduler(step)
+                else:
+                    learning_rate = self.state["learning_rate"]
+                if not isinstance(learning_rate, mx.array):
+                    learning_rate = mx.array(learning_rate)
+                new_params, new_velocities, new_masters = _ext.sgd_update_many(
+                    params,
+                    grads,
+                    velocities,
+                    learning_rate=learning_rate,
+                    **settings,
+                )
+        except ValueError as e:
+            raise _with_paths(e, gradients) from None
 
         # The result first: nothing that can fail comes after the commit.
         result = _rebuild(gradients, iter(new_params))
