@@ -370,7 +370,10 @@ def test_bad_master_in_optimizer_state_leaves_everything_untouched():
     before = {k: mx.array(v) for k, v in tree_flatten(opt.state)}
     opt.state["w"]["master"] = mx.ones((3,), mx.float16)
     bad = opt.state["w"]["master"]
-    with pytest.raises(ValueError, match="master copy 'w' has dtype float16; a master copy must be float32"):
+    with pytest.raises(
+        ValueError,
+        match="master copy 'w' has dtype float16; a master copy must be float32",
+    ):
         opt.apply_gradients(grads, params)
     assert opt.state["w"]["master"] is bad
     assert opt.state["step"].item() == before["step"].item()

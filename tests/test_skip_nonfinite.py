@@ -61,7 +61,8 @@ def test_bad_steps_are_skipped_and_good_ones_match_stock(bad, lr):
             for k, v in _flat(p_ours).items():
                 assert_bitwise_equal(v, before[0][k], k)
             for k, v in _flat(ours.state).items():
-                assert_bitwise_equal(v, before[1][k], k)
+                if k != "last_step_skipped":  # the report of this step
+                    assert_bitwise_equal(v, before[1][k], k)
         else:
             p_stock = stock.apply_gradients(_grads(i), p_stock)
             mx.eval(p_stock, stock.state)

@@ -16,7 +16,7 @@ import mlx_fused_sgd as mfs
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = Path(mfs.__file__).resolve().parent
 
-TYPED_USES = '''
+TYPED_USES = """
 import mlx.core as mx
 import mlx_fused_sgd as mfs
 
@@ -30,14 +30,14 @@ ps, vs, masters = mfs.sgd_update_many(
 ps, vs = mfs.sgd_update_many_scheduled(
     params, grads, step=mx.array(0), schedule=mfs.step_decay(0.1, 0.5, 10)
 )
-'''
+"""
 
-WRONG_USE = '''
+WRONG_USE = """
 import mlx.core as mx
 import mlx_fused_sgd as mfs
 
 ps, vs, masters = mfs.sgd_update_many([mx.ones((3,))], [mx.ones((3,))], learning_rate=0.1)
-'''
+"""
 
 
 def _mypy(*paths: Path) -> subprocess.CompletedProcess:

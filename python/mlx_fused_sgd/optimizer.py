@@ -250,7 +250,12 @@ class FusedSGD(Optimizer):
     The state holds ``step``, ``learning_rate`` and, when ``momentum > 0``,
     ``{"v": buffer}`` per parameter, exactly as stock SGD stores them, so
     checkpoints move between the two (``master_weights`` adds ``"master"``
-    entries, which stock ignores).
+    entries, which stock ignores). It also holds what changes between steps
+    and what a step reports, when the options are on: ``grad_scale``,
+    ``last_grad_norm`` and ``last_step_skipped`` (stock ignores them too).
+    So MLX's compile idiom (``state = [model.state, optimizer.state]``,
+    ``mx.compile(..., inputs=state, outputs=state)``) sees a loss scale
+    changed between compiled steps, and the reports can be read after one.
     """
 
     def __init__(
@@ -325,30 +330,41 @@ class FusedSGD(Optimizer):
         self.master_weights = bool(master_weights)
         self.stochastic_rounding = bool(stochastic_rounding)
         self.rounding_seed = check_rounding_seed(rounding_seed, allow_none=False)
-        self._last_step_skipped = mx.array(False)
-        self._last_grad_norm: mx.array | None = None
+
+    # What changes between steps (the loss scale) and what a step reports
+    # live in `state`, as stock keeps its step and learning rate there: MLX's
+    # compile idiom (inputs=state, outputs=state) then carries them in and
+    # out of a compiled step, and checkpoints keep them.
 
     @property
     def last_grad_norm(self) -> mx.array | None:
         """The global gradient norm of the last step (after unscaling), a
-        float32 array on the device; ``None`` without ``max_grad_norm``."""
-        return self._last_grad_norm
+        float32 array on the device (``state["last_grad_norm"]``); ``None``
+        without ``max_grad_norm`` or before the first step."""
+        return self._state.get("last_grad_norm")
 
     @property
     def last_step_skipped(self) -> mx.array:
-        """A boolean scalar array: whether the last step was skipped for a
-        non-finite gradient (always False without ``skip_nonfinite``). Reading
-        it as a Python bool (``.item()``) syncs with the device."""
-        return self._last_step_skipped
+        """A boolean scalar array (``state["last_step_skipped"]``): whether the
+        last step was skipped for a non-finite gradient (always False without
+        ``skip_nonfinite``). Reading it as a Python bool (``.item()``) syncs
+        with the device."""
+        return self._state.get("last_step_skipped", mx.array(False))
 
     @property
     def grad_scale(self) -> mx.array | None:
-        """The loss scale the gradients are divided by (``None``: none)."""
-        return self._grad_scale
+        """The loss scale the gradients are divided by (``None``: none),
+        kept as ``state["grad_scale"]`` so that a compiled step sees every
+        change."""
+        return self._state.get("grad_scale")
 
     @grad_scale.setter
     def grad_scale(self, grad_scale: float | mx.array | None) -> None:
-        self._grad_scale = as_grad_scale(grad_scale)
+        scale = as_grad_scale(grad_scale)
+        if scale is None:
+            self._state.pop("grad_scale", None)
+        else:
+            self._state["grad_scale"] = scale
 
     @property
     def state(self) -> dict:
@@ -378,12 +394,18 @@ class FusedSGD(Optimizer):
                 + (f" of dtype {step.dtype}" if isinstance(step, mx.array) else "")
                 + ". step must be an integer scalar."
             )
-        lr = state.get("learning_rate")
-        if lr is not None and not (isinstance(lr, mx.array) and lr.size == 1):
-            raise ValueError(
-                f"state['learning_rate'] must be a scalar array, got "
-                f"{_describe(lr)}; learning_rate must be a scalar."
-            )
+        for key in ("learning_rate", "grad_scale", "last_grad_norm"):
+            x = state.get(key)
+            if x is not None and not (isinstance(x, mx.array) and x.size == 1):
+                raise ValueError(
+                    f"state['{key}'] must be a scalar array, got "
+                    f"{_describe(x)}; {key} must be a scalar."
+                )
+        # A checkpoint without a loss scale (stock's, or one saved without)
+        # keeps the optimizer's own; one with a scale resumes it.
+        scale = getattr(self, "_state", {}).get("grad_scale")
+        if scale is not None and "grad_scale" not in state:
+            state["grad_scale"] = scale
         self._initialized = False
         self._state = state
 
@@ -412,7 +434,7 @@ class FusedSGD(Optimizer):
             "dampening": float(self.dampening),
             "nesterov": bool(self.nesterov),
             "maximize": self.maximize,
-            "grad_scale": self._grad_scale,
+            "grad_scale": self.grad_scale,
         }
 
     def apply_single(
@@ -531,7 +553,7 @@ class FusedSGD(Optimizer):
             settings["skip"] = skip
             norm = None
             if self.max_grad_norm is not None:
-                norm = grad_norm(grads, self._grad_scale)
+                norm = grad_norm(grads, self.grad_scale)
                 settings["clip_factor"] = clip_factor_for(norm, self.max_grad_norm)
             scheduler = self._schedulers.get("learning_rate")
             # Only exactly step decay is folded into the kernel; a subclass (one
@@ -577,12 +599,12 @@ class FusedSGD(Optimizer):
         if skip is not None:
             learning_rate = mx.where(skip, self.state["learning_rate"], learning_rate)
             self.state["step"] = mx.where(skip, step, step + 1)
-            self._last_step_skipped = skip
+            self.state["last_step_skipped"] = skip
         else:
             self.state["step"] = step + 1
         self.state["learning_rate"] = learning_rate
         if norm is not None:
-            self._last_grad_norm = norm
+            self.state["last_grad_norm"] = norm
         if momentum_on:
             for s, v in zip(states, new_velocities):
                 s["v"] = v
