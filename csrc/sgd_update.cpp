@@ -59,6 +59,20 @@ std::string indexed(const char* what, size_t i, size_t n) {
   return std::string(what) + "[" + std::to_string(i) + "]";
 }
 
+// Whether an array of `from` shape broadcasts to `to` without changing it.
+bool broadcasts_to(const mx::Shape& from, const mx::Shape& to) {
+  if (from.size() > to.size()) {
+    return false;
+  }
+  for (size_t d = 1; d <= from.size(); ++d) {
+    const auto f = from[from.size() - d];
+    if (f != 1 && f != to[to.size() - d]) {
+      return false;
+    }
+  }
+  return true;
+}
+
 // Checks one (param, grad, velocity) triple; returns the grad as the kernel
 // reads it: widened to float32 for a float32 param, broadcast to the param's
 // shape where stock would broadcast it.
@@ -81,9 +95,9 @@ mx::array check_tensor(
   // A float16/bfloat16 gradient of a float32 param is widened, exactly, as
   // stock's arithmetic promotes it (same bits). Any other mix would make
   // stock promote the param itself to another dtype: refused.
-  const bool widened =
-      grad.dtype() != param.dtype() && param.dtype() == mx::float32 &&
-      is_supported_float(grad.dtype());
+  const bool widened = grad.dtype() != param.dtype() &&
+                       param.dtype() == mx::float32 &&
+                       is_supported_float(grad.dtype());
   if (grad.dtype() != param.dtype() && !widened) {
     throw std::invalid_argument(
         gname() + " has dtype " + dtype_name(grad.dtype()) + " but " + pname() +
@@ -103,11 +117,15 @@ mx::array check_tensor(
           "; the momentum buffer must have the parameter's dtype (or float32 "
           "for a float16/bfloat16 parameter).");
     }
-    if (velocity->shape() != param.shape()) {
+    // Stock initializes its buffers from the gradient tree: a broadcast
+    // gradient's buffer keeps the gradient's shape (without weight decay),
+    // and stock checkpoints hold it so. Read as broadcast to the param.
+    if (!broadcasts_to(velocity->shape(), param.shape())) {
       throw std::invalid_argument(
           vname() + " has shape " + shape_str(velocity->shape()) + " but " +
           pname() + " has shape " + shape_str(param.shape()) +
-          "; the momentum buffer must have the parameter's shape.");
+          "; the momentum buffer must have the parameter's shape (or "
+          "broadcast to it).");
     }
   }
   const mx::array g = widened ? mx::astype(grad, mx::float32, s) : grad;
@@ -116,12 +134,7 @@ mx::array check_tensor(
   }
   // Stock `param - lr * grad` broadcasts a gradient to the parameter's shape;
   // the other way round would change the parameter's shape, so it is refused.
-  bool broadcastable = grad.ndim() <= param.ndim();
-  for (int d = 1; broadcastable && d <= grad.ndim(); ++d) {
-    auto gd = grad.shape(-d);
-    broadcastable = gd == 1 || gd == param.shape(-d);
-  }
-  if (!broadcastable) {
+  if (!broadcasts_to(grad.shape(), param.shape())) {
     throw std::invalid_argument(
         gname() + " has shape " + shape_str(grad.shape()) + " but " + pname() +
         " has shape " + shape_str(param.shape()) +
@@ -341,7 +354,7 @@ SGDResult sgd_update_composed(
 SGDResult sgd_update_impl(
     const std::vector<mx::array>& params,
     const std::vector<mx::array>& grads,
-    const std::vector<mx::array>& velocities,
+    const std::vector<mx::array>& velocities_in,
     const mx::array& lr_input,
     const std::optional<StepDecay>& schedule,
     const SGDSettings& settings,
@@ -382,11 +395,11 @@ SGDResult sgd_update_impl(
       settings.clip_factor
           ? check_real_scalar(*settings.clip_factor, "clip_factor", s)
           : mx::array(1.0f);
-  const bool have_velocities = !velocities.empty();
-  if (have_velocities && velocities.size() != n) {
+  const bool have_velocities = !velocities_in.empty();
+  if (have_velocities && velocities_in.size() != n) {
     throw std::invalid_argument(
         "velocities must be empty or have one entry per param, but got " +
-        std::to_string(velocities.size()) + " for " + std::to_string(n) +
+        std::to_string(velocities_in.size()) + " for " + std::to_string(n) +
         " params.");
   }
   const auto& masters = settings.master_params;
@@ -424,7 +437,7 @@ SGDResult sgd_update_impl(
     checked_grads.push_back(check_tensor(
         params[i],
         grads[i],
-        have_velocities ? &velocities[i] : nullptr,
+        have_velocities ? &velocities_in[i] : nullptr,
         i,
         n,
         s));
@@ -442,6 +455,21 @@ SGDResult sgd_update_impl(
           "params (use master weights for float16).");
     }
   }
+
+  // Momentum buffers of a broadcast shape (a stock checkpoint's), read as
+  // broadcast views; their new values have the param's shape.
+  std::vector<mx::array> broadcast_velocities;
+  for (size_t i = 0; have_velocities && i < n; ++i) {
+    if (velocities_in[i].shape() != params[i].shape()) {
+      if (broadcast_velocities.empty()) {
+        broadcast_velocities = velocities_in;
+      }
+      broadcast_velocities[i] =
+          mx::broadcast_to(velocities_in[i], params[i].shape(), s);
+    }
+  }
+  const std::vector<mx::array>& velocities =
+      broadcast_velocities.empty() ? velocities_in : broadcast_velocities;
 
   auto stream = mx::to_stream(s);
   if (use_fallback || !has_fused_kernel(stream)) {
@@ -464,7 +492,7 @@ SGDResult sgd_update_impl(
   SGDResult result;
   result.params.resize(n, mx::array(0.0f));
   if (!variant.momentum) {
-    result.velocities = velocities;
+    result.velocities = velocities_in;
   } else {
     result.velocities.resize(n, mx::array(0.0f));
   }

@@ -184,3 +184,68 @@ def test_every_option_survives_checkpoint_and_resume(tmp_path, option, schedule)
     if nan_at:
         # The NaN steps were skipped: the counter counts only the others.
         assert opt2.state["step"].item() == 10 - len(nan_at)
+
+
+def _broadcast_grads(step):
+    """A gradient tree whose "w" gradient broadcasts to its param (as a
+    custom gradient or a tied, broadcast parameter gives)."""
+    mx.random.seed(100 + step)
+    return {"w": mx.random.normal((1, 4)), "b": mx.random.normal((4,))}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(momentum=0.9),
+        dict(momentum=0.9, nesterov=True),
+        dict(momentum=0.8, dampening=0.1),
+    ],
+    ids=["momentum", "nesterov", "dampening"],
+)
+def test_stock_checkpoint_of_broadcast_gradients_resumes(tmp_path, options):
+    """Stock builds its momentum buffers from the gradient tree, so a
+    broadcast gradient's buffer has the gradient's shape (without weight
+    decay) and stock's checkpoint holds it so. FusedSGD resumes it with
+    stock's results; its own buffer has the param's shape (the broadcast of
+    stock's values)."""
+    params = {
+        "w": mx.arange(12, dtype=mx.float32).reshape(3, 4) / 7,
+        "b": mx.ones((4,)),
+    }
+    stock = optim.SGD(0.05, **options)
+    p_stock = params
+    for step in range(3):
+        p_stock = stock.apply_gradients(_broadcast_grads(step), p_stock)
+    mx.eval(p_stock, stock.state)
+    assert stock.state["w"]["v"].shape == (1, 4)  # the layout being resumed
+    mx.save_safetensors(
+        str(tmp_path / "opt.safetensors"), dict(tree_flatten(stock.state))
+    )
+
+    ours = mfs.FusedSGD(0.05, **options)
+    ours.state = tree_unflatten(
+        list(mx.load(str(tmp_path / "opt.safetensors")).items())
+    )
+    p_ours = p_stock
+    for step in range(3, 7):
+        p_stock = stock.apply_gradients(_broadcast_grads(step), p_stock)
+        p_ours = ours.apply_gradients(_broadcast_grads(step), p_ours)
+        mx.eval(p_stock, p_ours, stock.state, ours.state)
+        for k in ("w", "b"):
+            assert_bitwise_equal(p_ours[k], p_stock[k], k)
+    assert ours.state["w"]["v"].shape == (3, 4)
+    assert_bitwise_equal(
+        ours.state["w"]["v"], mx.broadcast_to(stock.state["w"]["v"], (3, 4)), "v"
+    )
+    assert ours.state["step"].item() == stock.state["step"].item() == 7
+
+
+def test_a_momentum_buffer_that_does_not_broadcast_is_refused():
+    ours = mfs.FusedSGD(0.05, momentum=0.9)
+    ours.state = {
+        "step": mx.array(1, mx.uint64),
+        "learning_rate": mx.array(0.05),
+        "w": {"v": mx.zeros((2, 4))},
+    }
+    with pytest.raises(ValueError, match=r"momentum buffer 'w' has shape \(2, 4\)"):
+        ours.apply_gradients({"w": mx.ones((3, 4))}, {"w": mx.ones((3, 4))})

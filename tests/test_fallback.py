@@ -109,3 +109,24 @@ def test_sq_norm_fallback_matches_primitive():
     a = _ext._grads_sq_norm_fallback(grads).item()
     b = _ext.grads_sq_norm(grads).item()
     assert abs(a - b) <= 1e-5 * b
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
+def test_fallback_reads_broadcast_momentum_and_half_gradients_as_the_kernel(dtype):
+    """A momentum buffer that broadcasts to its param (a stock checkpoint's)
+    and a half gradient of a float32 param take the same checks and give the
+    kernel's bits in the fallback too."""
+    keys = mx.random.split(mx.random.key(8), 4)
+    params = [mx.random.normal((3, 4), key=keys[0]).astype(dtype), mx.ones((5,))]
+    grads = [
+        mx.random.normal((3, 4), key=keys[1]).astype(dtype),
+        mx.random.normal((5,), key=keys[2]).astype(mx.bfloat16),
+    ]
+    vels = [mx.random.normal((1, 4), key=keys[3]).astype(dtype), mx.zeros((5,))]
+    kw = dict(learning_rate=mx.array(0.03), momentum=0.9, weight_decay=1e-2)
+    fp, fv, _ = _ext._sgd_update_many_fallback(params, grads, vels, **kw)
+    kp, kv = mfs.sgd_update_many(params, grads, vels, **kw)
+    for a, b in zip(fp + fv, kp + kv):
+        assert a.shape == b.shape
+        assert_bitwise_equal(a, b)
+    assert kv[0].shape == (3, 4)
