@@ -137,6 +137,15 @@ def _with_paths(error: ValueError, gradients: Any) -> ValueError:
     return ValueError(named)
 
 
+def _leaves_of(tree: Any) -> list[Any]:
+    """The leaves of ``tree`` in the order of :func:`_leaf_paths`."""
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in _leaves_of(v)]
+    if isinstance(tree, (list, tuple)):
+        return [x for v in tree for x in _leaves_of(v)]
+    return [tree]
+
+
 def _missing_state(grads: Any, state: Any, path: str = "") -> str | None:
     """The path of the first gradient the optimizer state has no entry for
     (``None``: every one has). Built only for an error message."""
@@ -408,6 +417,20 @@ class FusedSGD(Optimizer):
             state["grad_scale"] = scale
         self._initialized = False
         self._state = state
+
+    def init(self, parameters: dict) -> None:
+        """Initialize the state for ``parameters`` (stock's ``init``); a
+        float16 param with ``stochastic_rounding`` is refused by its path
+        before anything is initialized."""
+        if self.stochastic_rounding:
+            for path, p in zip(_leaf_paths(parameters), _leaves_of(parameters)):
+                if p.dtype == mx.float16:
+                    raise ValueError(
+                        f"stochastic_rounding rounds bfloat16 params, but param "
+                        f"'{path}' is float16; use master_weights=True for "
+                        "float16 params."
+                    )
+        super().init(parameters)
 
     def init_single(self, parameter: mx.array, state: dict) -> None:
         """Initialize the momentum buffer (only when momentum is on), in
