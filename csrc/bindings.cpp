@@ -13,6 +13,7 @@
 #include "sgd_cpu_kernel.h"
 #include "sgd_update.h"
 #include "step_decay.h"
+#include "utils.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -99,6 +100,54 @@ NB_MODULE(_ext, m) {
       &mfs::cpu_kernel::selected_isa,
       "The instruction set of the CPU update loop in use: 'generic', 'avx2' "
       "or 'avx512' (MLX_FUSED_SGD_CPU_ISA overrides the CPUID choice).");
+
+  // What GPU streams run (backend_info()); a metallib that fails to load is
+  // reported once as a Python RuntimeWarning.
+  auto status_dict = [](const mfs::GpuKernelStatus& st) {
+    auto text_or_none = [](const std::string& x) -> nb::object {
+      return x.empty() ? nb::object(nb::none())
+                       : nb::object(nb::str(x.c_str()));
+    };
+    nb::dict d;
+    d["fused"] = st.fused;
+    d["library"] = text_or_none(st.library_path);
+    d["reason"] = text_or_none(st.reason);
+    return d;
+  };
+  mfs::set_gpu_fallback_notifier([](const std::string& message) {
+    nb::gil_scoped_acquire gil;
+    if (PyErr_WarnEx(PyExc_RuntimeWarning, message.c_str(), 1) != 0) {
+      throw nb::python_error();
+    }
+  });
+  m.def(
+      "gpu_kernel_status",
+      [status_dict]() { return status_dict(mfs::gpu_kernel_status()); },
+      "Whether GPU streams run this package's kernels ('fused'), the "
+      "metallib ('library') and why not ('reason'); decided once, loading "
+      "the metallib.");
+  m.def(
+      "_decide_gpu_kernels",
+      [status_dict](
+          bool built_with_kernels,
+          const std::string& library_path,
+          std::optional<std::string> load_error,
+          const std::string& no_kernels_reason) {
+        auto load = [&] {
+          if (load_error) {
+            throw std::runtime_error(*load_error);
+          }
+        };
+        return status_dict(
+            mfs::decide_gpu_kernels(
+                built_with_kernels, library_path, load, no_kernels_reason));
+      },
+      "built_with_kernels"_a,
+      "library_path"_a,
+      "load_error"_a,
+      "no_kernels_reason"_a,
+      "The decision behind gpu_kernel_status with a simulated load (for "
+      "tests): load_error, when given, is what the load throws.");
 
   m.def(
       "validate_sgd_settings",

@@ -324,7 +324,7 @@ void GradCheck::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   }
 }
 
-#ifdef _METAL_
+#if MFS_METAL_KERNELS
 
 void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   allocate(out);
@@ -373,8 +373,8 @@ void GradCheck::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   // grads_nonfinite composes stock ops on a GPU stream in builds without
   // Metal kernels, so only a hand-built graph reaches this.
   throw std::runtime_error(
-      "mlx_fused_sgd: GradCheck has no GPU kernel in this build (MLX without "
-      "Metal); use grads_nonfinite, which falls back to stock MLX ops.");
+      "mlx_fused_sgd: GradCheck has no GPU kernel in this build (no Metal "
+      "kernels); use grads_nonfinite, which falls back to stock MLX ops.");
 }
 
 #endif

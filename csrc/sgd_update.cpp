@@ -971,7 +971,7 @@ void SGDUpdate::eval_cpu(
   });
 }
 
-#ifdef _METAL_
+#if MFS_METAL_KERNELS
 
 void SGDUpdate::eval_gpu(
     const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -1064,8 +1064,8 @@ void SGDUpdate::eval_gpu(
   // The ops route GPU streams to the composed fallback when this build has
   // no Metal kernels, so this is reached only by a hand-built graph.
   throw std::runtime_error(
-      "mlx_fused_sgd: SGDUpdate has no GPU kernel in this build (MLX without "
-      "Metal); use the op functions, which fall back to stock MLX ops.");
+      "mlx_fused_sgd: SGDUpdate has no GPU kernel in this build (no Metal "
+      "kernels); use the op functions, which fall back to stock MLX ops.");
 }
 
 #endif

@@ -145,7 +145,7 @@ void StepDecayLR::eval_cpu(
   });
 }
 
-#ifdef _METAL_
+#if MFS_METAL_KERNELS
 
 void StepDecayLR::eval_gpu(
     const std::vector<mx::array>& inputs, mx::array& out) {

@@ -8,7 +8,11 @@
 
 #include "mlx/allocator.h"
 #include "mlx/utils.h"
+#include <mutex>
 #include <stdexcept>
+#if MFS_METAL_KERNELS
+#include "mlx/backend/metal/device.h"
+#endif
 
 namespace mlx_fused_sgd {
 
@@ -22,6 +26,83 @@ std::string extension_dir() {
     return std::filesystem::path(info.dli_fname).parent_path().string();
   }();
   return dir;
+}
+
+GpuKernelStatus decide_gpu_kernels(
+    bool built_with_kernels,
+    const std::string& library_path,
+    const std::function<void()>& load,
+    const std::string& no_kernels_reason) {
+  GpuKernelStatus status;
+  if (!built_with_kernels) {
+    status.reason = no_kernels_reason;
+    return status;
+  }
+  status.library_path = library_path;
+  try {
+    load();
+    status.fused = true;
+  } catch (const std::exception& e) {
+    status.reason =
+        std::string("the Metal kernels (") + library_path +
+        ") did not load: " + e.what() +
+        ". Reinstall mlx-fused-sgd on this Mac (its kernels are compiled "
+        "for macOS 14 or later with Metal 3.1; a metallib copied from "
+        "another machine or built for a newer macOS is refused).";
+  }
+  return status;
+}
+
+namespace {
+
+std::mutex notifier_mutex;
+std::function<void(const std::string&)> fallback_notifier;
+
+std::string no_kernels_reason() {
+#if defined(MFS_METAL_TOOLCHAIN_MISSING)
+  return "this install was built without the Metal kernels: the Metal "
+         "compiler was missing (xcrun -sdk macosx -f metal failed). Install "
+         "Xcode and select it (sudo xcode-select -s /Applications/Xcode.app), "
+         "download its Metal toolchain (xcodebuild -downloadComponent "
+         "MetalToolchain), and reinstall mlx-fused-sgd.";
+#elif defined(_METAL_)
+  return "this install was built without the Metal kernels.";
+#else
+  return "this MLX has no Metal backend, and mlx-fused-sgd has kernels only "
+         "for the CPU and Metal: GPU streams use the composed fallback.";
+#endif
+}
+
+} // namespace
+
+void set_gpu_fallback_notifier(std::function<void(const std::string&)> notify) {
+  std::lock_guard<std::mutex> lock(notifier_mutex);
+  fallback_notifier = std::move(notify);
+}
+
+const GpuKernelStatus& gpu_kernel_status() {
+  static const GpuKernelStatus status = [] {
+    const auto path = extension_dir() + "/" + kMetalLibraryName + ".metallib";
+    auto load = [] {
+#if MFS_METAL_KERNELS
+      auto& d = mx::metal::device(mx::Device::gpu);
+      d.get_library(kMetalLibraryName, extension_dir());
+#endif
+    };
+    auto decided =
+        decide_gpu_kernels(kHaveMetalKernels, path, load, no_kernels_reason());
+    if (kHaveMetalKernels && !decided.fused) {
+      std::lock_guard<std::mutex> lock(notifier_mutex);
+      if (fallback_notifier) {
+        fallback_notifier(
+            "mlx_fused_sgd: " + decided.reason +
+            " GPU streams use the composed fallback (stock MLX ops, the same "
+            "numbers, slower) until then.");
+      }
+    }
+    return decided;
+  }();
+  return status;
 }
 
 void allocate(mx::array& out) {

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -79,18 +80,44 @@ inline void release_sibling_inputs(
 // MLX caches libraries by name, so the name is this package's own.
 inline constexpr const char* kMetalLibraryName = "mlx_fused_sgd";
 
-// Whether this build has the Metal kernels (MLX built with Metal). Without
-// them, ops on a GPU stream are composed of stock MLX ops instead.
-#ifdef _METAL_
-inline constexpr bool kHaveMetalKernels = true;
+// Whether this build has the Metal kernels: MLX with a Metal backend
+// (_METAL_) and this package's metallib compiled (MFS_HAVE_METALLIB, set by
+// CMake when the Metal compiler was found). Without them, ops on a GPU
+// stream are composed of stock MLX ops instead.
+#if defined(_METAL_) && defined(MFS_HAVE_METALLIB)
+#define MFS_METAL_KERNELS 1
 #else
-inline constexpr bool kHaveMetalKernels = false;
+#define MFS_METAL_KERNELS 0
 #endif
+inline constexpr bool kHaveMetalKernels = MFS_METAL_KERNELS;
+
+// What GPU streams run: this package's kernels (`fused`), or the composed
+// fallback and why (`reason`).
+struct GpuKernelStatus {
+  bool fused = false;
+  std::string library_path; // the metallib, when the build has one
+  std::string reason;       // why not fused (empty when fused)
+};
+
+// The decision, factored so that a failed load can be simulated: `load`
+// loads the metallib and throws on failure.
+GpuKernelStatus decide_gpu_kernels(
+    bool built_with_kernels,
+    const std::string& library_path,
+    const std::function<void()>& load,
+    const std::string& no_kernels_reason);
+
+// Decided once per process, on the first op on a GPU stream (or the first
+// backend_info()): the metallib is loaded then, so that a library the OS
+// refuses sends GPU streams to the fallback instead of failing inside
+// mx.eval. A failed load is reported once through the notifier.
+const GpuKernelStatus& gpu_kernel_status();
+void set_gpu_fallback_notifier(std::function<void(const std::string&)> notify);
 
 // True when an op on stream `s` runs this package's kernels; false when it
 // must fall back to stock MLX ops (a GPU without kernels of ours).
 inline bool has_fused_kernel(const mx::Stream& s) {
-  return s.device == mx::Device::cpu || kHaveMetalKernels;
+  return s.device == mx::Device::cpu || gpu_kernel_status().fused;
 }
 
 // Directory holding this extension's shared object, where the .metallib is

@@ -10,6 +10,12 @@
 #pragma once
 
 #ifdef __METAL_VERSION__
+// bfloat (and the kernels' other needs) came with Metal 3.1, macOS 14: the
+// build passes -std=metal3.1; an older language fails here, not in a
+// confusing error about bfloat further down.
+#if __METAL_VERSION__ < 310
+#error "mlx-fused-sgd's Metal kernels need Metal 3.1 or later (macOS 14): compile them with -std=metal3.1 and a deployment target of 14.0 or later"
+#endif
 #include <metal_stdlib>
 #define MFS_INLINE inline
 #define MFS_POW metal::pow

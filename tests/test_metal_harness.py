@@ -860,12 +860,25 @@ def test_harness_catches_a_broken_kernel(tmp_path, mutation):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("source", ["csrc/sgd_update.cpp", "csrc/step_decay.cpp"])
-def test_eval_gpu_compiles_against_mlx_metal_headers(source):
-    """The -D_METAL_ branch (eval_gpu) is compiled, syntax only, against the
-    installed MLX headers, mlx/backend/metal/device.h included; only metal-cpp
-    (<Metal/Metal.hpp>) is a declarations-only stand-in (tests/metal_api_stub).
-    A wrong MLX call or argument in eval_gpu fails here, not first on a Mac."""
+@pytest.mark.parametrize(
+    "source",
+    [
+        "csrc/sgd_update.cpp",
+        "csrc/step_decay.cpp",
+        "csrc/grad_check.cpp",
+        "csrc/utils.cpp",
+    ],
+)
+@pytest.mark.parametrize(
+    "metallib", [True, False], ids=["with_metallib", "toolchain_missing"]
+)
+def test_eval_gpu_compiles_against_mlx_metal_headers(source, metallib):
+    """The Metal branches (eval_gpu, the metallib load check) are compiled,
+    syntax only, against the installed MLX headers,
+    mlx/backend/metal/device.h included; only metal-cpp (<Metal/Metal.hpp>)
+    is a declarations-only stand-in (tests/metal_api_stub). A wrong MLX call
+    or argument fails here, not first on a Mac. Also the build of an MLX
+    with Metal on a Mac without the Metal compiler (no metallib)."""
     cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     mlx_include = Path(mx.__file__).parent / "include"
     if not (mlx_include / "mlx" / "backend" / "metal" / "device.h").exists():
@@ -875,6 +888,7 @@ def test_eval_gpu_compiles_against_mlx_metal_headers(source):
         "-std=c++20",
         "-fsyntax-only",
         "-D_METAL_",
+        "-DMFS_HAVE_METALLIB" if metallib else "-DMFS_METAL_TOOLCHAIN_MISSING",
         f"-I{ROOT / 'tests' / 'metal_api_stub'}",
         f"-I{ROOT}",
         f"-I{ROOT / 'csrc'}",

@@ -4,6 +4,7 @@
 * :func:`sgd_update`, :func:`sgd_update_scheduled`, :func:`sgd_update_many`,
   :func:`sgd_update_many_scheduled` - the fused update as functions.
 * :class:`FusedSGD` - drop-in for :class:`mlx.optimizers.SGD`.
+* :func:`backend_info` - what runs on each device (fused kernels or fallback).
 """
 
 import mlx.core as _mx
@@ -30,6 +31,7 @@ if _MLX_VERSION != _MLX_BUILD_VERSION:
     )
 
 from . import _ext  # noqa: E402, F401  (the compiled module, for advanced use)
+from .backend import backend_info  # noqa: E402
 from .functional import (  # noqa: E402
     grad_norm,
     grads_nonfinite,
@@ -46,6 +48,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FusedSGD",
     "StepDecay",
+    "backend_info",
     "grad_norm",
     "grads_nonfinite",
     "sgd_update",
