@@ -8,16 +8,15 @@
 #include "kernels/sgd_math.h"
 
 using namespace metal;
-using namespace mlx_fused_sgd;
 
 // The learning rate of this launch, once per thread: a float32 scalar, or the
 // step-decay schedule of the uint64 step counter (a few ALU ops).
 inline float launch_learning_rate(
     device const float* lr,
     device const uint64_t* step,
-    constant const launch::SGDArgs& args) {
+    constant const mlx_fused_sgd::launch::SGDArgs& args) {
   if (args.scheduled) {
-    return math::step_decay_lr<uint64_t>(
+    return mlx_fused_sgd::math::step_decay_lr<uint64_t>(
         step[0], uint64_t(args.step_size), args.init, args.decay_rate);
   }
   return lr[0];
@@ -26,11 +25,11 @@ inline float launch_learning_rate(
 // The float32 constants of this launch; the gradient divisor (loss scale,
 // negated for maximize) is read from its buffer only by kScaleGrad kernels.
 template <bool S>
-inline math::SGDHyper launch_hyper(
-    constant const launch::SGDArgs& args,
+inline mlx_fused_sgd::math::SGDHyper launch_hyper(
+    constant const mlx_fused_sgd::launch::SGDArgs& args,
     device const float* grad_scale,
     device const float* grad_multiplier) {
-  math::SGDHyper h;
+  mlx_fused_sgd::math::SGDHyper h;
   h.weight_decay = args.weight_decay;
   h.momentum = args.momentum;
   h.dampening_scale = args.dampening_scale;
@@ -53,11 +52,11 @@ inline uint64_t linear_thread(uint2 gid, uint2 grid) {
 template <int R>
 inline uint64_t launch_rounding_stream(
     device const uint64_t* rounding_step,
-    constant const launch::SGDArgs& args) {
-  if (R != math::kRoundStochastic) {
+    constant const mlx_fused_sgd::launch::SGDArgs& args) {
+  if (R != mlx_fused_sgd::math::kRoundStochastic) {
     return 0;
   }
-  return math::rounding_stream(
+  return mlx_fused_sgd::math::rounding_stream(
       args.rounding_seed, rounding_step[0], args.rounding_tensor);
 }
 
@@ -97,10 +96,10 @@ inline void update_one(
     thread const TensorBuffers<T, V>& b,
     Offsets at,
     float lr,
-    math::SGDHyper h,
+    mlx_fused_sgd::math::SGDHyper h,
     uint64_t stream,
     bool copy) {
-  constexpr bool kUseMaster = R == math::kMasterWeights;
+  constexpr bool kUseMaster = R == mlx_fused_sgd::math::kMasterWeights;
   if (copy) {
     // A skipped step (a non-finite gradient somewhere): keep everything.
     b.param_out[at.io] = b.param[at.ip];
@@ -114,14 +113,15 @@ inline void update_one(
   }
   float p = kUseMaster ? b.master[at.im] : static_cast<float>(b.param[at.ip]);
   float v = M ? static_cast<float>(b.velocity[at.iv]) : 0.0f;
-  math::ParamVelocity r = math::sgd_update_element<WD, M, D, N, S>(
-      p, static_cast<float>(b.grad[at.ig]), v, lr, h);
+  mlx_fused_sgd::math::ParamVelocity r =
+      mlx_fused_sgd::math::sgd_update_element<WD, M, D, N, S>(
+          p, static_cast<float>(b.grad[at.ig]), v, lr, h);
   if (kUseMaster) {
     b.master_out[at.io] = r.param;
   }
-  if (R == math::kRoundStochastic) {
-    r.param = math::round_bf16_stochastic(
-        r.param, math::rounding_bits(stream, uint64_t(at.io)));
+  if (R == mlx_fused_sgd::math::kRoundStochastic) {
+    r.param = mlx_fused_sgd::math::round_bf16_stochastic(
+        r.param, mlx_fused_sgd::math::rounding_bits(stream, uint64_t(at.io)));
   }
   b.param_out[at.io] = static_cast<T>(r.param);
   if (M) {
@@ -141,35 +141,41 @@ template <
     bool S,
     int R>
 [[kernel]] void sgd_contiguous(
-    device const T* param [[buffer(launch::kParam)]],
-    device const T* grad [[buffer(launch::kGrad)]],
-    device const V* velocity [[buffer(launch::kVelocity)]],
-    device T* param_out [[buffer(launch::kParamOut)]],
-    device V* velocity_out [[buffer(launch::kVelocityOut)]],
-    device const float* lr [[buffer(launch::kLearningRate)]],
-    device const uint64_t* step [[buffer(launch::kStep)]],
-    constant const launch::SGDArgs& args [[buffer(launch::kSGDArgs)]],
-    device const float* grad_scale [[buffer(launch::kGradScale)]],
-    device const uint* skip [[buffer(launch::kSkip)]],
-    device const float* grad_multiplier [[buffer(launch::kGradMultiplier)]],
-    device const float* master [[buffer(launch::kMaster)]],
-    device float* master_out [[buffer(launch::kMasterOut)]],
-    device const uint64_t* rounding_step [[buffer(launch::kRoundingStep)]],
+    device const T* param [[buffer(mlx_fused_sgd::launch::kParam)]],
+    device const T* grad [[buffer(mlx_fused_sgd::launch::kGrad)]],
+    device const V* velocity [[buffer(mlx_fused_sgd::launch::kVelocity)]],
+    device T* param_out [[buffer(mlx_fused_sgd::launch::kParamOut)]],
+    device V* velocity_out [[buffer(mlx_fused_sgd::launch::kVelocityOut)]],
+    device const float* lr [[buffer(mlx_fused_sgd::launch::kLearningRate)]],
+    device const uint64_t* step [[buffer(mlx_fused_sgd::launch::kStep)]],
+    constant const mlx_fused_sgd::launch::SGDArgs& args
+    [[buffer(mlx_fused_sgd::launch::kSGDArgs)]],
+    device const float* grad_scale
+    [[buffer(mlx_fused_sgd::launch::kGradScale)]],
+    device const uint* skip [[buffer(mlx_fused_sgd::launch::kSkip)]],
+    device const float* grad_multiplier
+    [[buffer(mlx_fused_sgd::launch::kGradMultiplier)]],
+    device const float* master [[buffer(mlx_fused_sgd::launch::kMaster)]],
+    device float* master_out [[buffer(mlx_fused_sgd::launch::kMasterOut)]],
+    device const uint64_t* rounding_step
+    [[buffer(mlx_fused_sgd::launch::kRoundingStep)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid [[threads_per_grid]]) {
-  int64_t begin = int64_t(linear_thread(gid, grid)) * launch::kWorkPerThread;
+  int64_t begin =
+      int64_t(linear_thread(gid, grid)) * mlx_fused_sgd::launch::kWorkPerThread;
   if (begin >= args.size) {
     return;
   }
   bool copy = args.has_skip && skip[0] != 0;
   float rate = launch_learning_rate(lr, step, args);
-  math::SGDHyper h = launch_hyper<S>(args, grad_scale, grad_multiplier);
+  mlx_fused_sgd::math::SGDHyper h =
+      launch_hyper<S>(args, grad_scale, grad_multiplier);
   uint64_t stream = launch_rounding_stream<R>(rounding_step, args);
   TensorBuffers<T, V> b = {
       param, grad, velocity, param_out, velocity_out, master, master_out};
-  int64_t end = begin + launch::kWorkPerThread;
+  int64_t end = begin + mlx_fused_sgd::launch::kWorkPerThread;
   if (end <= args.size) {
-    for (int k = 0; k < launch::kWorkPerThread; ++k) {
+    for (int k = 0; k < mlx_fused_sgd::launch::kWorkPerThread; ++k) {
       int64_t i = begin + k;
       update_one<T, V, WD, M, D, N, S, R>(
           b, Offsets{i, i, i, i, i}, rate, h, stream, copy);
@@ -210,8 +216,8 @@ inline int64_t layout_start(
 }
 
 // Any strides (transposed, sliced or broadcast inputs), over the layout
-// launch::plan_strided made on the host: (outer..., rows, cols), with the
-// axis a transposed operand is contiguous along as the rows. A thread
+// mlx_fused_sgd::launch::plan_strided made on the host: (outer..., rows, cols),
+// with the axis a transposed operand is contiguous along as the rows. A thread
 // updates one column of kRowsPerThread consecutive rows, stepping each
 // operand's offset by its row stride: adjacent threads take adjacent columns
 // (row-major operands and the outputs are read and written coalesced), and
@@ -227,43 +233,51 @@ template <
     bool S,
     int R>
 [[kernel]] void sgd_general(
-    device const T* param [[buffer(launch::kParam)]],
-    device const T* grad [[buffer(launch::kGrad)]],
-    device const V* velocity [[buffer(launch::kVelocity)]],
-    device T* param_out [[buffer(launch::kParamOut)]],
-    device V* velocity_out [[buffer(launch::kVelocityOut)]],
-    device const float* lr [[buffer(launch::kLearningRate)]],
-    device const uint64_t* step [[buffer(launch::kStep)]],
-    constant const launch::SGDArgs& args [[buffer(launch::kSGDArgs)]],
-    constant const int64_t* shape [[buffer(launch::kShape)]],
-    constant const int64_t* param_strides [[buffer(launch::kParamStrides)]],
-    constant const int64_t* grad_strides [[buffer(launch::kGradStrides)]],
+    device const T* param [[buffer(mlx_fused_sgd::launch::kParam)]],
+    device const T* grad [[buffer(mlx_fused_sgd::launch::kGrad)]],
+    device const V* velocity [[buffer(mlx_fused_sgd::launch::kVelocity)]],
+    device T* param_out [[buffer(mlx_fused_sgd::launch::kParamOut)]],
+    device V* velocity_out [[buffer(mlx_fused_sgd::launch::kVelocityOut)]],
+    device const float* lr [[buffer(mlx_fused_sgd::launch::kLearningRate)]],
+    device const uint64_t* step [[buffer(mlx_fused_sgd::launch::kStep)]],
+    constant const mlx_fused_sgd::launch::SGDArgs& args
+    [[buffer(mlx_fused_sgd::launch::kSGDArgs)]],
+    constant const int64_t* shape [[buffer(mlx_fused_sgd::launch::kShape)]],
+    constant const int64_t* param_strides
+    [[buffer(mlx_fused_sgd::launch::kParamStrides)]],
+    constant const int64_t* grad_strides
+    [[buffer(mlx_fused_sgd::launch::kGradStrides)]],
     constant const int64_t* velocity_strides
-    [[buffer(launch::kVelocityStrides)]],
-    device const float* grad_scale [[buffer(launch::kGradScale)]],
-    device const uint* skip [[buffer(launch::kSkip)]],
-    device const float* grad_multiplier [[buffer(launch::kGradMultiplier)]],
-    device const float* master [[buffer(launch::kMaster)]],
-    device float* master_out [[buffer(launch::kMasterOut)]],
-    device const uint64_t* rounding_step [[buffer(launch::kRoundingStep)]],
-    constant const int64_t* master_strides [[buffer(launch::kMasterStrides)]],
-    constant const int64_t* out_strides [[buffer(launch::kOutStrides)]],
+    [[buffer(mlx_fused_sgd::launch::kVelocityStrides)]],
+    device const float* grad_scale
+    [[buffer(mlx_fused_sgd::launch::kGradScale)]],
+    device const uint* skip [[buffer(mlx_fused_sgd::launch::kSkip)]],
+    device const float* grad_multiplier
+    [[buffer(mlx_fused_sgd::launch::kGradMultiplier)]],
+    device const float* master [[buffer(mlx_fused_sgd::launch::kMaster)]],
+    device float* master_out [[buffer(mlx_fused_sgd::launch::kMasterOut)]],
+    device const uint64_t* rounding_step
+    [[buffer(mlx_fused_sgd::launch::kRoundingStep)]],
+    constant const int64_t* master_strides
+    [[buffer(mlx_fused_sgd::launch::kMasterStrides)]],
+    constant const int64_t* out_strides
+    [[buffer(mlx_fused_sgd::launch::kOutStrides)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid [[threads_per_grid]]) {
   const int nd = args.ndim;
   const int64_t rows = shape[nd - 2];
   const int64_t cols = shape[nd - 1];
-  const int64_t bands =
-      (rows + launch::kRowsPerThread - 1) / launch::kRowsPerThread;
+  const int64_t bands = (rows + mlx_fused_sgd::launch::kRowsPerThread - 1) /
+                        mlx_fused_sgd::launch::kRowsPerThread;
   const int64_t t = int64_t(linear_thread(gid, grid));
   const int64_t c = t % cols;
   const int64_t rest = t / cols;
-  const int64_t r0 = (rest % bands) * launch::kRowsPerThread;
+  const int64_t r0 = (rest % bands) * mlx_fused_sgd::launch::kRowsPerThread;
   const int64_t outer = rest / bands;
   if (outer * rows * cols >= args.size) {
     return;
   }
-  constexpr bool kUseMaster = R == math::kMasterWeights;
+  constexpr bool kUseMaster = R == mlx_fused_sgd::math::kMasterWeights;
   Offsets at = {
       layout_start(outer, r0, c, shape, param_strides, nd),
       layout_start(outer, r0, c, shape, grad_strides, nd),
@@ -277,12 +291,13 @@ template <
       kUseMaster ? master_strides[nd - 2] : 0,
       out_strides[nd - 2]};
   float rate = launch_learning_rate(lr, step, args);
-  math::SGDHyper h = launch_hyper<S>(args, grad_scale, grad_multiplier);
+  mlx_fused_sgd::math::SGDHyper h =
+      launch_hyper<S>(args, grad_scale, grad_multiplier);
   uint64_t stream = launch_rounding_stream<R>(rounding_step, args);
   bool copy = args.has_skip && skip[0] != 0;
   TensorBuffers<T, V> b = {
       param, grad, velocity, param_out, velocity_out, master, master_out};
-  const int64_t r_last = r0 + launch::kRowsPerThread;
+  const int64_t r_last = r0 + mlx_fused_sgd::launch::kRowsPerThread;
   const int64_t r_end = r_last < rows ? r_last : rows;
   for (int64_t r = r0; r < r_end; ++r) {
     update_one<T, V, WD, M, D, N, S, R>(b, at, rate, h, stream, copy);
@@ -320,7 +335,7 @@ template <
       d,                                                                       \
       n,                                                                       \
       s,                                                                       \
-      math::kRoundNearest)
+      mlx_fused_sgd::math::kRoundNearest)
 #define MFS_SGD_ROUND_stochastic(dtype, T, vdtype, V, wd, m, d, n, s)          \
   MFS_SGD_KERNELS(                                                             \
       #dtype "_" #vdtype "_" #wd #m #d #n #s "_sr",                            \
@@ -331,7 +346,7 @@ template <
       d,                                                                       \
       n,                                                                       \
       s,                                                                       \
-      math::kRoundStochastic)
+      mlx_fused_sgd::math::kRoundStochastic)
 #define MFS_SGD_ROUND_master(dtype, T, vdtype, V, wd, m, d, n, s)              \
   MFS_SGD_KERNELS(                                                             \
       #dtype "_" #vdtype "_" #wd #m #d #n #s "_mw",                            \
@@ -342,7 +357,7 @@ template <
       d,                                                                       \
       n,                                                                       \
       s,                                                                       \
-      math::kMasterWeights)
+      mlx_fused_sgd::math::kMasterWeights)
 
 // Without and with a gradient transform (grad_scale, maximize, clipping).
 #define MFS_SGD_VARIANT(mode, dtype, T, vdtype, V, wd, m, d, n)                \

@@ -7,30 +7,32 @@
 #include "kernels/sgd_math.h"
 
 using namespace metal;
-using namespace mlx_fused_sgd;
 
 template <typename I>
 [[kernel]] void step_decay_contiguous(
-    device const I* step [[buffer(launch::kStepIn)]],
-    device float* out [[buffer(launch::kLearningRateOut)]],
-    constant const launch::StepDecayArgs& args [[buffer(launch::kStepDecayArgs)]],
+    device const I* step [[buffer(mlx_fused_sgd::launch::kStepIn)]],
+    device float* out [[buffer(mlx_fused_sgd::launch::kLearningRateOut)]],
+    constant const mlx_fused_sgd::launch::StepDecayArgs& args
+    [[buffer(mlx_fused_sgd::launch::kStepDecayArgs)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid [[threads_per_grid]]) {
   int64_t i = int64_t(gid.x) + int64_t(grid.x) * int64_t(gid.y);
   if (i >= args.size) {
     return;
   }
-  out[i] = math::step_decay_lr<I>(
+  out[i] = mlx_fused_sgd::math::step_decay_lr<I>(
       step[i], I(args.step_size), args.init, args.decay_rate);
 }
 
 template <typename I>
 [[kernel]] void step_decay_general(
-    device const I* step [[buffer(launch::kStepIn)]],
-    device float* out [[buffer(launch::kLearningRateOut)]],
-    constant const launch::StepDecayArgs& args [[buffer(launch::kStepDecayArgs)]],
-    constant const int* shape [[buffer(launch::kStepShape)]],
-    constant const int64_t* strides [[buffer(launch::kStepStrides)]],
+    device const I* step [[buffer(mlx_fused_sgd::launch::kStepIn)]],
+    device float* out [[buffer(mlx_fused_sgd::launch::kLearningRateOut)]],
+    constant const mlx_fused_sgd::launch::StepDecayArgs& args
+    [[buffer(mlx_fused_sgd::launch::kStepDecayArgs)]],
+    constant const int* shape [[buffer(mlx_fused_sgd::launch::kStepShape)]],
+    constant const int64_t* strides
+    [[buffer(mlx_fused_sgd::launch::kStepStrides)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid [[threads_per_grid]]) {
   int64_t i = int64_t(gid.x) + int64_t(grid.x) * int64_t(gid.y);
@@ -43,17 +45,18 @@ template <typename I>
     loc += (elem % shape[d]) * strides[d];
     elem /= shape[d];
   }
-  out[i] = math::step_decay_lr<I>(
+  out[i] = mlx_fused_sgd::math::step_decay_lr<I>(
       step[loc], I(args.step_size), args.init, args.decay_rate);
 }
 
 #ifndef MFS_INSTANTIATE
-#define MFS_INSTANTIATE(name, func, ...) \
-  template [[host_name(name)]] [[kernel]] decltype(func<__VA_ARGS__>) func<__VA_ARGS__>;
+#define MFS_INSTANTIATE(name, func, ...)                                       \
+  template [[host_name(                                                        \
+      name)]] [[kernel]] decltype(func<__VA_ARGS__>) func<__VA_ARGS__>;
 #endif
 
-#define MFS_STEP_DECAY(dtype, I)                                         \
-  MFS_INSTANTIATE("step_decay_contiguous_" #dtype, step_decay_contiguous, I) \
+#define MFS_STEP_DECAY(dtype, I)                                               \
+  MFS_INSTANTIATE("step_decay_contiguous_" #dtype, step_decay_contiguous, I)   \
   MFS_INSTANTIATE("step_decay_general_" #dtype, step_decay_general, I)
 
 MFS_STEP_DECAY(int8, int8_t)

@@ -812,8 +812,8 @@ MUTATIONS = {
     ),
     "step-decay kernel off by one in step_size": (
         "kernels/step_decay.metal",
-        "out[i] = math::step_decay_lr<I>(\n      step[i], I(args.step_size),",
-        "out[i] = math::step_decay_lr<I>(\n      step[i], I(args.step_size + 1),",
+        "step_decay_lr<I>(\n      step[i], I(args.step_size),",
+        "step_decay_lr<I>(\n      step[i], I(args.step_size + 1),",
     ),
 }
 
@@ -976,7 +976,7 @@ def test_kernel_buffer_slots_are_the_ones_eval_gpu_binds(where):
     src = (ROOT / "kernels" / fname).read_text()
     m = re.search(rf"\[\[kernel\]\] void {kernel}\((.*?)\) {{", src, re.S)
     assert m, f"kernel {kernel} not found in {fname}"
-    slots = re.findall(r"\[\[buffer\(launch::(\w+)\)\]\]", m.group(1))
+    slots = re.findall(r"\[\[buffer\(mlx_fused_sgd::launch::(\w+)\)\]\]", m.group(1))
     assert slots == EXPECTED_SLOTS[where]
     launch = (ROOT / "kernels" / "sgd_launch.h").read_text()
     values = {}
