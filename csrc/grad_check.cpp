@@ -360,8 +360,10 @@ void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
       encoder.set_vector_bytes(g.shape(), launch::kCheckShape);
       encoder.set_vector_bytes(g.strides(), launch::kCheckStrides);
     }
-    auto grid = launch::make_grid(
-        plan.threads, kernel->maxTotalThreadsPerThreadgroup());
+    // Threadgroups of whole SIMD groups (the kernels reduce per SIMD group).
+    const uint64_t group_limit = kernel->maxTotalThreadsPerThreadgroup() /
+                                 launch::kSimdWidth * launch::kSimdWidth;
+    auto grid = launch::make_grid(plan.threads, group_limit);
     encoder.dispatch_threads(
         MTL::Size(grid.x, grid.y, 1), MTL::Size(grid.group, 1, 1));
   }

@@ -1,11 +1,12 @@
 // Metal kernels that read the gradients before the update: the non-finite
 // check (skip_nonfinite) and the squared norm (max_grad_norm).
 //
-// The non-finite check: one
-// uint32 flag per chunk of tensors, cleared by grad_check_clear and OR-ed
-// with 1 by any thread that sees a NaN or an Inf. The test is
-// mlx_fused_sgd::math::is_nonfinite from kernels/sgd_math.h, shared with the
-// CPU loop; the launch facts are kernels/sgd_launch.h, shared with eval_gpu.
+// The non-finite check: one uint32 flag per chunk of tensors, cleared by
+// grad_check_clear and OR-ed with 1 by lane 0 of any SIMD group that saw a
+// NaN or an Inf (simd_any). The test is mlx_fused_sgd::math::is_nonfinite
+// from kernels/sgd_math.h, shared with the CPU loop; the launch facts
+// (which elements a thread reads) are kernels/sgd_launch.h, shared with
+// eval_gpu.
 #include <metal_stdlib>
 
 #include "kernels/sgd_launch.h"
@@ -21,6 +22,21 @@ using namespace metal;
   }
 }
 
+// The element at flat index i of a strided gradient.
+inline int64_t strided_offset(
+    int64_t i,
+    int ndim,
+    constant const int* shape,
+    constant const int64_t* strides) {
+  int64_t loc = 0;
+  for (int d = ndim - 1; d >= 0 && i > 0; --d) {
+    loc += (i % shape[d]) * strides[d];
+    i /= shape[d];
+  }
+  return loc;
+}
+
+// Every thread reaches the SIMD reduction: no early return before it.
 template <typename T>
 [[kernel]] void grad_check_contiguous(
     device const T* x [[buffer(mlx_fused_sgd::launch::kCheckIn)]],
@@ -28,19 +44,17 @@ template <typename T>
     constant const mlx_fused_sgd::launch::CheckArgs& args
     [[buffer(mlx_fused_sgd::launch::kCheckArgs)]],
     uint2 gid [[thread_position_in_grid]],
-    uint2 grid [[threads_per_grid]]) {
-  int64_t begin = (int64_t(gid.x) + int64_t(grid.x) * int64_t(gid.y)) *
-                  mlx_fused_sgd::launch::kWorkPerThread;
-  if (begin >= args.size) {
-    return;
-  }
-  int64_t end = begin + mlx_fused_sgd::launch::kWorkPerThread;
-  end = end < args.size ? end : args.size;
+    uint2 grid [[threads_per_grid]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  const int64_t t = int64_t(gid.x) + int64_t(grid.x) * int64_t(gid.y);
   bool bad = false;
-  for (int64_t i = begin; i < end; ++i) {
-    bad = bad || mlx_fused_sgd::math::is_nonfinite(static_cast<float>(x[i]));
+  for (int k = 0; k < mlx_fused_sgd::launch::kReadsPerThread; ++k) {
+    const int64_t i = mlx_fused_sgd::launch::grad_read_index(t, k);
+    if (i < args.size) {
+      bad = bad || mlx_fused_sgd::math::is_nonfinite(static_cast<float>(x[i]));
+    }
   }
-  if (bad) {
+  if (simd_any(bad) && lane == 0) {
     atomic_fetch_or_explicit(flag, 1u, memory_order_relaxed);
   }
 }
@@ -55,25 +69,27 @@ template <typename T>
     constant const int64_t* strides
     [[buffer(mlx_fused_sgd::launch::kCheckStrides)]],
     uint2 gid [[thread_position_in_grid]],
-    uint2 grid [[threads_per_grid]]) {
-  int64_t i = int64_t(gid.x) + int64_t(grid.x) * int64_t(gid.y);
-  if (i >= args.size) {
-    return;
+    uint2 grid [[threads_per_grid]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  const int64_t t = int64_t(gid.x) + int64_t(grid.x) * int64_t(gid.y);
+  bool bad = false;
+  for (int k = 0; k < mlx_fused_sgd::launch::kReadsPerThread; ++k) {
+    const int64_t i = mlx_fused_sgd::launch::grad_read_index(t, k);
+    if (i < args.size) {
+      const int64_t loc = strided_offset(i, args.ndim, shape, strides);
+      bad =
+          bad || mlx_fused_sgd::math::is_nonfinite(static_cast<float>(x[loc]));
+    }
   }
-  int64_t loc = 0;
-  int64_t elem = i;
-  for (int d = args.ndim - 1; d >= 0 && elem > 0; --d) {
-    loc += (elem % shape[d]) * strides[d];
-    elem /= shape[d];
-  }
-  if (mlx_fused_sgd::math::is_nonfinite(static_cast<float>(x[loc]))) {
+  if (simd_any(bad) && lane == 0) {
     atomic_fetch_or_explicit(flag, 1u, memory_order_relaxed);
   }
 }
 
-// The squared L2 norm of a chunk (max_grad_norm): each thread adds the sum
-// of its elements' squares, in float32, to one float (the order of the adds
-// varies from run to run on a GPU; see the README on clipping).
+// The squared L2 norm of a chunk (max_grad_norm): each thread sums the
+// squares of its elements in float32, its SIMD group adds those up, and lane
+// 0 adds the group's sum to one float (the order of those adds varies from
+// run to run on a GPU; see the docs on clipping).
 [[kernel]] void grad_norm_clear(
     device atomic_float* sum [[buffer(mlx_fused_sgd::launch::kNormSum)]],
     uint gid [[thread_position_in_grid]]) {
@@ -89,22 +105,21 @@ template <typename T>
     constant const mlx_fused_sgd::launch::CheckArgs& args
     [[buffer(mlx_fused_sgd::launch::kNormArgs)]],
     uint2 gid [[thread_position_in_grid]],
-    uint2 grid [[threads_per_grid]]) {
-  int64_t begin = (int64_t(gid.x) + int64_t(grid.x) * int64_t(gid.y)) *
-                  mlx_fused_sgd::launch::kWorkPerThread;
-  if (begin >= args.size) {
-    return;
-  }
-  int64_t end = begin + mlx_fused_sgd::launch::kWorkPerThread;
-  end = end < args.size ? end : args.size;
+    uint2 grid [[threads_per_grid]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  const int64_t t = int64_t(gid.x) + int64_t(grid.x) * int64_t(gid.y);
   float local = 0.0f;
-  for (int64_t i = begin; i < end; ++i) {
-    float v = static_cast<float>(x[i]);
-    float sq = v * v;
-    local = local + sq;
+  for (int k = 0; k < mlx_fused_sgd::launch::kReadsPerThread; ++k) {
+    const int64_t i = mlx_fused_sgd::launch::grad_read_index(t, k);
+    if (i < args.size) {
+      const float v = static_cast<float>(x[i]);
+      const float sq = v * v;
+      local = local + sq;
+    }
   }
-  if (local != 0.0f) {
-    atomic_fetch_add_explicit(sum, local, memory_order_relaxed);
+  const float group = simd_sum(local);
+  if (lane == 0 && group != 0.0f) {
+    atomic_fetch_add_explicit(sum, group, memory_order_relaxed);
   }
 }
 
@@ -118,21 +133,22 @@ template <typename T>
     constant const int64_t* strides
     [[buffer(mlx_fused_sgd::launch::kNormStrides)]],
     uint2 gid [[thread_position_in_grid]],
-    uint2 grid [[threads_per_grid]]) {
-  int64_t i = int64_t(gid.x) + int64_t(grid.x) * int64_t(gid.y);
-  if (i >= args.size) {
-    return;
+    uint2 grid [[threads_per_grid]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  const int64_t t = int64_t(gid.x) + int64_t(grid.x) * int64_t(gid.y);
+  float local = 0.0f;
+  for (int k = 0; k < mlx_fused_sgd::launch::kReadsPerThread; ++k) {
+    const int64_t i = mlx_fused_sgd::launch::grad_read_index(t, k);
+    if (i < args.size) {
+      const int64_t loc = strided_offset(i, args.ndim, shape, strides);
+      const float v = static_cast<float>(x[loc]);
+      const float sq = v * v;
+      local = local + sq;
+    }
   }
-  int64_t loc = 0;
-  int64_t elem = i;
-  for (int d = args.ndim - 1; d >= 0 && elem > 0; --d) {
-    loc += (elem % shape[d]) * strides[d];
-    elem /= shape[d];
-  }
-  float v = static_cast<float>(x[loc]);
-  float sq = v * v;
-  if (sq != 0.0f) {
-    atomic_fetch_add_explicit(sum, sq, memory_order_relaxed);
+  const float group = simd_sum(local);
+  if (lane == 0 && group != 0.0f) {
+    atomic_fetch_add_explicit(sum, group, memory_order_relaxed);
   }
 }
 

@@ -73,6 +73,14 @@ MFS_CONSTANT constexpr int kCheckStrides = 4;
 
 // The squared-norm kernels (max_grad_norm) use the same layout, with a
 // float32 sum, atomically accumulated, in place of the flag.
+//
+// Both gradient reads reduce within a SIMD group (simd_sum, simd_any), then
+// lane 0 makes the group's one atomic: a SIMD group of kSimdWidth threads
+// reads kReadsPerThread * kSimdWidth consecutive elements, lane-interleaved
+// (each step of the group one coalesced run; see grad_read_index). The
+// threads past the end read nothing but still join the reduction.
+MFS_CONSTANT constexpr int kSimdWidth = 32;
+MFS_CONSTANT constexpr int kReadsPerThread = 16;
 MFS_CONSTANT constexpr int kNormIn = kCheckIn;
 MFS_CONSTANT constexpr int kNormSum = kCheckFlag;
 MFS_CONSTANT constexpr int kNormArgs = kCheckArgs;
@@ -109,6 +117,13 @@ struct CheckArgs {
   int64_t size;
   int32_t ndim;
 };
+
+// The element a gradient-read thread `t` (its index in the grid) reads at
+// its step k < kReadsPerThread.
+inline int64_t grad_read_index(int64_t t, int k) {
+  return (t / kSimdWidth) * (int64_t(kSimdWidth) * kReadsPerThread) +
+         int64_t(k) * kSimdWidth + t % kSimdWidth;
+}
 
 struct StepDecayArgs {
   int64_t size;
@@ -433,8 +448,9 @@ inline CheckPlan plan_grad_read(
   CheckPlan plan;
   plan.name = std::string(grad_read_prefix(kind)) +
               (contiguous ? "contiguous_" : "general_") + dtype;
-  plan.threads =
-      contiguous ? (size + kWorkPerThread - 1) / kWorkPerThread : size;
+  // Whole SIMD groups (threadgroups are multiples of kSimdWidth).
+  const int64_t per_group = int64_t(kSimdWidth) * kReadsPerThread;
+  plan.threads = (size + per_group - 1) / per_group * kSimdWidth;
   plan.args.size = size;
   plan.args.ndim = ndim;
   return plan;

@@ -4,6 +4,7 @@
 // constants eval_gpu binds (both take them from kernels/sgd_launch.h).
 // Built as a shared library by tests/test_metal_harness.py and driven from
 // Python through ctypes.
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <optional>
@@ -50,8 +51,8 @@ static const bool mfs_clear_registered =
 namespace launch = mlx_fused_sgd::launch;
 
 // The largest threadgroup eval_gpu asks for is the pipeline's limit; any
-// value gives the same results here, since the kernels use no threadgroup
-// memory.
+// multiple of the SIMD width gives the same results here, since the kernels
+// use no threadgroup memory.
 constexpr uint64_t kMaxThreadsPerGroup = 1024;
 
 template <typename F> F* lookup(const std::string& name) {
@@ -60,6 +61,34 @@ template <typename F> F* lookup(const std::string& name) {
     return nullptr;
   }
   return reinterpret_cast<F*>(it->second.fn);
+}
+
+// The grid of a gradient-read kernel, SIMD group by SIMD group: each
+// threadgroup of eval_gpu's size is cut into groups of mfs_simd::kWidth
+// threads that run together (tests/metal_shim/metal_stdlib). False when a
+// group diverged (a thread left while others waited in a SIMD function).
+template <typename Call> bool run_grid_simd(int64_t threads, Call call) {
+  auto g = launch::make_grid(threads, kMaxThreadsPerGroup);
+  uint2 grid{static_cast<uint>(g.x), static_cast<uint>(g.y)};
+  for (uint64_t y = 0; y < g.y; ++y) {
+    for (uint64_t group = 0; group < g.x; group += g.group) {
+      const uint64_t group_end = std::min<uint64_t>(group + g.group, g.x);
+      for (uint64_t base = group; base < group_end; base += mfs_simd::kWidth) {
+        const unsigned n = static_cast<unsigned>(
+            std::min<uint64_t>(mfs_simd::kWidth, group_end - base));
+        const bool ok = mfs_simd::run(n, [&](unsigned lane) {
+          call(
+              uint2{static_cast<uint>(base + lane), static_cast<uint>(y)},
+              grid,
+              static_cast<uint>(lane));
+        });
+        if (!ok) {
+          return false;
+        }
+      }
+    }
+  }
+  return true;
 }
 
 template <typename Call> void run_grid(int64_t threads, Call call) {
@@ -498,15 +527,17 @@ int run_grad_read_typed(
     auto run = [&]<typename T>() {
       auto x = static_cast<const T*>(data[t]);
       if (contiguous[t]) {
-        using F =
-            void(const T*, Atomic*, const launch::CheckArgs&, uint2, uint2);
+        using F = void(
+            const T*, Atomic*, const launch::CheckArgs&, uint2, uint2, uint);
         auto fn = lookup<F>(plan.name);
         if (!fn) {
           return 1;
         }
-        run_grid(plan.threads, [&](uint2 gid, uint2 grid) {
-          fn(x, &result, plan.args, gid, grid);
-        });
+        if (!run_grid_simd(plan.threads, [&](uint2 gid, uint2 grid, uint lane) {
+              fn(x, &result, plan.args, gid, grid, lane);
+            })) {
+          return 3;
+        }
       } else {
         using F = void(
             const T*,
@@ -515,14 +546,17 @@ int run_grad_read_typed(
             const int*,
             const int64_t*,
             uint2,
-            uint2);
+            uint2,
+            uint);
         auto fn = lookup<F>(plan.name);
         if (!fn) {
           return 1;
         }
-        run_grid(plan.threads, [&](uint2 gid, uint2 grid) {
-          fn(x, &result, plan.args, shapes[t], strides[t], gid, grid);
-        });
+        if (!run_grid_simd(plan.threads, [&](uint2 gid, uint2 grid, uint lane) {
+              fn(x, &result, plan.args, shapes[t], strides[t], gid, grid, lane);
+            })) {
+          return 3;
+        }
       }
       return 0;
     };

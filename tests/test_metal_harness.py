@@ -703,6 +703,17 @@ def test_grad_check_kernels_match_cpu(harness, dtype, bad, where):
     got = metal_grad_check(harness, chunk)
     expected = mfs.grads_nonfinite([a, base.T, b, c]).item()
     assert got == expected == (bad is not None)
+    # A bad value at either end of a SIMD group's span, and past it, in a
+    # long contiguous and a strided gradient.
+    for size, at in ((1300, 511), (1300, 512), (1300, 1299)):
+        host = np.ones(size, np.float32)
+        if bad is not None:
+            host[at] = bad
+        long = mx.array(host).astype(t)
+        wide = mx.array(host.reshape(13, 100)).astype(t)
+        got = metal_grad_check(harness, [long])
+        got_strided = metal_grad_check(harness, [Strided(wide.T, lambda x: x.T)])
+        assert got == got_strided == (bad is not None)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -711,14 +722,23 @@ def test_grad_norm_kernels_match_cpu(harness, dtype):
     on a GPU); the CPU sums each tensor in double. They agree to float32
     rounding of the partial sums."""
     t = DTYPES[dtype]
+    # Sizes around a SIMD group's span (kSimdWidth * kReadsPerThread = 512)
+    # and a strided tensor over several groups.
     a, b, c = _inputs((1037,), t, 8)
+    d, e = _inputs((511,), t, 10)[0], _inputs((513,), t, 11)[0]
     base = _inputs((5, 6), t, 9)[0]
-    chunk = [a, Strided(base, lambda x: x.T), b, c, mx.zeros((0,), t)]
+    wide = _inputs((70, 90), t, 12)[0]
+    arrays = [a, base, b, c, mx.zeros((0,), t), d, e, wide]
+    chunk = [
+        Strided(x, lambda y: y.T) if x is base or x is wide else x for x in arrays
+    ]
     got = metal_grad_check(harness, chunk, "run_grad_norm", np.float32)
-    expected = mfs._ext.grads_sq_norm([a, base.T, b, c, mx.zeros((0,), t)]).item()
+    expected = mfs._ext.grads_sq_norm(
+        [x.T if x is base or x is wide else x for x in arrays]
+    ).item()
     exact = sum(
         float(np.sum(np.array(x.astype(mx.float32), np.float64) ** 2))
-        for x in (a, b, c, base)
+        for x in arrays
     )
     assert abs(got - exact) <= 1e-5 * exact
     assert abs(expected - exact) <= 1e-6 * exact
@@ -780,10 +800,25 @@ MUTATIONS = {
         "for (int64_t i = begin; i < args.size; ++i)",
         "for (int64_t i = begin; i + 1 < args.size; ++i)",
     ),
-    "squared norm drops the tail": (
+    "squared norm drops the last element": (
         "kernels/grad_check.metal",
-        "  for (int64_t i = begin; i < end; ++i) {\n    float v = static_cast<float>(x[i]);",
-        "  for (int64_t i = begin; i + 1 < end; ++i) {\n    float v = static_cast<float>(x[i]);",
+        "if (i < args.size) {\n      const float v = static_cast<float>(x[i]);",
+        "if (i + 1 < args.size) {\n      const float v = static_cast<float>(x[i]);",
+    ),
+    "squared norm adds lane 0's part only (no SIMD sum)": (
+        "kernels/grad_check.metal",
+        "local = local + sq;\n    }\n  }\n  const float group = simd_sum(local);"
+        "\n  if (lane == 0 && group != 0.0f) {\n    atomic_fetch_add_explicit(sum, "
+        "group, memory_order_relaxed);\n  }\n}\n\ntemplate",
+        "local = local + sq;\n    }\n  }\n  const float group = local;"
+        "\n  if (lane == 0 && group != 0.0f) {\n    atomic_fetch_add_explicit(sum, "
+        "group, memory_order_relaxed);\n  }\n}\n\ntemplate",
+    ),
+    "non-finite check returns before the SIMD vote (divergent)": (
+        "kernels/grad_check.metal",
+        "static_cast<float>(x[i]));\n    }\n  }\n  if (simd_any(bad)",
+        "static_cast<float>(x[i]));\n    }\n  }\n  if (!bad) {\n    return;\n  }"
+        "\n  if (simd_any(bad)",
     ),
     "non-finite test blind to Inf": (
         "kernels/sgd_math.h",
@@ -830,6 +865,11 @@ def test_harness_catches_a_broken_kernel(tmp_path, mutation):
     if "norm" in mutation:
         with pytest.raises(AssertionError, match="abs"):
             test_grad_norm_kernels_match_cpu(mutant, "float32")
+        return
+    if "divergent" in mutation:
+        # The harness sees threads leave while another waits in simd_any.
+        with pytest.raises(AssertionError, match="assert 3 == 0"):
+            test_grad_check_kernels_match_cpu(mutant, "float32", np.nan, 6)
         return
     if "Inf" in mutation:
         # The mutant's flag stays 0 where the CPU check says 1.
