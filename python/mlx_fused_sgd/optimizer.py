@@ -96,14 +96,19 @@ def _collect(
         )
 
 
-def _leaf_paths(grads: Any, path: str = "") -> list[str]:
-    """The paths ('layers.7.bias') of the leaves of ``grads`` in the order
-    :func:`_collect` gathers them. Built only for an error message."""
-    if isinstance(grads, dict):
-        return [q for k, g in grads.items() for q in _leaf_paths(g, _join(path, k))]
-    if isinstance(grads, (list, tuple)):
-        return [q for i, g in enumerate(grads) for q in _leaf_paths(g, _join(path, i))]
-    return [path or "<root>"]
+def _leaf_items(tree: Any, path: str = "") -> list[tuple[str, Any]]:
+    """The leaves of ``tree`` with their paths ('layers.7.bias'), in the
+    order :func:`_collect` gathers them. Off the hot path (error messages,
+    init)."""
+    if isinstance(tree, dict):
+        return [q for k, v in tree.items() for q in _leaf_items(v, _join(path, k))]
+    if isinstance(tree, (list, tuple)):
+        return [q for i, v in enumerate(tree) for q in _leaf_items(v, _join(path, i))]
+    return [(path or "<root>", tree)]
+
+
+def _leaf_paths(tree: Any) -> list[str]:
+    return [path for path, _ in _leaf_items(tree)]
 
 
 # How the C++ ops name tensor i of the lists they are given.
@@ -135,15 +140,6 @@ def _with_paths(error: ValueError, gradients: Any) -> ValueError:
         # A single tensor: the ops name it without an index.
         named = _SINGLE.sub(lambda m: f"{_NAMES[m.group(1)]} '{paths[0]}'", message)
     return ValueError(named)
-
-
-def _leaves_of(tree: Any) -> list[Any]:
-    """The leaves of ``tree`` in the order of :func:`_leaf_paths`."""
-    if isinstance(tree, dict):
-        return [x for v in tree.values() for x in _leaves_of(v)]
-    if isinstance(tree, (list, tuple)):
-        return [x for v in tree for x in _leaves_of(v)]
-    return [tree]
 
 
 def _missing_state(grads: Any, state: Any, path: str = "") -> str | None:
@@ -423,8 +419,8 @@ class FusedSGD(Optimizer):
         float16 param with ``stochastic_rounding`` is refused by its path
         before anything is initialized."""
         if self.stochastic_rounding:
-            for path, p in zip(_leaf_paths(parameters), _leaves_of(parameters)):
-                if p.dtype == mx.float16:
+            for path, p in _leaf_items(parameters):
+                if isinstance(p, mx.array) and p.dtype == mx.float16:
                     raise ValueError(
                         f"stochastic_rounding rounds bfloat16 params, but param "
                         f"'{path}' is float16; use master_weights=True for "
