@@ -1,5 +1,6 @@
 #include "grad_check.h"
 
+#include <algorithm>
 #include <atomic>
 #include <stdexcept>
 
@@ -360,9 +361,13 @@ void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
       encoder.set_vector_bytes(g.shape(), launch::kCheckShape);
       encoder.set_vector_bytes(g.strides(), launch::kCheckStrides);
     }
-    // Threadgroups of whole SIMD groups (the kernels reduce per SIMD group).
-    const uint64_t group_limit = kernel->maxTotalThreadsPerThreadgroup() /
-                                 launch::kSimdWidth * launch::kSimdWidth;
+    // Threadgroups of whole SIMD groups, at most kMaxSimdGroups (the
+    // kernels' threadgroup reduction has a slot per SIMD group).
+    const uint64_t group_limit =
+        std::min<uint64_t>(
+            kernel->maxTotalThreadsPerThreadgroup() / launch::kSimdWidth,
+            launch::kMaxSimdGroups) *
+        launch::kSimdWidth;
     auto grid = launch::make_grid(plan.threads, group_limit);
     encoder.dispatch_threads(
         MTL::Size(grid.x, grid.y, 1), MTL::Size(grid.group, 1, 1));

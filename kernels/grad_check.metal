@@ -2,11 +2,11 @@
 // check (skip_nonfinite) and the squared norm (max_grad_norm).
 //
 // The non-finite check: one uint32 flag per chunk of tensors, cleared by
-// grad_check_clear and OR-ed with 1 by lane 0 of any SIMD group that saw a
-// NaN or an Inf (simd_any). The test is mlx_fused_sgd::math::is_nonfinite
-// from kernels/sgd_math.h, shared with the CPU loop; the launch facts
-// (which elements a thread reads) are kernels/sgd_launch.h, shared with
-// eval_gpu.
+// grad_check_clear and OR-ed with 1 once by any threadgroup that saw a NaN
+// or an Inf (a threadgroup reduction). The test is
+// mlx_fused_sgd::math::is_nonfinite from kernels/sgd_math.h, shared with the
+// CPU loop; the launch facts (which elements a thread reads) are
+// kernels/sgd_launch.h, shared with eval_gpu.
 #include <metal_stdlib>
 
 #include "kernels/sgd_launch.h"
@@ -22,6 +22,12 @@ using namespace metal;
   }
 }
 
+// Threadgroup memory a kernel declares (the Linux models of Metal define
+// their own).
+#ifndef MFS_THREADGROUP_ARRAY
+#define MFS_THREADGROUP_ARRAY(type, name, size) threadgroup type name[size]
+#endif
+
 // The element at flat index i of a strided gradient.
 inline int64_t strided_offset(
     int64_t i,
@@ -36,7 +42,60 @@ inline int64_t strided_offset(
   return loc;
 }
 
-// Every thread reaches the SIMD reduction: no early return before it.
+// The threadgroup's sum of `value`: within each SIMD group (simd_sum), then
+// across the SIMD groups through `partials`; valid in SIMD group 0. Every
+// thread of the threadgroup calls it (none returns early: the barrier waits
+// for all of them).
+inline float threadgroup_sum(
+    float value,
+    threadgroup float* partials,
+    uint lane,
+    uint simd_group,
+    uint simd_groups) {
+  const float group = simd_sum(value);
+  if (lane == 0) {
+    partials[simd_group] = group;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float total = 0.0f;
+  if (simd_group == 0) {
+    total = simd_sum(lane < simd_groups ? partials[lane] : 0.0f);
+  }
+  return total;
+}
+
+// The flag of a non-finite check: one atomic per threadgroup that saw a NaN
+// or an Inf (the count of such threads, summed as floats, is exact far
+// beyond a threadgroup's size).
+inline void flag_if_any(
+    bool bad,
+    device atomic_uint* flag,
+    threadgroup float* partials,
+    uint lane,
+    uint simd_group,
+    uint simd_groups) {
+  const float count = threadgroup_sum(
+      bad ? 1.0f : 0.0f, partials, lane, simd_group, simd_groups);
+  if (simd_group == 0 && lane == 0 && count != 0.0f) {
+    atomic_fetch_or_explicit(flag, 1u, memory_order_relaxed);
+  }
+}
+
+// The squared norm's part of a threadgroup: one atomic per threadgroup.
+inline void add_to_sum(
+    float local,
+    device atomic_float* sum,
+    threadgroup float* partials,
+    uint lane,
+    uint simd_group,
+    uint simd_groups) {
+  const float total =
+      threadgroup_sum(local, partials, lane, simd_group, simd_groups);
+  if (simd_group == 0 && lane == 0 && total != 0.0f) {
+    atomic_fetch_add_explicit(sum, total, memory_order_relaxed);
+  }
+}
+
 template <typename T>
 [[kernel]] void grad_check_contiguous(
     device const T* x [[buffer(mlx_fused_sgd::launch::kCheckIn)]],
@@ -45,7 +104,10 @@ template <typename T>
     [[buffer(mlx_fused_sgd::launch::kCheckArgs)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid [[threads_per_grid]],
-    uint lane [[thread_index_in_simdgroup]]) {
+    uint lane [[thread_index_in_simdgroup]],
+    uint simd_group [[simdgroup_index_in_threadgroup]],
+    uint simd_groups [[simdgroups_per_threadgroup]]) {
+  MFS_THREADGROUP_ARRAY(float, partials, mlx_fused_sgd::launch::kMaxSimdGroups);
   const int64_t t = int64_t(gid.x) + int64_t(grid.x) * int64_t(gid.y);
   bool bad = false;
   for (int k = 0; k < mlx_fused_sgd::launch::kReadsPerThread; ++k) {
@@ -54,9 +116,7 @@ template <typename T>
       bad = bad || mlx_fused_sgd::math::is_nonfinite(static_cast<float>(x[i]));
     }
   }
-  if (simd_any(bad) && lane == 0) {
-    atomic_fetch_or_explicit(flag, 1u, memory_order_relaxed);
-  }
+  flag_if_any(bad, flag, partials, lane, simd_group, simd_groups);
 }
 
 template <typename T>
@@ -70,7 +130,10 @@ template <typename T>
     [[buffer(mlx_fused_sgd::launch::kCheckStrides)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid [[threads_per_grid]],
-    uint lane [[thread_index_in_simdgroup]]) {
+    uint lane [[thread_index_in_simdgroup]],
+    uint simd_group [[simdgroup_index_in_threadgroup]],
+    uint simd_groups [[simdgroups_per_threadgroup]]) {
+  MFS_THREADGROUP_ARRAY(float, partials, mlx_fused_sgd::launch::kMaxSimdGroups);
   const int64_t t = int64_t(gid.x) + int64_t(grid.x) * int64_t(gid.y);
   bool bad = false;
   for (int k = 0; k < mlx_fused_sgd::launch::kReadsPerThread; ++k) {
@@ -81,15 +144,14 @@ template <typename T>
           bad || mlx_fused_sgd::math::is_nonfinite(static_cast<float>(x[loc]));
     }
   }
-  if (simd_any(bad) && lane == 0) {
-    atomic_fetch_or_explicit(flag, 1u, memory_order_relaxed);
-  }
+  flag_if_any(bad, flag, partials, lane, simd_group, simd_groups);
 }
 
 // The squared L2 norm of a chunk (max_grad_norm): each thread sums the
-// squares of its elements in float32, its SIMD group adds those up, and lane
-// 0 adds the group's sum to one float (the order of those adds varies from
-// run to run on a GPU; see the docs on clipping).
+// squares of its elements in float32, its threadgroup adds those up
+// (threadgroup_sum), and one thread adds the threadgroup's sum to one float
+// (the order of those adds varies from run to run on a GPU; see the docs on
+// clipping).
 [[kernel]] void grad_norm_clear(
     device atomic_float* sum [[buffer(mlx_fused_sgd::launch::kNormSum)]],
     uint gid [[thread_position_in_grid]]) {
@@ -106,7 +168,10 @@ template <typename T>
     [[buffer(mlx_fused_sgd::launch::kNormArgs)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid [[threads_per_grid]],
-    uint lane [[thread_index_in_simdgroup]]) {
+    uint lane [[thread_index_in_simdgroup]],
+    uint simd_group [[simdgroup_index_in_threadgroup]],
+    uint simd_groups [[simdgroups_per_threadgroup]]) {
+  MFS_THREADGROUP_ARRAY(float, partials, mlx_fused_sgd::launch::kMaxSimdGroups);
   const int64_t t = int64_t(gid.x) + int64_t(grid.x) * int64_t(gid.y);
   float local = 0.0f;
   for (int k = 0; k < mlx_fused_sgd::launch::kReadsPerThread; ++k) {
@@ -117,10 +182,7 @@ template <typename T>
       local = local + sq;
     }
   }
-  const float group = simd_sum(local);
-  if (lane == 0 && group != 0.0f) {
-    atomic_fetch_add_explicit(sum, group, memory_order_relaxed);
-  }
+  add_to_sum(local, sum, partials, lane, simd_group, simd_groups);
 }
 
 template <typename T>
@@ -134,7 +196,10 @@ template <typename T>
     [[buffer(mlx_fused_sgd::launch::kNormStrides)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid [[threads_per_grid]],
-    uint lane [[thread_index_in_simdgroup]]) {
+    uint lane [[thread_index_in_simdgroup]],
+    uint simd_group [[simdgroup_index_in_threadgroup]],
+    uint simd_groups [[simdgroups_per_threadgroup]]) {
+  MFS_THREADGROUP_ARRAY(float, partials, mlx_fused_sgd::launch::kMaxSimdGroups);
   const int64_t t = int64_t(gid.x) + int64_t(grid.x) * int64_t(gid.y);
   float local = 0.0f;
   for (int k = 0; k < mlx_fused_sgd::launch::kReadsPerThread; ++k) {
@@ -146,10 +211,7 @@ template <typename T>
       local = local + sq;
     }
   }
-  const float group = simd_sum(local);
-  if (lane == 0 && group != 0.0f) {
-    atomic_fetch_add_explicit(sum, group, memory_order_relaxed);
-  }
+  add_to_sum(local, sum, partials, lane, simd_group, simd_groups);
 }
 
 #ifndef MFS_INSTANTIATE

@@ -74,13 +74,15 @@ MFS_CONSTANT constexpr int kCheckStrides = 4;
 // The squared-norm kernels (max_grad_norm) use the same layout, with a
 // float32 sum, atomically accumulated, in place of the flag.
 //
-// Both gradient reads reduce within a SIMD group (simd_sum, simd_any), then
-// lane 0 makes the group's one atomic: a SIMD group of kSimdWidth threads
-// reads kReadsPerThread * kSimdWidth consecutive elements, lane-interleaved
-// (each step of the group one coalesced run; see grad_read_index). The
-// threads past the end read nothing but still join the reduction.
+// Both gradient reads reduce within a SIMD group (simd_sum), then across
+// the threadgroup's SIMD groups, and make one atomic per threadgroup. A SIMD
+// group of kSimdWidth threads reads kReadsPerThread * kSimdWidth consecutive
+// elements, lane-interleaved (each step of the group one coalesced run; see
+// grad_read_index). Threads past the end read nothing but still join the
+// reduction. Threadgroups are whole SIMD groups, at most kMaxSimdGroups.
 MFS_CONSTANT constexpr int kSimdWidth = 32;
 MFS_CONSTANT constexpr int kReadsPerThread = 16;
+MFS_CONSTANT constexpr int kMaxSimdGroups = 32; // 1024 threads
 MFS_CONSTANT constexpr int kNormIn = kCheckIn;
 MFS_CONSTANT constexpr int kNormSum = kCheckFlag;
 MFS_CONSTANT constexpr int kNormArgs = kCheckArgs;

@@ -50,9 +50,8 @@ static const bool mfs_clear_registered =
 
 namespace launch = mlx_fused_sgd::launch;
 
-// The largest threadgroup eval_gpu asks for is the pipeline's limit; any
-// multiple of the SIMD width gives the same results here, since the kernels
-// use no threadgroup memory.
+// The largest threadgroup eval_gpu asks for is the pipeline's limit (a
+// multiple of the SIMD width, at most kMaxSimdGroups of them).
 constexpr uint64_t kMaxThreadsPerGroup = 1024;
 
 template <typename F> F* lookup(const std::string& name) {
@@ -63,28 +62,28 @@ template <typename F> F* lookup(const std::string& name) {
   return reinterpret_cast<F*>(it->second.fn);
 }
 
-// The grid of a gradient-read kernel, SIMD group by SIMD group: each
-// threadgroup of eval_gpu's size is cut into groups of mfs_simd::kWidth
-// threads that run together (tests/metal_shim/metal_stdlib). False when a
-// group diverged (a thread left while others waited in a SIMD function).
-template <typename Call> bool run_grid_simd(int64_t threads, Call call) {
+// The grid of a gradient-read kernel, threadgroup by threadgroup (eval_gpu's
+// size): the threads of a threadgroup run together, meeting in simd_sum and
+// threadgroup_barrier (tests/metal_shim/metal_stdlib). False when a
+// threadgroup diverged (a thread left before a barrier, or threads stuck).
+template <typename Call> bool run_grid_groups(int64_t threads, Call call) {
   auto g = launch::make_grid(threads, kMaxThreadsPerGroup);
   uint2 grid{static_cast<uint>(g.x), static_cast<uint>(g.y)};
   for (uint64_t y = 0; y < g.y; ++y) {
-    for (uint64_t group = 0; group < g.x; group += g.group) {
-      const uint64_t group_end = std::min<uint64_t>(group + g.group, g.x);
-      for (uint64_t base = group; base < group_end; base += mfs_simd::kWidth) {
-        const unsigned n = static_cast<unsigned>(
-            std::min<uint64_t>(mfs_simd::kWidth, group_end - base));
-        const bool ok = mfs_simd::run(n, [&](unsigned lane) {
-          call(
-              uint2{static_cast<uint>(base + lane), static_cast<uint>(y)},
-              grid,
-              static_cast<uint>(lane));
-        });
-        if (!ok) {
-          return false;
-        }
+    for (uint64_t base = 0; base < g.x; base += g.group) {
+      const unsigned n =
+          static_cast<unsigned>(std::min<uint64_t>(g.group, g.x - base));
+      const uint simd_groups = (n + mfs_simd::kWidth - 1) / mfs_simd::kWidth;
+      const bool ok = mfs_simd::run(n, [&](unsigned i) {
+        call(
+            uint2{static_cast<uint>(base + i), static_cast<uint>(y)},
+            grid,
+            static_cast<uint>(i % mfs_simd::kWidth),
+            static_cast<uint>(i / mfs_simd::kWidth),
+            simd_groups);
+      });
+      if (!ok) {
+        return false;
       }
     }
   }
@@ -528,14 +527,23 @@ int run_grad_read_typed(
       auto x = static_cast<const T*>(data[t]);
       if (contiguous[t]) {
         using F = void(
-            const T*, Atomic*, const launch::CheckArgs&, uint2, uint2, uint);
+            const T*,
+            Atomic*,
+            const launch::CheckArgs&,
+            uint2,
+            uint2,
+            uint,
+            uint,
+            uint);
         auto fn = lookup<F>(plan.name);
         if (!fn) {
           return 1;
         }
-        if (!run_grid_simd(plan.threads, [&](uint2 gid, uint2 grid, uint lane) {
-              fn(x, &result, plan.args, gid, grid, lane);
-            })) {
+        if (!run_grid_groups(
+                plan.threads,
+                [&](uint2 gid, uint2 grid, uint lane, uint sg, uint sgs) {
+                  fn(x, &result, plan.args, gid, grid, lane, sg, sgs);
+                })) {
           return 3;
         }
       } else {
@@ -547,14 +555,27 @@ int run_grad_read_typed(
             const int64_t*,
             uint2,
             uint2,
+            uint,
+            uint,
             uint);
         auto fn = lookup<F>(plan.name);
         if (!fn) {
           return 1;
         }
-        if (!run_grid_simd(plan.threads, [&](uint2 gid, uint2 grid, uint lane) {
-              fn(x, &result, plan.args, shapes[t], strides[t], gid, grid, lane);
-            })) {
+        if (!run_grid_groups(
+                plan.threads,
+                [&](uint2 gid, uint2 grid, uint lane, uint sg, uint sgs) {
+                  fn(x,
+                     &result,
+                     plan.args,
+                     shapes[t],
+                     strides[t],
+                     gid,
+                     grid,
+                     lane,
+                     sg,
+                     sgs);
+                })) {
           return 3;
         }
       }

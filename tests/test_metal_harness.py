@@ -805,20 +805,21 @@ MUTATIONS = {
         "if (i < args.size) {\n      const float v = static_cast<float>(x[i]);",
         "if (i + 1 < args.size) {\n      const float v = static_cast<float>(x[i]);",
     ),
-    "squared norm adds lane 0's part only (no SIMD sum)": (
+    "squared norm without the SIMD sum": (
         "kernels/grad_check.metal",
-        "local = local + sq;\n    }\n  }\n  const float group = simd_sum(local);"
-        "\n  if (lane == 0 && group != 0.0f) {\n    atomic_fetch_add_explicit(sum, "
-        "group, memory_order_relaxed);\n  }\n}\n\ntemplate",
-        "local = local + sq;\n    }\n  }\n  const float group = local;"
-        "\n  if (lane == 0 && group != 0.0f) {\n    atomic_fetch_add_explicit(sum, "
-        "group, memory_order_relaxed);\n  }\n}\n\ntemplate",
+        "const float group = simd_sum(value);",
+        "const float group = value;",
     ),
-    "non-finite check returns before the SIMD vote (divergent)": (
+    "squared norm without the threadgroup barrier": (
         "kernels/grad_check.metal",
-        "static_cast<float>(x[i]));\n    }\n  }\n  if (simd_any(bad)",
+        "  threadgroup_barrier(mem_flags::mem_threadgroup);\n  float total",
+        "  float total",
+    ),
+    "non-finite check returns before the barrier (divergent)": (
+        "kernels/grad_check.metal",
+        "static_cast<float>(x[i]));\n    }\n  }\n  flag_if_any(",
         "static_cast<float>(x[i]));\n    }\n  }\n  if (!bad) {\n    return;\n  }"
-        "\n  if (simd_any(bad)",
+        "\n  flag_if_any(",
     ),
     "non-finite test blind to Inf": (
         "kernels/sgd_math.h",
@@ -867,7 +868,7 @@ def test_harness_catches_a_broken_kernel(tmp_path, mutation):
             test_grad_norm_kernels_match_cpu(mutant, "float32")
         return
     if "divergent" in mutation:
-        # The harness sees threads leave while another waits in simd_any.
+        # The harness sees threads leave while others wait at the barrier.
         with pytest.raises(AssertionError, match="assert 3 == 0"):
             test_grad_check_kernels_match_cpu(mutant, "float32", np.nan, 6)
         return
