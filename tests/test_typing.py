@@ -40,15 +40,18 @@ ps, vs, masters = mfs.sgd_update_many([mx.ones((3,))], [mx.ones((3,))], learning
 """
 
 
-def _mypy(*paths: Path) -> subprocess.CompletedProcess:
+def _mypy(*paths: Path, package: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     # An editable install keeps the package in the source tree, out of
     # mypy's sight; an installed one is found in site-packages.
     if "site-packages" not in str(PACKAGE):
         env["MYPYPATH"] = str(PACKAGE.parent)
+    # The package by its name (-p): a path inside site-packages would make
+    # mypy take site-packages for a source tree.
     return subprocess.run(
         [sys.executable, "-m", "mypy", "--no-incremental", "--no-error-summary"]
-        + [str(p) for p in paths],
+        + [str(p) for p in paths]
+        + (["-p", "mlx_fused_sgd"] if package else []),
         capture_output=True,
         text=True,
         env=env,
@@ -72,12 +75,8 @@ def test_users_code_type_checks(tmp_path):
     pytest.importorskip("mypy")
     uses = tmp_path / "typed_uses.py"
     uses.write_text(TYPED_USES)
-    result = _mypy(
-        *_snippets(tmp_path),
-        uses,
-        PACKAGE,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    for result in (_mypy(*_snippets(tmp_path), uses), _mypy(package=True)):
+        assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_a_wrong_unpacking_is_caught(tmp_path):
