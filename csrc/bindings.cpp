@@ -9,8 +9,8 @@
 
 #include "mlx/version.h"
 
+#include "cpu/sgd_cpu_kernel.h"
 #include "grad_check.h"
-#include "sgd_cpu_kernel.h"
 #include "sgd_update.h"
 #include "step_decay.h"
 #include "utils.h"
@@ -87,14 +87,10 @@ static_assert(
         mfs::kDefaultTensorsPerCheck == 1024,
     "update the tensors_per_primitive default in the nb::sig strings below");
 
-NB_MODULE(_ext, m) {
-  m.doc() = "C++ MLX primitives of mlx_fused_sgd (step decay, fused SGD).";
+namespace {
 
-  // The MLX release whose headers this extension was compiled against.
-  m.attr("mlx_build_version") = MFS_STR(MLX_VERSION_MAJOR) "." MFS_STR(
-      MLX_VERSION_MINOR) "." MFS_STR(MLX_VERSION_PATCH);
-  m.attr("DEFAULT_TENSORS_PER_PRIMITIVE") = mfs::kDefaultTensorsPerPrimitive;
-
+// The instruction set of the CPU loops and what GPU streams run.
+void bind_backend(nb::module_& m) {
   m.def(
       "cpu_isa",
       &mfs::cpu_kernel::selected_isa,
@@ -114,18 +110,21 @@ NB_MODULE(_ext, m) {
     d["reason"] = text_or_none(st.reason);
     return d;
   };
+
   mfs::set_gpu_fallback_notifier([](const std::string& message) {
     nb::gil_scoped_acquire gil;
     if (PyErr_WarnEx(PyExc_RuntimeWarning, message.c_str(), 1) != 0) {
       throw nb::python_error();
     }
   });
+
   m.def(
       "gpu_kernel_status",
       [status_dict]() { return status_dict(mfs::gpu_kernel_status()); },
       "Whether GPU streams run this package's kernels ('fused'), the "
       "metallib ('library') and why not ('reason'); decided once, loading "
       "the metallib.");
+
   m.def(
       "_decide_gpu_kernels",
       [status_dict](
@@ -148,22 +147,10 @@ NB_MODULE(_ext, m) {
       "no_kernels_reason"_a,
       "The decision behind gpu_kernel_status with a simulated load (for "
       "tests): load_error, when given, is what the load throws.");
+}
 
-  m.def(
-      "validate_sgd_settings",
-      [](double momentum,
-         double weight_decay,
-         double dampening,
-         bool nesterov) {
-        mfs::SGDSettings{momentum, weight_decay, dampening, nesterov}
-            .validate();
-      },
-      "momentum"_a,
-      "weight_decay"_a,
-      "dampening"_a,
-      "nesterov"_a,
-      "Raise ValueError naming the first invalid SGD hyperparameter.");
-
+// The step-decay schedule.
+void bind_step_decay(nb::module_& m) {
   m.def(
       "validate_step_decay",
       [](double init, double decay_rate, int64_t step_size) {
@@ -173,27 +160,6 @@ NB_MODULE(_ext, m) {
       "decay_rate"_a,
       "step_size"_a,
       "Raise ValueError naming the first invalid step-decay number.");
-
-  m.def(
-      "grads_nonfinite",
-      [](const std::vector<mx::array>& grads,
-         int tensors_per_primitive,
-         mx::StreamOrDevice s) {
-        return mfs::grads_nonfinite(grads, tensors_per_primitive, s);
-      },
-      "grads"_a,
-      nb::kw_only(),
-      "tensors_per_primitive"_a = mfs::kDefaultTensorsPerCheck,
-      "stream"_a = nb::none(),
-      nb::sig(
-          "def grads_nonfinite(grads: list[mlx.core.array], *, "
-          "tensors_per_primitive: int = 1024, "
-          "stream: mlx.core.Stream | mlx.core.Device | None = None) "
-          "-> mlx.core.array"),
-      R"(A boolean scalar, on the device: True when any element of any gradient
-is NaN or Inf. Pass it as ``skip`` to the update functions to make a step a
-no-op without a host round trip (what ``FusedSGD(skip_nonfinite=True)``
-does).)");
 
   m.def(
       "step_decay_lr",
@@ -224,6 +190,67 @@ Args:
 
 Returns:
     array: float32 learning rates of ``step``'s shape.)");
+}
+
+// The gradient reads: the non-finite check and the squared norm.
+void bind_grad_check(nb::module_& m) {
+  m.def(
+      "grads_nonfinite",
+      [](const std::vector<mx::array>& grads,
+         int tensors_per_primitive,
+         mx::StreamOrDevice s) {
+        return mfs::grads_nonfinite(grads, tensors_per_primitive, s);
+      },
+      "grads"_a,
+      nb::kw_only(),
+      "tensors_per_primitive"_a = mfs::kDefaultTensorsPerCheck,
+      "stream"_a = nb::none(),
+      nb::sig(
+          "def grads_nonfinite(grads: list[mlx.core.array], *, "
+          "tensors_per_primitive: int = 1024, "
+          "stream: mlx.core.Stream | mlx.core.Device | None = None) "
+          "-> mlx.core.array"),
+      R"(A boolean scalar, on the device: True when any element of any gradient
+is NaN or Inf. Pass it as ``skip`` to the update functions to make a step a
+no-op without a host round trip (what ``FusedSGD(skip_nonfinite=True)``
+does).)");
+
+  m.def(
+      "grads_sq_norm",
+      [](const std::vector<mx::array>& grads,
+         int tensors_per_primitive,
+         mx::StreamOrDevice s) {
+        return mfs::grads_sq_norm(grads, tensors_per_primitive, s);
+      },
+      "grads"_a,
+      nb::kw_only(),
+      "tensors_per_primitive"_a = mfs::kDefaultTensorsPerCheck,
+      "stream"_a = nb::none(),
+      nb::sig(
+          "def grads_sq_norm(grads: list[mlx.core.array], *, "
+          "tensors_per_primitive: int = 1024, "
+          "stream: mlx.core.Stream | mlx.core.Device | None = None) "
+          "-> mlx.core.array"),
+      R"(The squared L2 norm of all gradients together, a float32 scalar on
+the device (per tensor summed in double and rounded, then added in order).)");
+}
+
+// The update of one tensor, and the settings check.
+void bind_sgd_update(nb::module_& m) {
+  m.def(
+      "validate_sgd_settings",
+      [](double momentum,
+         double weight_decay,
+         double dampening,
+         bool nesterov) {
+        mfs::SGDSettings{momentum, weight_decay, dampening, nesterov}
+            .validate();
+      },
+      "momentum"_a,
+      "weight_decay"_a,
+      "dampening"_a,
+      "nesterov"_a,
+      "Raise ValueError naming the first invalid SGD hyperparameter.");
 
   m.def(
       "sgd_update",
@@ -286,7 +313,10 @@ Returns:
 
 Returns ``(new_param, new_velocity)``; ``new_velocity`` is ``velocity``
 unchanged when momentum is 0. ``learning_rate`` is a scalar array.)");
+}
 
+// The update of one tensor with the schedule folded in.
+void bind_sgd_update_scheduled(nb::module_& m) {
   m.def(
       "sgd_update_scheduled",
       [](const mx::array& param,
@@ -354,7 +384,10 @@ unchanged when momentum is 0. ``learning_rate`` is a scalar array.)");
           "-> tuple[mlx.core.array, mlx.core.array | None]"),
       R"(One fused SGD step with the step-decay learning rate computed in the
 kernel from the integer ``step`` counter (the step *before* increment).)");
+}
 
+// The update of many tensors with a learning-rate array.
+void bind_sgd_update_many(nb::module_& m) {
   m.def(
       "sgd_update_many",
       [](const std::vector<mx::array>& params,
@@ -431,7 +464,10 @@ kernel from the integer ``step`` counter (the step *before* increment).)");
           "list[mlx.core.array | None]]"),
       R"(Fused SGD step of many tensors: grouped by dtype, chunked into
 primitives of ``tensors_per_primitive`` tensors each.)");
+}
 
+// The update of many tensors with the schedule folded in.
+void bind_sgd_update_many_scheduled(nb::module_& m) {
   m.def(
       "sgd_update_many_scheduled",
       [](const std::vector<mx::array>& params,
@@ -516,7 +552,10 @@ primitives of ``tensors_per_primitive`` tensors each.)");
           "list[mlx.core.array | None]]"),
       R"(Fused SGD step of many tensors with the step-decay learning rate
 computed in the kernel from the integer ``step`` counter.)");
+}
 
+// The composed fallbacks (stock MLX ops), for tests.
+void bind_fallbacks(nb::module_& m) {
   // The composed fallback (stock MLX ops) that GPU streams take in builds
   // without Metal kernels, callable on any device so that tests can check it
   // against the primitives.
@@ -538,25 +577,6 @@ computed in the kernel from the integer ``step`` counter.)");
       "step_size"_a,
       nb::kw_only(),
       "stream"_a = nb::none());
-
-  m.def(
-      "grads_sq_norm",
-      [](const std::vector<mx::array>& grads,
-         int tensors_per_primitive,
-         mx::StreamOrDevice s) {
-        return mfs::grads_sq_norm(grads, tensors_per_primitive, s);
-      },
-      "grads"_a,
-      nb::kw_only(),
-      "tensors_per_primitive"_a = mfs::kDefaultTensorsPerCheck,
-      "stream"_a = nb::none(),
-      nb::sig(
-          "def grads_sq_norm(grads: list[mlx.core.array], *, "
-          "tensors_per_primitive: int = 1024, "
-          "stream: mlx.core.Stream | mlx.core.Device | None = None) "
-          "-> mlx.core.array"),
-      R"(The squared L2 norm of all gradients together, a float32 scalar on
-the device (per tensor summed in double and rounded, then added in order).)");
 
   m.def(
       "_grads_sq_norm_fallback",
@@ -653,4 +673,24 @@ the device (per tensor summed in double and rounded, then added in order).)");
       "rounding_seed"_a = nb::none(),
       "rounding_step"_a = nb::none(),
       "stream"_a = nb::none());
+}
+
+} // namespace
+
+NB_MODULE(_ext, m) {
+  m.doc() = "C++ MLX primitives of mlx_fused_sgd (step decay, fused SGD).";
+
+  // The MLX release whose headers this extension was compiled against.
+  m.attr("mlx_build_version") = MFS_STR(MLX_VERSION_MAJOR) "." MFS_STR(
+      MLX_VERSION_MINOR) "." MFS_STR(MLX_VERSION_PATCH);
+  m.attr("DEFAULT_TENSORS_PER_PRIMITIVE") = mfs::kDefaultTensorsPerPrimitive;
+
+  bind_backend(m);
+  bind_step_decay(m);
+  bind_grad_check(m);
+  bind_sgd_update(m);
+  bind_sgd_update_scheduled(m);
+  bind_sgd_update_many(m);
+  bind_sgd_update_many_scheduled(m);
+  bind_fallbacks(m);
 }

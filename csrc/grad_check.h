@@ -73,4 +73,8 @@ class GradCheck : public mx::UnaryPrimitive {
   Kind kind_;
 };
 
+// Whether a gradient can be read as one block of memory in storage order
+// (eval_cpu and eval_gpu read such gradients linearly).
+bool reads_as_block(const mx::array& g);
+
 } // namespace mlx_fused_sgd

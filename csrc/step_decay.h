@@ -2,9 +2,12 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
 
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
+
+#include "utils.h"
 
 namespace mlx_fused_sgd {
 
@@ -81,5 +84,31 @@ class StepDecayLR : public mx::UnaryPrimitive {
  private:
   StepDecay schedule_;
 };
+
+// Calls f(I{}) with I the C++ integer type of `dtype` (the op's checks and
+// eval_cpu).
+template <typename F> void dispatch_integer(mx::Dtype dtype, F&& f) {
+  switch (dtype) {
+  case mx::int8:
+    return f(int8_t{});
+  case mx::int16:
+    return f(int16_t{});
+  case mx::int32:
+    return f(int32_t{});
+  case mx::int64:
+    return f(int64_t{});
+  case mx::uint8:
+    return f(uint8_t{});
+  case mx::uint16:
+    return f(uint16_t{});
+  case mx::uint32:
+    return f(uint32_t{});
+  case mx::uint64:
+    return f(uint64_t{});
+  default:
+    throw std::invalid_argument(
+        "step must be an integer array, got dtype " + dtype_name(dtype) + ".");
+  }
+}
 
 } // namespace mlx_fused_sgd

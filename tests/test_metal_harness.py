@@ -904,9 +904,9 @@ def test_harness_catches_a_broken_kernel(tmp_path, mutation):
 @pytest.mark.parametrize(
     "source",
     [
-        "csrc/sgd_update.cpp",
-        "csrc/step_decay.cpp",
-        "csrc/grad_check.cpp",
+        "csrc/metal/sgd_update.cpp",
+        "csrc/metal/step_decay.cpp",
+        "csrc/metal/grad_check.cpp",
         "csrc/utils.cpp",
     ],
 )

@@ -1,6 +1,6 @@
-// The CPU loops of the fused SGD update. csrc/sgd_cpu_kernel.cpp is compiled
-// once per instruction set (generic, and AVX2 and AVX-512 on x86-64); the
-// best one this CPU runs is chosen once, at first use.
+// The CPU loops of the fused SGD update. csrc/cpu/sgd_cpu_kernel.cpp is
+// compiled once per instruction set (generic, and AVX2 and AVX-512 on x86-64);
+// the best one this CPU runs is chosen once, at first use.
 #pragma once
 
 #include <cstdint>

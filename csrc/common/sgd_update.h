@@ -1,0 +1,67 @@
+// What eval_cpu and eval_gpu of SGDUpdate share: the output buffers
+// (donation) and the tensor slots and layouts of a chunk.
+#pragma once
+
+#include <vector>
+
+#include "mlx/array.h"
+
+#include "kernels/sgd_launch.h"
+
+namespace mlx_fused_sgd {
+
+namespace mx = mlx::core;
+
+// The arrays of tensor i of a chunk of n, in the primitive's layout: inputs
+// params[n], grads[n], velocities[n] (momentum only), masters[n] (master
+// weights only), scalars; outputs params[n], velocities[n] (momentum only),
+// masters[n] (master weights only).
+struct TensorSlots {
+  const mx::array& p;
+  const mx::array& g;
+  const mx::array* v;
+  mx::array& p_out;
+  mx::array* v_out;
+  const mx::array* m;
+  mx::array* m_out;
+};
+
+TensorSlots tensor_slots(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs,
+    int n,
+    int i,
+    bool momentum,
+    bool master);
+
+// Gives `out` the buffer of `in` when MLX says nothing else can read `in`
+// (in place), with the layout a fresh buffer would have.
+bool try_donate(const mx::array& in, mx::array& out);
+
+// The outputs of one tensor: the param's and the momentum buffer's own
+// buffers when donatable, else the gradient's, else new ones.
+void allocate_outputs(
+    const mx::array& p,
+    const mx::array& g,
+    const mx::array* v,
+    mx::array& p_out,
+    mx::array* v_out);
+
+// The master copy's output: its own buffer when donatable.
+void allocate_master(const mx::array* m, mx::array* m_out);
+
+bool all_row_contiguous(
+    const mx::array& p,
+    const mx::array& g,
+    const mx::array* v,
+    const mx::array* m);
+
+// The layout the CPU strided loop and the general Metal kernels walk, from
+// one tensor's operands (v, m: nullptr when absent).
+launch::StridedLayout strided_layout(
+    const mx::array& p,
+    const mx::array& g,
+    const mx::array* v,
+    const mx::array* m);
+
+} // namespace mlx_fused_sgd

@@ -1,0 +1,112 @@
+// SGDUpdate on a Metal GPU (kernels/sgd_update.metal).
+#include "utils.h"
+#if MFS_METAL_KERNELS
+#include "mlx/backend/metal/device.h"
+#endif
+
+#include "common/sgd_update.h"
+#include "kernels/sgd_launch.h"
+#include "sgd_update.h"
+
+namespace mlx_fused_sgd {
+
+#if MFS_METAL_KERNELS
+
+void SGDUpdate::eval_gpu(
+    const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  check_layout(inputs, outputs);
+  release_sibling_inputs(inputs, outputs);
+  const int n = num_tensors_;
+  const bool momentum = variant_.momentum;
+  const bool master = master_weights();
+  auto& s = stream();
+  auto& d = mx::metal::device(s.device);
+  auto* lib = d.get_library(kMetalLibraryName, extension_dir());
+  auto& encoder = mx::metal::get_command_encoder(s);
+  const auto& lr_input = inputs[lr_index()];
+  // Slots without an input of their own get a valid buffer the kernel
+  // ignores (the learning rate's).
+  const auto& scale_input =
+      variant_.scale_grad ? inputs[scale_index()] : lr_input;
+  const auto& skip_input = variant_.skip ? inputs[skip_index()] : lr_input;
+  const auto& clip_input = variant_.clip ? inputs[clip_index()] : lr_input;
+  const auto& rounding_step_input =
+      stochastic_rounding() ? inputs[rounding_step_index()] : lr_input;
+  const launch::FusedSchedule fused{
+      schedule_.has_value(),
+      schedule_ ? schedule_->init : 0.0,
+      schedule_ ? schedule_->decay_rate : 0.0,
+      schedule_ ? schedule_->step_size : 1};
+
+  for (int i = 0; i < n; ++i) {
+    auto [p, g, v, p_out, v_out, m, m_out] =
+        tensor_slots(inputs, outputs, n, i, momentum, master);
+    allocate_outputs(p, g, v, p_out, v_out);
+    allocate_master(m, m_out);
+    if (p.size() == 0) {
+      continue;
+    }
+    const bool contiguous = all_row_contiguous(p, g, v, m);
+    std::optional<launch::StridedLayout> layout;
+    if (!contiguous) {
+      layout = strided_layout(p, g, v, m);
+    }
+    auto plan = launch::plan_sgd(
+        dtype_name(p.dtype()),
+        dtype_name(momentum ? v->dtype() : p.dtype()),
+        layout ? &*layout : nullptr,
+        static_cast<int64_t>(p.size()),
+        variant_,
+        fused,
+        tensor_id(i));
+    auto* kernel = d.get_kernel(plan.name, lib);
+    encoder.set_compute_pipeline_state(kernel);
+    encoder.set_input_array(p, launch::kParam);
+    encoder.set_input_array(g, launch::kGrad);
+    // Momentum off: the velocity slots get valid buffers the kernel ignores;
+    // likewise the master slots without master weights.
+    encoder.set_input_array(momentum ? *v : g, launch::kVelocity);
+    encoder.set_output_array(p_out, launch::kParamOut);
+    encoder.set_output_array(momentum ? *v_out : p_out, launch::kVelocityOut);
+    encoder.set_input_array(lr_input, launch::kLearningRate);
+    encoder.set_input_array(lr_input, launch::kStep);
+    encoder.set_bytes(plan.args, launch::kSGDArgs);
+    encoder.set_input_array(scale_input, launch::kGradScale);
+    encoder.set_input_array(skip_input, launch::kSkip);
+    encoder.set_input_array(clip_input, launch::kGradMultiplier);
+    encoder.set_input_array(master ? *m : p, launch::kMaster);
+    encoder.set_output_array(master ? *m_out : p_out, launch::kMasterOut);
+    encoder.set_input_array(rounding_step_input, launch::kRoundingStep);
+    if (layout) {
+      // Absent operands have the outputs' strides (never read).
+      const auto& st = layout->strides;
+      encoder.set_vector_bytes(layout->shape, launch::kShape);
+      encoder.set_vector_bytes(st[launch::kLayoutParam], launch::kParamStrides);
+      encoder.set_vector_bytes(st[launch::kLayoutGrad], launch::kGradStrides);
+      encoder.set_vector_bytes(
+          st[launch::kLayoutVelocity], launch::kVelocityStrides);
+      encoder.set_vector_bytes(
+          st[launch::kLayoutMaster], launch::kMasterStrides);
+      encoder.set_vector_bytes(st[launch::kLayoutOut], launch::kOutStrides);
+    }
+    auto grid = launch::make_grid(
+        plan.threads, kernel->maxTotalThreadsPerThreadgroup());
+    encoder.dispatch_threads(
+        MTL::Size(grid.x, grid.y, 1), MTL::Size(grid.group, 1, 1));
+  }
+}
+
+#else
+
+void SGDUpdate::eval_gpu(
+    const std::vector<mx::array>&, std::vector<mx::array>&) {
+  // The ops route GPU streams to the composed fallback when this build has
+  // no Metal kernels, so this is reached only by a hand-built graph.
+  throw std::runtime_error(
+      "mlx_fused_sgd: SGDUpdate has no GPU kernel in this build (no Metal "
+      "kernels); use the op functions, which fall back to stock MLX ops.");
+}
+
+#endif
+
+} // namespace mlx_fused_sgd
