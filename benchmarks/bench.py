@@ -447,6 +447,18 @@ LABELS = {
 }
 
 
+# One color per implementation in both panels (stock eager is orange in the
+# optimizer step and in the training step).
+COLORS = {
+    "fused": "C0",
+    "fused_eager": "C0",
+    "fused_compiled": "#08306b",
+    "stock_eager": "C1",
+    "stock_compiled": "C2",
+    "torch_foreach": "C3",
+    "torch_fused": "C4",
+}
+
 TRAIN_IMPLS = ["stock_eager", "fused_eager", "stock_compiled", "fused_compiled"]
 TRAIN_LABELS = {
     "stock_eager": "stock eager",
@@ -751,7 +763,9 @@ def _bars(ax, groups, series, values, labels, roofline=False, log=True) -> None:
     x = np.arange(len(groups))
     for j, name in enumerate(series):
         heights = [values[g].get(name + "_ms", np.nan) for g in groups]
-        bars = ax.bar(x + j * width, heights, width, label=labels[name])
+        bars = ax.bar(
+            x + j * width, heights, width, label=labels[name], color=COLORS.get(name)
+        )
         for bar, h in zip(bars, heights):
             if np.isfinite(h):
                 ax.annotate(
