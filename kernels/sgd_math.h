@@ -19,8 +19,9 @@
 #include <metal_stdlib>
 #define MFS_INLINE inline
 #define MFS_POW metal::pow
-#define MFS_FLOAT_BITS(x) as_type<uint32_t>(x)
-#define MFS_BITS_FLOAT(b) as_type<float>(b)
+// Qualified: this header comes before the kernels' `using namespace metal`.
+#define MFS_FLOAT_BITS(x) metal::as_type<uint32_t>(x)
+#define MFS_BITS_FLOAT(b) metal::as_type<float>(b)
 #define MFS_CONSTANT_INT constant constexpr int
 #else
 #include <cmath>

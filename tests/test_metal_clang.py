@@ -75,6 +75,13 @@ PLANTED = [
         "    constant const int64_t* shape,\n    constant const int64_t* strides,",
         "    device const int64_t* shape,\n    constant const int64_t* strides,",
     ),
+    # A name of namespace metal used unqualified in a header that comes
+    # before the kernels' `using namespace metal`.
+    (
+        "sgd_math.h",
+        "#define MFS_FLOAT_BITS(x) metal::as_type<uint32_t>(x)",
+        "#define MFS_FLOAT_BITS(x) as_type<uint32_t>(x)",
+    ),
     # A kernel argument written through a pointer to const.
     (
         "grad_check.metal",
@@ -87,7 +94,9 @@ PLANTED = [
 
 
 @pytest.mark.parametrize(
-    "planted", PLANTED, ids=["thread_lr", "device_shape", "const_flag"]
+    "planted",
+    PLANTED,
+    ids=["thread_lr", "device_shape", "unqualified_as_type", "const_flag"],
 )
 def test_planted_mistakes_fail(tmp_path, planted):
     name, good, bad = planted
@@ -99,6 +108,10 @@ def test_planted_mistakes_fail(tmp_path, planted):
     for header in (ROOT / "kernels").glob("*.h"):
         (mutant.parent / header.name).write_text(header.read_text())
     mutant.write_text(text.replace(good, bad, 1))
-    proc = _compile(mutant, root=tmp_path)
+    # A header is checked through a kernel file that includes it.
+    target = mutant if name.endswith(".metal") else mutant.parent / "sgd_update.metal"
+    if target != mutant:
+        target.write_text((ROOT / "kernels" / target.name).read_text())
+    proc = _compile(target, root=tmp_path)
     assert proc.returncode != 0, "a planted mistake compiled"
     assert "error" in proc.stderr
