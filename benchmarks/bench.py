@@ -58,6 +58,7 @@ BYTES_PER_PARAM = 20  # read p, g, v; write p, v (fp32)
 LOSS_SCALE = 1024.0  # for the loss-scaling rows
 SPREAD_WARNING = 0.15
 SETTLE_S = 0.05  # pause between implementations (see measure_rounds)
+RESUME_S = 0.02  # untimed steps after that pause (see measure_rounds)
 
 # --------------------------------------------------------------------------
 # Workloads
@@ -174,7 +175,12 @@ def measure_rounds(
     """Each runner's median step time (ms) in each of ``rounds`` rounds;
     every round times each runner for ``reps`` steps in turn (and, with
     ``roofline_bytes``, measures the triad bandwidth first), so that load
-    on the machine spreads over all of them alike."""
+    on the machine spreads over all of them alike. Each runner's turn starts
+    with untimed steps (at least one, and for at least ``RESUME_S``): after
+    the pause between runners an idle CPU wakes up slowly (on the 2-core
+    machine of the README, a 0.16 ms step took 0.8 ms after a 50 ms
+    pause), and a training loop, whose steps run back to back, never pays
+    that."""
     for step, sync in runners.values():
         time_steps(step, warmup, 0, sync)
     out: dict[str, list[float]] = {name: [] for name in runners}
@@ -190,6 +196,7 @@ def measure_rounds(
             # their work; on a machine with few cores they would slow whatever
             # runs next. Let them go idle first, outside the timed steps.
             time.sleep(SETTLE_S)
+            time_steps(step, 1, 0, sync, min_warmup_s=RESUME_S)
             out[name].append(statistics.median(time_steps(step, 0, reps, sync)))
     return out
 
@@ -201,9 +208,21 @@ def summarize(round_medians: dict[str, list[float]], row: dict) -> None:
         row[f"{name}_range_ms"] = [min(values), max(values)]
 
 
-def time_steps(step: Callable[[], None], warmup: int, reps: int, sync) -> list[float]:
-    for _ in range(warmup):
+def time_steps(
+    step: Callable[[], None],
+    warmup: int,
+    reps: int,
+    sync,
+    min_warmup_s: float = 0.0,
+) -> list[float]:
+    """``reps`` timed steps (ms) after ``warmup`` untimed ones, and more
+    untimed ones until ``min_warmup_s`` has passed."""
+    start = time.perf_counter()
+    done = 0
+    while done < warmup or time.perf_counter() - start < min_warmup_s:
         step()
+        sync()
+        done += 1
     sync()
     times = []
     for _ in range(reps):
@@ -560,9 +579,10 @@ def main(argv=None) -> int:
         },
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "method": (
-            f"{args.rounds} interleaved rounds x {args.reps} steps after "
-            f"{args.warmup} warm-up steps; medians, min and max of the round "
-            "medians"
+            f"{args.rounds} interleaved rounds x {args.reps} steps (each turn "
+            f"after {RESUME_S * 1e3:.0f} ms of untimed steps) after {args.warmup} "
+            "warm-up steps; "
+            "medians, min and max of the round medians"
         ),
         "workloads": {},
         "training": {},

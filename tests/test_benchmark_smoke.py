@@ -82,3 +82,26 @@ def test_benchmark_option_rows_run(tmp_path, device):
     for impl in bench.EXTRA_IMPLS:
         assert row[f"{impl}_ms"] > 0, impl
         assert bench.LABELS[impl] in out
+
+
+def test_time_steps_warms_up_for_the_time_asked(device):
+    """After the pause between implementations each turn runs untimed steps
+    for a while first (an idle CPU wakes slowly); only the reps are timed."""
+    if device != "cpu":
+        pytest.skip("no device involved")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    calls = []
+
+    def step():
+        calls.append(None)
+
+    times = bench.time_steps(step, 1, 3, lambda: None, min_warmup_s=0.01)
+    assert len(times) == 3
+    assert len(calls) > 3 + 1  # more than one untimed step in 10 ms
+    calls.clear()
+    assert len(bench.time_steps(step, 2, 0, lambda: None)) == 0
+    assert len(calls) == 2
