@@ -1,0 +1,112 @@
+"""Where the 1000-tensor step's time goes on the host, and what caching the
+tree could save at most.
+
+Times FusedSGD.apply_gradients on 1000 x (1024,) float32 tensors (momentum,
+weight decay, step decay) split into the C++ op that builds the graph, the
+Python around it (the tree walk, the result tree, the state commit, and
+releasing the previous step's arrays) and the evaluation. Then the tree walk
+and the result tree against the least any cache could do per step: direct
+key lookups with no checks at all.
+
+    python benchmarks/host_share.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench  # noqa: E402
+
+import mlx_fused_sgd as mfs  # noqa: E402
+from mlx_fused_sgd import optimizer as opt_module  # noqa: E402
+
+STEPS = 400
+SKIP = 50  # the first steps warm the allocator up
+
+
+def _median_us(fn, n: int = 300) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def main() -> None:
+    shapes = bench.workload_shapes("small")
+    params = bench.make_tree(shapes, mx.float32, 0)
+    grads = bench.make_tree(shapes, mx.float32, 1)
+    mx.eval(params, grads)
+    opt = mfs.FusedSGD(mfs.step_decay(*bench.SCHEDULE), **bench.HYPER)
+    opt.init(params)
+
+    # Time the C++ op inside apply_gradients by wrapping it.
+    ext = opt_module._ext
+    original = ext.sgd_update_many_scheduled
+    op_times: list[float] = []
+
+    def timed_op(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = original(*args, **kwargs)
+        op_times.append(time.perf_counter() - t0)
+        return out
+
+    build, evaluate = [], []
+    ext.sgd_update_many_scheduled = timed_op
+    try:
+        for _ in range(STEPS):
+            t0 = time.perf_counter()
+            params = opt.apply_gradients(grads, params)
+            t1 = time.perf_counter()
+            mx.eval(params, opt.state)
+            build.append(t1 - t0)
+            evaluate.append(time.perf_counter() - t1)
+    finally:
+        ext.sgd_update_many_scheduled = original
+
+    def ms(x: list[float]) -> float:
+        return statistics.median(x[SKIP:]) * 1e3
+
+    print(f"1000 x (1024,) float32, median of {STEPS - SKIP} steps")
+    print(
+        f"  apply_gradients {ms(build):.3f} ms: C++ op {ms(op_times):.3f} ms, "
+        f"Python around it {ms(build) - ms(op_times):.3f} ms"
+    )
+    print(f"  evaluation      {ms(evaluate):.3f} ms")
+
+    state = opt.state
+    keys = tuple(grads.keys())
+
+    def walk():
+        g, p, s = [], [], []
+        opt_module._collect(grads, params, state, "", g, p, s)
+        return [x["v"] for x in s]
+
+    def lookups():
+        [grads[k] for k in keys]
+        [params[k] for k in keys]
+        return [state[k]["v"] for k in keys]
+
+    leaves = [params[k] for k in keys]
+    print(
+        f"  tree walk (checked)   {_median_us(walk):6.1f} us, "
+        f"direct lookups (no checks) {_median_us(lookups):6.1f} us"
+    )
+    rebuild = _median_us(lambda: opt_module._rebuild(grads, iter(leaves)))
+    zipped = _median_us(lambda: dict(zip(keys, leaves)))
+    print(
+        f"  result tree (rebuild) {rebuild:6.1f} us, "
+        f"dict(zip(keys, leaves)) {zipped:6.1f} us"
+    )
+
+
+if __name__ == "__main__":
+    main()
