@@ -1,12 +1,14 @@
 // Per-element math of mlx-fused-sgd: the step-decay learning rate and the SGD
-// update. This header is the one source of truth for both backends: the CPU
-// loops in csrc/ and the Metal kernels in kernels/*.metal include it.
+// update. This header is the one source of truth for every backend: the CPU
+// loops in csrc/, the Metal kernels in kernels/*.metal and the CUDA kernels in
+// kernels/*.cuh include it.
 //
 // Parity contract (docs/design.md): every line rounds to float32 exactly as
 // stock mlx.optimizers.SGD rounds it. Each multiply and each add is its own
 // statement so that no compiler may contract them into an FMA (contraction
 // only happens inside one expression unless fast-math is on); the CPU build
-// also passes -ffp-contract=off and Metal is built with -fno-fast-math.
+// also passes -ffp-contract=off, Metal is built with -fno-fast-math and CUDA
+// with --fmad=false.
 #pragma once
 
 #ifdef __METAL_VERSION__
@@ -14,7 +16,8 @@
 // build passes -std=metal3.1; an older language fails here, not in a
 // confusing error about bfloat further down.
 #if __METAL_VERSION__ < 310
-#error "mlx-fused-sgd's Metal kernels need Metal 3.1 or later (macOS 14): compile them with -std=metal3.1 and a deployment target of 14.0 or later"
+#error                                                                         \
+    "mlx-fused-sgd's Metal kernels need Metal 3.1 or later (macOS 14): compile them with -std=metal3.1 and a deployment target of 14.0 or later"
 #endif
 #include <metal_stdlib>
 #define MFS_INLINE inline
@@ -23,6 +26,15 @@
 #define MFS_FLOAT_BITS(x) metal::as_type<uint32_t>(x)
 #define MFS_BITS_FLOAT(b) metal::as_type<float>(b)
 #define MFS_CONSTANT_INT constant constexpr int
+#elif defined(__CUDACC__)
+#include <cstdint>
+// Host and device: eval_gpu computes launch constants with the same code.
+// powf is CUDA's in device code, as in stock MLX's CUDA power op.
+#define MFS_INLINE __host__ __device__ __forceinline__
+#define MFS_POW powf
+#define MFS_FLOAT_BITS(x) __builtin_bit_cast(uint32_t, x)
+#define MFS_BITS_FLOAT(b) __builtin_bit_cast(float, b)
+#define MFS_CONSTANT_INT constexpr int
 #else
 #include <cmath>
 #include <cstdint>

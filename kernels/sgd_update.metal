@@ -1,133 +1,27 @@
 // Metal kernels of the fused SGD update. The per-element math is
-// kernels/sgd_math.h, the same header the CPU loop includes; the launch facts
-// (buffer slots, argument struct, names, grid) are kernels/sgd_launch.h, the
-// same header eval_gpu uses. Requires Metal 3.1 (bfloat), as MLX does.
+// kernels/sgd_math.h, the same header the CPU loop includes; the loads and
+// stores around it and the launch's constants are kernels/sgd_element.h,
+// shared with the CUDA kernels; the launch facts (buffer slots, argument
+// struct, names, grid) are kernels/sgd_launch.h, the same header eval_gpu
+// uses. Requires Metal 3.1 (bfloat), as MLX does.
 #include <metal_stdlib>
 
+#include "kernels/sgd_element.h"
 #include "kernels/sgd_launch.h"
 #include "kernels/sgd_math.h"
 
 using namespace metal;
 
-// The learning rate of this launch, once per thread: a float32 scalar, or the
-// step-decay schedule of the uint64 step counter (a few ALU ops).
-inline float launch_learning_rate(
-    device const float* lr,
-    device const uint64_t* step,
-    constant const mlx_fused_sgd::launch::SGDArgs& args) {
-  if (args.scheduled) {
-    return mlx_fused_sgd::math::step_decay_lr<uint64_t>(
-        step[0], uint64_t(args.step_size), args.init, args.decay_rate);
-  }
-  return lr[0];
-}
-
-// The float32 constants of this launch; the gradient divisor (loss scale,
-// negated for maximize) is read from its buffer only by kScaleGrad kernels.
-template <bool S>
-inline mlx_fused_sgd::math::SGDHyper launch_hyper(
-    constant const mlx_fused_sgd::launch::SGDArgs& args,
-    device const float* grad_scale,
-    device const float* grad_multiplier) {
-  mlx_fused_sgd::math::SGDHyper h;
-  h.weight_decay = args.weight_decay;
-  h.momentum = args.momentum;
-  h.dampening_scale = args.dampening_scale;
-  h.grad_divisor = 1.0f;
-  h.grad_multiplier = 1.0f;
-  if (S) {
-    h.grad_divisor = args.maximize ? -grad_scale[0] : grad_scale[0];
-    if (args.has_clip) {
-      h.grad_multiplier = grad_multiplier[0];
-    }
-  }
-  return h;
-}
-
 inline uint64_t linear_thread(uint2 gid, uint2 grid) {
   return uint64_t(gid.x) + uint64_t(grid.x) * uint64_t(gid.y);
 }
 
-// The random rounding stream of this launch (kRoundStochastic kernels only).
-template <int R>
-inline uint64_t launch_rounding_stream(
-    device const uint64_t* rounding_step,
-    constant const mlx_fused_sgd::launch::SGDArgs& args) {
-  if (R != mlx_fused_sgd::math::kRoundStochastic) {
-    return 0;
-  }
-  return mlx_fused_sgd::math::rounding_stream(
-      args.rounding_seed, rounding_step[0], args.rounding_tensor);
-}
-
-// The buffers of one tensor's update. Master weights (R == kMasterWeights):
-// the float32 master is read in place of the param and written to
-// master_out, and param_out gets its rounded copy.
-template <typename T, typename V> struct TensorBuffers {
-  device const T* param;
-  device const T* grad;
-  device const V* velocity;
-  device T* param_out;
-  device V* velocity_out;
-  device const float* master;
-  device float* master_out;
-};
-
-// Element offsets: ip, ig, iv, im into the inputs; io (the element's index)
-// into the outputs.
-struct Offsets {
-  int64_t ip;
-  int64_t ig;
-  int64_t iv;
-  int64_t im;
-  int64_t io;
-};
-
-template <
-    typename T,
-    typename V,
-    bool WD,
-    bool M,
-    bool D,
-    bool N,
-    bool S,
-    int R>
-inline void update_one(
-    thread const TensorBuffers<T, V>& b,
-    Offsets at,
-    float lr,
-    mlx_fused_sgd::math::SGDHyper h,
-    uint64_t stream,
-    bool copy) {
-  constexpr bool kUseMaster = R == mlx_fused_sgd::math::kMasterWeights;
-  if (copy) {
-    // A skipped step (a non-finite gradient somewhere): keep everything.
-    b.param_out[at.io] = b.param[at.ip];
-    if (M) {
-      b.velocity_out[at.io] = b.velocity[at.iv];
-    }
-    if (kUseMaster) {
-      b.master_out[at.io] = b.master[at.im];
-    }
-    return;
-  }
-  float p = kUseMaster ? b.master[at.im] : static_cast<float>(b.param[at.ip]);
-  float v = M ? static_cast<float>(b.velocity[at.iv]) : 0.0f;
-  mlx_fused_sgd::math::ParamVelocity r =
-      mlx_fused_sgd::math::sgd_update_element<WD, M, D, N, S>(
-          p, static_cast<float>(b.grad[at.ig]), v, lr, h);
-  if (kUseMaster) {
-    b.master_out[at.io] = r.param;
-  }
-  if (R == mlx_fused_sgd::math::kRoundStochastic) {
-    r.param = mlx_fused_sgd::math::round_bf16_stochastic(
-        r.param, mlx_fused_sgd::math::rounding_bits(stream, uint64_t(at.io)));
-  }
-  b.param_out[at.io] = static_cast<T>(r.param);
-  if (M) {
-    b.velocity_out[at.io] = static_cast<V>(r.velocity);
-  }
-}
+using mlx_fused_sgd::element::launch_hyper;
+using mlx_fused_sgd::element::launch_learning_rate;
+using mlx_fused_sgd::element::launch_rounding_stream;
+using mlx_fused_sgd::element::Offsets;
+using mlx_fused_sgd::element::TensorBuffers;
+using mlx_fused_sgd::element::update_one;
 
 // Row-contiguous param, grad, velocity and master: kWorkPerThread elements a
 // thread.
@@ -170,7 +64,8 @@ template <
   float rate = launch_learning_rate(lr, step, args);
   mlx_fused_sgd::math::SGDHyper h =
       launch_hyper<S>(args, grad_scale, grad_multiplier);
-  uint64_t stream = launch_rounding_stream<R>(rounding_step, args);
+  uint64_t stream = launch_rounding_stream<R>(
+      rounding_step, args.rounding_seed, args.rounding_tensor);
   TensorBuffers<T, V> b = {
       param, grad, velocity, param_out, velocity_out, master, master_out};
   int64_t end = begin + mlx_fused_sgd::launch::kWorkPerThread;
@@ -293,7 +188,8 @@ template <
   float rate = launch_learning_rate(lr, step, args);
   mlx_fused_sgd::math::SGDHyper h =
       launch_hyper<S>(args, grad_scale, grad_multiplier);
-  uint64_t stream = launch_rounding_stream<R>(rounding_step, args);
+  uint64_t stream = launch_rounding_stream<R>(
+      rounding_step, args.rounding_seed, args.rounding_tensor);
   bool copy = args.has_skip && skip[0] != 0;
   TensorBuffers<T, V> b = {
       param, grad, velocity, param_out, velocity_out, master, master_out};

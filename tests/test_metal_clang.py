@@ -63,11 +63,11 @@ PLANTED = [
     # A helper that takes the learning rate as a thread pointer, given a
     # device one.
     (
-        "sgd_update.metal",
-        "    device const float* lr,\n    device const uint64_t* step,\n"
-        "    constant const mlx_fused_sgd::launch::SGDArgs& args) {",
-        "    const float* lr,\n    device const uint64_t* step,\n"
-        "    constant const mlx_fused_sgd::launch::SGDArgs& args) {",
+        "sgd_element.h",
+        "    MFS_DEVICE const float* lr,\n    MFS_DEVICE const uint64_t* step,\n"
+        "    MFS_CONSTANT const launch::SGDArgs& args) {",
+        "    const float* lr,\n    MFS_DEVICE const uint64_t* step,\n"
+        "    MFS_CONSTANT const launch::SGDArgs& args) {",
     ),
     # A helper that reads the shape from device memory, given constant.
     (

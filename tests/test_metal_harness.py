@@ -827,12 +827,12 @@ MUTATIONS = {
         "return d != d && x != x;",
     ),
     "stochastic rounding bits taken for the wrong element": (
-        "kernels/sgd_update.metal",
+        "kernels/sgd_element.h",
         "math::rounding_bits(stream, uint64_t(at.io))",
         "math::rounding_bits(stream, uint64_t(at.io + 1))",
     ),
     "master-weight kernel reads the param, not its master copy": (
-        "kernels/sgd_update.metal",
+        "kernels/sgd_element.h",
         "float p = kUseMaster ? b.master[at.im]",
         "float p = false ? b.master[at.im]",
     ),

@@ -1,0 +1,139 @@
+// One element of a GPU update: the loads, the per-element math of
+// kernels/sgd_math.h, and the stores (a skipped step's copy, master weights,
+// stochastic rounding). Shared by the Metal kernels (kernels/*.metal) and the
+// CUDA kernels (kernels/*.cuh), which differ only in how they pick elements.
+#pragma once
+
+#include "kernels/sgd_launch.h"
+#include "kernels/sgd_math.h"
+
+#ifdef __METAL_VERSION__
+// Metal's address spaces: the tensors are in device memory, a kernel's
+// locals in thread memory.
+#define MFS_DEVICE device
+#define MFS_THREAD thread
+#else
+#define MFS_DEVICE
+#define MFS_THREAD
+#endif
+
+namespace mlx_fused_sgd {
+namespace element {
+
+// The buffers of one tensor's update. Master weights (R == kMasterWeights):
+// the float32 master is read in place of the param and written to
+// master_out, and param_out gets its rounded copy.
+template <typename T, typename V> struct TensorBuffers {
+  MFS_DEVICE const T* param;
+  MFS_DEVICE const T* grad;
+  MFS_DEVICE const V* velocity;
+  MFS_DEVICE T* param_out;
+  MFS_DEVICE V* velocity_out;
+  MFS_DEVICE const float* master;
+  MFS_DEVICE float* master_out;
+};
+
+// Element offsets: ip, ig, iv, im into the inputs; io (the element's index)
+// into the outputs.
+struct Offsets {
+  int64_t ip;
+  int64_t ig;
+  int64_t iv;
+  int64_t im;
+  int64_t io;
+};
+
+// The learning rate of a launch, once per thread: a float32 scalar, or the
+// step-decay schedule of the uint64 step counter (a few ALU ops).
+MFS_INLINE float launch_learning_rate(
+    MFS_DEVICE const float* lr,
+    MFS_DEVICE const uint64_t* step,
+    MFS_CONSTANT const launch::SGDArgs& args) {
+  if (args.scheduled) {
+    return math::step_decay_lr<uint64_t>(
+        step[0], uint64_t(args.step_size), args.init, args.decay_rate);
+  }
+  return lr[0];
+}
+
+// The float32 constants of a launch; the gradient divisor (loss scale,
+// negated for maximize) is read from its buffer only by kScaleGrad kernels.
+template <bool S>
+MFS_INLINE math::SGDHyper launch_hyper(
+    MFS_CONSTANT const launch::SGDArgs& args,
+    MFS_DEVICE const float* grad_scale,
+    MFS_DEVICE const float* grad_multiplier) {
+  math::SGDHyper h;
+  h.weight_decay = args.weight_decay;
+  h.momentum = args.momentum;
+  h.dampening_scale = args.dampening_scale;
+  h.grad_divisor = 1.0f;
+  h.grad_multiplier = 1.0f;
+  if (S) {
+    h.grad_divisor = args.maximize ? -grad_scale[0] : grad_scale[0];
+    if (args.has_clip) {
+      h.grad_multiplier = grad_multiplier[0];
+    }
+  }
+  return h;
+}
+
+// The random rounding stream of tensor `tensor` (its place in the whole
+// update) at this step; kRoundStochastic kernels only.
+template <int R>
+MFS_INLINE uint64_t launch_rounding_stream(
+    MFS_DEVICE const uint64_t* rounding_step, uint64_t seed, uint64_t tensor) {
+  if (R != math::kRoundStochastic) {
+    return 0;
+  }
+  return math::rounding_stream(seed, rounding_step[0], tensor);
+}
+
+// Updates one element; `copy` (a skipped step: a non-finite gradient
+// somewhere) keeps everything as it was.
+template <
+    typename T,
+    typename V,
+    bool WD,
+    bool M,
+    bool D,
+    bool N,
+    bool S,
+    int R>
+MFS_INLINE void update_one(
+    MFS_THREAD const TensorBuffers<T, V>& b,
+    Offsets at,
+    float lr,
+    math::SGDHyper h,
+    uint64_t stream,
+    bool copy) {
+  constexpr bool kUseMaster = R == math::kMasterWeights;
+  if (copy) {
+    b.param_out[at.io] = b.param[at.ip];
+    if (M) {
+      b.velocity_out[at.io] = b.velocity[at.iv];
+    }
+    if (kUseMaster) {
+      b.master_out[at.io] = b.master[at.im];
+    }
+    return;
+  }
+  float p = kUseMaster ? b.master[at.im] : static_cast<float>(b.param[at.ip]);
+  float v = M ? static_cast<float>(b.velocity[at.iv]) : 0.0f;
+  math::ParamVelocity r = math::sgd_update_element<WD, M, D, N, S>(
+      p, static_cast<float>(b.grad[at.ig]), v, lr, h);
+  if (kUseMaster) {
+    b.master_out[at.io] = r.param;
+  }
+  if (R == math::kRoundStochastic) {
+    r.param = math::round_bf16_stochastic(
+        r.param, math::rounding_bits(stream, uint64_t(at.io)));
+  }
+  b.param_out[at.io] = static_cast<T>(r.param);
+  if (M) {
+    b.velocity_out[at.io] = static_cast<V>(r.velocity);
+  }
+}
+
+} // namespace element
+} // namespace mlx_fused_sgd
