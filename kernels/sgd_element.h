@@ -89,8 +89,9 @@ MFS_INLINE uint64_t launch_rounding_stream(
   return math::rounding_stream(seed, rounding_step[0], tensor);
 }
 
-// Updates one element; `copy` (a skipped step: a non-finite gradient
-// somewhere) keeps everything as it was.
+// Updates one element, the element-th of its tensor in row-major order (the
+// index its stochastic-rounding bits derive from); `copy` (a skipped step: a
+// non-finite gradient somewhere) keeps everything as it was.
 template <
     typename T,
     typename V,
@@ -103,6 +104,7 @@ template <
 MFS_INLINE void update_one(
     MFS_THREAD const TensorBuffers<T, V>& b,
     Offsets at,
+    uint64_t element,
     float lr,
     math::SGDHyper h,
     uint64_t stream,
@@ -127,11 +129,130 @@ MFS_INLINE void update_one(
   }
   if (R == math::kRoundStochastic) {
     r.param = math::round_bf16_stochastic(
-        r.param, math::rounding_bits(stream, uint64_t(at.io)));
+        r.param, math::rounding_bits(stream, element));
   }
   b.param_out[at.io] = static_cast<T>(r.param);
   if (M) {
     b.velocity_out[at.io] = static_cast<V>(r.velocity);
+  }
+}
+
+// The offset of outer index `outer` over the layout's outer axes (all but
+// the last two), once per thread.
+MFS_INLINE int64_t outer_offset(
+    int64_t outer,
+    MFS_CONSTANT const int64_t* shape,
+    MFS_CONSTANT const int64_t* strides,
+    int outer_ndim) {
+  int64_t loc = 0;
+  for (int d = outer_ndim - 1; d >= 0 && outer > 0; --d) {
+    loc += (outer % shape[d]) * strides[d];
+    outer /= shape[d];
+  }
+  return loc;
+}
+
+// The offset of an operand's element (outer, r0, c) of the layout.
+MFS_INLINE int64_t layout_start(
+    int64_t outer,
+    int64_t r0,
+    int64_t c,
+    MFS_CONSTANT const int64_t* shape,
+    MFS_CONSTANT const int64_t* strides,
+    int nd) {
+  return outer_offset(outer, shape, strides, nd - 2) + r0 * strides[nd - 2] +
+         c * strides[nd - 1];
+}
+
+// Element strides of each operand of a strided update over its layout
+// (launch::plan_strided); the outputs are row-major over it.
+struct LayoutStrides {
+  MFS_CONSTANT const int64_t* param;
+  MFS_CONSTANT const int64_t* grad;
+  MFS_CONSTANT const int64_t* velocity;
+  MFS_CONSTANT const int64_t* master;
+  MFS_CONSTANT const int64_t* out;
+};
+
+// The band of a strided update's thread t: column c of launch::kRowsPerThread
+// rows from r0 of outer index `outer`; false past the end.
+struct Band {
+  int64_t outer;
+  int64_t r0;
+  int64_t c;
+};
+
+MFS_INLINE bool band_of(
+    int64_t t,
+    MFS_CONSTANT const int64_t* shape,
+    int nd,
+    int64_t size,
+    MFS_THREAD Band& band) {
+  const int64_t rows = shape[nd - 2];
+  const int64_t cols = shape[nd - 1];
+  const int64_t bands =
+      (rows + launch::kRowsPerThread - 1) / launch::kRowsPerThread;
+  band.c = t % cols;
+  const int64_t rest = t / cols;
+  band.r0 = (rest % bands) * launch::kRowsPerThread;
+  band.outer = rest / bands;
+  return band.outer * rows * cols < size;
+}
+
+// One thread of a strided update (any strides: transposed, sliced or
+// broadcast operands), over the layout (outer..., rows, cols) that
+// launch::plan_strided made on the host, with the axis a transposed operand
+// is contiguous along as the rows: column c of launch::kRowsPerThread
+// consecutive rows from r0, stepping each operand's offset by its row
+// stride. Adjacent threads take adjacent columns (row-major operands and
+// the outputs are read and written coalesced), and a transposed operand is
+// read as consecutive elements by each thread.
+template <
+    typename T,
+    typename V,
+    bool WD,
+    bool M,
+    bool D,
+    bool N,
+    bool S,
+    int R>
+MFS_INLINE void update_band(
+    MFS_THREAD const TensorBuffers<T, V>& b,
+    MFS_CONSTANT const int64_t* shape,
+    MFS_THREAD const LayoutStrides& strides,
+    int nd,
+    Band band,
+    float lr,
+    math::SGDHyper h,
+    uint64_t stream,
+    bool copy) {
+  constexpr bool kUseMaster = R == math::kMasterWeights;
+  const int64_t rows = shape[nd - 2];
+  const int64_t outer = band.outer;
+  const int64_t r0 = band.r0;
+  const int64_t c = band.c;
+  Offsets at = {
+      layout_start(outer, r0, c, shape, strides.param, nd),
+      layout_start(outer, r0, c, shape, strides.grad, nd),
+      M ? layout_start(outer, r0, c, shape, strides.velocity, nd) : 0,
+      kUseMaster ? layout_start(outer, r0, c, shape, strides.master, nd) : 0,
+      layout_start(outer, r0, c, shape, strides.out, nd)};
+  const Offsets row_step = {
+      strides.param[nd - 2],
+      strides.grad[nd - 2],
+      M ? strides.velocity[nd - 2] : 0,
+      kUseMaster ? strides.master[nd - 2] : 0,
+      strides.out[nd - 2]};
+  const int64_t r_last = r0 + launch::kRowsPerThread;
+  const int64_t r_end = r_last < rows ? r_last : rows;
+  for (int64_t r = r0; r < r_end; ++r) {
+    update_one<T, V, WD, M, D, N, S, R>(
+        b, at, uint64_t(at.io), lr, h, stream, copy);
+    at.ip += row_step.ip;
+    at.ig += row_step.ig;
+    at.iv += row_step.iv;
+    at.im += row_step.im;
+    at.io += row_step.io;
   }
 }
 

@@ -73,41 +73,14 @@ template <
     for (int k = 0; k < mlx_fused_sgd::launch::kWorkPerThread; ++k) {
       int64_t i = begin + k;
       update_one<T, V, WD, M, D, N, S, R>(
-          b, Offsets{i, i, i, i, i}, rate, h, stream, copy);
+          b, Offsets{i, i, i, i, i}, uint64_t(i), rate, h, stream, copy);
     }
   } else {
     for (int64_t i = begin; i < args.size; ++i) {
       update_one<T, V, WD, M, D, N, S, R>(
-          b, Offsets{i, i, i, i, i}, rate, h, stream, copy);
+          b, Offsets{i, i, i, i, i}, uint64_t(i), rate, h, stream, copy);
     }
   }
-}
-
-// The offset of outer index `outer` over the layout's outer axes (all but
-// the last two), once per thread.
-inline int64_t outer_offset(
-    int64_t outer,
-    constant const int64_t* shape,
-    constant const int64_t* strides,
-    int outer_ndim) {
-  int64_t loc = 0;
-  for (int d = outer_ndim - 1; d >= 0 && outer > 0; --d) {
-    loc += (outer % shape[d]) * strides[d];
-    outer /= shape[d];
-  }
-  return loc;
-}
-
-// The offset of an operand's element (outer, r0, c) of the layout.
-inline int64_t layout_start(
-    int64_t outer,
-    int64_t r0,
-    int64_t c,
-    constant const int64_t* shape,
-    constant const int64_t* strides,
-    int nd) {
-  return outer_offset(outer, shape, strides, nd - 2) + r0 * strides[nd - 2] +
-         c * strides[nd - 1];
 }
 
 // Any strides (transposed, sliced or broadcast inputs), over the layout
@@ -159,32 +132,15 @@ template <
     [[buffer(mlx_fused_sgd::launch::kOutStrides)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid [[threads_per_grid]]) {
-  const int nd = args.ndim;
-  const int64_t rows = shape[nd - 2];
-  const int64_t cols = shape[nd - 1];
-  const int64_t bands = (rows + mlx_fused_sgd::launch::kRowsPerThread - 1) /
-                        mlx_fused_sgd::launch::kRowsPerThread;
-  const int64_t t = int64_t(linear_thread(gid, grid));
-  const int64_t c = t % cols;
-  const int64_t rest = t / cols;
-  const int64_t r0 = (rest % bands) * mlx_fused_sgd::launch::kRowsPerThread;
-  const int64_t outer = rest / bands;
-  if (outer * rows * cols >= args.size) {
+  mlx_fused_sgd::element::Band band;
+  if (!mlx_fused_sgd::element::band_of(
+          int64_t(linear_thread(gid, grid)),
+          shape,
+          args.ndim,
+          args.size,
+          band)) {
     return;
   }
-  constexpr bool kUseMaster = R == mlx_fused_sgd::math::kMasterWeights;
-  Offsets at = {
-      layout_start(outer, r0, c, shape, param_strides, nd),
-      layout_start(outer, r0, c, shape, grad_strides, nd),
-      M ? layout_start(outer, r0, c, shape, velocity_strides, nd) : 0,
-      kUseMaster ? layout_start(outer, r0, c, shape, master_strides, nd) : 0,
-      layout_start(outer, r0, c, shape, out_strides, nd)};
-  const Offsets row_step = {
-      param_strides[nd - 2],
-      grad_strides[nd - 2],
-      M ? velocity_strides[nd - 2] : 0,
-      kUseMaster ? master_strides[nd - 2] : 0,
-      out_strides[nd - 2]};
   float rate = launch_learning_rate(lr, step, args);
   mlx_fused_sgd::math::SGDHyper h =
       launch_hyper<S>(args, grad_scale, grad_multiplier);
@@ -193,16 +149,14 @@ template <
   bool copy = args.has_skip && skip[0] != 0;
   TensorBuffers<T, V> b = {
       param, grad, velocity, param_out, velocity_out, master, master_out};
-  const int64_t r_last = r0 + mlx_fused_sgd::launch::kRowsPerThread;
-  const int64_t r_end = r_last < rows ? r_last : rows;
-  for (int64_t r = r0; r < r_end; ++r) {
-    update_one<T, V, WD, M, D, N, S, R>(b, at, rate, h, stream, copy);
-    at.ip += row_step.ip;
-    at.ig += row_step.ig;
-    at.iv += row_step.iv;
-    at.im += row_step.im;
-    at.io += row_step.io;
-  }
+  const mlx_fused_sgd::element::LayoutStrides strides = {
+      param_strides,
+      grad_strides,
+      velocity_strides,
+      master_strides,
+      out_strides};
+  mlx_fused_sgd::element::update_band<T, V, WD, M, D, N, S, R>(
+      b, shape, strides, args.ndim, band, rate, h, stream, copy);
 }
 
 // Instantiation by name. The Linux harness defines MFS_INSTANTIATE to record

@@ -71,9 +71,9 @@ PLANTED = [
     ),
     # A helper that reads the shape from device memory, given constant.
     (
-        "sgd_update.metal",
-        "    constant const int64_t* shape,\n    constant const int64_t* strides,",
-        "    device const int64_t* shape,\n    constant const int64_t* strides,",
+        "sgd_element.h",
+        "    MFS_CONSTANT const int64_t* shape,\n    MFS_CONSTANT const int64_t* strides,",
+        "    device const int64_t* shape,\n    MFS_CONSTANT const int64_t* strides,",
     ),
     # A name of namespace metal used unqualified in a header that comes
     # before the kernels' `using namespace metal`.

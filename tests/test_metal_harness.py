@@ -729,16 +729,13 @@ def test_grad_norm_kernels_match_cpu(harness, dtype):
     base = _inputs((5, 6), t, 9)[0]
     wide = _inputs((70, 90), t, 12)[0]
     arrays = [a, base, b, c, mx.zeros((0,), t), d, e, wide]
-    chunk = [
-        Strided(x, lambda y: y.T) if x is base or x is wide else x for x in arrays
-    ]
+    chunk = [Strided(x, lambda y: y.T) if x is base or x is wide else x for x in arrays]
     got = metal_grad_check(harness, chunk, "run_grad_norm", np.float32)
     expected = mfs._ext.grads_sq_norm(
         [x.T if x is base or x is wide else x for x in arrays]
     ).item()
     exact = sum(
-        float(np.sum(np.array(x.astype(mx.float32), np.float64) ** 2))
-        for x in arrays
+        float(np.sum(np.array(x.astype(mx.float32), np.float64) ** 2)) for x in arrays
     )
     assert abs(got - exact) <= 1e-5 * exact
     assert abs(expected - exact) <= 1e-6 * exact
@@ -828,8 +825,8 @@ MUTATIONS = {
     ),
     "stochastic rounding bits taken for the wrong element": (
         "kernels/sgd_element.h",
-        "math::rounding_bits(stream, uint64_t(at.io))",
-        "math::rounding_bits(stream, uint64_t(at.io + 1))",
+        "math::rounding_bits(stream, element)",
+        "math::rounding_bits(stream, element + 1)",
     ),
     "master-weight kernel reads the param, not its master copy": (
         "kernels/sgd_element.h",
@@ -837,12 +834,12 @@ MUTATIONS = {
         "float p = false ? b.master[at.im]",
     ),
     "general kernel steps the grad by the param's row stride": (
-        "kernels/sgd_update.metal",
+        "kernels/sgd_element.h",
         "at.ig += row_step.ig;",
         "at.ig += row_step.ip;",
     ),
     "general kernel drops the last row of each band": (
-        "kernels/sgd_update.metal",
+        "kernels/sgd_element.h",
         "for (int64_t r = r0; r < r_end; ++r) {",
         "for (int64_t r = r0; r + 1 < r_end; ++r) {",
     ),

@@ -1,0 +1,161 @@
+// How the CUDA kernels are launched: the multi-tensor tables (as Apex's
+// multi-tensor apply: one launch updates many tensors, each block one chunk
+// of one tensor), the strided layout passed by value, and how a primitive's
+// tensors are packed into launches. Shared by eval_gpu (csrc/cuda/) and the
+// host harness (tests/cuda_harness.cpp), so the harness cannot drift from
+// what eval_gpu launches.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels/sgd_launch.h"
+
+namespace mlx_fused_sgd {
+namespace cuda_launch {
+
+// Threads per block of every kernel (whole warps).
+inline constexpr int kThreads = 256;
+inline constexpr int kWarpSize = 32;
+// Elements of one operand a thread loads at once on the vector path
+// (16 bytes of float32, 8 of half), and vector loads per thread per chunk.
+inline constexpr int kVector = 4;
+inline constexpr int kVectorsPerThread = 4;
+// Elements one block of a multi-tensor launch updates: one chunk.
+inline constexpr int64_t kChunk =
+    int64_t(kThreads) * kVector * kVectorsPerThread;
+// Tensors per multi-tensor launch: the table is passed by value, and kernel
+// parameters are limited to 4 KB (the SGD table is 2.6 KB at 32).
+inline constexpr int kMaxTensors = 32;
+// Axes of a strided layout, as MLX's own CUDA kernels allow (after
+// plan_strided has dropped size-1 axes and merged the rest, few layouts have
+// more than 3).
+inline constexpr int kMaxDims = 10;
+
+// The tensors of one multi-tensor SGD launch; absent operands are null.
+// Tensor t owns blocks [block_end[t - 1], block_end[t]) (block_end[-1] = 0).
+struct SGDTable {
+  const void* param[kMaxTensors];
+  const void* grad[kMaxTensors];
+  const void* velocity[kMaxTensors];
+  void* param_out[kMaxTensors];
+  void* velocity_out[kMaxTensors];
+  const float* master[kMaxTensors];
+  float* master_out[kMaxTensors];
+  int64_t size[kMaxTensors];
+  int64_t block_end[kMaxTensors];
+  uint64_t tensor_id[kMaxTensors]; // its place in the update (rounding)
+  uint32_t vector_ok; // bit t: every operand of tensor t is 16-byte aligned
+  int32_t count;
+};
+
+// The gradients of one multi-tensor read (non-finite check, squared norm).
+struct ReadTable {
+  const void* data[kMaxTensors];
+  int64_t size[kMaxTensors];
+  int64_t block_end[kMaxTensors];
+  int32_t count;
+};
+
+// The device scalars every SGD launch reads (absent ones point at a valid
+// scalar the kernel ignores, as on Metal).
+struct SGDScalars {
+  const float* lr;
+  const uint64_t* step;
+  const float* grad_scale;
+  const uint32_t* skip;
+  const float* grad_multiplier;
+  const uint64_t* rounding_step;
+};
+
+// A StridedLayout (launch::plan_strided) by value.
+struct StridedArgs {
+  int64_t shape[kMaxDims];
+  int64_t strides[launch::kLayoutOperands][kMaxDims];
+  int32_t ndim;
+};
+
+// A general gradient read's shape and strides (MLX's, not merged).
+struct ReadShape {
+  int64_t shape[kMaxDims];
+  int64_t strides[kMaxDims];
+  int32_t ndim;
+};
+
+// The block a thread's chunk belongs to, and which tensor of the table owns
+// it: a linear search over at most kMaxTensors prefix sums, once per block.
+MFS_INLINE int
+table_tensor(const int64_t* block_end, int count, int64_t block) {
+  int t = 0;
+  while (t + 1 < count && block >= block_end[t]) {
+    ++t;
+  }
+  return t;
+}
+
+MFS_INLINE int64_t chunks(int64_t size) {
+  return (size + kChunk - 1) / kChunk;
+}
+
+#ifndef __CUDA_ARCH__
+
+// The launches of a list of tensors: consecutive runs of at most
+// kMaxTensors, each with its blocks' prefix sums. Empty tensors get no
+// blocks (their launch skips them).
+struct TableSpan {
+  int first;
+  int count;
+  std::vector<int64_t> block_end;
+  int64_t blocks() const {
+    return block_end.empty() ? 0 : block_end.back();
+  }
+};
+
+inline std::vector<TableSpan> split_tables(const std::vector<int64_t>& sizes) {
+  std::vector<TableSpan> spans;
+  for (int i = 0; i < static_cast<int>(sizes.size()); i += kMaxTensors) {
+    TableSpan span;
+    span.first = i;
+    span.count = std::min<int>(kMaxTensors, static_cast<int>(sizes.size()) - i);
+    int64_t blocks = 0;
+    for (int k = 0; k < span.count; ++k) {
+      blocks += chunks(sizes[i + k]);
+      span.block_end.push_back(blocks);
+    }
+    spans.push_back(std::move(span));
+  }
+  return spans;
+}
+
+// A plan_strided layout by value; false if it has more axes than kMaxDims.
+inline bool
+to_strided_args(const launch::StridedLayout& layout, StridedArgs& out) {
+  if (layout.ndim() > kMaxDims) {
+    return false;
+  }
+  out.ndim = layout.ndim();
+  for (int d = 0; d < out.ndim; ++d) {
+    out.shape[d] = layout.shape[d];
+    for (int op = 0; op < launch::kLayoutOperands; ++op) {
+      out.strides[op][d] = layout.strides[op][d];
+    }
+  }
+  return true;
+}
+
+// Threads of a strided launch: one per column and band of kRowsPerThread
+// rows of every outer index (as the Metal general kernel).
+inline int64_t strided_threads(const launch::StridedLayout& layout) {
+  const int64_t bands =
+      (layout.rows() + launch::kRowsPerThread - 1) / launch::kRowsPerThread;
+  return layout.outer_size() * layout.cols() * bands;
+}
+
+inline int64_t blocks_for(int64_t threads) {
+  return (threads + kThreads - 1) / kThreads;
+}
+
+#endif
+
+} // namespace cuda_launch
+} // namespace mlx_fused_sgd
