@@ -6,6 +6,8 @@
 // what eval_gpu launches.
 #pragma once
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -125,6 +127,87 @@ inline std::vector<TableSpan> split_tables(const std::vector<int64_t>& sizes) {
     spans.push_back(std::move(span));
   }
   return spans;
+}
+
+// One tensor's operands for a multi-tensor SGD launch (absent: null), with
+// the element sizes of its param and momentum buffer dtypes.
+struct SGDOperands {
+  const void* param;
+  const void* grad;
+  const void* velocity;
+  void* param_out;
+  void* velocity_out;
+  const float* master;
+  float* master_out;
+  int64_t size;
+  uint64_t tensor_id;
+};
+
+inline bool aligned_for_vectors(const void* p, size_t item) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % (item * kVector) == 0;
+}
+
+// The table of span `span` of `tensors` (split_tables).
+inline SGDTable make_sgd_table(
+    const TableSpan& span,
+    const std::vector<SGDOperands>& tensors,
+    size_t param_item,
+    size_t state_item) {
+  SGDTable table{};
+  table.count = span.count;
+  for (int k = 0; k < span.count; ++k) {
+    const SGDOperands& t = tensors[span.first + k];
+    table.param[k] = t.param;
+    table.grad[k] = t.grad;
+    table.velocity[k] = t.velocity;
+    table.param_out[k] = t.param_out;
+    table.velocity_out[k] = t.velocity_out;
+    table.master[k] = t.master;
+    table.master_out[k] = t.master_out;
+    table.size[k] = t.size;
+    table.block_end[k] = span.block_end[k];
+    table.tensor_id[k] = t.tensor_id;
+    const bool aligned = aligned_for_vectors(t.param, param_item) &&
+                         aligned_for_vectors(t.grad, param_item) &&
+                         aligned_for_vectors(t.param_out, param_item) &&
+                         aligned_for_vectors(t.velocity, state_item) &&
+                         aligned_for_vectors(t.velocity_out, state_item) &&
+                         aligned_for_vectors(t.master, sizeof(float)) &&
+                         aligned_for_vectors(t.master_out, sizeof(float));
+    table.vector_ok |= aligned ? (1u << k) : 0u;
+  }
+  return table;
+}
+
+// The table of span `span` of gradients.
+inline ReadTable make_read_table(
+    const TableSpan& span,
+    const std::vector<const void*>& data,
+    const std::vector<int64_t>& sizes) {
+  ReadTable table{};
+  table.count = span.count;
+  for (int k = 0; k < span.count; ++k) {
+    table.data[k] = data[span.first + k];
+    table.size[k] = sizes[span.first + k];
+    table.block_end[k] = span.block_end[k];
+  }
+  return table;
+}
+
+// A shape and strides by value (MLX's integer vectors); false if more axes
+// than kMaxDims.
+template <typename ShapeT, typename StridesT>
+bool to_read_shape(
+    const ShapeT& shape, const StridesT& strides, ReadShape& out) {
+  if (shape.size() > size_t(kMaxDims)) {
+    return false;
+  }
+  out.ndim = static_cast<int32_t>(shape.size());
+  for (int d = 0; d < out.ndim; ++d) {
+    out.shape[d] = shape[d];
+    out.strides[d] = strides[d];
+  }
+  return true;
 }
 
 // A plan_strided layout by value; false if it has more axes than kMaxDims.

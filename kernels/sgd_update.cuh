@@ -19,6 +19,12 @@
 namespace mlx_fused_sgd {
 namespace cuda_kernels {
 
+// A misaligned vector access faults on a GPU; the host model of CUDA
+// (tests/cuda_shim) checks for one here.
+#ifndef MFS_CHECK_ALIGNED
+#define MFS_CHECK_ALIGNED(pointer, bytes)
+#endif
+
 // kN elements of T loaded or stored at once (16 bytes of float32).
 template <typename T, int kN> struct alignas(sizeof(T) * kN) Vector {
   T x[kN];
@@ -26,6 +32,7 @@ template <typename T, int kN> struct alignas(sizeof(T) * kN) Vector {
 
 template <typename T, int kN>
 __device__ __forceinline__ void load(const T* from, T* to) {
+  MFS_CHECK_ALIGNED(from, sizeof(Vector<T, kN>));
   const Vector<T, kN> v = *reinterpret_cast<const Vector<T, kN>*>(from);
 #pragma unroll
   for (int j = 0; j < kN; ++j) {
@@ -35,6 +42,7 @@ __device__ __forceinline__ void load(const T* from, T* to) {
 
 template <typename T, int kN>
 __device__ __forceinline__ void store(const T* from, T* to) {
+  MFS_CHECK_ALIGNED(to, sizeof(Vector<T, kN>));
   Vector<T, kN> v;
 #pragma unroll
   for (int j = 0; j < kN; ++j) {

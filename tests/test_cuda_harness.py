@@ -1,0 +1,660 @@
+"""The CUDA kernels, verified on a machine without a GPU.
+
+``kernels/*.cuh`` are compiled as C++ with the system compiler against
+``tests/cuda_shim/cuda_shim.h`` (a stand-in for the CUDA runtime) and
+``tests/cuda_harness.cpp`` launches them as ``eval_gpu`` does: the same
+multi-tensor tables, chunks, kernel dispatch and strided layouts (all from
+``kernels/cuda_launch.h`` and ``kernels/cuda_dispatch.h``), every block's
+threads run as fibers that meet in ``__shfl_down_sync`` and
+``__syncthreads``. The outputs are compared bit for bit with this package's
+CPU primitives, which are bit-identical to stock MLX. What this cannot show:
+nvcc's code generation and CUDA's ``powf`` on a real GPU (the GPU test run
+does), nor the launch code in ``csrc/cuda/`` itself (``nvcc`` compiles it in
+``test_cuda_build.py``).
+"""
+
+import ctypes
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_metal_harness import (
+    GENERAL_LAYOUTS,
+    HOST_DTYPE,
+    VARIANTS,
+    Strided,
+    _arrays,
+    _buffer_ptr,
+    _cfg_id,
+    _general_operands,
+    _host,
+    _ptr,
+)
+
+import mlx_fused_sgd as mfs
+
+from conftest import assert_bitwise_equal
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIM = ROOT / "tests" / "cuda_shim"
+HARNESS = ROOT / "tests" / "cuda_harness.cpp"
+DTYPE_CODES = {mx.float32: 0, mx.float16: 1, mx.bfloat16: 2}
+ROUNDING = {"nearest": 0, "stochastic": 1, "master": 2}
+CHUNK = 4096  # cuda_launch::kChunk
+MAX_TENSORS = 32  # cuda_launch::kMaxTensors
+
+P = ctypes.c_void_p
+SCALAR_ARGS = [ctypes.c_double] * 3 + [ctypes.c_int] * 6
+SCHEDULE_ARGS = [ctypes.c_double, ctypes.c_double, ctypes.c_int64]
+
+
+def build_harness(out_dir: Path, kernels_root: Path = ROOT) -> ctypes.CDLL:
+    """Compile the harness with ``kernels/`` taken from ``kernels_root``."""
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.fail("no C++ compiler to build the CUDA harness with")
+    lib = out_dir / "cuda_harness.so"
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-O1",
+        "-fPIC",
+        "-shared",
+        "-Wno-attributes",
+        "-ffp-contract=off",
+        f"-I{SHIM}",
+        f"-I{kernels_root}",
+        str(HARNESS),
+        "-o",
+        str(lib),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return load_harness(lib)
+
+
+def load_harness(lib: Path) -> ctypes.CDLL:
+    h = ctypes.CDLL(str(lib))
+    h.run_sgd_multi.argtypes = (
+        [ctypes.c_int, ctypes.c_int]
+        + SCALAR_ARGS
+        + SCHEDULE_ARGS
+        + [ctypes.c_int, ctypes.c_uint64, ctypes.c_int]
+        + [P] * 15
+    )
+    h.run_sgd_strided.argtypes = (
+        [ctypes.c_int, ctypes.c_int]
+        + SCALAR_ARGS
+        + SCHEDULE_ARGS
+        + [ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int]
+        + [P] * 18
+    )
+    h.run_grad_read.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int] + [P] * 7
+    h.run_step_decay.argtypes = (
+        [P, P, ctypes.c_int64] + SCHEDULE_ARGS + [ctypes.c_int, P, P]
+    )
+    return h
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    return build_harness(tmp_path_factory.mktemp("cuda"))
+
+
+def _scalars(cfg, lr, step, skip):
+    scale = cfg.get("grad_scale")
+    clip = cfg.get("clip_factor")
+    return [
+        np.array([lr], np.float32),
+        np.array([step or 0], np.uint64),
+        np.array([scale if scale is not None else 1.0], np.float32),
+        np.array([skip or 0], np.uint32),
+        np.array([clip.item() if clip is not None else 1.0], np.float32),
+    ]
+
+
+def _variant_args(cfg, skip, rounding):
+    return [
+        cfg["momentum"],
+        cfg["weight_decay"],
+        cfg["dampening"],
+        int(cfg["nesterov"]),
+        int(cfg.get("maximize", False)),
+        int(cfg.get("grad_scale") is not None),
+        int(skip is not None),
+        int(cfg.get("clip_factor") is not None),
+    ]
+
+
+def _schedule_args(schedule):
+    sched = schedule or mfs.step_decay(1.0, 1.0, 1)
+    return [
+        int(schedule is not None),
+        float(sched.init),
+        float(sched.decay_rate),
+        sched.step_size,
+    ]
+
+
+def _back(x: np.ndarray, shape, dtype):
+    arr = mx.array(x.reshape(shape))
+    return arr.view(mx.bfloat16) if dtype == mx.bfloat16 else arr
+
+
+def _misaligned(x: np.ndarray) -> np.ndarray:
+    """A copy of ``x`` that starts 1 element past a 16-byte boundary (the
+    kernel must take its scalar path)."""
+    raw = np.zeros(x.size + 16, x.dtype)
+    start = (-raw.ctypes.data // x.itemsize) % (16 // x.itemsize) + 1
+    out = raw[start : start + x.size]
+    out[:] = x
+    assert out.ctypes.data % 16 != 0
+    return out
+
+
+def cuda_sgd_many(
+    h,
+    params,
+    grads,
+    velocities,
+    cfg,
+    lr=0.0371,
+    step=None,
+    schedule=None,
+    skip=None,
+    masters=None,
+    rounding_seed=None,
+    rounding_step=0,
+    misaligned=(),
+):
+    """One multi-tensor update, as eval_gpu launches it; returns the lists
+    (params, velocities[, masters])."""
+    rounding = (
+        "master"
+        if masters is not None
+        else "stochastic"
+        if rounding_seed is not None
+        else "nearest"
+    )
+    dtype = params[0].dtype
+    state_dtype = velocities[0].dtype if velocities else dtype
+
+    def host(a, i):
+        x = _host(a).reshape(-1)
+        return _misaligned(x) if i in misaligned else x
+
+    ins = [
+        [host(a, i) for i, a in enumerate(arrays)]
+        for arrays in (params, grads, velocities or grads)
+    ]
+    m_in = [host(a, i) for i, a in enumerate(masters)] if masters else None
+    outs_p = [np.zeros(p.size, HOST_DTYPE[dtype]) for p in params]
+    outs_v = [np.zeros(p.size, HOST_DTYPE[state_dtype]) for p in params]
+    outs_m = [np.zeros(p.size, np.float32) for p in params]
+    for i in misaligned:
+        outs_p[i] = _misaligned(outs_p[i])
+        outs_v[i] = _misaligned(outs_v[i])
+    n = len(params)
+
+    def table(xs):
+        return (P * n)(*[x.ctypes.data for x in xs])
+
+    sizes = np.array([p.size for p in params], np.int64)
+    ids = np.arange(n, dtype=np.uint64)
+    scalars = _scalars(cfg, lr, step, skip)
+    rstep = np.array([rounding_step], np.uint64)
+    rc = h.run_sgd_multi(
+        DTYPE_CODES[dtype],
+        DTYPE_CODES[state_dtype],
+        *_variant_args(cfg, skip, rounding),
+        *_schedule_args(schedule),
+        ROUNDING[rounding],
+        rounding_seed or 0,
+        n,
+        table(ins[0]),
+        table(ins[1]),
+        table(ins[2]),
+        table(outs_p),
+        table(outs_v),
+        table(m_in) if m_in else None,
+        table(outs_m) if m_in else None,
+        _ptr(sizes),
+        _ptr(ids),
+        *[_ptr(s) for s in scalars],
+        _ptr(rstep),
+    )
+    assert rc == 0, f"run_sgd_multi returned {rc}"
+    got_p = [_back(o, p.shape, dtype) for o, p in zip(outs_p, params)]
+    got_v = [_back(o, p.shape, state_dtype) for o, p in zip(outs_v, params)]
+    if masters is not None:
+        return (
+            got_p,
+            got_v,
+            [_back(o, p.shape, mx.float32) for o, p in zip(outs_m, params)],
+        )
+    return got_p, got_v
+
+
+def cuda_sgd_strided(
+    h,
+    param,
+    grad,
+    velocity,
+    cfg,
+    lr=0.0371,
+    master=None,
+    rounding_seed=None,
+    rounding_step=0,
+    tensor_index=0,
+    skip=None,
+):
+    """One strided update of one tensor (operands: arrays or Strided)."""
+    rounding = (
+        "master"
+        if master is not None
+        else "stochastic"
+        if rounding_seed is not None
+        else "nearest"
+    )
+    operands = [param, grad, velocity if velocity is not None else grad, master]
+    ref = param.array if isinstance(param, Strided) else param
+    shape, dtype = ref.shape, ref.dtype
+    vref = velocity.array if isinstance(velocity, Strided) else velocity
+    state_dtype = vref.dtype if velocity is not None else dtype
+    bufs, strides = [], []
+    for a in operands:
+        if a is None:
+            bufs.append(None)
+            strides.append(None)
+        elif isinstance(a, Strided):
+            bufs.append(a)
+            strides.append(a.strides)
+        else:
+            bufs.append(_host(a).reshape(-1))
+            st = np.ones(len(shape), np.int64)
+            for d in range(len(shape) - 2, -1, -1):
+                st[d] = st[d + 1] * shape[d + 1]
+            strides.append(st)
+    size = int(np.prod(shape)) if shape else 1
+    out_p = np.zeros(size, HOST_DTYPE[dtype])
+    out_v = np.zeros(size, HOST_DTYPE[state_dtype])
+    out_m = np.zeros(size, np.float32)
+    shape_arr = np.array(shape, np.int64)
+    scalars = _scalars(cfg, lr, None, skip)
+    rstep = np.array([rounding_step], np.uint64)
+    rc = h.run_sgd_strided(
+        DTYPE_CODES[dtype],
+        DTYPE_CODES[state_dtype],
+        *_variant_args(cfg, skip, rounding),
+        *_schedule_args(None),
+        ROUNDING[rounding],
+        rounding_seed or 0,
+        tensor_index,
+        len(shape),
+        _ptr(shape_arr),
+        *[_ptr(s) if s is not None else None for s in strides],
+        *[_buffer_ptr(b) if b is not None else None for b in bufs[:3]],
+        _ptr(out_p),
+        _ptr(out_v),
+        _buffer_ptr(bufs[3]) if master is not None else None,
+        _ptr(out_m),
+        *[_ptr(s) for s in scalars],
+        _ptr(rstep),
+    )
+    assert rc == 0, f"run_sgd_strided returned {rc}"
+    out = [_back(out_p, shape, dtype), _back(out_v, shape, state_dtype)]
+    if master is not None:
+        out.append(_back(out_m, shape, mx.float32))
+    return out
+
+
+# Sizes around the chunk (4096 elements a block) and the vector width, so
+# that whole chunks take the vector path and tails the scalar one.
+SIZES = [1, 5, 4095, 4096, 4097, 2 * CHUNK + 12, 1000]
+DTYPES = [mx.float32, mx.float16, mx.bfloat16]
+
+
+def _tensors(sizes, dtype, seed, state_dtype=None):
+    def make(k):
+        return [
+            mx.random.normal((s,), key=mx.random.key(seed + 100 * k + i)).astype(
+                state_dtype if (k == 2 and state_dtype is not None) else dtype
+            )
+            for i, s in enumerate(sizes)
+        ]
+
+    return make(0), make(1), make(2)
+
+
+def _check_lists(got, expected, what):
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert_bitwise_equal(a, b, f"{what} of tensor {i} (size {a.size})")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cfg", VARIANTS, ids=_cfg_id)
+def test_multi_tensor_kernel_matches_cpu(harness, dtype, cfg):
+    ps, gs, vs = _tensors(SIZES, dtype, 1)
+    # Tensor 1 and 3 misaligned: scalar loads for whole chunks too.
+    got_p, got_v = cuda_sgd_many(harness, ps, gs, vs, cfg, misaligned=(1, 3))
+    exp_p, exp_v = mfs.sgd_update_many(
+        ps, gs, vs, learning_rate=mx.array(0.0371), **cfg
+    )
+    _check_lists(got_p, exp_p, "param")
+    if cfg["momentum"] > 0:
+        _check_lists(got_v, exp_v, "velocity")
+
+
+def test_more_tensors_than_one_launch_holds(harness):
+    """70 tensors: three launches of at most 32; empty tensors get no block."""
+    sizes = [(7 * i) % 50 for i in range(2 * MAX_TENSORS + 6)]
+    ps, gs, vs = _tensors(sizes, mx.float32, 3)
+    cfg = VARIANTS[3]
+    got_p, got_v = cuda_sgd_many(harness, ps, gs, vs, cfg)
+    exp_p, exp_v = mfs.sgd_update_many(ps, gs, vs, learning_rate=0.0371, **cfg)
+    _check_lists(got_p, exp_p, "param")
+    _check_lists(got_v, exp_v, "velocity")
+
+
+@pytest.mark.parametrize("step", [0, 9, 10, 25, 2**40 + 3])
+def test_scheduled_multi_tensor_matches_cpu(harness, step):
+    sched = mfs.step_decay(0.1, 0.9, 10)
+    ps, gs, vs = _tensors([4096, 33], mx.float32, 5)
+    cfg = VARIANTS[3]
+    got_p, _ = cuda_sgd_many(harness, ps, gs, vs, cfg, step=step, schedule=sched)
+    exp_p, _ = mfs.sgd_update_many_scheduled(
+        ps, gs, vs, step=mx.array(step, mx.uint64), schedule=sched, **cfg
+    )
+    _check_lists(got_p, exp_p, "param")
+
+
+@pytest.mark.parametrize("skip", [0, 1])
+def test_skip_flag_matches_cpu(harness, skip):
+    ps, gs, vs = _tensors([4096, 9], mx.float32, 7)
+    cfg = VARIANTS[3]
+    got_p, got_v = cuda_sgd_many(harness, ps, gs, vs, cfg, skip=skip)
+    exp_p, exp_v = mfs.sgd_update_many(
+        ps, gs, vs, learning_rate=0.0371, skip=mx.array(skip, mx.uint32), **cfg
+    )
+    _check_lists(got_p, exp_p, "param")
+    _check_lists(got_v, exp_v, "velocity")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_float32_momentum_and_master_weights_match_cpu(harness, dtype):
+    if dtype == mx.float32:
+        pytest.skip("half params only")
+    cfg = VARIANTS[5]
+    ps, gs, vs = _tensors([4096, 4101, 3], dtype, 11, state_dtype=mx.float32)
+    got_p, got_v = cuda_sgd_many(harness, ps, gs, vs, cfg)
+    exp_p, exp_v = mfs.sgd_update_many(ps, gs, vs, learning_rate=0.0371, **cfg)
+    _check_lists(got_p, exp_p, "param")
+    _check_lists(got_v, exp_v, "velocity")
+    ms = [p.astype(mx.float32) + 1e-3 for p in ps]
+    got_p, got_v, got_m = cuda_sgd_many(harness, ps, gs, vs, cfg, masters=ms)
+    exp_p, exp_v, exp_m = mfs.sgd_update_many(
+        ps, gs, vs, learning_rate=0.0371, master_params=ms, **cfg
+    )
+    _check_lists(got_p, exp_p, "param")
+    _check_lists(got_m, exp_m, "master")
+
+
+def test_stochastic_rounding_streams_match_cpu(harness):
+    """Each tensor of a launch rounds with its own stream (its place in the
+    update), the vector path with each element's own index."""
+    cfg = VARIANTS[3]
+    seed, step = 2**40 + 17, 2**33 + 5
+    ps, gs, vs = _tensors([4096, 37, 4096 + 5], mx.bfloat16, 13)
+    got_p, _ = cuda_sgd_many(
+        harness, ps, gs, vs, cfg, rounding_seed=seed, rounding_step=step
+    )
+    exp_p, _ = mfs.sgd_update_many(
+        ps, gs, vs, learning_rate=0.0371, rounding_seed=seed, rounding_step=step, **cfg
+    )
+    _check_lists(got_p, exp_p, "param")
+
+
+@pytest.mark.parametrize("cfg", [VARIANTS[0], VARIANTS[3], VARIANTS[7]], ids=_cfg_id)
+@pytest.mark.parametrize("layout", list(GENERAL_LAYOUTS))
+def test_strided_kernel_matches_cpu(harness, cfg, layout):
+    for dtype in DTYPES:
+        p, g, v = _general_operands(layout, [dtype] * 3, 21)
+        got_p, got_v = cuda_sgd_strided(harness, p, g, v, cfg)
+        exp_p, exp_v = mfs.sgd_update(
+            *_arrays([p, g, v]), learning_rate=mx.array(0.0371), **cfg
+        )
+        assert_bitwise_equal(got_p, exp_p, f"param, {dtype}")
+        if cfg["momentum"] > 0:
+            assert_bitwise_equal(got_v, exp_v, f"velocity, {dtype}")
+
+
+def test_strided_stochastic_rounding_and_master_match_cpu(harness):
+    cfg = VARIANTS[3]
+    seed, step = 99, 7
+    sp, sg, sv = (Strided(x, lambda a: a.T) for x in _tensors_2d((6, 9), 31))
+    got_p, _ = cuda_sgd_strided(
+        harness, sp, sg, sv, cfg, rounding_seed=seed, rounding_step=step, tensor_index=2
+    )
+    ps = [sp.array] * 3
+    exp_p, _ = mfs.sgd_update_many(
+        ps,
+        [sg.array] * 3,
+        [sv.array] * 3,
+        learning_rate=0.0371,
+        rounding_seed=seed,
+        rounding_step=step,
+        **cfg,
+    )
+    assert_bitwise_equal(got_p, exp_p[2])
+    m = Strided(sp.base.astype(mx.float32) * 1.001, lambda a: a.T)
+    got_p, _, got_m = cuda_sgd_strided(harness, sp, sg, sv, cfg, master=m)
+    exp_p, _, exp_m = mfs.sgd_update_many(
+        [sp.array],
+        [sg.array],
+        [sv.array],
+        learning_rate=0.0371,
+        master_params=[m.array],
+        **cfg,
+    )
+    assert_bitwise_equal(got_p, exp_p[0])
+    assert_bitwise_equal(got_m, exp_m[0])
+
+
+def _tensors_2d(shape, seed):
+    return [
+        mx.random.normal(shape, key=mx.random.key(seed + k)).astype(mx.bfloat16)
+        for k in range(3)
+    ]
+
+
+def cuda_grad_read(h, kind, grads):
+    """kind 0: the non-finite flag; 1: the squared norm. Row- or
+    column-contiguous gradients are read flat, the others strided."""
+    dtype = _arrays(grads)[0].dtype
+    data, sizes, dense, ndims, shapes, strides, keep = [], [], [], [], [], [], []
+    for g in grads:
+        if isinstance(g, Strided):
+            keep.append(g)
+            data.append(_buffer_ptr(g).value)
+            dense.append(0)
+            ndims.append(g.array.ndim)
+            shapes += list(g.array.shape)
+            strides += list(g.strides)
+            sizes.append(g.array.size)
+        else:
+            x = _host(g).reshape(-1)
+            keep.append(x)
+            data.append(x.ctypes.data)
+            dense.append(1)
+            ndims.append(0)
+            sizes.append(g.size)
+    result = np.zeros(1, np.float32 if kind == 1 else np.uint32)
+    n = len(grads)
+    rc = h.run_grad_read(
+        kind,
+        DTYPE_CODES[dtype],
+        n,
+        (P * n)(*data),
+        _ptr(np.array(sizes, np.int64)),
+        _ptr(np.array(dense, np.int32)),
+        _ptr(np.array(ndims, np.int32)),
+        _ptr(np.array(shapes or [0], np.int64)),
+        _ptr(np.array(strides or [0], np.int64)),
+        _ptr(result),
+    )
+    assert rc == 0, f"run_grad_read returned {rc}"
+    return result[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", [0, 4095, 4096, 9000])
+def test_grad_check_matches_cpu(harness, dtype, bad, where):
+    gs = [mx.random.normal((s,), key=mx.random.key(s)).astype(dtype) for s in (9001, 5)]
+    if bad is not None:
+        host = np.array(gs[0].astype(mx.float32))
+        host[where] = bad
+        gs[0] = mx.array(host).astype(dtype)
+    tr = Strided(
+        mx.random.normal((7, 5), key=mx.random.key(3)).astype(dtype), lambda a: a.T
+    )
+    grads = [gs[0], tr, gs[1]]
+    flag = cuda_grad_read(harness, 0, grads)
+    expected = mfs.grads_nonfinite(_arrays(grads)).item()
+    assert bool(flag) == expected
+
+
+def test_grad_check_sees_a_bad_element_in_a_strided_gradient(harness):
+    base = np.array(mx.random.normal((40, 9), key=mx.random.key(8)))
+    base[13, 2] = np.inf
+    # Row 13 is in rows 1, 4, ..., 37, not in rows 0, 3, ..., 39.
+    assert cuda_grad_read(harness, 0, [Strided(mx.array(base), lambda a: a[1::3])]) == 1
+    assert cuda_grad_read(harness, 0, [Strided(mx.array(base), lambda a: a[::3])]) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grad_norm_matches_cpu(harness, dtype):
+    gs = [
+        mx.random.normal((s,), key=mx.random.key(s)).astype(dtype)
+        for s in (1, 4096, 4097, 3 * CHUNK + 100)
+    ]
+    sl = Strided(
+        mx.random.normal((30, 11), key=mx.random.key(4)).astype(dtype), lambda a: a[::2]
+    )
+    grads = gs + [sl]
+    got = float(cuda_grad_read(harness, 1, grads))
+    expected = float(mfs.grad_norm(_arrays(grads))) ** 2
+    assert abs(got - expected) <= 1e-5 * expected
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_step_decay_kernel_matches_cpu(harness, contiguous):
+    sched = mfs.step_decay(0.1, 0.9, 10)
+    steps = np.array([0, 9, 10, 11, 99, 100, 2**40 + 3, 12345], np.uint64)
+    out = np.zeros(steps.size, np.float32)
+    if contiguous:
+        rc = harness.run_step_decay(
+            _ptr(steps), _ptr(out), steps.size, 0.1, 0.9, 10, 0, None, None
+        )
+        arr = mx.array(steps)
+    else:
+        base = np.repeat(steps, 2)
+        shape = np.array([steps.size], np.int64)
+        st = np.array([2], np.int64)
+        rc = harness.run_step_decay(
+            _ptr(base), _ptr(out), steps.size, 0.1, 0.9, 10, 1, _ptr(shape), _ptr(st)
+        )
+        arr = mx.array(base)[::2]
+    assert rc == 0
+    assert_bitwise_equal(mx.array(out), sched(arr))
+
+
+# --------------------------------------------------------------------------
+# The harness must catch a broken kernel
+# --------------------------------------------------------------------------
+
+MUTATIONS = {
+    "block finds the wrong tensor of its table": (
+        "kernels/cuda_launch.h",
+        "while (t + 1 < count && block >= block_end[t]) {",
+        "while (t + 1 < count && block > block_end[t]) {",
+    ),
+    "vector path skips every other vector": (
+        "kernels/sgd_update.cuh",
+        "(int64_t(k) * cuda_launch::kThreads + threadIdx.x) *",
+        "(int64_t(k) * 2 * cuda_launch::kThreads + threadIdx.x) *",
+    ),
+    "tail of a chunk dropped": (
+        "kernels/sgd_update.cuh",
+        "for (int64_t i = begin + threadIdx.x; i < end; i += cuda_launch::kThreads) {",
+        "for (int64_t i = begin + threadIdx.x; i + 1 < end; i += cuda_launch::kThreads) {",
+    ),
+    "warp sum misses half the lanes": (
+        "kernels/grad_check.cuh",
+        "for (int offset = cuda_launch::kWarpSize / 2; offset > 0; offset /= 2) {",
+        "for (int offset = cuda_launch::kWarpSize / 4; offset > 0; offset /= 2) {",
+    ),
+    "block reduction without its barrier": (
+        "kernels/grad_check.cuh",
+        "  __syncthreads();\n",
+        "\n",
+    ),
+    "a thread returns before the block's barrier": (
+        "kernels/grad_check.cuh",
+        "  float local = 0.0f;\n  for (int k = 0; k < kReadsPerThread; ++k) {\n"
+        "    const int64_t i =\n        begin + int64_t(k) * cuda_launch::kThreads + int64_t(threadIdx.x);\n"
+        "    if (i < size) {\n      local = local + read_value<kNorm>(static_cast<float>(x[i]));",
+        "  float local = 0.0f;\n  if (threadIdx.x == 255) {\n    return;\n  }\n"
+        "  for (int k = 0; k < kReadsPerThread; ++k) {\n"
+        "    const int64_t i =\n        begin + int64_t(k) * cuda_launch::kThreads + int64_t(threadIdx.x);\n"
+        "    if (i < size) {\n      local = local + read_value<kNorm>(static_cast<float>(x[i]));",
+    ),
+    "table marks misaligned tensors for vector loads": (
+        "kernels/cuda_launch.h",
+        "    table.vector_ok |= aligned ? (1u << k) : 0u;",
+        "    table.vector_ok |= 1u << k;",
+    ),
+}
+
+
+# Run in a child process: a mutant may also crash (an out-of-bounds tensor, a
+# misaligned vector load), which on a GPU is a fault and here a signal.
+CHECK_MUTANT = """
+import sys
+sys.path.insert(0, {tests!r})
+import mlx.core as mx
+import numpy as np
+import test_cuda_harness as t
+h = t.load_harness(t.Path({lib!r}))
+if {grad_check!r}:
+    t.test_grad_norm_matches_cpu(h, mx.float32)
+    t.test_grad_check_matches_cpu(h, mx.float32, np.nan, 9000)
+else:
+    t.test_multi_tensor_kernel_matches_cpu(h, mx.float32, t.VARIANTS[3])
+"""
+
+
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_harness_catches_a_broken_kernel(tmp_path, mutation):
+    rel, before, after = MUTATIONS[mutation]
+    shutil.copytree(ROOT / "kernels", tmp_path / "kernels")
+    target = tmp_path / rel
+    text = target.read_text()
+    assert text.count(before) >= 1, f"mutation anchor not found in {rel}"
+    target.write_text(text.replace(before, after, 1))
+    build_harness(tmp_path, kernels_root=tmp_path)
+    script = CHECK_MUTANT.format(
+        tests=str(ROOT / "tests"),
+        lib=str(tmp_path / "cuda_harness.so"),
+        grad_check="grad_check" in rel,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode != 0, "the harness passed a broken kernel"
+    # A failed comparison or a crash; not an error in the check itself.
+    assert "AssertionError" in proc.stderr or proc.returncode < 0, proc.stderr[-2000:]
