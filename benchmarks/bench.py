@@ -546,8 +546,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     device = mx.gpu if args.device == "gpu" else mx.cpu
-    if args.device == "gpu" and not mx.metal.is_available():
-        ap.error("--device gpu needs MLX with Metal (Apple silicon)")
+    cuda = getattr(mx, "cuda", None)
+    if args.device == "gpu" and not (
+        mx.metal.is_available() or (cuda is not None and cuda.is_available())
+    ):
+        ap.error("--device gpu needs MLX with a GPU backend (Metal, or CUDA)")
     mx.set_default_device(device)
     dtype = getattr(mx, args.dtype)
     try:

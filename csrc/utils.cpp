@@ -59,7 +59,9 @@ std::mutex notifier_mutex;
 std::function<void(const std::string&)> fallback_notifier;
 
 std::string no_kernels_reason() {
-#if defined(MFS_METAL_TOOLCHAIN_MISSING)
+#if defined(MFS_CUDA_KERNELS)
+  return "";
+#elif defined(MFS_METAL_TOOLCHAIN_MISSING)
   return "this install was built without the Metal kernels: the Metal "
          "compiler was missing (xcrun -sdk macosx -f metal failed). Install "
          "Xcode and select it (sudo xcode-select -s /Applications/Xcode.app), "
@@ -68,8 +70,10 @@ std::string no_kernels_reason() {
 #elif defined(_METAL_)
   return "this install was built without the Metal kernels.";
 #else
-  return "this MLX has no Metal backend, and mlx-fused-sgd has kernels only "
-         "for the CPU and Metal: GPU streams use the composed fallback.";
+  return "this install has no GPU kernels (MLX without Metal, and "
+         "mlx-fused-sgd built without CUDA): GPU streams use the composed "
+         "fallback. With MLX's CUDA backend, build mlx-fused-sgd against it "
+         "with nvcc (see the README's section on NVIDIA GPUs).";
 #endif
 }
 
@@ -82,6 +86,12 @@ void set_gpu_fallback_notifier(std::function<void(const std::string&)> notify) {
 
 const GpuKernelStatus& gpu_kernel_status() {
   static const GpuKernelStatus status = [] {
+    if (kHaveCudaKernels) {
+      // Compiled into the extension: nothing to load.
+      GpuKernelStatus cuda;
+      cuda.fused = true;
+      return cuda;
+    }
     const auto path = extension_dir() + "/" + kMetalLibraryName + ".metallib";
     auto load = [] {
 #if MFS_METAL_KERNELS

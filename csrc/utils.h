@@ -91,6 +91,14 @@ inline constexpr const char* kMetalLibraryName = "mlx_fused_sgd";
 #endif
 inline constexpr bool kHaveMetalKernels = MFS_METAL_KERNELS;
 
+// Whether this build has the CUDA kernels (csrc/cuda/, compiled by nvcc
+// against MLX's CUDA backend; MFS_CUDA_KERNELS is set by CMake).
+#if defined(MFS_CUDA_KERNELS)
+inline constexpr bool kHaveCudaKernels = true;
+#else
+inline constexpr bool kHaveCudaKernels = false;
+#endif
+
 // What GPU streams run: this package's kernels (`fused`), or the composed
 // fallback and why (`reason`).
 struct GpuKernelStatus {

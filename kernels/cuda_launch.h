@@ -99,7 +99,7 @@ MFS_INLINE int64_t chunks(int64_t size) {
   return (size + kChunk - 1) / kChunk;
 }
 
-#ifndef __CUDA_ARCH__
+// Host code (eval_gpu and the harness) from here on.
 
 // The launches of a list of tensors: consecutive runs of at most
 // kMaxTensors, each with its blocks' prefix sums. Empty tensors get no
@@ -237,8 +237,6 @@ inline int64_t strided_threads(const launch::StridedLayout& layout) {
 inline int64_t blocks_for(int64_t threads) {
   return (threads + kThreads - 1) / kThreads;
 }
-
-#endif
 
 } // namespace cuda_launch
 } // namespace mlx_fused_sgd

@@ -14,6 +14,12 @@
 namespace mlx_fused_sgd {
 namespace cuda_kernels {
 
+// Clears a check's flag or a norm's sum (the 32 bits of 0u and 0.0f) before
+// the blocks add to it.
+__global__ void clear_result(void* result) {
+  *static_cast<uint32_t*>(result) = 0u;
+}
+
 // Reads a thread makes per chunk of cuda_launch::kChunk elements.
 inline constexpr int kReadsPerThread =
     static_cast<int>(cuda_launch::kChunk / cuda_launch::kThreads);

@@ -58,6 +58,29 @@ def test_import_refuses_a_different_mlx():
     assert "--no-build-isolation" in rebuild and "--no-deps" in rebuild
 
 
+def test_import_refuses_a_cuda_build_without_mlx_cuda():
+    """An extension built with the CUDA kernels, imported with an MLX that
+    is not MLX's CUDA build, is refused with the ways out (not a failure on
+    missing symbols)."""
+    code = (
+        "import sys, types, mlx.core as mx\n"
+        "info = types.ModuleType('mlx_fused_sgd._build_info')\n"
+        "info.MLX_BUILD_VERSION = mx.__version__\n"
+        "info.MLX_BUILD_CUDA = True\n"
+        "sys.modules['mlx_fused_sgd._build_info'] = info\n"
+        "import mlx_fused_sgd\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "ImportError" in proc.stderr and "CUDA kernels" in proc.stderr
+    assert 'pip install "mlx[cuda13]==' in proc.stderr
+    assert "--no-build-isolation" in proc.stderr
+    # The build this suite runs on records its own kind.
+    from mlx_fused_sgd import _build_info
+
+    assert _build_info.MLX_BUILD_CUDA is False
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF only")
 def test_extension_finds_libmlx_through_its_rpath():
     ext = Path(mfs._ext.__file__)

@@ -30,6 +30,33 @@ if _MLX_VERSION != _MLX_BUILD_VERSION:
         "MLX 0.32.4)."
     )
 
+from ._build_info import MLX_BUILD_CUDA as _MLX_BUILD_CUDA  # noqa: E402
+
+
+def _mlx_is_cuda_build() -> bool:
+    """Whether the installed MLX is its CUDA build (an mlx-cuda-* package
+    supplies its library)."""
+    from importlib import metadata
+
+    return any(
+        (d.metadata["Name"] or "").lower().replace("_", "-").startswith("mlx-cuda")
+        for d in metadata.distributions()
+    )
+
+
+if _MLX_BUILD_CUDA and not _mlx_is_cuda_build():
+    # The CUDA kernels call into MLX's CUDA backend: loading them with
+    # another MLX would fail on missing symbols.
+    raise ImportError(
+        "mlx_fused_sgd was built with its CUDA kernels, against MLX's CUDA "
+        f"build, but the installed MLX {_MLX_VERSION} is not that build. "
+        "Either install it:\n"
+        f'    pip install "mlx[cuda13]=={_MLX_BUILD_VERSION}"\n'
+        "or rebuild mlx-fused-sgd against the installed MLX, from its source "
+        "directory, without build isolation:\n"
+        "    pip install --no-build-isolation --no-deps --force-reinstall ."
+    )
+
 from . import _ext  # noqa: E402, F401  (the compiled module, for advanced use)
 from .backend import backend_info  # noqa: E402
 from .functional import (  # noqa: E402

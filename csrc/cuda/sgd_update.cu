@@ -1,0 +1,186 @@
+// SGDUpdate on an NVIDIA GPU through MLX's CUDA backend
+// (kernels/sgd_update.cuh). Row-contiguous tensors are updated by multi-tensor
+// launches (up to cuda_launch::kMaxTensors a launch, one block a chunk); a
+// tensor whose operands are not all row-contiguous by a strided launch of its
+// own.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "mlx/backend/cuda/device.h"
+#include "mlx/backend/cuda/utils.h"
+
+#include "common/sgd_update.h"
+#include "cuda/launch.h"
+#include "kernels/cuda_dispatch.h"
+#include "kernels/sgd_update.cuh"
+#include "sgd_update.h"
+#include "utils.h"
+
+namespace mlx_fused_sgd {
+
+void SGDUpdate::eval_gpu(
+    const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  check_layout(inputs, outputs);
+  release_sibling_inputs(inputs, outputs);
+  const int n = num_tensors_;
+  const bool momentum = variant_.momentum;
+  const bool master = master_weights();
+  auto& encoder = mx::cu::get_command_encoder(stream());
+
+  const auto& lr_input = inputs[lr_index()];
+  // Scalars without an input of their own point at one the kernels ignore
+  // (the learning rate's); with a schedule the lr input is the step.
+  const auto& scale_input =
+      variant_.scale_grad ? inputs[scale_index()] : lr_input;
+  const auto& skip_input = variant_.skip ? inputs[skip_index()] : lr_input;
+  const auto& clip_input = variant_.clip ? inputs[clip_index()] : lr_input;
+  const auto& rounding_step_input =
+      stochastic_rounding() ? inputs[rounding_step_index()] : lr_input;
+  for (const auto* scalar :
+       {&lr_input,
+        &scale_input,
+        &skip_input,
+        &clip_input,
+        &rounding_step_input}) {
+    encoder.set_input_array(*scalar);
+  }
+  // Kernel arguments are passed to MLX's encoder as mutable values.
+  cuda_launch::SGDScalars scalars{
+      static_cast<const float*>(mx::gpu_ptr<void>(lr_input)),
+      static_cast<const uint64_t*>(mx::gpu_ptr<void>(lr_input)),
+      static_cast<const float*>(mx::gpu_ptr<void>(scale_input)),
+      static_cast<const uint32_t*>(mx::gpu_ptr<void>(skip_input)),
+      static_cast<const float*>(mx::gpu_ptr<void>(clip_input)),
+      static_cast<const uint64_t*>(mx::gpu_ptr<void>(rounding_step_input))};
+  const launch::FusedSchedule fused{
+      schedule_.has_value(),
+      schedule_ ? schedule_->init : 0.0,
+      schedule_ ? schedule_->decay_rate : 0.0,
+      schedule_ ? schedule_->step_size : 1};
+  const mx::Dtype param_dtype = inputs[0].dtype();
+  const mx::Dtype state_dtype = momentum ? inputs[2 * n].dtype() : param_dtype;
+
+  std::vector<cuda_launch::SGDOperands> contiguous;
+  std::vector<int64_t> contiguous_sizes;
+  struct Strided {
+    element::TensorBuffers<void, void> buffers;
+    launch::StridedLayout layout;
+    int64_t size;
+    uint64_t tensor_id;
+  };
+  std::vector<Strided> strided;
+  for (int i = 0; i < n; ++i) {
+    auto [p, g, v, p_out, v_out, m, m_out] =
+        tensor_slots(inputs, outputs, n, i, momentum, master);
+    allocate_outputs(p, g, v, p_out, v_out);
+    allocate_master(m, m_out);
+    encoder.set_input_array(p);
+    encoder.set_input_array(g);
+    encoder.set_output_array(p_out);
+    if (momentum) {
+      encoder.set_input_array(*v);
+      encoder.set_output_array(*v_out);
+    }
+    if (master) {
+      encoder.set_input_array(*m);
+      encoder.set_output_array(*m_out);
+    }
+    if (p.size() == 0) {
+      continue;
+    }
+    const cuda_launch::SGDOperands operands{
+        mx::gpu_ptr<void>(p),
+        mx::gpu_ptr<void>(g),
+        momentum ? mx::gpu_ptr<void>(*v) : nullptr,
+        mx::gpu_ptr<void>(p_out),
+        momentum ? mx::gpu_ptr<void>(*v_out) : nullptr,
+        master ? mx::gpu_ptr<float>(*m) : nullptr,
+        master ? mx::gpu_ptr<float>(*m_out) : nullptr,
+        static_cast<int64_t>(p.size()),
+        tensor_id(i)};
+    if (all_row_contiguous(p, g, v, m)) {
+      contiguous.push_back(operands);
+      contiguous_sizes.push_back(operands.size);
+    } else {
+      strided.push_back(
+          {{operands.param,
+            operands.grad,
+            operands.velocity,
+            operands.param_out,
+            operands.velocity_out,
+            operands.master,
+            operands.master_out},
+           strided_layout(p, g, v, m),
+           operands.size,
+           operands.tensor_id});
+    }
+  }
+
+  auto base_args = launch::plan_sgd("", "", nullptr, 0, variant_, fused).args;
+  const bool found = cuda_launch::dispatch_sgd<__half, __nv_bfloat16>(
+      cuda::dtype_of(param_dtype),
+      cuda::dtype_of(state_dtype),
+      variant_,
+      [&]<typename T,
+          typename V,
+          bool WD,
+          bool M,
+          bool D,
+          bool N,
+          bool S,
+          int R>() {
+        for (const auto& span : cuda_launch::split_tables(contiguous_sizes)) {
+          if (span.blocks() == 0) {
+            continue;
+          }
+          auto table = cuda_launch::make_sgd_table(
+              span, contiguous, sizeof(T), sizeof(V));
+          encoder.add_kernel_node(
+              cuda_kernels::sgd_multi_tensor<T, V, WD, M, D, N, S, R>,
+              cuda::grid(span.blocks()),
+              dim3(cuda_launch::kThreads),
+              table,
+              base_args,
+              scalars);
+        }
+        for (const auto& t : strided) {
+          cuda_launch::StridedArgs layout{};
+          if (!cuda_launch::to_strided_args(t.layout, layout)) {
+            throw std::runtime_error(
+                "mlx_fused_sgd: a tensor of " +
+                std::to_string(t.layout.ndim()) +
+                " axes that cannot be merged; the CUDA kernels take at most " +
+                std::to_string(cuda_launch::kMaxDims) + ", as MLX's do.");
+          }
+          auto args = base_args;
+          args.size = t.size;
+          args.rounding_tensor = t.tensor_id;
+          args.ndim = t.layout.ndim();
+          element::TensorBuffers<T, V> b = {
+              static_cast<const T*>(t.buffers.param),
+              static_cast<const T*>(t.buffers.grad),
+              static_cast<const V*>(t.buffers.velocity),
+              static_cast<T*>(t.buffers.param_out),
+              static_cast<V*>(t.buffers.velocity_out),
+              t.buffers.master,
+              t.buffers.master_out};
+          encoder.add_kernel_node(
+              cuda_kernels::sgd_strided<T, V, WD, M, D, N, S, R>,
+              cuda::grid(
+                  cuda_launch::blocks_for(
+                      cuda_launch::strided_threads(t.layout))),
+              dim3(cuda_launch::kThreads),
+              b,
+              args,
+              layout,
+              scalars);
+        }
+      });
+  if (!found) {
+    throw std::runtime_error(
+        "mlx_fused_sgd: no CUDA kernel for " + dtype_name(param_dtype) +
+        " params with " + dtype_name(state_dtype) + " momentum buffers.");
+  }
+}
+
+} // namespace mlx_fused_sgd

@@ -1,0 +1,80 @@
+"""The CUDA sources compile: ``csrc/cuda/*.cu`` (eval_gpu of every primitive,
+with the kernels of ``kernels/*.cuh``) through ``nvcc`` against MLX's real
+CUDA headers, as ``CMakeLists.txt`` compiles them for an MLX built with CUDA.
+Skipped, with the reason, where ``nvcc``, MLX's CUDA headers or the fmt
+headers they include are missing (``.ci/run`` installs fmt where ``nvcc``
+is present). The kernels' arithmetic and launch logic are checked on the CPU
+by ``test_cuda_harness.py``; running them needs an NVIDIA GPU.
+"""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MLX_INCLUDE = Path(mx.__file__).resolve().parent / "include"
+SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+
+
+def _fmt_available(nvcc: str) -> bool:
+    probe = subprocess.run(
+        [nvcc, "-E", "-x", "cu", "-", "-o", "/dev/null"],
+        input="#include <fmt/format.h>\n",
+        capture_output=True,
+        text=True,
+    )
+    return probe.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def nvcc():
+    path = shutil.which("nvcc")
+    if path is None:
+        pytest.skip("nvcc is not installed: the CUDA sources are not compiled here")
+    if not (MLX_INCLUDE / "mlx" / "backend" / "cuda" / "device.h").exists():
+        pytest.skip(f"MLX's CUDA headers are not in {MLX_INCLUDE}")
+    if not _fmt_available(path):
+        pytest.skip(
+            "the fmt headers (Debian: libfmt-dev) that MLX's CUDA headers include are missing"
+        )
+    return path
+
+
+def test_there_is_a_cuda_source_per_primitive():
+    assert [p.name for p in SOURCES] == [
+        "grad_check.cu",
+        "sgd_update.cu",
+        "step_decay.cu",
+    ]
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
+def test_cuda_source_compiles_against_mlx_cuda_headers(nvcc, source, tmp_path):
+    cmd = [
+        nvcc,
+        "-std=c++20",
+        "--fmad=false",
+        # As CMakeLists.txt: 186, an unsigned compared with 0 in a template;
+        # 997, MLX's UnaryPrimitive pattern (eval_cpu for one output hides
+        # the base's overload for many, in MLX's primitives too).
+        "-diag-suppress=186,997",
+        "-DFMT_USE_CONSTEXPR=1",
+        "-DMFS_CUDA_KERNELS",
+        "-arch=sm_80",
+        "-Werror=all-warnings",
+        f"-I{ROOT}",
+        f"-I{ROOT / 'csrc'}",
+        # MLX's headers warn under nvcc; ours must not.
+        "-isystem",
+        str(MLX_INCLUDE),
+        "-c",
+        str(source),
+        "-o",
+        str(tmp_path / (source.stem + ".o")),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert (tmp_path / (source.stem + ".o")).stat().st_size > 0
