@@ -177,6 +177,32 @@ class SGDUpdate : public mx::Primitive {
   size_t rounding_step_index() const {
     return clip_index() + variant_.clip;
   }
+  // The scalar inputs of a GPU launch; those the variant has no input for
+  // are the learning rate's, a valid buffer the kernels ignore. With a
+  // schedule the learning-rate input is the uint64 step counter.
+  struct ScalarInputs {
+    const mx::array& lr;
+    const mx::array& grad_scale;
+    const mx::array& skip;
+    const mx::array& clip;
+    const mx::array& rounding_step;
+  };
+  ScalarInputs scalar_inputs(const std::vector<mx::array>& inputs) const {
+    const auto& lr = inputs[lr_index()];
+    return {
+        lr,
+        variant_.scale_grad ? inputs[scale_index()] : lr,
+        variant_.skip ? inputs[skip_index()] : lr,
+        variant_.clip ? inputs[clip_index()] : lr,
+        stochastic_rounding() ? inputs[rounding_step_index()] : lr};
+  }
+  launch::FusedSchedule fused_schedule() const {
+    return {
+        schedule_.has_value(),
+        schedule_ ? schedule_->init : 0.0,
+        schedule_ ? schedule_->decay_rate : 0.0,
+        schedule_ ? schedule_->step_size : 1};
+  }
   // The index of chunk tensor i in the whole update (stochastic rounding:
   // it picks the tensor's random stream).
   uint64_t tensor_id(int i) const {

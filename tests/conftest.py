@@ -1,4 +1,7 @@
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -61,3 +64,31 @@ def device(request):
     mx.set_default_device(mx.gpu if request.param == "gpu" else mx.cpu)
     yield request.param
     mx.set_default_device(prev)
+
+
+def compile_harness(
+    source: Path, include_dirs: list[Path], lib: Path, optimize: str = "-O1"
+) -> Path:
+    """Compile a host model of GPU kernels (tests/metal_harness.cpp,
+    tests/cuda_harness.cpp) into the shared library ``lib``, with the
+    arithmetic flags of the CPU kernels (no FMA contraction). Mutants,
+    compiled once and run briefly, take ``-O0`` (half the compile time)."""
+    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.fail(f"no C++ compiler to build {source.name} with")
+    cmd = [
+        cxx,
+        "-std=c++20",
+        optimize,
+        "-fPIC",
+        "-shared",
+        "-Wno-attributes",
+        "-ffp-contract=off",
+        *[f"-I{d}" for d in include_dirs],
+        str(source),
+        "-o",
+        str(lib),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return lib

@@ -23,48 +23,71 @@ namespace ck = mlx_fused_sgd::cuda_kernels;
 
 namespace {
 
-size_t item_size(cl::Dtype dtype) {
-  return dtype == cl::Dtype::float32 ? 4 : 2;
-}
+// An update's dtypes, variant and schedule, as the Python side passes them
+// (tests/test_cuda_harness.py mirrors this struct).
+struct Variant {
+  int32_t dtype;
+  int32_t state_dtype;
+  double momentum;
+  double weight_decay;
+  double dampening;
+  int32_t nesterov;
+  int32_t maximize;
+  int32_t scaled;
+  int32_t has_skip;
+  int32_t has_clip;
+  int32_t scheduled;
+  double init;
+  double decay_rate;
+  int64_t step_size;
+  int32_t rounding;
+  uint64_t seed;
+};
 
-mfs::launch::SGDVariant variant_of(
-    double momentum,
-    double weight_decay,
-    double dampening,
-    int nesterov,
-    int maximize,
-    int scaled,
-    int has_skip,
-    int has_clip,
-    int rounding,
-    uint64_t seed) {
+mfs::launch::SGDVariant sgd_variant(const Variant& v) {
   return mfs::launch::SGDVariant::from(
-      momentum,
-      weight_decay,
-      dampening,
-      nesterov != 0,
-      scaled != 0,
-      maximize != 0,
-      has_skip != 0,
-      has_clip != 0,
-      rounding,
-      seed);
+      v.momentum,
+      v.weight_decay,
+      v.dampening,
+      v.nesterov != 0,
+      v.scaled != 0,
+      v.maximize != 0,
+      v.has_skip != 0,
+      v.has_clip != 0,
+      v.rounding,
+      v.seed);
 }
 
-mfs::launch::SGDArgs args_of(
-    const mfs::launch::SGDVariant& v,
-    int scheduled,
-    double init,
-    double decay_rate,
-    int64_t step_size,
-    int64_t size,
-    uint64_t tensor_id) {
+// The launch constants of a tensor of `size` elements (plan_sgd's; its
+// kernel name and thread count are Metal's).
+mfs::launch::SGDArgs sgd_args(const Variant& v, int64_t size, uint64_t id) {
   const mfs::launch::FusedSchedule schedule{
-      scheduled != 0, init, decay_rate, step_size};
-  // The name and thread count of plan_sgd are Metal's; its constants are
-  // the same for CUDA.
-  return mfs::launch::plan_sgd("", "", nullptr, size, v, schedule, tensor_id)
+      v.scheduled != 0, v.init, v.decay_rate, v.step_size};
+  return mfs::launch::plan_sgd(
+             "", "", nullptr, size, sgd_variant(v), schedule, id)
       .args;
+}
+
+// Runs `launches` for the kernel of `v`, as eval_gpu dispatches: 0 ran, 1
+// no kernel, 2 a block diverged.
+template <typename Launches>
+int with_kernel(const Variant& v, Launches&& launches) {
+  bool ok = true;
+  const bool found = cl::dispatch_sgd<__half, __nv_bfloat16>(
+      static_cast<cl::Dtype>(v.dtype),
+      static_cast<cl::Dtype>(v.state_dtype),
+      sgd_variant(v),
+      [&]<typename T,
+          typename V,
+          bool WD,
+          bool M,
+          bool D,
+          bool N,
+          bool S,
+          int R>() {
+        ok = launches.template operator()<T, V, WD, M, D, N, S, R>();
+      });
+  return !found ? 1 : ok ? 0 : 2;
 }
 
 } // namespace
@@ -74,22 +97,7 @@ extern "C" {
 // One multi-tensor update of n row-contiguous tensors, launched as eval_gpu
 // launches it (one launch per span of cuda_launch::kMaxTensors tensors).
 int run_sgd_multi(
-    int dtype,
-    int state_dtype,
-    double momentum,
-    double weight_decay,
-    double dampening,
-    int nesterov,
-    int maximize,
-    int scaled,
-    int has_skip,
-    int has_clip,
-    int scheduled,
-    double init,
-    double decay_rate,
-    int64_t step_size,
-    int rounding,
-    uint64_t seed,
+    const Variant* variant,
     int n,
     void** params,
     void** grads,
@@ -100,45 +108,25 @@ int run_sgd_multi(
     void** masters_out,
     const int64_t* sizes,
     const uint64_t* tensor_ids,
-    const float* lr,
-    const uint64_t* step,
-    const float* grad_scale,
-    const uint32_t* skip,
-    const float* clip,
-    const uint64_t* rounding_step) {
-  const auto v = variant_of(
-      momentum,
-      weight_decay,
-      dampening,
-      nesterov,
-      maximize,
-      scaled,
-      has_skip,
-      has_clip,
-      rounding,
-      seed);
+    const cl::SGDScalars* scalars) {
+  const bool momentum = sgd_variant(*variant).momentum;
   std::vector<cl::SGDOperands> tensors;
   std::vector<int64_t> size_list(sizes, sizes + n);
   for (int i = 0; i < n; ++i) {
     tensors.push_back(
         {params[i],
          grads[i],
-         v.momentum ? velocities[i] : nullptr,
+         momentum ? velocities[i] : nullptr,
          params_out[i],
-         v.momentum ? velocities_out[i] : nullptr,
+         momentum ? velocities_out[i] : nullptr,
          masters ? static_cast<const float*>(masters[i]) : nullptr,
          masters_out ? static_cast<float*>(masters_out[i]) : nullptr,
          sizes[i],
          tensor_ids[i]});
   }
-  const cl::SGDScalars scalars{lr, step, grad_scale, skip, clip, rounding_step};
-  const auto args =
-      args_of(v, scheduled, init, decay_rate, step_size, 0, tensor_ids[0]);
-  int rc = 0;
-  const bool found = cl::dispatch_sgd<__half, __nv_bfloat16>(
-      static_cast<cl::Dtype>(dtype),
-      static_cast<cl::Dtype>(state_dtype),
-      v,
+  const auto args = sgd_args(*variant, 0, 0);
+  return with_kernel(
+      *variant,
       [&]<typename T,
           typename V,
           bool WD,
@@ -147,44 +135,31 @@ int run_sgd_multi(
           bool N,
           bool S,
           int R>() {
+        bool ok = true;
         for (const auto& span : cl::split_tables(size_list)) {
           const auto table =
               cl::make_sgd_table(span, tensors, sizeof(T), sizeof(V));
-          const bool ok = mfs_cuda::launch(span.blocks(), cl::kThreads, [&] {
-            ck::sgd_multi_tensor<T, V, WD, M, D, N, S, R>(table, args, scalars);
-          });
-          rc = ok ? rc : 2;
+          ok = mfs_cuda::launch(
+                   span.blocks(),
+                   cl::kThreads,
+                   [&] {
+                     ck::sgd_multi_tensor<T, V, WD, M, D, N, S, R>(
+                         table, args, *scalars);
+                   }) &&
+               ok;
         }
+        return ok;
       });
-  return found ? rc : 1;
 }
 
 // One strided update of one tensor of `ndim` axes: the layout planned from
 // the operands' element strides (null: absent) as eval_gpu plans it.
 int run_sgd_strided(
-    int dtype,
-    int state_dtype,
-    double momentum,
-    double weight_decay,
-    double dampening,
-    int nesterov,
-    int maximize,
-    int scaled,
-    int has_skip,
-    int has_clip,
-    int scheduled,
-    double init,
-    double decay_rate,
-    int64_t step_size,
-    int rounding,
-    uint64_t seed,
+    const Variant* variant,
     uint64_t tensor_id,
     int ndim,
     const int64_t* shape,
-    const int64_t* param_strides,
-    const int64_t* grad_strides,
-    const int64_t* velocity_strides,
-    const int64_t* master_strides,
+    const int64_t* const* operand_strides, // param, grad, velocity, master
     const void* param,
     const void* grad,
     const void* velocity,
@@ -192,36 +167,19 @@ int run_sgd_strided(
     void* velocity_out,
     const float* master,
     float* master_out,
-    const float* lr,
-    const uint64_t* step,
-    const float* grad_scale,
-    const uint32_t* skip,
-    const float* clip,
-    const uint64_t* rounding_step) {
-  const auto v = variant_of(
-      momentum,
-      weight_decay,
-      dampening,
-      nesterov,
-      maximize,
-      scaled,
-      has_skip,
-      has_clip,
-      rounding,
-      seed);
+    const cl::SGDScalars* scalars) {
+  const bool momentum = sgd_variant(*variant).momentum;
   std::vector<int64_t> dims(shape, shape + ndim);
-  auto strides = [&](const int64_t* s) {
-    return s ? std::vector<int64_t>(s, s + ndim) : std::vector<int64_t>();
-  };
-  const auto sp = strides(param_strides), sg = strides(grad_strides),
-             sv = strides(v.momentum ? velocity_strides : nullptr),
-             sm = strides(master_strides);
-  const auto layout = mfs::launch::plan_strided(
-      dims,
-      {&sp,
-       &sg,
-       sv.empty() ? nullptr : &sv,
-       sm.empty() ? nullptr : &sm});
+  std::vector<int64_t> strides[mfs::launch::kLayoutOut];
+  const std::vector<int64_t>* present[mfs::launch::kLayoutOut] = {};
+  for (int op = 0; op < mfs::launch::kLayoutOut; ++op) {
+    const int64_t* s = operand_strides[op];
+    if (s != nullptr && (op != mfs::launch::kLayoutVelocity || momentum)) {
+      strides[op].assign(s, s + ndim);
+      present[op] = &strides[op];
+    }
+  }
+  const auto layout = mfs::launch::plan_strided(dims, present);
   cl::StridedArgs strided{};
   if (!cl::to_strided_args(layout, strided)) {
     return 3;
@@ -230,15 +188,10 @@ int run_sgd_strided(
   for (auto d : dims) {
     size *= d;
   }
-  auto args =
-      args_of(v, scheduled, init, decay_rate, step_size, size, tensor_id);
+  auto args = sgd_args(*variant, size, tensor_id);
   args.ndim = layout.ndim();
-  const cl::SGDScalars scalars{lr, step, grad_scale, skip, clip, rounding_step};
-  int rc = 0;
-  const bool found = cl::dispatch_sgd<__half, __nv_bfloat16>(
-      static_cast<cl::Dtype>(dtype),
-      static_cast<cl::Dtype>(state_dtype),
-      v,
+  return with_kernel(
+      *variant,
       [&]<typename T,
           typename V,
           bool WD,
@@ -256,12 +209,10 @@ int run_sgd_strided(
             master,
             master_out};
         const int64_t blocks = cl::blocks_for(cl::strided_threads(layout));
-        const bool ok = mfs_cuda::launch(blocks, cl::kThreads, [&] {
-          ck::sgd_strided<T, V, WD, M, D, N, S, R>(b, args, strided, scalars);
+        return mfs_cuda::launch(blocks, cl::kThreads, [&] {
+          ck::sgd_strided<T, V, WD, M, D, N, S, R>(b, args, strided, *scalars);
         });
-        rc = ok ? 0 : 2;
       });
-  return found ? rc : 1;
 }
 
 // The gradient reads: kind 0 the non-finite check (result: a uint32 flag),

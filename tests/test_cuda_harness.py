@@ -37,7 +37,7 @@ from test_metal_harness import (
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal
+from conftest import assert_bitwise_equal, compile_harness
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIM = ROOT / "tests" / "cuda_shim"
@@ -48,55 +48,61 @@ CHUNK = 4096  # cuda_launch::kChunk
 MAX_TENSORS = 32  # cuda_launch::kMaxTensors
 
 P = ctypes.c_void_p
-SCALAR_ARGS = [ctypes.c_double] * 3 + [ctypes.c_int] * 6
-SCHEDULE_ARGS = [ctypes.c_double, ctypes.c_double, ctypes.c_int64]
 
 
-def build_harness(out_dir: Path, kernels_root: Path = ROOT) -> ctypes.CDLL:
-    """Compile the harness with ``kernels/`` taken from ``kernels_root``."""
-    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.fail("no C++ compiler to build the CUDA harness with")
-    lib = out_dir / "cuda_harness.so"
-    cmd = [
-        cxx,
-        "-std=c++20",
-        "-O1",
-        "-fPIC",
-        "-shared",
-        "-Wno-attributes",
-        "-ffp-contract=off",
-        f"-I{SHIM}",
-        f"-I{kernels_root}",
-        str(HARNESS),
-        "-o",
-        str(lib),
+class Variant(ctypes.Structure):
+    """tests/cuda_harness.cpp's Variant: dtypes, variant and schedule."""
+
+    _fields_ = [
+        ("dtype", ctypes.c_int32),
+        ("state_dtype", ctypes.c_int32),
+        ("momentum", ctypes.c_double),
+        ("weight_decay", ctypes.c_double),
+        ("dampening", ctypes.c_double),
+        ("nesterov", ctypes.c_int32),
+        ("maximize", ctypes.c_int32),
+        ("scaled", ctypes.c_int32),
+        ("has_skip", ctypes.c_int32),
+        ("has_clip", ctypes.c_int32),
+        ("scheduled", ctypes.c_int32),
+        ("init", ctypes.c_double),
+        ("decay_rate", ctypes.c_double),
+        ("step_size", ctypes.c_int64),
+        ("rounding", ctypes.c_int32),
+        ("seed", ctypes.c_uint64),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return load_harness(lib)
+
+
+class Scalars(ctypes.Structure):
+    """cuda_launch::SGDScalars: the device scalars of a launch."""
+
+    _fields_ = [(name, P) for name in ("lr", "step", "scale", "skip", "clip", "rstep")]
+
+
+def build_harness(
+    out_dir: Path, kernels_root: Path = ROOT, optimize: str = "-O1"
+) -> ctypes.CDLL:
+    """Compile the harness with ``kernels/`` taken from ``kernels_root``."""
+    return load_harness(
+        compile_harness(
+            HARNESS, [SHIM, kernels_root], out_dir / "cuda_harness.so", optimize
+        )
+    )
 
 
 def load_harness(lib: Path) -> ctypes.CDLL:
     h = ctypes.CDLL(str(lib))
-    h.run_sgd_multi.argtypes = (
-        [ctypes.c_int, ctypes.c_int]
-        + SCALAR_ARGS
-        + SCHEDULE_ARGS
-        + [ctypes.c_int, ctypes.c_uint64, ctypes.c_int]
-        + [P] * 15
-    )
-    h.run_sgd_strided.argtypes = (
-        [ctypes.c_int, ctypes.c_int]
-        + SCALAR_ARGS
-        + SCHEDULE_ARGS
-        + [ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int]
-        + [P] * 18
-    )
+    h.run_sgd_multi.argtypes = [P, ctypes.c_int] + [P] * 10
+    h.run_sgd_strided.argtypes = [P, ctypes.c_uint64, ctypes.c_int] + [P] * 10
     h.run_grad_read.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int] + [P] * 7
-    h.run_step_decay.argtypes = (
-        [P, P, ctypes.c_int64] + SCHEDULE_ARGS + [ctypes.c_int, P, P]
-    )
+    h.run_step_decay.argtypes = [
+        P,
+        P,
+        ctypes.c_int64,
+        ctypes.c_double,
+        ctypes.c_double,
+        ctypes.c_int64,
+    ] + [ctypes.c_int, P, P]
     return h
 
 
@@ -105,20 +111,17 @@ def harness(tmp_path_factory):
     return build_harness(tmp_path_factory.mktemp("cuda"))
 
 
-def _scalars(cfg, lr, step, skip):
-    scale = cfg.get("grad_scale")
-    clip = cfg.get("clip_factor")
-    return [
-        np.array([lr], np.float32),
-        np.array([step or 0], np.uint64),
-        np.array([scale if scale is not None else 1.0], np.float32),
-        np.array([skip or 0], np.uint32),
-        np.array([clip.item() if clip is not None else 1.0], np.float32),
-    ]
+def _rounding(masters, rounding_seed) -> str:
+    if masters is not None:
+        return "master"
+    return "stochastic" if rounding_seed is not None else "nearest"
 
 
-def _variant_args(cfg, skip, rounding):
-    return [
+def _variant(dtype, state_dtype, cfg, skip, schedule, rounding, seed) -> Variant:
+    sched = schedule or mfs.step_decay(1.0, 1.0, 1)
+    return Variant(
+        DTYPE_CODES[dtype],
+        DTYPE_CODES[state_dtype],
         cfg["momentum"],
         cfg["weight_decay"],
         cfg["dampening"],
@@ -127,17 +130,29 @@ def _variant_args(cfg, skip, rounding):
         int(cfg.get("grad_scale") is not None),
         int(skip is not None),
         int(cfg.get("clip_factor") is not None),
-    ]
-
-
-def _schedule_args(schedule):
-    sched = schedule or mfs.step_decay(1.0, 1.0, 1)
-    return [
         int(schedule is not None),
         float(sched.init),
         float(sched.decay_rate),
         sched.step_size,
+        ROUNDING[rounding],
+        seed or 0,
+    )
+
+
+def _scalars(cfg, lr, step, skip, rounding_step):
+    """The device scalars (host buffers, kept alive by the caller) and the
+    struct pointing at them."""
+    scale = cfg.get("grad_scale")
+    clip = cfg.get("clip_factor")
+    buffers = [
+        np.array([lr], np.float32),
+        np.array([step or 0], np.uint64),
+        np.array([scale if scale is not None else 1.0], np.float32),
+        np.array([skip or 0], np.uint32),
+        np.array([clip.item() if clip is not None else 1.0], np.float32),
+        np.array([rounding_step], np.uint64),
     ]
+    return buffers, Scalars(*[b.ctypes.data for b in buffers])
 
 
 def _back(x: np.ndarray, shape, dtype):
@@ -173,13 +188,6 @@ def cuda_sgd_many(
 ):
     """One multi-tensor update, as eval_gpu launches it; returns the lists
     (params, velocities[, masters])."""
-    rounding = (
-        "master"
-        if masters is not None
-        else "stochastic"
-        if rounding_seed is not None
-        else "nearest"
-    )
     dtype = params[0].dtype
     state_dtype = velocities[0].dtype if velocities else dtype
 
@@ -192,51 +200,45 @@ def cuda_sgd_many(
         for arrays in (params, grads, velocities or grads)
     ]
     m_in = [host(a, i) for i, a in enumerate(masters)] if masters else None
-    outs_p = [np.zeros(p.size, HOST_DTYPE[dtype]) for p in params]
-    outs_v = [np.zeros(p.size, HOST_DTYPE[state_dtype]) for p in params]
-    outs_m = [np.zeros(p.size, np.float32) for p in params]
-    for i in misaligned:
-        outs_p[i] = _misaligned(outs_p[i])
-        outs_v[i] = _misaligned(outs_v[i])
+    outs = []
+    for out_dtype in (HOST_DTYPE[dtype], HOST_DTYPE[state_dtype], np.float32):
+        bufs = [np.zeros(p.size, out_dtype) for p in params]
+        outs.append(
+            [_misaligned(b) if i in misaligned else b for i, b in enumerate(bufs)]
+        )
     n = len(params)
 
     def table(xs):
         return (P * n)(*[x.ctypes.data for x in xs])
 
-    sizes = np.array([p.size for p in params], np.int64)
-    ids = np.arange(n, dtype=np.uint64)
-    scalars = _scalars(cfg, lr, step, skip)
-    rstep = np.array([rounding_step], np.uint64)
+    variant = _variant(
+        dtype,
+        state_dtype,
+        cfg,
+        skip,
+        schedule,
+        _rounding(masters, rounding_seed),
+        rounding_seed,
+    )
+    keep, scalars = _scalars(cfg, lr, step, skip, rounding_step)
     rc = h.run_sgd_multi(
-        DTYPE_CODES[dtype],
-        DTYPE_CODES[state_dtype],
-        *_variant_args(cfg, skip, rounding),
-        *_schedule_args(schedule),
-        ROUNDING[rounding],
-        rounding_seed or 0,
+        ctypes.byref(variant),
         n,
-        table(ins[0]),
-        table(ins[1]),
-        table(ins[2]),
-        table(outs_p),
-        table(outs_v),
+        *[table(x) for x in ins],
+        table(outs[0]),
+        table(outs[1]),
         table(m_in) if m_in else None,
-        table(outs_m) if m_in else None,
-        _ptr(sizes),
-        _ptr(ids),
-        *[_ptr(s) for s in scalars],
-        _ptr(rstep),
+        table(outs[2]) if m_in else None,
+        _ptr(np.array([p.size for p in params], np.int64)),
+        _ptr(np.arange(n, dtype=np.uint64)),
+        ctypes.byref(scalars),
     )
     assert rc == 0, f"run_sgd_multi returned {rc}"
-    got_p = [_back(o, p.shape, dtype) for o, p in zip(outs_p, params)]
-    got_v = [_back(o, p.shape, state_dtype) for o, p in zip(outs_v, params)]
-    if masters is not None:
-        return (
-            got_p,
-            got_v,
-            [_back(o, p.shape, mx.float32) for o, p in zip(outs_m, params)],
-        )
-    return got_p, got_v
+    result = [
+        [_back(o, p.shape, t) for o, p in zip(out, params)]
+        for out, t in zip(outs, (dtype, state_dtype, mx.float32))
+    ]
+    return result if masters is not None else result[:2]
 
 
 def cuda_sgd_strided(
@@ -253,20 +255,11 @@ def cuda_sgd_strided(
     skip=None,
 ):
     """One strided update of one tensor (operands: arrays or Strided)."""
-    rounding = (
-        "master"
-        if master is not None
-        else "stochastic"
-        if rounding_seed is not None
-        else "nearest"
-    )
-    operands = [param, grad, velocity if velocity is not None else grad, master]
-    ref = param.array if isinstance(param, Strided) else param
+    ref = _arrays([param])[0]
     shape, dtype = ref.shape, ref.dtype
-    vref = velocity.array if isinstance(velocity, Strided) else velocity
-    state_dtype = vref.dtype if velocity is not None else dtype
+    state_dtype = _arrays([velocity])[0].dtype if velocity is not None else dtype
     bufs, strides = [], []
-    for a in operands:
+    for a in (param, grad, velocity, master):
         if a is None:
             bufs.append(None)
             strides.append(None)
@@ -280,36 +273,41 @@ def cuda_sgd_strided(
                 st[d] = st[d + 1] * shape[d + 1]
             strides.append(st)
     size = int(np.prod(shape)) if shape else 1
-    out_p = np.zeros(size, HOST_DTYPE[dtype])
-    out_v = np.zeros(size, HOST_DTYPE[state_dtype])
-    out_m = np.zeros(size, np.float32)
-    shape_arr = np.array(shape, np.int64)
-    scalars = _scalars(cfg, lr, None, skip)
-    rstep = np.array([rounding_step], np.uint64)
+    outs = [
+        np.zeros(size, t)
+        for t in (HOST_DTYPE[dtype], HOST_DTYPE[state_dtype], np.float32)
+    ]
+    variant = _variant(
+        dtype,
+        state_dtype,
+        cfg,
+        skip,
+        None,
+        _rounding(master, rounding_seed),
+        rounding_seed,
+    )
+    keep, scalars = _scalars(cfg, lr, None, skip, rounding_step)
+    operand_strides = (P * 4)(
+        *[s.ctypes.data if s is not None else None for s in strides]
+    )
     rc = h.run_sgd_strided(
-        DTYPE_CODES[dtype],
-        DTYPE_CODES[state_dtype],
-        *_variant_args(cfg, skip, rounding),
-        *_schedule_args(None),
-        ROUNDING[rounding],
-        rounding_seed or 0,
+        ctypes.byref(variant),
         tensor_index,
         len(shape),
-        _ptr(shape_arr),
-        *[_ptr(s) if s is not None else None for s in strides],
+        _ptr(np.array(shape, np.int64)),
+        operand_strides,
         *[_buffer_ptr(b) if b is not None else None for b in bufs[:3]],
-        _ptr(out_p),
-        _ptr(out_v),
+        _ptr(outs[0]),
+        _ptr(outs[1]),
         _buffer_ptr(bufs[3]) if master is not None else None,
-        _ptr(out_m),
-        *[_ptr(s) for s in scalars],
-        _ptr(rstep),
+        _ptr(outs[2]),
+        ctypes.byref(scalars),
     )
     assert rc == 0, f"run_sgd_strided returned {rc}"
-    out = [_back(out_p, shape, dtype), _back(out_v, shape, state_dtype)]
-    if master is not None:
-        out.append(_back(out_m, shape, mx.float32))
-    return out
+    result = [
+        _back(o, shape, t) for o, t in zip(outs, (dtype, state_dtype, mx.float32))
+    ]
+    return result if master is not None else result[:2]
 
 
 # Sizes around the chunk (4096 elements a block) and the vector width, so
@@ -646,7 +644,7 @@ def test_harness_catches_a_broken_kernel(tmp_path, mutation):
     text = target.read_text()
     assert text.count(before) >= 1, f"mutation anchor not found in {rel}"
     target.write_text(text.replace(before, after, 1))
-    build_harness(tmp_path, kernels_root=tmp_path)
+    build_harness(tmp_path, kernels_root=tmp_path, optimize="-O0")
     script = CHECK_MUTANT.format(
         tests=str(ROOT / "tests"),
         lib=str(tmp_path / "cuda_harness.so"),

@@ -21,7 +21,7 @@ import pytest
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal
+from conftest import assert_bitwise_equal, compile_harness
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIM = ROOT / "tests" / "metal_shim"
@@ -68,28 +68,13 @@ def _cfg_id(c):
 SIZES = [1, 3, 4, 5, 7, 8, 9, 1023, 1025]
 
 
-def build_harness(out_dir: Path, kernels_root: Path = ROOT) -> ctypes.CDLL:
+def build_harness(
+    out_dir: Path, kernels_root: Path = ROOT, optimize: str = "-O1"
+) -> ctypes.CDLL:
     """Compile the harness with ``kernels/`` taken from ``kernels_root``."""
-    cxx = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if cxx is None:
-        pytest.fail("no C++ compiler to build the Metal harness with")
-    lib = out_dir / "metal_harness.so"
-    cmd = [
-        cxx,
-        "-std=c++20",
-        "-O1",
-        "-fPIC",
-        "-shared",
-        "-Wno-attributes",
-        "-ffp-contract=off",
-        f"-I{SHIM}",
-        f"-I{kernels_root}",
-        str(HARNESS),
-        "-o",
-        str(lib),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    lib = compile_harness(
+        HARNESS, [SHIM, kernels_root], out_dir / "metal_harness.so", optimize
+    )
     h = ctypes.CDLL(str(lib))
     p = ctypes.c_void_p
     h.run_sgd.argtypes = [
@@ -859,7 +844,7 @@ def test_harness_catches_a_broken_kernel(tmp_path, mutation):
     text = target.read_text()
     assert text.count(before) == 1, f"mutation anchor not found once in {rel}"
     target.write_text(text.replace(before, after))
-    mutant = build_harness(tmp_path, kernels_root=tmp_path)
+    mutant = build_harness(tmp_path, kernels_root=tmp_path, optimize="-O0")
     if "norm" in mutation:
         with pytest.raises(AssertionError, match="abs"):
             test_grad_norm_kernels_match_cpu(mutant, "float32")

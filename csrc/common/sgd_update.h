@@ -50,6 +50,26 @@ void allocate_outputs(
 // The master copy's output: its own buffer when donatable.
 void allocate_master(const mx::array* m, mx::array* m_out);
 
+// Gives tensor `t`'s outputs their buffers (allocate_outputs,
+// allocate_master) and registers its arrays with `encoder` (the CPU's or
+// CUDA's, which take arrays without slots).
+template <typename Encoder>
+void prepare_tensor(Encoder& encoder, const TensorSlots& t) {
+  allocate_outputs(t.p, t.g, t.v, t.p_out, t.v_out);
+  allocate_master(t.m, t.m_out);
+  encoder.set_input_array(t.p);
+  encoder.set_input_array(t.g);
+  encoder.set_output_array(t.p_out);
+  if (t.v != nullptr) {
+    encoder.set_input_array(*t.v);
+    encoder.set_output_array(*t.v_out);
+  }
+  if (t.m != nullptr) {
+    encoder.set_input_array(*t.m);
+    encoder.set_output_array(*t.m_out);
+  }
+}
+
 bool all_row_contiguous(
     const mx::array& p,
     const mx::array& g,

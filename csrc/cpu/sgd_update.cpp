@@ -88,22 +88,9 @@ void SGDUpdate::eval_cpu(
   std::vector<cpu_kernel::TensorPointers> tensors;
   tensors.reserve(n);
   for (int i = 0; i < n; ++i) {
-    auto [p, g, v, p_out, v_out, m, m_out] =
-        tensor_slots(inputs, outputs, n, i, momentum, master);
-    allocate_outputs(p, g, v, p_out, v_out);
-    allocate_master(m, m_out);
-
-    encoder.set_input_array(p);
-    encoder.set_input_array(g);
-    encoder.set_output_array(p_out);
-    if (momentum) {
-      encoder.set_input_array(*v);
-      encoder.set_output_array(*v_out);
-    }
-    if (master) {
-      encoder.set_input_array(*m);
-      encoder.set_output_array(*m_out);
-    }
+    const auto slots = tensor_slots(inputs, outputs, n, i, momentum, master);
+    prepare_tensor(encoder, slots);
+    auto [p, g, v, p_out, v_out, m, m_out] = slots;
     bool contiguous = all_row_contiguous(p, g, v, m);
     cpu_kernel::TensorPointers t{
         p.data<void>(),

@@ -27,36 +27,19 @@ void SGDUpdate::eval_gpu(
   const bool master = master_weights();
   auto& encoder = mx::cu::get_command_encoder(stream());
 
-  const auto& lr_input = inputs[lr_index()];
-  // Scalars without an input of their own point at one the kernels ignore
-  // (the learning rate's); with a schedule the lr input is the step.
-  const auto& scale_input =
-      variant_.scale_grad ? inputs[scale_index()] : lr_input;
-  const auto& skip_input = variant_.skip ? inputs[skip_index()] : lr_input;
-  const auto& clip_input = variant_.clip ? inputs[clip_index()] : lr_input;
-  const auto& rounding_step_input =
-      stochastic_rounding() ? inputs[rounding_step_index()] : lr_input;
+  const auto in = scalar_inputs(inputs);
   for (const auto* scalar :
-       {&lr_input,
-        &scale_input,
-        &skip_input,
-        &clip_input,
-        &rounding_step_input}) {
+       {&in.lr, &in.grad_scale, &in.skip, &in.clip, &in.rounding_step}) {
     encoder.set_input_array(*scalar);
   }
   // Kernel arguments are passed to MLX's encoder as mutable values.
   cuda_launch::SGDScalars scalars{
-      static_cast<const float*>(mx::gpu_ptr<void>(lr_input)),
-      static_cast<const uint64_t*>(mx::gpu_ptr<void>(lr_input)),
-      static_cast<const float*>(mx::gpu_ptr<void>(scale_input)),
-      static_cast<const uint32_t*>(mx::gpu_ptr<void>(skip_input)),
-      static_cast<const float*>(mx::gpu_ptr<void>(clip_input)),
-      static_cast<const uint64_t*>(mx::gpu_ptr<void>(rounding_step_input))};
-  const launch::FusedSchedule fused{
-      schedule_.has_value(),
-      schedule_ ? schedule_->init : 0.0,
-      schedule_ ? schedule_->decay_rate : 0.0,
-      schedule_ ? schedule_->step_size : 1};
+      static_cast<const float*>(mx::gpu_ptr<void>(in.lr)),
+      static_cast<const uint64_t*>(mx::gpu_ptr<void>(in.lr)),
+      static_cast<const float*>(mx::gpu_ptr<void>(in.grad_scale)),
+      static_cast<const uint32_t*>(mx::gpu_ptr<void>(in.skip)),
+      static_cast<const float*>(mx::gpu_ptr<void>(in.clip)),
+      static_cast<const uint64_t*>(mx::gpu_ptr<void>(in.rounding_step))};
   const mx::Dtype param_dtype = inputs[0].dtype();
   const mx::Dtype state_dtype = momentum ? inputs[2 * n].dtype() : param_dtype;
 
@@ -70,21 +53,9 @@ void SGDUpdate::eval_gpu(
   };
   std::vector<Strided> strided;
   for (int i = 0; i < n; ++i) {
-    auto [p, g, v, p_out, v_out, m, m_out] =
-        tensor_slots(inputs, outputs, n, i, momentum, master);
-    allocate_outputs(p, g, v, p_out, v_out);
-    allocate_master(m, m_out);
-    encoder.set_input_array(p);
-    encoder.set_input_array(g);
-    encoder.set_output_array(p_out);
-    if (momentum) {
-      encoder.set_input_array(*v);
-      encoder.set_output_array(*v_out);
-    }
-    if (master) {
-      encoder.set_input_array(*m);
-      encoder.set_output_array(*m_out);
-    }
+    const auto slots = tensor_slots(inputs, outputs, n, i, momentum, master);
+    prepare_tensor(encoder, slots);
+    auto [p, g, v, p_out, v_out, m, m_out] = slots;
     if (p.size() == 0) {
       continue;
     }
@@ -116,7 +87,8 @@ void SGDUpdate::eval_gpu(
     }
   }
 
-  auto base_args = launch::plan_sgd("", "", nullptr, 0, variant_, fused).args;
+  auto base_args =
+      launch::plan_sgd("", "", nullptr, 0, variant_, fused_schedule()).args;
   const bool found = cuda_launch::dispatch_sgd<__half, __nv_bfloat16>(
       cuda::dtype_of(param_dtype),
       cuda::dtype_of(state_dtype),

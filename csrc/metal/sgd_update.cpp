@@ -23,20 +23,8 @@ void SGDUpdate::eval_gpu(
   auto& d = mx::metal::device(s.device);
   auto* lib = d.get_library(kMetalLibraryName, extension_dir());
   auto& encoder = mx::metal::get_command_encoder(s);
-  const auto& lr_input = inputs[lr_index()];
-  // Slots without an input of their own get a valid buffer the kernel
-  // ignores (the learning rate's).
-  const auto& scale_input =
-      variant_.scale_grad ? inputs[scale_index()] : lr_input;
-  const auto& skip_input = variant_.skip ? inputs[skip_index()] : lr_input;
-  const auto& clip_input = variant_.clip ? inputs[clip_index()] : lr_input;
-  const auto& rounding_step_input =
-      stochastic_rounding() ? inputs[rounding_step_index()] : lr_input;
-  const launch::FusedSchedule fused{
-      schedule_.has_value(),
-      schedule_ ? schedule_->init : 0.0,
-      schedule_ ? schedule_->decay_rate : 0.0,
-      schedule_ ? schedule_->step_size : 1};
+  const auto scalars = scalar_inputs(inputs);
+  const launch::FusedSchedule fused = fused_schedule();
 
   for (int i = 0; i < n; ++i) {
     auto [p, g, v, p_out, v_out, m, m_out] =
@@ -68,15 +56,15 @@ void SGDUpdate::eval_gpu(
     encoder.set_input_array(momentum ? *v : g, launch::kVelocity);
     encoder.set_output_array(p_out, launch::kParamOut);
     encoder.set_output_array(momentum ? *v_out : p_out, launch::kVelocityOut);
-    encoder.set_input_array(lr_input, launch::kLearningRate);
-    encoder.set_input_array(lr_input, launch::kStep);
+    encoder.set_input_array(scalars.lr, launch::kLearningRate);
+    encoder.set_input_array(scalars.lr, launch::kStep);
     encoder.set_bytes(plan.args, launch::kSGDArgs);
-    encoder.set_input_array(scale_input, launch::kGradScale);
-    encoder.set_input_array(skip_input, launch::kSkip);
-    encoder.set_input_array(clip_input, launch::kGradMultiplier);
+    encoder.set_input_array(scalars.grad_scale, launch::kGradScale);
+    encoder.set_input_array(scalars.skip, launch::kSkip);
+    encoder.set_input_array(scalars.clip, launch::kGradMultiplier);
     encoder.set_input_array(master ? *m : p, launch::kMaster);
     encoder.set_output_array(master ? *m_out : p_out, launch::kMasterOut);
-    encoder.set_input_array(rounding_step_input, launch::kRoundingStep);
+    encoder.set_input_array(scalars.rounding_step, launch::kRoundingStep);
     if (layout) {
       // Absent operands have the outputs' strides (never read).
       const auto& st = layout->strides;
