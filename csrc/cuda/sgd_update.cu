@@ -45,11 +45,12 @@ void SGDUpdate::eval_gpu(
 
   std::vector<cuda_launch::SGDOperands> contiguous;
   std::vector<int64_t> contiguous_sizes;
+  // A strided tensor's operands, layout and threads, planned (and refused)
+  // before any launch is added.
   struct Strided {
-    element::TensorBuffers<void, void> buffers;
-    launch::StridedLayout layout;
-    int64_t size;
-    uint64_t tensor_id;
+    cuda_launch::SGDOperands operands;
+    cuda_launch::StridedArgs layout;
+    int64_t threads;
   };
   std::vector<Strided> strided;
   for (int i = 0; i < n; ++i) {
@@ -73,17 +74,15 @@ void SGDUpdate::eval_gpu(
       contiguous.push_back(operands);
       contiguous_sizes.push_back(operands.size);
     } else {
-      strided.push_back(
-          {{operands.param,
-            operands.grad,
-            operands.velocity,
-            operands.param_out,
-            operands.velocity_out,
-            operands.master,
-            operands.master_out},
-           strided_layout(p, g, v, m),
-           operands.size,
-           operands.tensor_id});
+      const auto layout = strided_layout(p, g, v, m);
+      Strided t{operands, {}, cuda_launch::strided_threads(layout)};
+      if (!cuda_launch::to_strided_args(layout, t.layout)) {
+        throw std::runtime_error(
+            "mlx_fused_sgd: a tensor of " + std::to_string(layout.ndim()) +
+            " axes that cannot be merged; the CUDA kernels take at most " +
+            std::to_string(cuda_launch::kMaxDims) + ", as MLX's do.");
+      }
+      strided.push_back(t);
     }
   }
 
@@ -115,32 +114,22 @@ void SGDUpdate::eval_gpu(
               base_args,
               scalars);
         }
-        for (const auto& t : strided) {
-          cuda_launch::StridedArgs layout{};
-          if (!cuda_launch::to_strided_args(t.layout, layout)) {
-            throw std::runtime_error(
-                "mlx_fused_sgd: a tensor of " +
-                std::to_string(t.layout.ndim()) +
-                " axes that cannot be merged; the CUDA kernels take at most " +
-                std::to_string(cuda_launch::kMaxDims) + ", as MLX's do.");
-          }
+        for (auto& [t, layout, threads] : strided) {
           auto args = base_args;
           args.size = t.size;
           args.rounding_tensor = t.tensor_id;
-          args.ndim = t.layout.ndim();
+          args.ndim = layout.ndim;
           element::TensorBuffers<T, V> b = {
-              static_cast<const T*>(t.buffers.param),
-              static_cast<const T*>(t.buffers.grad),
-              static_cast<const V*>(t.buffers.velocity),
-              static_cast<T*>(t.buffers.param_out),
-              static_cast<V*>(t.buffers.velocity_out),
-              t.buffers.master,
-              t.buffers.master_out};
+              static_cast<const T*>(t.param),
+              static_cast<const T*>(t.grad),
+              static_cast<const V*>(t.velocity),
+              static_cast<T*>(t.param_out),
+              static_cast<V*>(t.velocity_out),
+              t.master,
+              t.master_out};
           encoder.add_kernel_node(
               cuda_kernels::sgd_strided<T, V, WD, M, D, N, S, R>,
-              cuda::grid(
-                  cuda_launch::blocks_for(
-                      cuda_launch::strided_threads(t.layout))),
+              cuda::grid(cuda_launch::blocks_for(threads)),
               dim3(cuda_launch::kThreads),
               b,
               args,
