@@ -59,9 +59,7 @@ std::mutex notifier_mutex;
 std::function<void(const std::string&)> fallback_notifier;
 
 std::string no_kernels_reason() {
-#if defined(MFS_CUDA_KERNELS)
-  return "";
-#elif defined(MFS_METAL_TOOLCHAIN_MISSING)
+#if defined(MFS_METAL_TOOLCHAIN_MISSING)
   return "this install was built without the Metal kernels: the Metal "
          "compiler was missing (xcrun -sdk macosx -f metal failed). Install "
          "Xcode and select it (sudo xcode-select -s /Applications/Xcode.app), "
