@@ -5,6 +5,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <tuple>
+#include <utility>
 
 #include "utils.h"
 
@@ -73,6 +74,7 @@ mx::array check_tensor(
     const mx::array& param,
     const mx::array& grad,
     const mx::array* velocity,
+    bool weight_decay,
     size_t i,
     size_t n,
     mx::StreamOrDevice s) {
@@ -85,13 +87,16 @@ mx::array check_tensor(
         pname() + " has dtype " + dtype_name(param.dtype()) +
         "; the fused SGD update supports float32, float16 and bfloat16.");
   }
-  // A float16/bfloat16 gradient of a float32 param is widened, exactly, as
-  // stock's arithmetic promotes it (same bits). Any other mix would make
-  // stock promote the param itself to another dtype: refused.
-  const bool widened = grad.dtype() != param.dtype() &&
-                       param.dtype() == mx::float32 &&
-                       is_supported_float(grad.dtype());
-  if (grad.dtype() != param.dtype() && !widened) {
+  // A float16/bfloat16 gradient of a float32 param: with weight decay it is
+  // widened, exactly, as stock's first op (g + wd * p) promotes it (same
+  // bits); without, stock computes in the gradient's dtype and so does
+  // update_in_grad_dtype. Any other mix would make stock promote the param
+  // itself to another dtype: refused.
+  const bool half_grad = grad.dtype() != param.dtype() &&
+                         param.dtype() == mx::float32 &&
+                         is_supported_float(grad.dtype());
+  const bool widened = half_grad && weight_decay;
+  if (grad.dtype() != param.dtype() && !half_grad) {
     throw std::invalid_argument(
         gname() + " has dtype " + dtype_name(grad.dtype()) + " but " + pname() +
         " has dtype " + dtype_name(param.dtype()) +
@@ -101,14 +106,19 @@ mx::array check_tensor(
   }
   if (velocity != nullptr) {
     // The momentum buffer has the param's dtype, or float32 for a half
-    // param (state_dtype=float32: the buffer keeps full precision).
+    // param (state_dtype=float32: the buffer keeps full precision), or the
+    // gradient's half dtype where the update is computed in it (stock makes
+    // its buffers from the gradients).
     if (velocity->dtype() != param.dtype() &&
-        !(velocity->dtype() == mx::float32 && param.dtype() != mx::float32)) {
+        !(velocity->dtype() == mx::float32 && param.dtype() != mx::float32) &&
+        !(half_grad && !weight_decay && velocity->dtype() == grad.dtype())) {
       throw std::invalid_argument(
           vname() + " has dtype " + dtype_name(velocity->dtype()) + " but " +
           pname() + " has dtype " + dtype_name(param.dtype()) +
           "; the momentum buffer must have the parameter's dtype (or float32 "
-          "for a float16/bfloat16 parameter).");
+          "for a float16/bfloat16 parameter, or the gradient's dtype for a "
+          "float32 parameter with a float16/bfloat16 gradient and no weight "
+          "decay).");
     }
     // Stock initializes its buffers from the gradient tree: a broadcast
     // gradient's buffer keeps the gradient's shape (without weight decay),
@@ -260,6 +270,69 @@ mx::array round_bf16_stochastic_composed(
   return mx::where(mx::isfinite(x, s), mx::view(bits, mx::float32, s), x, s);
 }
 
+// Whether tensor i of an update is computed in its gradient's dtype: a
+// float16/bfloat16 gradient of a float32 param without weight decay (with
+// weight decay, stock's first op, g + wd * p, is float32 and so is the rest).
+bool computes_in_grad_dtype(
+    const mx::array& param, const mx::array& grad, const SGDVariant& v) {
+  return !v.weight_decay && grad.dtype() != param.dtype();
+}
+
+// Stock's update of such a tensor, op for op, so its bits are stock's: the
+// momentum buffer is made from the gradient (its dtype), each Python scalar
+// takes the dtype of the array it meets (rounded to float32 first, as MLX
+// converts it), the learning rate is cast to the gradient's dtype, and only
+// the subtraction from the param is float32. Not fused: these are stock's own
+// ops. This package's options act first on the gradient, in float32 (a loss
+// scale may not fit in float16), rounded back to its dtype. Returns the new
+// param and, with momentum, the new buffer.
+std::pair<mx::array, std::optional<mx::array>> update_in_grad_dtype(
+    const mx::array& param,
+    const mx::array& grad,
+    const mx::array* velocity,
+    const mx::array& lr,
+    const mx::array& grad_scale,
+    const mx::array& clip_factor,
+    const mx::array& skip_flag,
+    const SGDVariant& v,
+    mx::StreamOrDevice s) {
+  const auto dtype = grad.dtype();
+  auto g = grad;
+  if (v.scale_grad) {
+    auto divisor =
+        v.maximize ? mx::multiply(grad_scale, mx::array(-1.0f), s) : grad_scale;
+    auto wide = mx::divide(mx::astype(g, mx::float32, s), divisor, s);
+    if (v.clip) {
+      wide = mx::multiply(wide, clip_factor, s);
+    }
+    g = mx::astype(wide, dtype, s);
+  }
+  auto keep_if_skipped = [&](mx::array updated, const mx::array& old) {
+    return v.skip ? mx::where(skip_flag, old, updated, s) : updated;
+  };
+  const auto lr_in_dtype = mx::astype(lr, dtype, s);
+  if (!v.momentum) {
+    auto updated = mx::subtract(param, mx::multiply(lr_in_dtype, g, s), s);
+    return {keep_if_skipped(updated, param), std::nullopt};
+  }
+  auto weak = [](float x, mx::Dtype like) { return mx::array(x, like); };
+  const auto old_vel =
+      velocity ? *velocity : mx::zeros(param.shape(), dtype, s);
+  auto vel = mx::multiply(weak(v.hyper.momentum, old_vel.dtype()), old_vel, s);
+  vel = mx::add(
+      vel,
+      v.dampening ? mx::multiply(weak(v.hyper.dampening_scale, dtype), g, s)
+                  : g,
+      s);
+  auto update =
+      v.nesterov
+          ? mx::add(
+                g, mx::multiply(weak(v.hyper.momentum, vel.dtype()), vel, s), s)
+          : vel;
+  auto updated = mx::subtract(param, mx::multiply(lr_in_dtype, update, s), s);
+  return {keep_if_skipped(updated, param), keep_if_skipped(vel, old_vel)};
+}
+
 // The update from stock MLX ops, with the kernels' semantics (float32
 // intermediates, one rounding to the param dtype): the fallback for devices
 // without a kernel of this package.
@@ -286,6 +359,23 @@ SGDResult sgd_update_composed(
   SGDResult result;
   result.master_params = masters;
   for (size_t i = 0; i < params.size(); ++i) {
+    if (computes_in_grad_dtype(params[i], grads[i], v)) {
+      auto [param, vel] = update_in_grad_dtype(
+          params[i],
+          grads[i],
+          velocities.empty() ? nullptr : &velocities[i],
+          lr,
+          grad_scale,
+          clip_factor,
+          skip_flag,
+          v,
+          s);
+      result.params.push_back(param);
+      if (v.momentum) {
+        result.velocities.push_back(*vel);
+      }
+      continue;
+    }
     auto dtype = params[i].dtype();
     const auto* master =
         masters.empty() || !masters[i] ? nullptr : &*masters[i];
@@ -431,6 +521,7 @@ SGDResult sgd_update_impl(
         params[i],
         grads[i],
         have_velocities ? &velocities_in[i] : nullptr,
+        variant.weight_decay,
         i,
         n,
         s));
@@ -498,7 +589,28 @@ SGDResult sgd_update_impl(
                                                : params[i].dtype();
   };
   std::map<std::tuple<int, int, int>, std::vector<size_t>> groups;
+  std::optional<mx::array> scheduled_lr;
   for (size_t i = 0; i < n; ++i) {
+    if (computes_in_grad_dtype(params[i], checked_grads[i], variant)) {
+      if (schedule && !scheduled_lr) {
+        scheduled_lr = step_decay_lr_composed(lr_input, *schedule, stream);
+      }
+      auto [param, vel] = update_in_grad_dtype(
+          params[i],
+          checked_grads[i],
+          have_velocities ? &velocities[i] : nullptr,
+          schedule ? *scheduled_lr : lr_input,
+          grad_scale,
+          clip_factor,
+          skip_flag,
+          variant,
+          stream);
+      result.params[i] = param;
+      if (variant.momentum) {
+        result.velocities[i] = *vel;
+      }
+      continue;
+    }
     groups[{static_cast<int>(params[i].dtype().val()),
             static_cast<int>(velocity_dtype(i).val()),
             rounding_of(i)}]

@@ -92,7 +92,10 @@ def _laid_out(values: mx.array, layout: str, rng) -> mx.array:
     return values
 
 
-def _gradients(spec, rng, special):
+def _gradients(spec, rng, special, dtype=None):
+    """Random gradients for ``spec``, float32 or all of ``dtype`` (a half
+    type: the float32 params then have half gradients)."""
+
     def make(leaf_spec):
         shape, layout = leaf_spec
         values = rng.standard_normal(shape).astype(np.float32)
@@ -100,7 +103,8 @@ def _gradients(spec, rng, special):
             values.flat[rng.integers(values.size)] = rng.choice(
                 [np.nan, np.inf, -np.inf, 0.0, 1e-40, 3e38]
             )
-        return _laid_out(mx.array(values), layout, rng)
+        g = _laid_out(mx.array(values), layout, rng)
+        return g if dtype is None else g.astype(getattr(mx, dtype))
 
     return _map_spec(spec, make)
 
@@ -162,18 +166,23 @@ def options(draw):
         learning_rate=draw(
             st.sampled_from(["step_decay", 0.1, 1e-30, 3e38, 2**31, -0.5])
         ),
+        grad_dtype=draw(st.sampled_from([None, None, "float16", "bfloat16"])),
     )
 
 
 def _stock_view(grads, opts):
     """The gradients stock sees for FusedSGD's maximize and grad_scale:
-    negated, then divided (the kernel's order, in float32)."""
+    negated, then divided (the kernel's order, in float32); a half gradient
+    updated in its own dtype (no weight decay) is rounded back to it."""
 
     def fn(g):
+        dtype = g.dtype
         if opts["maximize"]:
             g = -g
         if opts["grad_scale"] is not None:
-            g = g / mx.array(opts["grad_scale"], mx.float32)
+            g = g.astype(mx.float32) / mx.array(opts["grad_scale"], mx.float32)
+            if opts["weight_decay"] == 0:
+                g = g.astype(dtype)
         return g
 
     return tree_map(fn, grads)
@@ -184,6 +193,7 @@ def _finite(grads) -> bool:
 
 
 @SETTINGS
+@pytest.mark.filterwarnings("ignore:FusedSGD. param")
 @given(
     spec=trees(),
     opts=options(),
@@ -216,7 +226,7 @@ def test_fused_sgd_against_stock(spec, opts, plan, seed):
     state_object = ours.state
     p_ours = p_stock = params
     for kind in plan:
-        grads = _gradients(spec, rng, special=kind == "special")
+        grads = _gradients(spec, rng, kind == "special", opts["grad_dtype"])
         bad = _bad_tree(grads, kind)
         if bad is not None:
             before = dict(tree_flatten(ours.state)), dict(tree_flatten(p_ours))

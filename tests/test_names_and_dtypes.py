@@ -9,6 +9,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 import mlx_fused_sgd as mfs
+from mlx_fused_sgd import _ext
 
 from conftest import assert_bitwise_equal
 
@@ -135,26 +136,190 @@ def test_half_gradients_of_float32_params_give_stock_bits(grad_dtype, options):
         assert_bitwise_equal(v, _flat(stock.state)[k], k)
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_without_weight_decay_half_gradients_compute_in_float32(momentum):
-    """Without weight decay stock rounds the learning rate (and, without
-    momentum, lr * g) to the gradient's half precision; FusedSGD computes in
-    float32: the bits of the float32 gradient (documented)."""
+_NO_DECAY = [
+    {},
+    {"momentum": 0.9},
+    {"momentum": 0.9, "nesterov": True},
+    {"momentum": 0.7, "dampening": 0.3},
+]
+_NO_DECAY_IDS = ["plain", "momentum", "nesterov", "dampening"]
+
+
+def _assert_trees_equal(ours, stock):
+    ours, stock = _flat(ours), _flat(stock)
+    assert ours.keys() == stock.keys()
+    for k, v in stock.items():
+        assert ours[k].dtype == v.dtype, (k, ours[k].dtype, v.dtype)
+        assert_bitwise_equal(ours[k], v, k)
+
+
+@pytest.mark.parametrize("grad_dtype", [mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("options", _NO_DECAY, ids=_NO_DECAY_IDS)
+def test_without_weight_decay_half_gradients_give_stock_bits(grad_dtype, options):
+    """Without weight decay stock computes the update of a float32 param from
+    a half gradient in the gradient's dtype (a half momentum buffer, the
+    learning rate and each product rounded to it): FusedSGD gives its bits,
+    its state's dtypes, and says that these params are not fused. Params
+    with float32 gradients in the same tree keep the fused float32 update."""
     params = _model_tree()
-    grads = _grads_like(params)
-    half = tree_map(lambda g: g.astype(mx.float16), grads)
-    wide = tree_map(lambda g: g.astype(mx.float32), half)
-    a = mfs.FusedSGD(0.1, momentum=momentum).apply_gradients(half, params)
-    b = mfs.FusedSGD(0.1, momentum=momentum).apply_gradients(wide, params)
-    for k, v in _flat(b).items():
-        assert_bitwise_equal(_flat(a)[k], v, k)
+    ours_p, stock_p = params, params
+    ours = mfs.FusedSGD(mfs.step_decay(0.1, 0.5, 2), **options)
+    stock = optim.SGD(optim.step_decay(0.1, 0.5, 2), **options)
+    for step in range(5):
+        grads = _grads_like(params, seed=20 + step)
+        for layer in grads["layers"][:2]:
+            for k in layer:
+                layer[k] = layer[k].astype(grad_dtype)
+        if step == 0:
+            with pytest.warns(UserWarning, match=r"params 'layers\.0\.weight'"):
+                ours_p = ours.apply_gradients(grads, ours_p)
+        else:
+            ours_p = ours.apply_gradients(grads, ours_p)
+        stock_p = stock.apply_gradients(grads, stock_p)
+        mx.eval(ours_p, stock_p, ours.state, stock.state)
+    _assert_trees_equal(ours_p, stock_p)
+    if options:
+        _assert_trees_equal(ours.state, stock.state)
+    assert _flat(ours_p)["layers.0.weight"].dtype == mx.float32
 
 
-def test_functional_widens_a_half_gradient_exactly():
+@pytest.mark.parametrize("grad_dtype", [mx.float16, mx.bfloat16])
+def test_half_gradient_options_act_on_the_gradient_first(grad_dtype):
+    """grad_scale (a power of two, exact), maximize and a skipped step with
+    the update in the gradient's dtype: stock's bits on the unscaled,
+    un-negated gradients, and a skipped step changes nothing."""
+    params = _model_tree()
+    opts = {"momentum": 0.9, "nesterov": True}
+    ours = mfs.FusedSGD(
+        0.1, grad_scale=1024.0, maximize=True, skip_nonfinite=True, **opts
+    )
+    stock = optim.SGD(0.1, **opts)
+    ours_p = stock_p = params
+    for step in range(4):
+        grads = tree_map(lambda g: g.astype(grad_dtype), _grads_like(params, 30 + step))
+        scaled = tree_map(lambda g: -(g * 1024), grads)
+        if step == 0:
+            with pytest.warns(UserWarning):
+                ours_p = ours.apply_gradients(scaled, ours_p)
+        else:
+            ours_p = ours.apply_gradients(scaled, ours_p)
+        stock_p = stock.apply_gradients(grads, stock_p)
+        mx.eval(ours_p, stock_p, ours.state)
+        if step == 1:
+            before_p, before_s = _flat(ours_p), _flat(ours.state)
+            bad = tree_map(lambda g: g, scaled)
+            bad["layers"][0]["bias"] = mx.full((8,), float("inf"), grad_dtype)
+            skipped = ours.apply_gradients(bad, ours_p)
+            mx.eval(skipped, ours.state)
+            assert ours.state["last_step_skipped"].item()
+            for k, v in before_p.items():
+                assert_bitwise_equal(_flat(skipped)[k], v, k)
+            for k, v in _flat(ours.state).items():
+                if k.endswith(".v"):
+                    assert_bitwise_equal(v, before_s[k], k)
+    _assert_trees_equal(ours_p, stock_p)
+    for k, v in _flat(stock.state).items():
+        if k.endswith(".v"):
+            assert_bitwise_equal(_flat(ours.state)[k], v, k)
+
+
+def test_stock_checkpoint_with_half_buffers_resumes_with_stock_bits():
+    params = _model_tree()
+    half = lambda t: tree_map(lambda g: g.astype(mx.float16), t)  # noqa: E731
+    stock = optim.SGD(0.1, momentum=0.9)
+    p = stock.apply_gradients(half(_grads_like(params, 40)), params)
+    mx.eval(p, stock.state)
+    ours = mfs.FusedSGD(0.1, momentum=0.9)
+    ours.state = tree_map(lambda x: x, stock.state)
+    assert _flat(ours.state)["layers.0.weight.v"].dtype == mx.float16
+    ours_p = stock_p = p
+    for step in range(3):
+        grads = half(_grads_like(params, 41 + step))
+        if step == 0:
+            with pytest.warns(UserWarning, match="stock's ops"):
+                ours_p = ours.apply_gradients(grads, ours_p)
+        else:
+            ours_p = ours.apply_gradients(grads, ours_p)
+        stock_p = stock.apply_gradients(grads, stock_p)
+        mx.eval(ours_p, stock_p, ours.state, stock.state)
+    _assert_trees_equal(ours_p, stock_p)
+    _assert_trees_equal(ours.state, stock.state)
+
+
+def test_state_dtype_float32_keeps_float32_buffers_for_half_gradients():
+    """state_dtype=float32 keeps the buffer float32: stock's arithmetic with
+    a float32 buffer (the learning rate still rounded to the gradient's
+    dtype)."""
+    params = _model_tree()
+    half = lambda t: tree_map(lambda g: g.astype(mx.bfloat16), t)  # noqa: E731
+    ours = mfs.FusedSGD(0.1, momentum=0.9, state_dtype=mx.float32)
+    stock = optim.SGD(0.1, momentum=0.9)
+    stock.init(params)  # float32 buffers, from the params
+    ours_p = stock_p = params
+    for step in range(3):
+        grads = half(_grads_like(params, 50 + step))
+        if step == 0:
+            with pytest.warns(UserWarning):
+                ours_p = ours.apply_gradients(grads, ours_p)
+        else:
+            ours_p = ours.apply_gradients(grads, ours_p)
+        stock_p = stock.apply_gradients(grads, stock_p)
+        mx.eval(ours_p, stock_p, ours.state, stock.state)
+    _assert_trees_equal(ours_p, stock_p)
+    _assert_trees_equal(ours.state, stock.state)
+    assert _flat(ours.state)["layers.0.weight.v"].dtype == mx.float32
+
+
+def test_a_half_buffer_with_weight_decay_is_refused():
+    """With weight decay the update is float32, and so must the buffer be."""
+    opt = mfs.FusedSGD(0.1, momentum=0.9, weight_decay=1e-2)
+    opt.init({"w": mx.ones((4,))})
+    opt.state["w"]["v"] = mx.zeros((4,), mx.float16)
+    message = _refused(
+        opt, {"w": mx.ones((4,))}, {"w": mx.ones((4,), mx.float16)}, "'w'"
+    )
+    assert "momentum buffer" in message
+
+
+@pytest.mark.parametrize("grad_dtype", [mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("options", _NO_DECAY, ids=_NO_DECAY_IDS)
+def test_functional_half_gradient_without_decay_gives_stock_bits(grad_dtype, options):
+    """The ops, kernel path and composed fallback, against stock's
+    apply_single, with and without a given buffer."""
+    keys = mx.random.split(mx.random.key(11), 3)
+    p = mx.random.normal((9, 5), key=keys[0])
+    g = mx.random.normal((5, 9), key=keys[1]).T.astype(grad_dtype)
+    v = mx.random.normal((9, 5), key=keys[2]).astype(grad_dtype)
+    momentum = options.get("momentum", 0.0) > 0
+    stock = optim.SGD(0.1, **options)
+    state = {"v": v}
+    expected = stock.apply_single(g, p, state)
+    given = [v] if momentum else []
+    kw = dict(learning_rate=mx.array(0.1), **options)
+    kp, kv = mfs.sgd_update_many([p], [g], given, **kw)
+    fp, fv, _ = _ext._sgd_update_many_fallback([p], [g], given, **kw)
+    for got in (kp[0], fp[0]):
+        assert got.dtype == mx.float32
+        assert_bitwise_equal(got, expected, "param")
+    if momentum:
+        for got in (kv[0], fv[0]):
+            assert got.dtype == grad_dtype
+            assert_bitwise_equal(got, state["v"], "velocity")
+        # No buffer given: stock's zeros of the gradient's dtype.
+        fresh = {"v": mx.zeros(g.shape, grad_dtype)}
+        expected = stock.apply_single(g, p, fresh)
+        kp, kv = mfs.sgd_update_many([p], [g], [], **kw)
+        assert_bitwise_equal(kp[0], expected, "param")
+        assert kv[0].dtype == grad_dtype
+        assert_bitwise_equal(kv[0], fresh["v"], "velocity")
+
+
+def test_functional_widens_a_half_gradient_exactly_with_weight_decay():
     p = mx.array([1.0, -2.0, 3.5])
     g16 = mx.array([0.1, 0.2, -0.3], mx.float16)
-    widened = mfs.sgd_update(p, g16.astype(mx.float32), learning_rate=0.1)
-    as_given = mfs.sgd_update(p, g16, learning_rate=0.1)
+    kw = dict(learning_rate=0.1, weight_decay=1e-2)
+    widened = mfs.sgd_update(p, g16.astype(mx.float32), **kw)
+    as_given = mfs.sgd_update(p, g16, **kw)
     assert_bitwise_equal(as_given[0], widened[0], "param")
 
 

@@ -245,7 +245,10 @@ def sgd_update(
 
     Args:
         param: The parameter (float32, float16 or bfloat16).
-        grad: Its gradient: same dtype, same shape or broadcastable to it.
+        grad: Its gradient: same shape or broadcastable to it, and the
+            param's dtype, or float16/bfloat16 for a float32 param (then,
+            without weight decay, the update is computed in the gradient's
+            dtype with stock's own ops, as stock computes it, not fused).
         velocity: The momentum buffer (``None`` means zeros). Ignored and
             returned unchanged when ``momentum`` is 0.
         learning_rate: A float or a scalar array.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -225,7 +226,11 @@ class FusedSGD(Optimizer):
         state_dtype (Dtype, optional): ``mx.float32`` keeps the momentum
           buffers of float16/bfloat16 params in float32 (the update reads and
           writes them at full precision; the params stay in their dtype).
-          ``None`` (default): the param's dtype, as stock.
+          ``None`` (default): the param's dtype, as stock (for a float32
+          param with a float16/bfloat16 gradient and no weight decay, the
+          gradient's dtype, as stock: stock then computes that update in
+          the gradient's dtype, and so does FusedSGD, with stock's ops, not
+          the fused kernel; a warning at the first step names such params).
         max_grad_norm (float, optional): Clip all gradients together to this
           global L2 norm (after unscaling), as ``optim.clip_grad_norm`` does,
           inside the update kernel: the norm is reduced on the device and no
@@ -511,13 +516,61 @@ class FusedSGD(Optimizer):
             grads: list[mx.array] = []
             params: list[mx.array] = []
             _collect(gradients, parameters, None, "", grads, params, [])
+            existing = {id(x) for _, x in _leaf_items(self._state)}
             self.init(_rebuild(gradients, iter(params)))
+            self._init_in_grad_dtype(gradients, parameters, grads, params, existing)
             return self._apply_gradients(gradients, parameters)
         except BaseException:
             self._state.clear()
             self._state.update(snapshot)
             self._initialized = False
             raise
+
+    def _init_in_grad_dtype(
+        self,
+        gradients: Any,
+        parameters: Any,
+        grads: list[mx.array],
+        params: list[mx.array],
+        existing: set[int],
+    ) -> None:
+        """First step: a float32 param with a float16/bfloat16 gradient and
+        no weight decay is updated in the gradient's dtype, as stock does
+        (stock makes its momentum buffers from the gradients, so its buffer
+        has that dtype too): give the buffers just made for such params the
+        gradient's dtype (``state_dtype=float32`` keeps them float32), and
+        say that these params are not updated by the fused kernel."""
+        if self.weight_decay != 0:
+            return
+        in_grad_dtype = [
+            i
+            for i, (g, p) in enumerate(zip(grads, params))
+            if p.dtype == mx.float32 and g.dtype in _HALF
+        ]
+        if not in_grad_dtype:
+            return
+        if self.momentum > 0 and self.state_dtype is None:
+            states: list[Any] = []
+            _collect(gradients, parameters, self.state, "", [], [], states)
+            for i in in_grad_dtype:
+                if id(states[i].get("v")) not in existing:
+                    states[i]["v"] = mx.zeros(params[i].shape, grads[i].dtype)
+        paths = _leaf_paths(gradients)
+        one = len(in_grad_dtype) == 1
+        named = ", ".join(f"'{paths[i]}'" for i in in_grad_dtype[:3])
+        if len(in_grad_dtype) > 3:
+            named += f" and {len(in_grad_dtype) - 3} more"
+        dtypes = sorted({str(grads[i].dtype).split(".")[-1] for i in in_grad_dtype})
+        warnings.warn(
+            f"FusedSGD: {'param' if one else 'params'} {named} "
+            f"{'is' if one else 'are'} float32 with {'a ' if one else ''}"
+            f"{'/'.join(dtypes)} {'gradient' if one else 'gradients'} and "
+            "weight_decay is 0: stock SGD computes such an update in the "
+            "gradient's dtype, and so does FusedSGD, with stock's ops rather "
+            "than the fused kernel. Cast the gradients to float32 for the "
+            "fused float32 update.",
+            stacklevel=3,
+        )
 
     def _apply_gradients(self, gradients: Any, parameters: Any) -> Any:
         grads: list[mx.array] = []
