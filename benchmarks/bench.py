@@ -4,12 +4,15 @@ Every workload: fp32 params, SGD(momentum=0.9, weight_decay=1e-4,
 step_decay(0.1, 0.9, 10)); the time of one optimizer step including
 evaluation. Peers, all in the same run: stock ``mlx.optimizers.SGD`` eager and
 under ``mx.compile``, PyTorch ``SGD(foreach=True)`` and ``SGD(fused=True)``
-with ``StepLR`` (if torch is installed), and the memory roofline (20 bytes
-per parameter at the bandwidth of an in-place triad measured on this
-machine).
+with ``StepLR`` (if torch is installed; on the same device: the CPU, or with
+``--device gpu`` PyTorch's CUDA or MPS device), and the memory roofline (20
+bytes per parameter at the device's bandwidth: on the CPU an in-place triad,
+on a GPU the faster of MLX's triad there and PyTorch's device-to-device
+copy, measured in the same run).
 
 Real models first (an MLP, a GPT-style decoder, a convnet from
-``mlx_fused_sgd.examples.models``): their gradients come from
+``mlx_fused_sgd.examples.models``; and, when named with ``--workloads``, a
+1B-parameter decoder for a large GPU): their gradients come from
 ``nn.value_and_grad`` with the layouts MLX produces (every ``nn.Linear``
 weight gradient is a transposed view). For them the whole training step
 (forward, backward, update) is timed too, eager and under MLX's compile
@@ -65,6 +68,19 @@ RESUME_S = 0.02  # untimed steps after that pause (see measure_rounds)
 # --------------------------------------------------------------------------
 
 
+def gpt_shapes(
+    vocab: int, dims: int, heads: int, layers: int, context: int
+) -> list[tuple[int, ...]]:
+    """The parameter shapes of ``models.gpt`` with these sizes (``heads``
+    changes none of them)."""
+    shapes: list[tuple[int, ...]] = [(vocab, dims), (context, dims)]
+    for _ in range(layers):
+        shapes += [(dims,), (dims,)] * 2  # the two LayerNorms
+        shapes += [(dims, dims), (dims,)] * 4  # attention projections
+        shapes += [(4 * dims, dims), (4 * dims,), (dims, 4 * dims), (dims,)]
+    return shapes + [(dims,), (dims,), (vocab, dims)]
+
+
 def workload_shapes(name: str) -> list[tuple[int, ...]]:
     if name == "large":
         return [(4096, 1024)] * 4
@@ -78,8 +94,14 @@ def workload_shapes(name: str) -> list[tuple[int, ...]]:
         return shapes
     if name == "small":
         return [(1024,)] * 1000
-    raise ValueError(f"unknown workload {name!r}; choose from large, gpt, small")
+    if name == "gpt-1b":
+        return gpt_shapes(**GPT_1B)
+    raise ValueError(
+        f"unknown workload {name!r}; choose from {', '.join(SYNTHETIC_WORKLOADS)}"
+    )
 
+
+GPT_1B = dict(vocab=32768, dims=2048, heads=16, layers=18, context=64)
 
 # Real models: (factory, description). The decoder has about as many
 # parameters as the synthetic "gpt" workload. The batches are small because
@@ -99,8 +121,17 @@ REAL_WORKLOADS = {
         lambda: models.convnet([3, 64, 128, 256], classes=10, image=32, batch=2),
         "convnet 3-64-128-256 + BatchNorm + linear head, 2 images of 32 x 32",
     ),
+    # For a GPU with about 80 GB (not run by default): with the PyTorch
+    # peers the optimizer-step table holds about 60 GB at once.
+    "decoder-1b": (
+        lambda: models.gpt(**GPT_1B, batch=1),
+        "GPT-style decoder: vocab 32768, d 2048, 18 layers, 16 heads, 1 x 64 "
+        "tokens (1.04B params)",
+    ),
 }
-SYNTHETIC_WORKLOADS = ["large", "gpt", "small"]
+SYNTHETIC_WORKLOADS = ["large", "gpt", "small", "gpt-1b"]
+# Sized for a large GPU; run only when named with --workloads.
+GPU_WORKLOADS = ["decoder-1b", "gpt-1b"]
 
 
 def real_model(name: str, dtype):
@@ -171,10 +202,12 @@ def measure_rounds(
     progress: Progress,
     label: str,
     roofline_bytes: float | None = None,
+    bandwidth: Callable[[], float] | None = None,
 ) -> dict[str, list[float]]:
     """Each runner's median step time (ms) in each of ``rounds`` rounds;
     every round times each runner for ``reps`` steps in turn (and, with
-    ``roofline_bytes``, measures the triad bandwidth first), so that load
+    ``roofline_bytes``, measures the device's bandwidth first with
+    ``bandwidth``, bytes per second), so that load
     on the machine spreads over all of them alike. Each runner's turn starts
     with untimed steps (at least one, and for at least ``RESUME_S``): after
     the pause between runners an idle CPU wakes up slowly (on the 2-core
@@ -189,7 +222,7 @@ def measure_rounds(
     for r in range(rounds):
         progress.advance(f"{label}: round {r + 1}/{rounds}")
         if roofline_bytes is not None:
-            bw, _ = triad_bandwidth(reps=3)
+            bw = bandwidth() if bandwidth else triad_bandwidth(reps=3)[0]
             out["roofline"].append(roofline_bytes / bw * 1e3)
         for name, (step, sync) in runners.items():
             # OpenMP's threads (the triad's, PyTorch's) spin for a while after
@@ -336,16 +369,48 @@ def mlx_runner(kind: str, params, grads):
     return step, mx.synchronize
 
 
-def torch_runner(kind: str, shapes):
-    """PyTorch's SGD on params of ``shapes`` with contiguous gradients (the
-    layout PyTorch's autograd gives them)."""
+def torch_device(device: str) -> str | None:
+    """The PyTorch device that runs the peers for the benchmark's
+    ``device``: the CPU, or the GPU PyTorch has (CUDA, or MPS on a Mac);
+    None when PyTorch has no GPU."""
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.01) for s in shapes]
+    if device == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return None
+
+
+def torch_sync(device: str) -> Callable[[], None]:
+    """Waits for PyTorch's queued work on ``device``."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.synchronize
+    if device == "mps":
+        return torch.mps.synchronize
+    return lambda: None
+
+
+def torch_runner(kind: str, shapes, device: str = "cpu"):
+    """PyTorch's SGD on params of ``shapes`` on ``device`` with contiguous
+    gradients (the layout PyTorch's autograd gives them)."""
+    import torch
+
+    if device == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(shape):
+        return torch.randn(shape, generator=gen, device=device)
+
+    params = [torch.nn.Parameter(randn(s) * 0.01) for s in shapes]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+        p.grad = randn(p.shape)
     flag = {"foreach": True} if kind == "torch_foreach" else {"fused": True}
     opt = torch.optim.SGD(params, lr=SCHEDULE[0], **HYPER, **flag)
     sched = torch.optim.lr_scheduler.StepLR(
@@ -356,11 +421,19 @@ def torch_runner(kind: str, shapes):
         opt.step()
         sched.step()
 
-    return step, lambda: None
+    return step, torch_sync(device)
+
+
+def release_torch(device: str | None) -> None:
+    """Gives PyTorch's cached GPU memory back (MLX's runners need it next)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------
-# Roofline: in-place triad bandwidth
+# Roofline: the device's bandwidth (an in-place triad on the CPU)
 # --------------------------------------------------------------------------
 
 
@@ -422,6 +495,71 @@ def triad_bandwidth(n: int = 1 << 25, reps: int = 15) -> tuple[float, str]:
         run()
         times.append(time.perf_counter() - t0)
     return 12 * n / statistics.median(times), how
+
+
+_DEVICE_TRIAD: dict = {}
+
+
+def mlx_triad_bandwidth(n: int = 1 << 26, reps: int = 15) -> tuple[float, str]:
+    """Bytes per second of MLX's ``b + s * c`` compiled into one kernel on
+    the default device (reads b and c, writes the result: 12 bytes per
+    element), on arrays far larger than a GPU's caches."""
+    if n not in _DEVICE_TRIAD:
+        b, c = mx.ones((n,)), mx.ones((n,))
+        mx.eval(b, c)
+        _DEVICE_TRIAD[n] = (b, c, mx.compile(lambda b, c: b + 1e-3 * c))
+    b, c, triad = _DEVICE_TRIAD[n]
+
+    def run():
+        mx.eval(triad(b, c))
+        mx.synchronize()
+
+    run()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return 12 * n / statistics.median(times), "MLX triad on the device"
+
+
+_DEVICE_COPY: dict = {}
+
+
+def torch_copy_bandwidth(
+    device: str, n: int = 1 << 26, reps: int = 15
+) -> tuple[float, str]:
+    """Bytes per second of a device-to-device copy by PyTorch on ``device``
+    (reads and writes 4 bytes per element)."""
+    import torch
+
+    if (device, n) not in _DEVICE_COPY:
+        src = torch.ones(n, device=device)
+        _DEVICE_COPY[device, n] = (src, torch.empty_like(src))
+    src, dst = _DEVICE_COPY[device, n]
+    sync = torch_sync(device)
+    dst.copy_(src)
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 8 * n / statistics.median(times), f"PyTorch copy on {device}"
+
+
+def device_bandwidth(device: str, peer: str | None, reps: int = 15):
+    """The bandwidth the roofline assumes (bytes per second) and how it was
+    measured: on the CPU an in-place triad (C, all cores); on a GPU the
+    faster of MLX's triad on it and, where PyTorch has that GPU (``peer``),
+    PyTorch's device-to-device copy."""
+    if device == "cpu":
+        return triad_bandwidth(reps=reps)
+    found = [mlx_triad_bandwidth(reps=reps)]
+    if peer is not None:
+        found.append(torch_copy_bandwidth(peer, reps=reps))
+    return max(found)
 
 
 # --------------------------------------------------------------------------
@@ -523,7 +661,12 @@ def main(argv=None) -> int:
     all_workloads = [*REAL_WORKLOADS, *SYNTHETIC_WORKLOADS]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--workloads", nargs="+", default=all_workloads, choices=all_workloads
+        "--workloads",
+        nargs="+",
+        default=[w for w in all_workloads if w not in GPU_WORKLOADS],
+        choices=all_workloads,
+        help="default: all but " + " and ".join(GPU_WORKLOADS) + " (1B parameters, "
+        "for a GPU with about 80 GB)",
     )
     ap.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     ap.add_argument(
@@ -559,15 +702,16 @@ def main(argv=None) -> int:
         have_torch = True
     except ImportError:
         have_torch = False
-    impls = [i for i in args.impls if have_torch or not i.startswith("torch")]
-    if have_torch and args.device != "cpu":
-        impls = [i for i in impls if not i.startswith("torch")]  # torch peers are CPU
+    peer = torch_device(args.device) if have_torch else None
+    impls = [i for i in args.impls if peer is not None or not i.startswith("torch")]
+    if have_torch and peer is None:
+        print("PyTorch has no GPU here: its rows are left out.", file=sys.stderr)
     # The option rows compare with stock ops on flat trees: synthetic only.
     real_impls = [i for i in impls if i in IMPLS]
     real = [w for w in args.workloads if w in REAL_WORKLOADS]
     synthetic = [w for w in args.workloads if w in SYNTHETIC_WORKLOADS]
 
-    bw, bw_how = triad_bandwidth()
+    bw, bw_how = device_bandwidth(args.device, peer)
     results = {
         "machine": {
             "platform": platform.platform(),
@@ -575,10 +719,12 @@ def main(argv=None) -> int:
             "cpus": os.cpu_count(),
             "mlx": mx.__version__,
             "torch": __import__("torch").__version__ if have_torch else None,
+            "torch_device": peer,
             "device": args.device,
+            "device_name": mx.device_info(device).get("device_name"),
             "dtype": args.dtype,
-            "triad_GBps": bw / 1e9,
-            "triad_method": bw_how,
+            "bandwidth_GBps": bw / 1e9,
+            "bandwidth_method": bw_how,
         },
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "method": (
@@ -613,7 +759,7 @@ def main(argv=None) -> int:
         runners = {}
         for impl in wl_impls:
             if impl.startswith("torch"):
-                runners[impl] = torch_runner(impl, shapes)
+                runners[impl] = torch_runner(impl, shapes, peer)
             else:
                 runners[impl] = mlx_runner(impl, params, grads)
         rounds = measure_rounds(
@@ -624,10 +770,12 @@ def main(argv=None) -> int:
             progress,
             f"{wl}: optimizer step",
             bytes_per_param * row["params"],
+            lambda: device_bandwidth(args.device, peer, reps=3)[0],
         )
         summarize(rounds, row)
         results["workloads"][wl] = row
         del runners
+        release_torch(peer)
         if wl in REAL_WORKLOADS and not args.no_training:
             train = {}
             trainers = {k: train_runner(k, wl, dtype) for k in TRAIN_IMPLS}
@@ -670,7 +818,7 @@ def _step_table(results, names, impls, title) -> None:
     real = any(results["workloads"][w]["kind"] == "real" for w in names)
     print(f"\n{title}")
     grads = f" {'strided':>7}" if real else ""
-    head = f"{'workload':<8} {'tensors':>7} {'params':>8}{grads} | " + " ".join(
+    head = f"{'workload':<10} {'tensors':>7} {'params':>8}{grads} | " + " ".join(
         f"{LABELS[c]:>16}" for c in cols
     )
     print(head + f" | {'fused/roofline':>14} {'eager/fused':>11}")
@@ -679,7 +827,7 @@ def _step_table(results, names, impls, title) -> None:
         row = results["workloads"][wl]
         cells = " ".join(f"{_ms(row, c):>13.2f} ms" for c in cols)
         fused = _ms(row, "fused")
-        sizes = f"{wl:<8} {row['tensors']:>7} {row['params'] / 1e6:>7.1f}M"
+        sizes = f"{wl:<10} {row['tensors']:>7} {row['params'] / 1e6:>7.1f}M"
         if real:
             sizes += f" {row['not_row_contiguous']:>3}/{row['tensors']:<3}"
         ratios = (
@@ -724,11 +872,13 @@ def _warnings(results) -> list[str]:
 def print_tables(results, impls) -> None:
     m = results["machine"]
     print(
-        f"\n{m['platform']}, {m['cpus']} CPUs, MLX {m['mlx']}, torch {m['torch']}, "
-        f"device {m['device']}, {m['dtype']}"
+        f"\n{m['platform']}, {m['cpus']} CPUs, MLX {m['mlx']}, torch {m['torch']}"
+        f"{' on ' + m['torch_device'] if m['torch_device'] else ''}, "
+        f"device {m['device']} ({m['device_name']}), {m['dtype']}"
     )
     print(
-        f"triad bandwidth {m['triad_GBps']:.1f} GB/s ({m['triad_method']}); "
+        f"roofline bandwidth {m['bandwidth_GBps']:.1f} GB/s "
+        f"({m['bandwidth_method']}); "
         f"{results['method']}"
     )
     wls = results["workloads"]
@@ -750,7 +900,7 @@ def print_tables(results, impls) -> None:
             "\nTraining step, real models (forward + backward + update; compiled: "
             "partial(mx.compile, inputs=state, outputs=state))"
         )
-        head = f"{'workload':<8} | " + " ".join(
+        head = f"{'workload':<10} | " + " ".join(
             f"{TRAIN_LABELS[c]:>16}" for c in TRAIN_IMPLS
         )
         print(head + f" | {'fused/stock':>11} {'opt share stock':>15} {'fused':>6}")
@@ -762,7 +912,7 @@ def print_tables(results, impls) -> None:
             share_fused = _ms(opt, "fused") / _ms(row, "fused_eager")
             ratio = _ms(row, "fused_eager") / _ms(row, "stock_eager")
             print(
-                f"{wl:<8} | {cells} | {_ratio(ratio, 11, 2)} "
+                f"{wl:<10} | {cells} | {_ratio(ratio, 11, 2)} "
                 f"{share_stock:>15.0%} {share_fused:>6.0%}"
             )
     if synthetic:

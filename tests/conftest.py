@@ -31,13 +31,13 @@ def sgd_reference(p, g, v, lr, momentum, weight_decay, dampening, nesterov):
 # pow), so the same float32 operations in the same order give the same bits.
 # Only the gradient norm keeps a tolerance (float atomics add in a different
 # order each run; tests/test_clipping.py).
-# Every test runs on the CPU and, where MLX has Metal, on the GPU;
-# MFS_TEST_DEVICES=cpu restricts them (CI's hosted Macs: a paravirtual GPU
-# that cannot stand for Apple silicon).
+# Every test runs on the CPU and, where MLX has a GPU (Metal, or MLX's CUDA
+# build), on the GPU; MFS_TEST_DEVICES=cpu (or gpu) restricts them (CI's
+# hosted Macs: a paravirtual GPU that cannot stand for Apple silicon).
 DEVICES = (
     os.environ["MFS_TEST_DEVICES"].split(",")
     if os.environ.get("MFS_TEST_DEVICES")
-    else ["cpu"] + (["gpu"] if mx.metal.is_available() else [])
+    else ["cpu"] + (["gpu"] if mx.is_available(mx.gpu) else [])
 )
 
 
@@ -59,7 +59,8 @@ def assert_bitwise_equal(a: mx.array, b: mx.array, what: str = "") -> None:
 @pytest.fixture(autouse=True, params=DEVICES)
 def device(request):
     """Every test runs on the CPU, and again on the GPU where MLX has one
-    (Apple silicon): the default device is set for the test's duration."""
+    (Apple silicon, or an NVIDIA GPU with MLX's CUDA build): the default
+    device is set for the test's duration."""
     prev = mx.default_device()
     mx.set_default_device(mx.gpu if request.param == "gpu" else mx.cpu)
     yield request.param

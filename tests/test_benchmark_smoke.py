@@ -105,3 +105,51 @@ def test_time_steps_warms_up_for_the_time_asked(device):
     calls.clear()
     assert len(bench.time_steps(step, 2, 0, lambda: None)) == 0
     assert len(calls) == 2
+
+
+def _bench_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench
+    finally:
+        sys.path.pop(0)
+    return bench
+
+
+def test_gpu_workload_shapes_are_the_models(device):
+    """The synthetic 1B workload has the decoder's shapes: checked on a small
+    decoder built by the same factory, and the 1B size itself."""
+    import math
+
+    from mlx.utils import tree_flatten
+
+    from mlx_fused_sgd.examples import models
+
+    bench = _bench_module()
+    small = dict(vocab=100, dims=16, heads=2, layers=3, context=8)
+    model = models.gpt(**small, batch=1).model
+    shapes = sorted(tuple(p.shape) for _, p in tree_flatten(model.parameters()))
+    assert shapes == sorted(bench.gpt_shapes(**small))
+    total = sum(math.prod(s) for s in bench.workload_shapes("gpt-1b"))
+    assert 1.0e9 <= total <= 1.1e9
+
+
+def test_gpu_roofline_and_torch_peers_run_where_they_can(device):
+    """The GPU roofline's measurements (MLX's triad on the default device,
+    PyTorch's device-to-device copy) and the PyTorch peers, run on the CPU
+    through the code a GPU run takes."""
+    if device != "cpu":
+        pytest.skip("one run is enough")
+    bench = _bench_module()
+    bw, how = bench.mlx_triad_bandwidth(n=1 << 20, reps=3)
+    assert bw > 0 and "MLX triad" in how
+    pytest.importorskip("torch")
+    assert bench.torch_device("cpu") == "cpu"
+    bw_copy, how_copy = bench.torch_copy_bandwidth("cpu", n=1 << 20, reps=3)
+    assert bw_copy > 0 and "copy on cpu" in how_copy
+    best = bench.device_bandwidth("gpu", "cpu", reps=3)
+    assert best[1] in (how, how_copy) and best[0] > 0
+    for kind in ("torch_fused", "torch_foreach"):
+        step, sync = bench.torch_runner(kind, [(4, 3), (5,)], "cpu")
+        step()  # one SGD step on the device given
+        sync()

@@ -15,6 +15,7 @@ import pytest
 
 import mlx_fused_sgd as mfs
 from mlx_fused_sgd import _ext
+from mlx_fused_sgd._build_info import MLX_BUILD_CUDA
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "cmake" / "MetalToolchain.cmake"
@@ -160,10 +161,14 @@ def test_backend_info_on_this_machine():
     else:
         assert gpu["kernels"] in ("fused", "fallback")
         assert (gpu["kernels"] == "fallback") == (gpu["reason"] is not None)
-    # This build's own decision: without Metal kernels, never fused, with a
-    # reason a user can act on.
+    # This build's own decision: with the CUDA kernels, fused; without them
+    # or Metal kernels, never fused, with a reason a user can act on.
     status = _ext.gpu_kernel_status()
-    if not (ROOT / "python" / "mlx_fused_sgd" / "mlx_fused_sgd.metallib").exists() and (
+    if MLX_BUILD_CUDA:
+        assert status["fused"] is True and status["reason"] is None
+    elif not (
+        ROOT / "python" / "mlx_fused_sgd" / "mlx_fused_sgd.metallib"
+    ).exists() and (
         not (Path(mfs.__file__).parent / "mlx_fused_sgd.metallib").exists()
     ):
         assert status["fused"] is False and status["reason"]
