@@ -757,11 +757,23 @@ def main(argv=None) -> int:
         row["tensors"] = len(leaves)
         row["params"] = sum(p.size for p in leaves)
         runners = {}
-        for impl in wl_impls:
-            if impl.startswith("torch"):
-                runners[impl] = torch_runner(impl, shapes, peer)
-            else:
+        for impl in list(wl_impls):
+            if not impl.startswith("torch"):
                 runners[impl] = mlx_runner(impl, params, grads)
+                continue
+            try:
+                runners[impl] = torch_runner(impl, shapes, peer)
+                step, sync = runners[impl]
+                step()
+                sync()
+            except (RuntimeError, NotImplementedError) as e:
+                # A PyTorch build whose fused/foreach SGD does not run on
+                # this device: say so and leave the row out of every table.
+                print(f"{LABELS[impl]} on {peer} failed: {e}", file=sys.stderr)
+                runners.pop(impl, None)
+                for names in (impls, real_impls):
+                    if impl in names:
+                        names.remove(impl)
         rounds = measure_rounds(
             runners,
             args.rounds,

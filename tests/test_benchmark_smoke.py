@@ -153,3 +153,36 @@ def test_gpu_roofline_and_torch_peers_run_where_they_can(device):
         step, sync = bench.torch_runner(kind, [(4, 3), (5,)], "cpu")
         step()  # one SGD step on the device given
         sync()
+
+
+def test_a_torch_peer_that_fails_on_the_device_is_left_out(
+    tmp_path, device, monkeypatch, capsys
+):
+    """A PyTorch whose fused SGD does not run on the device (an older one on
+    MPS, say): the run says so and goes on without that row."""
+    if device != "cpu":
+        pytest.skip("one run is enough")
+    pytest.importorskip("torch")
+    bench = _bench_module()
+    original = bench.torch_runner
+
+    def runner(kind, shapes, dev="cpu"):
+        if kind == "torch_fused":
+            raise RuntimeError("fused SGD is not supported on this device")
+        return original(kind, shapes, dev)
+
+    monkeypatch.setattr(bench, "torch_runner", runner)
+    assert (
+        bench.main(
+            [
+                *("--workloads", "small", "--rounds", "1", "--reps", "1"),
+                *("--warmup", "1", "--out", str(tmp_path)),
+                *("--impls", "fused", "torch_fused", "torch_foreach"),
+            ]
+        )
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert "torch fused on cpu failed: fused SGD is not supported" in captured.err
+    row = json.loads((tmp_path / "bench.json").read_text())["workloads"]["small"]
+    assert "torch_fused_ms" not in row and row["torch_foreach_ms"] > 0
