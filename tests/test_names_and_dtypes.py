@@ -2,6 +2,8 @@
 stock accepts are accepted, with stock's bits; integer params are refused
 by name. Every refused step leaves params and state as they were."""
 
+import warnings
+
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
@@ -338,3 +340,27 @@ def test_wider_or_other_half_gradients_are_refused(param_dtype, grad_dtype):
     grads = {"w": mx.ones((4,), grad_dtype)}
     message = _refused(mfs.FusedSGD(0.1, momentum=0.9), params, grads, r"'w'")
     assert "must have it" in message
+
+
+def test_after_an_explicit_init_half_gradients_still_give_stock_bits_and_warn():
+    """``init(params)`` first (as stock's own init from params): float32
+    buffers on both sides, stock's arithmetic with them, and the warning
+    still comes at the first update, once."""
+    params = _model_tree()
+    half = lambda t: tree_map(lambda g: g.astype(mx.float16), t)  # noqa: E731
+    ours = mfs.FusedSGD(0.1, momentum=0.9)
+    stock = optim.SGD(0.1, momentum=0.9)
+    ours.init(params)
+    stock.init(params)
+    ours_p = stock_p = params
+    for step in range(3):
+        grads = half(_grads_like(params, 60 + step))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ours_p = ours.apply_gradients(grads, ours_p)
+        assert len(caught) == (1 if step == 0 else 0), [str(w.message) for w in caught]
+        stock_p = stock.apply_gradients(grads, stock_p)
+        mx.eval(ours_p, stock_p, ours.state, stock.state)
+    _assert_trees_equal(ours_p, stock_p)
+    _assert_trees_equal(ours.state, stock.state)
+    assert _flat(ours.state)["layers.0.weight.v"].dtype == mx.float32

@@ -340,6 +340,7 @@ class FusedSGD(Optimizer):
         self.master_weights = bool(master_weights)
         self.stochastic_rounding = bool(stochastic_rounding)
         self.rounding_seed = check_rounding_seed(rounding_seed, allow_none=False)
+        self._checked_unfused = False  # see _warn_if_unfused
 
     # What changes between steps (the loss scale) and what a step reports
     # live in `state`, as stock keeps its step and learning rate there: MLX's
@@ -535,26 +536,44 @@ class FusedSGD(Optimizer):
         existing: set[int],
     ) -> None:
         """First step: a float32 param with a float16/bfloat16 gradient and
-        no weight decay is updated in the gradient's dtype, as stock does
-        (stock makes its momentum buffers from the gradients, so its buffer
-        has that dtype too): give the buffers just made for such params the
-        gradient's dtype (``state_dtype=float32`` keeps them float32), and
-        say that these params are not updated by the fused kernel."""
-        if self.weight_decay != 0:
+        no weight decay is updated in the gradient's dtype, as stock does;
+        stock makes its momentum buffers from the gradients, so give the
+        buffers just made for such params the gradient's dtype too
+        (``state_dtype=float32`` keeps them float32)."""
+        if self.momentum <= 0 or self.state_dtype is not None:
             return
-        in_grad_dtype = [
+        in_grad_dtype = self._in_grad_dtype(grads, params)
+        if not in_grad_dtype:
+            return
+        states: list[Any] = []
+        _collect(gradients, parameters, self.state, "", [], [], states)
+        for i in in_grad_dtype:
+            if id(states[i].get("v")) not in existing:
+                states[i]["v"] = mx.zeros(params[i].shape, grads[i].dtype)
+
+    def _in_grad_dtype(
+        self, grads: list[mx.array], params: list[mx.array]
+    ) -> list[int]:
+        """Which params are updated in their gradient's dtype, with stock's
+        ops rather than the fused kernel: float32 params with float16/bfloat16
+        gradients, without weight decay."""
+        if self.weight_decay != 0:
+            return []
+        return [
             i
             for i, (g, p) in enumerate(zip(grads, params))
             if p.dtype == mx.float32 and g.dtype in _HALF
         ]
+
+    def _warn_if_unfused(
+        self, gradients: Any, grads: list[mx.array], params: list[mx.array]
+    ) -> None:
+        """Once per optimizer, at its first update: name the params that the
+        fused kernel does not update (see :meth:`_in_grad_dtype`)."""
+        self._checked_unfused = True
+        in_grad_dtype = self._in_grad_dtype(grads, params)
         if not in_grad_dtype:
             return
-        if self.momentum > 0 and self.state_dtype is None:
-            states: list[Any] = []
-            _collect(gradients, parameters, self.state, "", [], [], states)
-            for i in in_grad_dtype:
-                if id(states[i].get("v")) not in existing:
-                    states[i]["v"] = mx.zeros(params[i].shape, grads[i].dtype)
         paths = _leaf_paths(gradients)
         one = len(in_grad_dtype) == 1
         named = ", ".join(f"'{paths[i]}'" for i in in_grad_dtype[:3])
@@ -569,7 +588,7 @@ class FusedSGD(Optimizer):
             "gradient's dtype, and so does FusedSGD, with stock's ops rather "
             "than the fused kernel. Cast the gradients to float32 for the "
             "fused float32 update.",
-            stacklevel=3,
+            stacklevel=4,
         )
 
     def _apply_gradients(self, gradients: Any, parameters: Any) -> Any:
@@ -585,6 +604,8 @@ class FusedSGD(Optimizer):
                 f"the optimizer state has no entry {entry}; the state does not "
                 "match these parameters."
             ) from None
+        if not self._checked_unfused:
+            self._warn_if_unfused(gradients, grads, params)
         momentum_on = self.momentum > 0
         velocities = []
         if momentum_on:
