@@ -488,13 +488,19 @@ def triad_bandwidth(n: int = 1 << 25, reps: int = 15) -> tuple[float, str]:
         def run():
             b.__iadd__(c * np.float32(1e-3))
 
+    return 12 * n / median_seconds(run, reps), how
+
+
+def median_seconds(run: Callable[[], None], reps: int) -> float:
+    """The median time of ``reps`` calls of ``run`` (that waits for its
+    work), after one untimed call."""
     run()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
-    return 12 * n / statistics.median(times), how
+    return statistics.median(times)
 
 
 _DEVICE_TRIAD: dict = {}
@@ -514,13 +520,7 @@ def mlx_triad_bandwidth(n: int = 1 << 26, reps: int = 15) -> tuple[float, str]:
         mx.eval(triad(b, c))
         mx.synchronize()
 
-    run()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return 12 * n / statistics.median(times), "MLX triad on the device"
+    return 12 * n / median_seconds(run, reps), "MLX triad on the device"
 
 
 _DEVICE_COPY: dict = {}
@@ -538,15 +538,12 @@ def torch_copy_bandwidth(
         _DEVICE_COPY[device, n] = (src, torch.empty_like(src))
     src, dst = _DEVICE_COPY[device, n]
     sync = torch_sync(device)
-    dst.copy_(src)
-    sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+
+    def run():
         dst.copy_(src)
         sync()
-        times.append(time.perf_counter() - t0)
-    return 8 * n / statistics.median(times), f"PyTorch copy on {device}"
+
+    return 8 * n / median_seconds(run, reps), f"PyTorch copy on {device}"
 
 
 def device_bandwidth(device: str, peer: str | None, reps: int = 15):

@@ -42,6 +42,20 @@ def _median_us(fn, n: int = 300) -> float:
     return statistics.median(times) * 1e6
 
 
+def _build_and_evaluate(opt, grads, params, steps: int):
+    """``steps`` optimizer steps: the new params, and each step's time to
+    build (apply_gradients) and to evaluate."""
+    build, evaluate = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        params = opt.apply_gradients(grads, params)
+        t1 = time.perf_counter()
+        mx.eval(params, opt.state)
+        build.append(t1 - t0)
+        evaluate.append(time.perf_counter() - t1)
+    return params, build, evaluate
+
+
 def main() -> None:
     shapes = bench.workload_shapes("small")
     params = bench.make_tree(shapes, mx.float32, 0)
@@ -61,16 +75,9 @@ def main() -> None:
         op_times.append(time.perf_counter() - t0)
         return out
 
-    build, evaluate = [], []
     ext.sgd_update_many_scheduled = timed_op
     try:
-        for _ in range(STEPS):
-            t0 = time.perf_counter()
-            params = opt.apply_gradients(grads, params)
-            t1 = time.perf_counter()
-            mx.eval(params, opt.state)
-            build.append(t1 - t0)
-            evaluate.append(time.perf_counter() - t1)
+        params, build, evaluate = _build_and_evaluate(opt, grads, params, STEPS)
     finally:
         ext.sgd_update_many_scheduled = original
 
@@ -117,14 +124,7 @@ def convnet() -> None:
     w, _, grads = bench.real_workload("convnet", mx.float32)
     params = w.model.trainable_parameters()
     opt = mfs.FusedSGD(mfs.step_decay(*bench.SCHEDULE), **bench.HYPER)
-    build, evaluate = [], []
-    for _ in range(4 * STEPS):
-        t0 = time.perf_counter()
-        params = opt.apply_gradients(grads, params)
-        t1 = time.perf_counter()
-        mx.eval(params, opt.state)
-        build.append(t1 - t0)
-        evaluate.append(time.perf_counter() - t1)
+    _, build, evaluate = _build_and_evaluate(opt, grads, params, 4 * STEPS)
     x = mx.ones((10,))
     mx.eval(x)
     floor = _median_us(lambda: mx.eval(x + 1), n=4 * STEPS)

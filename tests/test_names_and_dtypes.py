@@ -2,6 +2,7 @@
 stock accepts are accepted, with stock's bits; integer params are refused
 by name. Every refused step leaves params and state as they were."""
 
+import re
 import warnings
 
 import mlx.core as mx
@@ -147,6 +148,24 @@ _NO_DECAY = [
 _NO_DECAY_IDS = ["plain", "momentum", "nesterov", "dampening"]
 
 
+def _step_both(ours, stock, ours_p, stock_p, grads_of_step, steps, match=None):
+    """``steps`` updates of FusedSGD and stock on the gradients
+    ``grads_of_step(step)``: the first FusedSGD update must warn (``match``),
+    no later one. Returns both params."""
+    for step in range(steps):
+        grads = grads_of_step(step)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ours_p = ours.apply_gradients(grads, ours_p)
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == (1 if step == 0 else 0), messages
+        if step == 0 and match:
+            assert re.search(match, messages[0]), messages[0]
+        stock_p = stock.apply_gradients(grads, stock_p)
+        mx.eval(ours_p, stock_p, ours.state, stock.state)
+    return ours_p, stock_p
+
+
 def _assert_trees_equal(ours, stock):
     ours, stock = _flat(ours), _flat(stock)
     assert ours.keys() == stock.keys()
@@ -164,21 +183,19 @@ def test_without_weight_decay_half_gradients_give_stock_bits(grad_dtype, options
     its state's dtypes, and says that these params are not fused. Params
     with float32 gradients in the same tree keep the fused float32 update."""
     params = _model_tree()
-    ours_p, stock_p = params, params
     ours = mfs.FusedSGD(mfs.step_decay(0.1, 0.5, 2), **options)
     stock = optim.SGD(optim.step_decay(0.1, 0.5, 2), **options)
-    for step in range(5):
+
+    def grads_of_step(step):
         grads = _grads_like(params, seed=20 + step)
         for layer in grads["layers"][:2]:
             for k in layer:
                 layer[k] = layer[k].astype(grad_dtype)
-        if step == 0:
-            with pytest.warns(UserWarning, match=r"params 'layers\.0\.weight'"):
-                ours_p = ours.apply_gradients(grads, ours_p)
-        else:
-            ours_p = ours.apply_gradients(grads, ours_p)
-        stock_p = stock.apply_gradients(grads, stock_p)
-        mx.eval(ours_p, stock_p, ours.state, stock.state)
+        return grads
+
+    ours_p, stock_p = _step_both(
+        ours, stock, params, params, grads_of_step, 5, r"params 'layers\.0\.weight'"
+    )
     _assert_trees_equal(ours_p, stock_p)
     if options:
         _assert_trees_equal(ours.state, stock.state)
@@ -234,16 +251,9 @@ def test_stock_checkpoint_with_half_buffers_resumes_with_stock_bits():
     ours = mfs.FusedSGD(0.1, momentum=0.9)
     ours.state = tree_map(lambda x: x, stock.state)
     assert _flat(ours.state)["layers.0.weight.v"].dtype == mx.float16
-    ours_p = stock_p = p
-    for step in range(3):
-        grads = half(_grads_like(params, 41 + step))
-        if step == 0:
-            with pytest.warns(UserWarning, match="stock's ops"):
-                ours_p = ours.apply_gradients(grads, ours_p)
-        else:
-            ours_p = ours.apply_gradients(grads, ours_p)
-        stock_p = stock.apply_gradients(grads, stock_p)
-        mx.eval(ours_p, stock_p, ours.state, stock.state)
+    ours_p, stock_p = _step_both(
+        ours, stock, p, p, lambda k: half(_grads_like(params, 41 + k)), 3, "stock's ops"
+    )
     _assert_trees_equal(ours_p, stock_p)
     _assert_trees_equal(ours.state, stock.state)
 
@@ -257,16 +267,9 @@ def test_state_dtype_float32_keeps_float32_buffers_for_half_gradients():
     ours = mfs.FusedSGD(0.1, momentum=0.9, state_dtype=mx.float32)
     stock = optim.SGD(0.1, momentum=0.9)
     stock.init(params)  # float32 buffers, from the params
-    ours_p = stock_p = params
-    for step in range(3):
-        grads = half(_grads_like(params, 50 + step))
-        if step == 0:
-            with pytest.warns(UserWarning):
-                ours_p = ours.apply_gradients(grads, ours_p)
-        else:
-            ours_p = ours.apply_gradients(grads, ours_p)
-        stock_p = stock.apply_gradients(grads, stock_p)
-        mx.eval(ours_p, stock_p, ours.state, stock.state)
+    ours_p, stock_p = _step_both(
+        ours, stock, params, params, lambda k: half(_grads_like(params, 50 + k)), 3
+    )
     _assert_trees_equal(ours_p, stock_p)
     _assert_trees_equal(ours.state, stock.state)
     assert _flat(ours.state)["layers.0.weight.v"].dtype == mx.float32
@@ -352,15 +355,9 @@ def test_after_an_explicit_init_half_gradients_still_give_stock_bits_and_warn():
     stock = optim.SGD(0.1, momentum=0.9)
     ours.init(params)
     stock.init(params)
-    ours_p = stock_p = params
-    for step in range(3):
-        grads = half(_grads_like(params, 60 + step))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ours_p = ours.apply_gradients(grads, ours_p)
-        assert len(caught) == (1 if step == 0 else 0), [str(w.message) for w in caught]
-        stock_p = stock.apply_gradients(grads, stock_p)
-        mx.eval(ours_p, stock_p, ours.state, stock.state)
+    ours_p, stock_p = _step_both(
+        ours, stock, params, params, lambda k: half(_grads_like(params, 60 + k)), 3
+    )
     _assert_trees_equal(ours_p, stock_p)
     _assert_trees_equal(ours.state, stock.state)
     assert _flat(ours.state)["layers.0.weight.v"].dtype == mx.float32
