@@ -6,9 +6,9 @@ evaluation. Peers, all in the same run: stock ``mlx.optimizers.SGD`` eager and
 under ``mx.compile``, PyTorch ``SGD(foreach=True)`` and ``SGD(fused=True)``
 with ``StepLR`` (if torch is installed; on the same device: the CPU, or with
 ``--device gpu`` PyTorch's CUDA or MPS device), and the memory roofline (20
-bytes per parameter at the device's bandwidth: on the CPU an in-place triad,
-on a GPU the faster of MLX's triad there and PyTorch's device-to-device
-copy, measured in the same run).
+bytes per parameter at the device's bandwidth: on the CPU an in-place triad
+over buffers MLX allocated, on a GPU the faster of MLX's triad there and
+PyTorch's device-to-device copy, measured in the same run).
 
 Real models first (an MLP, a GPT-style decoder, a convnet from
 ``mlx_fused_sgd.examples.models``; and, when named with ``--workloads``, a
@@ -473,11 +473,34 @@ def _load_triad():
 _TRIAD: dict = {}
 
 
-def triad_bandwidth(n: int = 1 << 25, reps: int = 15) -> tuple[float, str]:
-    """Bytes per second of ``b += s * c`` (12 bytes per element)."""
-    if n not in _TRIAD:
-        _TRIAD[n] = (np.ones(n, np.float32), np.ones(n, np.float32), *_load_triad())
-    b, c, lib, how = _TRIAD[n]
+def triad_buffers(n: int, memory: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two float32 arrays of ``n`` ones for the triad, writable NumPy views:
+    of buffers MLX allocated (``memory="mlx"``: the kind of memory the
+    optimizer reads and writes), or allocated by NumPy (``"numpy"``). They
+    differ in page size: on Linux, with the kernel's default transparent
+    huge page setting (madvise), NumPy asks for 2 MiB pages for large arrays
+    and MLX's allocator gets 4 KiB ones, and a triad on NumPy's memory
+    measured 5 to 10% faster on the README's machine."""
+    if memory == "numpy":
+        return np.ones(n, np.float32), np.ones(n, np.float32)
+    b, c = mx.ones((n,), mx.float32, stream=mx.cpu), mx.ones((n,), stream=mx.cpu)
+    mx.eval(b, c)
+    # Zero-copy views (MLX's buffer protocol); `b`'s view keeps `b` alive,
+    # and nothing else holds these arrays, so writing through it is private.
+    views = np.asarray(b), np.asarray(c)
+    if not views[0].flags.writeable:
+        views = np.array(views[0]), views[1]
+    return views
+
+
+def triad_bandwidth(
+    n: int = 1 << 25, reps: int = 15, memory: str = "mlx"
+) -> tuple[float, str]:
+    """Bytes per second of ``b += s * c`` (12 bytes per element) over
+    buffers from ``memory`` (see ``triad_buffers``)."""
+    if (n, memory) not in _TRIAD:
+        _TRIAD[(n, memory)] = (*triad_buffers(n, memory), *_load_triad())
+    b, c, lib, how = _TRIAD[(n, memory)]
     if lib is not None:
 
         def run():
@@ -488,7 +511,8 @@ def triad_bandwidth(n: int = 1 << 25, reps: int = 15) -> tuple[float, str]:
         def run():
             b.__iadd__(c * np.float32(1e-3))
 
-    return 12 * n / median_seconds(run, reps), how
+    where = "MLX's buffers" if memory == "mlx" else "NumPy's buffers"
+    return 12 * n / median_seconds(run, reps), f"{how}, over {where}"
 
 
 def median_seconds(run: Callable[[], None], reps: int) -> float:
@@ -548,7 +572,8 @@ def torch_copy_bandwidth(
 
 def device_bandwidth(device: str, peer: str | None, reps: int = 15):
     """The bandwidth the roofline assumes (bytes per second) and how it was
-    measured: on the CPU an in-place triad (C, all cores); on a GPU the
+    measured: on the CPU an in-place triad (C, all cores) over buffers MLX
+    allocated, the memory the optimizer works on; on a GPU the
     faster of MLX's triad on it and, where PyTorch has that GPU (``peer``),
     PyTorch's device-to-device copy."""
     if device == "cpu":
@@ -722,6 +747,13 @@ def main(argv=None) -> int:
             "dtype": args.dtype,
             "bandwidth_GBps": bw / 1e9,
             "bandwidth_method": bw_how,
+            # For reference: the same triad over NumPy's memory (2 MiB pages
+            # where Linux grants them; see triad_buffers).
+            "bandwidth_numpy_GBps": (
+                triad_bandwidth(memory="numpy")[0] / 1e9
+                if args.device == "cpu"
+                else None
+            ),
         },
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "method": (
@@ -887,7 +919,13 @@ def print_tables(results, impls) -> None:
     )
     print(
         f"roofline bandwidth {m['bandwidth_GBps']:.1f} GB/s "
-        f"({m['bandwidth_method']}); "
+        f"({m['bandwidth_method']}"
+        + (
+            f"; over NumPy's buffers {m['bandwidth_numpy_GBps']:.1f} GB/s"
+            if m.get("bandwidth_numpy_GBps")
+            else ""
+        )
+        + "); "
         f"{results['method']}"
     )
     wls = results["workloads"]

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,3 +187,22 @@ def test_a_torch_peer_that_fails_on_the_device_is_left_out(
     assert "torch fused on cpu failed: fused SGD is not supported" in captured.err
     row = json.loads((tmp_path / "bench.json").read_text())["workloads"]["small"]
     assert "torch_fused_ms" not in row and row["torch_foreach_ms"] > 0
+
+
+def test_cpu_roofline_triad_runs_over_mlx_memory(device):
+    """The CPU roofline's triad runs over buffers MLX allocated (the memory
+    the optimizer works on), in place: the MLX array behind the view sees
+    the triad's writes. The NumPy-memory variant is measured too."""
+    if device != "cpu":
+        pytest.skip("one run is enough")
+    bench = _bench_module()
+    b, c = bench.triad_buffers(1 << 12, "mlx")
+    assert b.flags.writeable and b.dtype == c.dtype == np.float32
+    n = 1 << 20
+    bw, how = bench.triad_bandwidth(n=n, reps=3)
+    assert bw > 0 and "MLX's buffers" in how
+    b_used, c_used = bench._TRIAD[(n, "mlx")][:2]
+    # b started at 1 and had 1e-3 * c (c = 1) added once per call.
+    assert float(b_used[0]) > 1.0 and float(c_used[0]) == 1.0
+    bw_np, how_np = bench.triad_bandwidth(n=n, reps=3, memory="numpy")
+    assert bw_np > 0 and "NumPy's buffers" in how_np
