@@ -202,6 +202,13 @@ template <typename X> struct TileSource {
 // named: loads through memcpy into an array of vectors were compiled (GCC
 // 12, -mavx2) into a round trip through the stack, whose 16-byte stores
 // could not be forwarded to the 32-byte loads after them.
+//
+// The helpers pass 32-byte vectors by value; in the generic build (no AVX)
+// GCC warns that this changes the ABI. They are always inlined, so no call
+// crosses an ABI boundary.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 typedef uint32_t Bits32x8 __attribute__((vector_size(32)));
 typedef uint32_t Bits32x4 __attribute__((vector_size(16)));
 typedef uint16_t Bits16x8 __attribute__((vector_size(16)));
@@ -225,74 +232,77 @@ MFS_LOOP_INLINE void store_row(unsigned char* p, Bits16x8 x) {
   *reinterpret_cast<Bits16x8Unaligned*>(p) = x;
 }
 
-// 8 x 8 blocks of 2-byte elements: three rounds of interleaving pairs of
-// rows.
+// Four rows a0..a3 of 8 elements after two rounds of interleaving: r_k
+// holds element k of a0..a3 in its low half and element k + 4 in its high
+// half (rows k and k + 4 of the 8 x 4 transpose).
+template <typename Rows> struct FourRows {
+  Rows r0, r1, r2, r3;
+};
+
+template <typename Rows>
+MFS_LOOP_INLINE FourRows<Rows> interleave4(Rows a0, Rows a1, Rows a2, Rows a3) {
+  const Rows t0 = __builtin_shufflevector(a0, a1, 0, 8, 1, 9, 4, 12, 5, 13);
+  const Rows t1 = __builtin_shufflevector(a0, a1, 2, 10, 3, 11, 6, 14, 7, 15);
+  const Rows t2 = __builtin_shufflevector(a2, a3, 0, 8, 1, 9, 4, 12, 5, 13);
+  const Rows t3 = __builtin_shufflevector(a2, a3, 2, 10, 3, 11, 6, 14, 7, 15);
+  return {
+      __builtin_shufflevector(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13),
+      __builtin_shufflevector(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15),
+      __builtin_shufflevector(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13),
+      __builtin_shufflevector(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15)};
+}
+
+template <typename Rows>
+MFS_LOOP_INLINE FourRows<Rows>
+load_interleave4(const unsigned char* src, int64_t src_ld) {
+  return interleave4(
+      load_row(src, Rows{}),
+      load_row(src + src_ld, Rows{}),
+      load_row(src + 2 * src_ld, Rows{}),
+      load_row(src + 3 * src_ld, Rows{}));
+}
+
+// 8 x 8 blocks of 2-byte elements: each half of the block interleaved
+// twice, then a third round across the halves.
 MFS_LOOP_INLINE void transpose8x8(
     const unsigned char* src,
     int64_t src_ld,
     unsigned char* dst,
     int64_t dst_ld) {
-  using Rows = Bits16x8;
-  const Rows a0 = load_row(src, Rows{}), a1 = load_row(src + src_ld, Rows{}),
-             a2 = load_row(src + 2 * src_ld, Rows{}),
-             a3 = load_row(src + 3 * src_ld, Rows{}),
-             a4 = load_row(src + 4 * src_ld, Rows{}),
-             a5 = load_row(src + 5 * src_ld, Rows{}),
-             a6 = load_row(src + 6 * src_ld, Rows{}),
-             a7 = load_row(src + 7 * src_ld, Rows{});
-#define MFS_LO2(x, y) __builtin_shufflevector(x, y, 0, 8, 1, 9, 4, 12, 5, 13)
-#define MFS_HI2(x, y) __builtin_shufflevector(x, y, 2, 10, 3, 11, 6, 14, 7, 15)
-#define MFS_LO4(x, y) __builtin_shufflevector(x, y, 0, 1, 8, 9, 4, 5, 12, 13)
-#define MFS_HI4(x, y) __builtin_shufflevector(x, y, 2, 3, 10, 11, 6, 7, 14, 15)
-  const Rows t0 = MFS_LO2(a0, a1), t1 = MFS_HI2(a0, a1), t2 = MFS_LO2(a2, a3),
-             t3 = MFS_HI2(a2, a3), t4 = MFS_LO2(a4, a5), t5 = MFS_HI2(a4, a5),
-             t6 = MFS_LO2(a6, a7), t7 = MFS_HI2(a6, a7);
-  const Rows u[8] = {
-      MFS_LO4(t0, t2),
-      MFS_HI4(t0, t2),
-      MFS_LO4(t1, t3),
-      MFS_HI4(t1, t3),
-      MFS_LO4(t4, t6),
-      MFS_HI4(t4, t6),
-      MFS_LO4(t5, t7),
-      MFS_HI4(t5, t7)};
-  for (int i = 0; i < 4; ++i) {
+  const auto top = load_interleave4<Bits16x8>(src, src_ld);
+  const auto bottom = load_interleave4<Bits16x8>(src + 4 * src_ld, src_ld);
+  auto store_pair = [&](int i, Bits16x8 x, Bits16x8 y) {
     store_row(
         dst + i * dst_ld,
-        __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11));
+        __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11));
     store_row(
         dst + (i + 4) * dst_ld,
-        __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15));
-  }
+        __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15));
+  };
+  store_pair(0, top.r0, bottom.r0);
+  store_pair(1, top.r1, bottom.r1);
+  store_pair(2, top.r2, bottom.r2);
+  store_pair(3, top.r3, bottom.r3);
 }
 
 // 4 columns x 8 rows of 4-byte elements (4 rows of `src`, each 8 elements of
-// one column's run) to 8 rows x 4 columns of `dst`: two rounds of
-// interleaving, then each register's halves are two rows.
+// one column's run) to 8 rows x 4 columns of `dst`: interleaved twice, each
+// register's halves are then two rows.
 MFS_LOOP_INLINE void transpose4x8(
     const unsigned char* src,
     int64_t src_ld,
     unsigned char* dst,
     int64_t dst_ld) {
-  using Rows = Bits32x8;
-  const Rows a0 = load_row(src, Rows{}), a1 = load_row(src + src_ld, Rows{}),
-             a2 = load_row(src + 2 * src_ld, Rows{}),
-             a3 = load_row(src + 3 * src_ld, Rows{});
-  const Rows t0 = MFS_LO2(a0, a1), t1 = MFS_HI2(a0, a1), t2 = MFS_LO2(a2, a3),
-             t3 = MFS_HI2(a2, a3);
-  const Rows u[4] = {
-      MFS_LO4(t0, t2), MFS_HI4(t0, t2), MFS_LO4(t1, t3), MFS_HI4(t1, t3)};
-#undef MFS_LO2
-#undef MFS_HI2
-#undef MFS_LO4
-#undef MFS_HI4
-  for (int i = 0; i < 4; ++i) {
+  const auto u = load_interleave4<Bits32x8>(src, src_ld);
+  auto store_halves = [&](int i, Bits32x8 x) {
+    store_row(dst + i * dst_ld, __builtin_shufflevector(x, x, 0, 1, 2, 3));
     store_row(
-        dst + i * dst_ld, __builtin_shufflevector(u[i], u[i], 0, 1, 2, 3));
-    store_row(
-        dst + (i + 4) * dst_ld,
-        __builtin_shufflevector(u[i], u[i], 4, 5, 6, 7));
-  }
+        dst + (i + 4) * dst_ld, __builtin_shufflevector(x, x, 4, 5, 6, 7));
+  };
+  store_halves(0, u.r0);
+  store_halves(1, u.r1);
+  store_halves(2, u.r2);
+  store_halves(3, u.r3);
 }
 
 // buf[r * ld + c] = x[c * col_stride + r] for an nr x nc tile, in strips of
