@@ -473,24 +473,31 @@ def _load_triad():
 _TRIAD: dict = {}
 
 
-def triad_buffers(n: int, memory: str) -> tuple[np.ndarray, np.ndarray]:
-    """Two float32 arrays of ``n`` ones for the triad, writable NumPy views:
-    of buffers MLX allocated (``memory="mlx"``: the kind of memory the
-    optimizer reads and writes), or allocated by NumPy (``"numpy"``). They
+def triad_buffers(n: int, memory: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """Two float32 arrays of ``n`` ones for the triad, writable, and whose
+    memory they are: views of buffers MLX allocated (``memory="mlx"``: the
+    kind of memory the optimizer reads and writes), or NumPy's own arrays
+    (``"numpy"``, and the fallback should MLX's views be read-only). They
     differ in page size: on Linux, with the kernel's default transparent
     huge page setting (madvise), NumPy asks for 2 MiB pages for large arrays
     and MLX's allocator gets 4 KiB ones, and a triad on NumPy's memory
     measured 5 to 10% faster on the README's machine."""
-    if memory == "numpy":
-        return np.ones(n, np.float32), np.ones(n, np.float32)
-    b, c = mx.ones((n,), mx.float32, stream=mx.cpu), mx.ones((n,), stream=mx.cpu)
-    mx.eval(b, c)
-    # Zero-copy views (MLX's buffer protocol); `b`'s view keeps `b` alive,
-    # and nothing else holds these arrays, so writing through it is private.
-    views = np.asarray(b), np.asarray(c)
-    if not views[0].flags.writeable:
-        views = np.array(views[0]), views[1]
-    return views
+    if memory == "mlx":
+        b, c = mx.ones((n,), stream=mx.cpu), mx.ones((n,), stream=mx.cpu)
+        mx.eval(b, c)
+        # Zero-copy views (MLX's buffer protocol); each keeps its array
+        # alive, and nothing else holds these arrays, so writing through
+        # them is private.
+        views = np.asarray(b), np.asarray(c)
+        if views[0].flags.writeable:
+            return (*views, "MLX's buffers")
+    return (
+        np.ones(n, np.float32),
+        np.ones(n, np.float32),
+        "NumPy's buffers"
+        if memory == "numpy"
+        else "NumPy's buffers (MLX's are read-only)",
+    )
 
 
 def triad_bandwidth(
@@ -500,7 +507,7 @@ def triad_bandwidth(
     buffers from ``memory`` (see ``triad_buffers``)."""
     if (n, memory) not in _TRIAD:
         _TRIAD[(n, memory)] = (*triad_buffers(n, memory), *_load_triad())
-    b, c, lib, how = _TRIAD[(n, memory)]
+    b, c, where, lib, how = _TRIAD[(n, memory)]
     if lib is not None:
 
         def run():
@@ -511,7 +518,6 @@ def triad_bandwidth(
         def run():
             b.__iadd__(c * np.float32(1e-3))
 
-    where = "MLX's buffers" if memory == "mlx" else "NumPy's buffers"
     return 12 * n / median_seconds(run, reps), f"{how}, over {where}"
 
 

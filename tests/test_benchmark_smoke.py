@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -196,13 +197,18 @@ def test_cpu_roofline_triad_runs_over_mlx_memory(device):
     if device != "cpu":
         pytest.skip("one run is enough")
     bench = _bench_module()
-    b, c = bench.triad_buffers(1 << 12, "mlx")
+    b, c, where = bench.triad_buffers(1 << 12, "mlx")
     assert b.flags.writeable and b.dtype == c.dtype == np.float32
+    assert where == "MLX's buffers"
     n = 1 << 20
     bw, how = bench.triad_bandwidth(n=n, reps=3)
     assert bw > 0 and "MLX's buffers" in how
     b_used, c_used = bench._TRIAD[(n, "mlx")][:2]
-    # b started at 1 and had 1e-3 * c (c = 1) added once per call.
+    # b started at 1 and had 1e-3 * c (c = 1) added once per call, in the
+    # MLX array's own memory (the view's buffer is exported by that array).
     assert float(b_used[0]) > 1.0 and float(c_used[0]) == 1.0
+    owner = b_used.base.obj
+    assert isinstance(owner, mx.array)
+    assert owner[0].item() == float(b_used[0])
     bw_np, how_np = bench.triad_bandwidth(n=n, reps=3, memory="numpy")
     assert bw_np > 0 and "NumPy's buffers" in how_np
