@@ -205,7 +205,8 @@ template <typename X> struct TileSource {
 //
 // The helpers pass 32-byte vectors by value; in the generic build (no AVX)
 // GCC warns that this changes the ABI. They are always inlined, so no call
-// crosses an ABI boundary.
+// crosses an ABI boundary. (Ignored to the end of the file: GCC reports the
+// warning at the end of the translation unit, after a pop.)
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
