@@ -13,6 +13,7 @@
 #include "grad_check.h"
 #include "sgd_update.h"
 #include "step_decay.h"
+#include "tree.h"
 #include "utils.h"
 
 namespace nb = nanobind;
@@ -693,4 +694,5 @@ NB_MODULE(_ext, m) {
   bind_sgd_update_many(m);
   bind_sgd_update_many_scheduled(m);
   bind_fallbacks(m);
+  mfs::bind_tree(m);
 }

@@ -120,3 +120,125 @@ def test_scalar_array_hyperparameters_accepted():
     params = opt.apply_gradients({"w": mx.ones((3,))}, {"w": mx.ones((3,))})
     mx.eval(params)
     assert opt.state["step"].item() == 1
+
+
+# The tree walk, the result tree and the commit run in C++ for the trees MLX
+# builds (plain dicts, nn.Module, lists, tuples); anything else falls back to
+# the Python walk, which also names the parameter of every error.
+
+
+def _model():
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def _model_grads(model):
+    x = mx.random.normal((4, 6), key=mx.random.key(3))
+    return nn.value_and_grad(model, lambda m, x: m(x).sum())(model, x)[1]
+
+
+def test_model_trees_take_the_cxx_walk(monkeypatch):
+    """optimizer.update(model, grads) (the parameters are the nn.Module
+    itself, lists inside) never runs the Python walk or rebuild: a slow
+    path taken by mistake fails here."""
+    from mlx_fused_sgd import optimizer as opt_module
+
+    model = _model()
+    opt = mfs.FusedSGD(0.1, momentum=0.9, weight_decay=1e-4)
+    opt.init(model.trainable_parameters())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Python tree walk ran")
+
+    monkeypatch.setattr(opt_module, "_collect", refuse)
+    monkeypatch.setattr(opt_module, "_rebuild", refuse)
+    stock_model = _model()
+    stock_model.update(model.parameters())
+    stock = optim.SGD(0.1, momentum=0.9, weight_decay=1e-4)
+    for _ in range(3):
+        grads = _model_grads(model)
+        opt.update(model, grads)
+        stock.update(stock_model, grads)
+        mx.eval(model.parameters(), stock_model.parameters(), opt.state)
+    for (k, a), (_, b) in zip(
+        tree_flatten(model.parameters()), tree_flatten(stock_model.parameters())
+    ):
+        assert_bitwise_equal(a, b, k)
+    for (k, a), (_, b) in zip(tree_flatten(opt.state), tree_flatten(stock.state)):
+        assert_bitwise_equal(a, b, k)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_cxx_walk_matches_the_python_walk(momentum):
+    """The same leaves, params, state dicts and buffers, in the same order,
+    as the Python walk, on a model's tree and on a nested one."""
+    from mlx_fused_sgd import optimizer as opt_module
+
+    ext = opt_module._ext
+    model = _model()
+    k = mx.random.split(mx.random.key(7), 4)
+    nested = {
+        "b": [mx.ones((2,)), (mx.zeros((3,)), {"z": mx.ones((1,))})],
+        "a": mx.random.normal((2, 2), key=k[0]),
+    }
+    for params, grads in (
+        (model, _model_grads(model)),
+        (
+            nested,
+            {
+                "b": [mx.ones((2,)), (mx.ones((3,)), {"z": mx.ones((1,))})],
+                "a": mx.ones((2, 2)),
+            },
+        ),
+    ):
+        opt = mfs.FusedSGD(0.1, momentum=momentum)
+        opt.init(grads)
+        key = "v" if momentum > 0 else None
+        fast = ext.collect_tree(grads, params, opt.state, key)
+        assert fast is not None
+        slow = opt._collect_checked(grads, params, momentum > 0)
+        assert len(fast[0]) == len(tree_flatten(grads)) > 0
+        for got, want in zip(fast, slow):
+            assert len(got) == len(want)
+            assert all(x is y for x, y in zip(got, want))
+        leaves = [x + 1 for x in fast[1]]
+        rebuilt = ext.rebuild_tree(grads, leaves)
+        want = opt_module._rebuild(grads, iter(leaves))
+        assert _shape_of(rebuilt) == _shape_of(want)
+        flat, flat_want = tree_flatten(rebuilt), tree_flatten(want)
+        assert [k for k, _ in flat] == [k for k, _ in flat_want]
+        assert all(x is y for (_, x), (_, y) in zip(flat, flat_want))
+
+
+def _shape_of(tree):
+    """The containers of a tree, leaves left out."""
+    if isinstance(tree, dict):
+        return (type(tree), [(k, _shape_of(v)) for k, v in tree.items()])
+    if isinstance(tree, (list, tuple)):
+        return (type(tree), [_shape_of(v) for v in tree])
+    return None
+
+
+def test_cxx_walk_leaves_the_unusual_to_python():
+    """None (the Python walk runs) for a mismatch, a missing state entry or
+    momentum buffer, a namedtuple, a non-array leaf, and too few leaves to
+    rebuild a tree."""
+    from mlx_fused_sgd import optimizer as opt_module
+
+    ext = opt_module._ext
+    a = mx.ones((2,))
+    state = {"w": {"v": a}}
+    assert ext.collect_tree({"w": a}, {"w": a}, state, "v") is not None
+    assert ext.collect_tree({"w": a}, {"x": a}, state, "v") is None
+    assert ext.collect_tree({"w": a}, {"w": [a]}, state, "v") is None
+    assert ext.collect_tree({"w": a}, {"w": a}, {}, "v") is None
+    assert ext.collect_tree({"w": a}, {"w": a}, {"w": {}}, "v") is None
+    assert ext.collect_tree([a, a], [a], None) is None
+    assert ext.collect_tree({"w": 1.0}, {"w": a}, None) is None
+    assert ext.collect_tree(Pair(a, a), Pair(a, a), None) is None
+    assert ext.rebuild_tree(Pair(a, a), [a, a]) is None
+    assert ext.rebuild_tree({"w": a, "b": a}, [a]) is None
+    assert ext.rebuild_tree({"w": a}, [a, a]) is None
+    states = [{"v": a}, {"v": a}]
+    b = mx.zeros((2,))
+    ext.set_state_items(states, "v", [b, None])
+    assert states[0]["v"] is b and states[1]["v"] is a

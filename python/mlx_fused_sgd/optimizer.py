@@ -592,6 +592,27 @@ class FusedSGD(Optimizer):
         )
 
     def _apply_gradients(self, gradients: Any, parameters: Any) -> Any:
+        momentum_on = self.momentum > 0
+        # The trees MLX builds are flattened in C++; anything else (and every
+        # error, named by its path) by the Python walk below.
+        walked = _ext.collect_tree(
+            gradients, parameters, self.state, "v" if momentum_on else None
+        )
+        if walked is not None:
+            grads, params, states, velocities = walked
+        else:
+            grads, params, states, velocities = self._collect_checked(
+                gradients, parameters, momentum_on
+            )
+        if not self._checked_unfused:
+            self._warn_if_unfused(gradients, grads, params)
+        return self._apply_flat(gradients, grads, params, states, velocities)
+
+    def _collect_checked(
+        self, gradients: Any, parameters: Any, momentum_on: bool
+    ) -> tuple[list, list, list, list]:
+        """The Python walk: the leaves, params, state dicts and momentum
+        buffers, or the error that names the offending parameter's path."""
         grads: list[mx.array] = []
         params: list[mx.array] = []
         states: list[dict] = []
@@ -604,9 +625,6 @@ class FusedSGD(Optimizer):
                 f"the optimizer state has no entry {entry}; the state does not "
                 "match these parameters."
             ) from None
-        if not self._checked_unfused:
-            self._warn_if_unfused(gradients, grads, params)
-        momentum_on = self.momentum > 0
         velocities = []
         if momentum_on:
             try:
@@ -623,7 +641,17 @@ class FusedSGD(Optimizer):
                     f"parameter '{where}'; the state does not match these "
                     "parameters."
                 ) from None
+        return grads, params, states, velocities
 
+    def _apply_flat(
+        self,
+        gradients: Any,
+        grads: list[mx.array],
+        params: list[mx.array],
+        states: list[dict],
+        velocities: list[mx.array],
+    ) -> Any:
+        momentum_on = self.momentum > 0
         step = self.step
         settings = self._settings()
         masters = None
@@ -685,7 +713,9 @@ class FusedSGD(Optimizer):
             raise _with_paths(e, gradients) from None
 
         # The result first: nothing that can fail comes after the commit.
-        result = _rebuild(gradients, iter(new_params))
+        result = _ext.rebuild_tree(gradients, new_params)
+        if result is None:  # a namedtuple, an array subclass
+            result = _rebuild(gradients, iter(new_params))
 
         # Commit: nothing above touched the state. A skipped step (decided on
         # the device) keeps the step counter and the learning rate too.
@@ -699,10 +729,7 @@ class FusedSGD(Optimizer):
         if norm is not None:
             self.state["last_grad_norm"] = norm
         if momentum_on:
-            for s, v in zip(states, new_velocities):
-                s["v"] = v
+            _ext.set_state_items(states, "v", new_velocities)
         if masters is not None:
-            for s, m in zip(states, new_masters):
-                if m is not None:
-                    s["master"] = m
+            _ext.set_state_items(states, "master", new_masters)
         return result
