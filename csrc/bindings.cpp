@@ -138,9 +138,8 @@ void bind_backend(nb::module_& m) {
             throw std::runtime_error(*load_error);
           }
         };
-        return status_dict(
-            mfs::decide_gpu_kernels(
-                built_with_kernels, library_path, load, no_kernels_reason));
+        return status_dict(mfs::decide_gpu_kernels(
+            built_with_kernels, library_path, load, no_kernels_reason));
       },
       "built_with_kernels"_a,
       "library_path"_a,
@@ -171,11 +170,10 @@ void bind_step_decay(nb::module_& m) {
       "step_size"_a,
       nb::kw_only(),
       "stream"_a = nb::none(),
-      nb::sig(
-          "def step_decay_lr(step: mlx.core.array, init: float, "
-          "decay_rate: float, step_size: int, *, "
-          "stream: mlx.core.Stream | mlx.core.Device | None = None) "
-          "-> mlx.core.array"),
+      nb::sig("def step_decay_lr(step: mlx.core.array, init: float, "
+              "decay_rate: float, step_size: int, *, "
+              "stream: mlx.core.Stream | mlx.core.Device | None = None) "
+              "-> mlx.core.array"),
       R"(Step-decay learning rate of an integer step array, as one primitive.
 
 Computes ``float32(init) * float32(decay_rate) ** float32(step // step_size)``
@@ -206,11 +204,10 @@ void bind_grad_check(nb::module_& m) {
       nb::kw_only(),
       "tensors_per_primitive"_a = mfs::kDefaultTensorsPerCheck,
       "stream"_a = nb::none(),
-      nb::sig(
-          "def grads_nonfinite(grads: list[mlx.core.array], *, "
-          "tensors_per_primitive: int = 1024, "
-          "stream: mlx.core.Stream | mlx.core.Device | None = None) "
-          "-> mlx.core.array"),
+      nb::sig("def grads_nonfinite(grads: list[mlx.core.array], *, "
+              "tensors_per_primitive: int = 1024, "
+              "stream: mlx.core.Stream | mlx.core.Device | None = None) "
+              "-> mlx.core.array"),
       R"(A boolean scalar, on the device: True when any element of any gradient
 is NaN or Inf. Pass it as ``skip`` to the update functions to make a step a
 no-op without a host round trip (what ``FusedSGD(skip_nonfinite=True)``
@@ -227,11 +224,10 @@ does).)");
       nb::kw_only(),
       "tensors_per_primitive"_a = mfs::kDefaultTensorsPerCheck,
       "stream"_a = nb::none(),
-      nb::sig(
-          "def grads_sq_norm(grads: list[mlx.core.array], *, "
-          "tensors_per_primitive: int = 1024, "
-          "stream: mlx.core.Stream | mlx.core.Device | None = None) "
-          "-> mlx.core.array"),
+      nb::sig("def grads_sq_norm(grads: list[mlx.core.array], *, "
+              "tensors_per_primitive: int = 1024, "
+              "stream: mlx.core.Stream | mlx.core.Device | None = None) "
+              "-> mlx.core.array"),
       R"(The squared L2 norm of all gradients together, a float32 scalar on
 the device (per tensor summed in double and rounded, then added in order).)");
 }
@@ -268,22 +264,21 @@ void bind_sgd_update(nb::module_& m) {
          const OptionalArray& skip,
          const OptionalArray& clip_factor,
          mx::StreamOrDevice s) {
-        return single_result(
-            mfs::sgd_update_many(
-                {param},
-                {grad},
-                as_list(velocity),
-                learning_rate,
-                {momentum,
-                 weight_decay,
-                 dampening,
-                 nesterov,
-                 maximize,
-                 grad_scale,
-                 skip,
-                 clip_factor},
-                1,
-                s));
+        return single_result(mfs::sgd_update_many(
+            {param},
+            {grad},
+            as_list(velocity),
+            learning_rate,
+            {momentum,
+             weight_decay,
+             dampening,
+             nesterov,
+             maximize,
+             grad_scale,
+             skip,
+             clip_factor},
+            1,
+            s));
       },
       "param"_a,
       "grad"_a,
@@ -299,17 +294,16 @@ void bind_sgd_update(nb::module_& m) {
       "skip"_a = nb::none(),
       "clip_factor"_a = nb::none(),
       "stream"_a = nb::none(),
-      nb::sig(
-          "def sgd_update(param: mlx.core.array, grad: mlx.core.array, "
-          "velocity: mlx.core.array | None = None, *, "
-          "learning_rate: mlx.core.array, momentum: float = 0.0, "
-          "weight_decay: float = 0.0, dampening: float = 0.0, "
-          "nesterov: bool = False, maximize: bool = False, "
-          "grad_scale: mlx.core.array | None = None, "
-          "skip: mlx.core.array | None = None, "
-          "clip_factor: mlx.core.array | None = None, "
-          "stream: mlx.core.Stream | mlx.core.Device | None = None) "
-          "-> tuple[mlx.core.array, mlx.core.array | None]"),
+      nb::sig("def sgd_update(param: mlx.core.array, grad: mlx.core.array, "
+              "velocity: mlx.core.array | None = None, *, "
+              "learning_rate: mlx.core.array, momentum: float = 0.0, "
+              "weight_decay: float = 0.0, dampening: float = 0.0, "
+              "nesterov: bool = False, maximize: bool = False, "
+              "grad_scale: mlx.core.array | None = None, "
+              "skip: mlx.core.array | None = None, "
+              "clip_factor: mlx.core.array | None = None, "
+              "stream: mlx.core.Stream | mlx.core.Device | None = None) "
+              "-> tuple[mlx.core.array, mlx.core.array | None]"),
       R"(One fused SGD step of one tensor (one primitive, one pass).
 
 Returns ``(new_param, new_velocity)``; ``new_velocity`` is ``velocity``
@@ -336,23 +330,22 @@ void bind_sgd_update_scheduled(nb::module_& m) {
          const OptionalArray& skip,
          const OptionalArray& clip_factor,
          mx::StreamOrDevice s) {
-        return single_result(
-            mfs::sgd_update_many_scheduled(
-                {param},
-                {grad},
-                as_list(velocity),
-                step,
-                {init, decay_rate, step_size},
-                {momentum,
-                 weight_decay,
-                 dampening,
-                 nesterov,
-                 maximize,
-                 grad_scale,
-                 skip,
-                 clip_factor},
-                1,
-                s));
+        return single_result(mfs::sgd_update_many_scheduled(
+            {param},
+            {grad},
+            as_list(velocity),
+            step,
+            {init, decay_rate, step_size},
+            {momentum,
+             weight_decay,
+             dampening,
+             nesterov,
+             maximize,
+             grad_scale,
+             skip,
+             clip_factor},
+            1,
+            s));
       },
       "param"_a,
       "grad"_a,

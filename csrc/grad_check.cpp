@@ -59,13 +59,12 @@ std::vector<mx::array> grad_chunks(
   for (size_t start = 0; start < grads.size(); start += tensors_per_primitive) {
     size_t end = std::min(grads.size(), start + tensors_per_primitive);
     std::vector<mx::array> chunk(grads.begin() + start, grads.begin() + end);
-    outs.push_back(
-        mx::array(
-            mx::Shape{},
-            kind == GradCheck::Kind::nonfinite ? mx::uint32 : mx::float32,
-            std::make_shared<GradCheck>(
-                stream, static_cast<int>(chunk.size()), kind),
-            std::move(chunk)));
+    outs.push_back(mx::array(
+        mx::Shape{},
+        kind == GradCheck::Kind::nonfinite ? mx::uint32 : mx::float32,
+        std::make_shared<GradCheck>(
+            stream, static_cast<int>(chunk.size()), kind),
+        std::move(chunk)));
   }
   return outs;
 }
