@@ -1,14 +1,16 @@
-"""Where the 1000-tensor step's time goes on the host, and what caching the
-tree could save at most.
+"""Where the 1000-tensor step's time goes on the host, and what the tree
+work costs in Python and in C++.
 
 Times FusedSGD.apply_gradients on 1000 x (1024,) float32 tensors (momentum,
 weight decay, step decay) split into the C++ op that builds the graph, the
 Python around it (the tree walk, the result tree, the state commit, and
-releasing the previous step's arrays) and the evaluation. Then the tree walk
-and the result tree against the least any cache could do per step: direct
-key lookups with no checks at all. Last, the convnet's step (few small
-tensors, in cache) split the same way, against the least an evaluation
-costs in MLX here.
+releasing the previous step's arrays) and the evaluation. Then the tree walk,
+the result tree and the commit as FusedSGD runs them (C++, csrc/tree.cpp)
+against the Python walk that handles everything else, and against the least
+any cache could do per step (direct key lookups with no checks at all); and
+the whole step with each, in interleaved rounds. Last, the convnet's step
+(few small tensors, in cache) split the same way, against the least an
+evaluation costs in MLX here.
 
     python benchmarks/host_share.py
 """
@@ -93,27 +95,74 @@ def main() -> None:
 
     state = opt.state
     keys = tuple(grads.keys())
+    ext = opt_module._ext
 
     def walk():
-        g, p, s = [], [], []
-        opt_module._collect(grads, params, state, "", g, p, s)
-        return [x["v"] for x in s]
+        return opt._collect_checked(grads, params, True)
 
     def lookups():
         [grads[k] for k in keys]
         [params[k] for k in keys]
         return [state[k]["v"] for k in keys]
 
-    leaves = [params[k] for k in keys]
-    print(
-        f"  tree walk (checked)   {_median_us(walk):6.1f} us, "
-        f"direct lookups (no checks) {_median_us(lookups):6.1f} us"
-    )
-    rebuild = _median_us(lambda: opt_module._rebuild(grads, iter(leaves)))
+    _, leaves, states, values = ext.collect_tree(grads, params, state, "v")
+
+    def commit():
+        for s, v in zip(states, values):
+            s["v"] = v
+
+    print("  per step, C++ (FusedSGD) against Python:")
+    for what, cxx, python in (
+        ("tree walk  ", lambda: ext.collect_tree(grads, params, state, "v"), walk),
+        (
+            "result tree",
+            lambda: ext.rebuild_tree(grads, leaves),
+            lambda: opt_module._rebuild(grads, iter(leaves)),
+        ),
+        ("commit     ", lambda: ext.set_state_items(states, "v", values), commit),
+    ):
+        print(
+            f"    {what} {_median_us(cxx):6.1f} us against {_median_us(python):6.1f} us"
+        )
     zipped = _median_us(lambda: dict(zip(keys, leaves)))
     print(
-        f"  result tree (rebuild) {rebuild:6.1f} us, "
-        f"dict(zip(keys, leaves)) {zipped:6.1f} us"
+        f"    (direct key lookups, no checks: {_median_us(lookups):6.1f} us; "
+        f"dict(zip(keys, leaves)): {zipped:6.1f} us)"
+    )
+    whole_step(opt, grads, params)
+
+
+def whole_step(opt, grads, params, rounds: int = 8, steps: int = 150) -> None:
+    """The step with the C++ tree work against the same step with the Python
+    walk, rebuild and commit, in interleaved rounds."""
+    ext = opt_module._ext
+    cxx = (ext.collect_tree, ext.rebuild_tree, ext.set_state_items)
+
+    def set_items(states, key, values):
+        for s, v in zip(states, values):
+            if v is not None:
+                s[key] = v
+
+    python = (lambda *a: None, lambda *a: None, set_items)
+    medians: dict[str, list[float]] = {"C++": [], "Python": []}
+    try:
+        for _ in range(rounds):
+            for name, fns in (("Python", python), ("C++", cxx)):
+                ext.collect_tree, ext.rebuild_tree, ext.set_state_items = fns
+                times = []
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    params = opt.apply_gradients(grads, params)
+                    mx.eval(params, opt.state)
+                    times.append(time.perf_counter() - t0)
+                medians[name].append(statistics.median(times[steps // 5 :]) * 1e3)
+    finally:
+        ext.collect_tree, ext.rebuild_tree, ext.set_state_items = cxx
+    ratio = statistics.median(a / b for a, b in zip(medians["C++"], medians["Python"]))
+    print(
+        f"  whole step, {rounds} interleaved rounds: C++ tree work "
+        f"{statistics.median(medians['C++']):.3f} ms, Python "
+        f"{statistics.median(medians['Python']):.3f} ms (paired ratio {ratio:.2f}x)"
     )
 
 
