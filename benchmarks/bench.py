@@ -235,10 +235,23 @@ def measure_rounds(
 
 
 def summarize(round_medians: dict[str, list[float]], row: dict) -> None:
-    """Median, min and max over the rounds, into ``row``."""
+    """Median, min and max over the rounds, into ``row``; every round's
+    medians too (``rounds_ms``)."""
     for name, values in round_medians.items():
         row[f"{name}_ms"] = statistics.median(values)
         row[f"{name}_range_ms"] = [min(values), max(values)]
+    row["rounds_ms"] = {name: list(v) for name, v in round_medians.items()}
+
+
+def paired_ratio(row: dict, num: str, den: str) -> float:
+    """The median over the rounds of ``num``'s round median divided by
+    ``den``'s in the same round: on a busy machine both slow down together
+    within a round, while the overall medians may come from rounds the load
+    treated differently. NaN where either was not run."""
+    rounds = row.get("rounds_ms", {})
+    if num not in rounds or den not in rounds:
+        return float("nan")
+    return statistics.median(a / b for a, b in zip(rounds[num], rounds[den]))
 
 
 def time_steps(
@@ -870,16 +883,16 @@ def _step_table(results, names, impls, title) -> None:
     )
     print(head + f" | {'fused/roofline':>14} {'eager/fused':>11}")
     print("-" * len(head) + "-" * 29)
+    # Ratios within each round, then their median (paired_ratio).
     for wl in names:
         row = results["workloads"][wl]
         cells = " ".join(f"{_ms(row, c):>13.2f} ms" for c in cols)
-        fused = _ms(row, "fused")
         sizes = f"{wl:<10} {row['tensors']:>7} {row['params'] / 1e6:>7.1f}M"
         if real:
             sizes += f" {row['not_row_contiguous']:>3}/{row['tensors']:<3}"
         ratios = (
-            f"{_ratio(fused / row['roofline_ms'], 14, 2)} "
-            f"{_ratio(_ms(row, 'stock_eager') / fused, 11, 1)}"
+            f"{_ratio(paired_ratio(row, 'fused', 'roofline'), 14, 2)} "
+            f"{_ratio(paired_ratio(row, 'stock_eager', 'fused'), 11, 1)}"
         )
         print(f"{sizes} | {cells} | {ratios}")
 
@@ -905,7 +918,9 @@ def _warnings(results) -> list[str]:
         medians = {
             k: v
             for k, v in row.items()
-            if k.endswith("_ms") and not k.endswith("_range_ms") and k != "roofline_ms"
+            if k.endswith("_ms")
+            and not k.endswith("_range_ms")
+            and k not in ("roofline_ms", "rounds_ms")
         }
         for key, value in medians.items():
             if roof and value < roof:

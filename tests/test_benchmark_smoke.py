@@ -44,6 +44,25 @@ def test_benchmark_runs_and_writes_results(tmp_path, device):
     for name in ("fused", "stock_eager", "roofline"):
         lo, hi = row[f"{name}_range_ms"]
         assert 0 < lo <= row[f"{name}_ms"] <= hi
+        assert len(row["rounds_ms"][name]) == 2
+        assert min(row["rounds_ms"][name]) == lo and max(row["rounds_ms"][name]) == hi
+
+
+def test_ratios_are_taken_within_rounds(device):
+    """fused/roofline and eager/fused are medians of per-round ratios: a
+    round the machine slowed down counts for both sides of its ratio."""
+    if device != "cpu":
+        pytest.skip("no device involved")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    row: dict = {}
+    bench.summarize({"fused": [2.0, 4.0, 6.0], "roofline": [1.0, 4.0, 3.0]}, row)
+    assert row["fused_ms"] / row["roofline_ms"] == pytest.approx(4 / 3)
+    assert bench.paired_ratio(row, "fused", "roofline") == 2.0
+    assert np.isnan(bench.paired_ratio(row, "stock_eager", "fused"))
 
 
 def test_benchmark_real_model_rows(tmp_path, device):

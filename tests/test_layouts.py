@@ -87,6 +87,37 @@ def test_strided_operand_gives_contiguous_bits(layout, operand, dtype):
         assert_bitwise_equal(got[1], want[1], f"{name}: velocity")
 
 
+def _transposed_at(rows, cols, offset, dtype, key):
+    """A transposed (rows, cols) view whose data starts ``offset`` elements
+    into its buffer: each column's run then starts at another place within
+    the CPU gather's aligned blocks."""
+    flat = _random((offset + rows * cols,), dtype, key)
+    x = mx.as_strided(flat, (rows, cols), (1, rows), offset)
+    mx.eval(x)
+    return x
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("rows", [8, 13, 264, 515])
+def test_transposed_runs_at_every_alignment(dtype, rows):
+    """Transposed operands whose columns start anywhere within the CPU
+    gather's 8-element blocks (MLX's own buffers start 24 bytes into a page;
+    a view can start anywhere), in tiles of 8 rows, a few more, and several
+    tiles with remainders: the contiguous bits."""
+    for offset in range(9):
+        keys = mx.random.split(mx.random.key(offset), 3)
+        g = _transposed_at(rows, 37, offset, dtype, keys[0])
+        p = _transposed_at(rows, 37, 8 - offset, dtype, keys[1])
+        v = _random((rows, 37), dtype, keys[2])
+        assert _is_strided(g) and _is_strided(p)
+        kw = dict(learning_rate=0.05, momentum=0.9, weight_decay=1e-2)
+        got = mfs.sgd_update(p, g, v, **kw)
+        want = mfs.sgd_update(_contiguous(p), _contiguous(g), v, **kw)
+        mx.eval(got, want)
+        assert_bitwise_equal(got[0], want[0], f"offset {offset}: param")
+        assert_bitwise_equal(got[1], want[1], f"offset {offset}: velocity")
+
+
 @pytest.mark.parametrize(
     "layout", ["transposed_tiles", "batched_transposed", "sliced_step"]
 )
