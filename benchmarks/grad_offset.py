@@ -1,0 +1,68 @@
+"""Where the gradient's buffer starts, and the transposed update's speed.
+
+FusedSGD on the MLP's real gradients (three of them transposed) as
+nn.value_and_grad returns them, in MLX's own buffers (which start 24 bytes
+into a page), and the same values copied into buffers whose data starts 8
+and 40 bytes further on (views made with mx.as_strided), each against the
+same values made contiguous; interleaved rounds, medians of per-round
+ratios.
+
+    python benchmarks/grad_offset.py [rounds]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_map
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench  # noqa: E402
+
+
+def shifted(g: mx.array, k: int) -> mx.array:
+    """``g`` (transposed) with its data ``k`` elements into a new buffer."""
+    if memoryview(g).c_contiguous:
+        return g
+    rows, cols = g.shape
+    flat = mx.concatenate([mx.zeros((k,), g.dtype), g.T.flatten()])
+    view = mx.as_strided(flat, (rows, cols), (1, rows), k)
+    mx.eval(view)
+    return view
+
+
+def main() -> None:
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 11
+    w, _, grads = bench.real_workload("mlp", mx.float32)
+    params = w.model.parameters()
+    contiguous = tree_map(lambda g: mx.array(np.ascontiguousarray(g)), grads)
+    variants = {
+        "as MLX returns them": grads,
+        "8 bytes further": tree_map(lambda g: shifted(g, 2), grads),
+        "40 bytes further": tree_map(lambda g: shifted(g, 10), grads),
+        "contiguous": contiguous,
+    }
+    runners = {k: bench.mlx_runner("fused", params, g) for k, g in variants.items()}
+    medians: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(rounds):
+        for name, (step, sync) in runners.items():
+            time.sleep(bench.SETTLE_S)
+            bench.time_steps(step, 1, 0, sync, min_warmup_s=bench.RESUME_S)
+            medians[name].append(statistics.median(bench.time_steps(step, 0, 15, sync)))
+    base = medians["contiguous"]
+    for name, values in medians.items():
+        ratio = statistics.median(a / b for a, b in zip(values, base))
+        print(
+            f"{name:20s} {statistics.median(values):6.2f} ms  "
+            f"{ratio:.2f}x the contiguous step"
+        )
+
+
+if __name__ == "__main__":
+    main()
