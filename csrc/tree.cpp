@@ -51,6 +51,10 @@ bool is_leaf(nb::handle x) {
   return x.type().is(array_type);
 }
 
+// Deeper trees go to the Python walk (which raises RecursionError where
+// Python's limit says so) rather than deep into the C++ stack.
+constexpr int kMaxDepth = 200;
+
 bool is_list_or_tuple(nb::handle x) {
   return PyList_CheckExact(x.ptr()) || PyTuple_CheckExact(x.ptr());
 }
@@ -62,7 +66,10 @@ struct Collector {
   nb::list grads, params, states, entries;
 
   // One leaf (or subtree) g of the gradients with its param p and state s.
-  bool walk(nb::handle g, nb::handle p, nb::handle s) {
+  bool walk(nb::handle g, nb::handle p, nb::handle s, int depth = 0) {
+    if (depth > kMaxDepth) {
+      return false;
+    }
     if (is_leaf(g)) {
       if (!is_leaf(p)) {
         return false;
@@ -101,7 +108,7 @@ struct Collector {
             return false;
           }
         }
-        if (!walk(v, sub_p, sub_s)) {
+        if (!walk(v, sub_p, sub_s, depth + 1)) {
           return false;
         }
       }
@@ -126,7 +133,7 @@ struct Collector {
           }
         }
         if (!sub_g.is_valid() || !sub_p.is_valid() ||
-            !walk(sub_g, sub_p, sub_s)) {
+            !walk(sub_g, sub_p, sub_s, depth + 1)) {
           return false;
         }
       }
@@ -138,7 +145,14 @@ struct Collector {
 
 // A tree shaped like g holding the next leaves (see rebuild_tree).
 bool rebuild(
-    nb::handle g, nb::handle leaves, Py_ssize_t& next, nb::object& out) {
+    nb::handle g,
+    nb::handle leaves,
+    Py_ssize_t& next,
+    nb::object& out,
+    int depth = 0) {
+  if (depth > kMaxDepth) {
+    return false;
+  }
   if (is_leaf(g)) {
     if (next >= PyList_Size(leaves.ptr())) {
       return false;
@@ -152,7 +166,7 @@ bool rebuild(
     Py_ssize_t pos = 0;
     while (PyDict_Next(g.ptr(), &pos, &key, &value)) {
       nb::object k = nb::borrow(key), v = nb::borrow(value), sub;
-      if (!rebuild(v, leaves, next, sub)) {
+      if (!rebuild(v, leaves, next, sub, depth + 1)) {
         return false;
       }
       d[k] = sub;
@@ -165,7 +179,7 @@ bool rebuild(
     nb::list items;
     for (Py_ssize_t i = 0; i < n; ++i) {
       nb::object sub_g = get_index(g, i), sub;
-      if (!sub_g.is_valid() || !rebuild(sub_g, leaves, next, sub)) {
+      if (!sub_g.is_valid() || !rebuild(sub_g, leaves, next, sub, depth + 1)) {
         return false;
       }
       items.append(sub);

@@ -238,6 +238,12 @@ def test_cxx_walk_leaves_the_unusual_to_python():
     assert ext.rebuild_tree(Pair(a, a), [a, a]) is None
     assert ext.rebuild_tree({"w": a, "b": a}, [a]) is None
     assert ext.rebuild_tree({"w": a}, [a, a]) is None
+    deep_g, deep_p = a, a
+    for _ in range(300):  # past the C++ walk's depth limit
+        deep_g, deep_p = [deep_g], [deep_p]
+    assert ext.collect_tree(deep_g, deep_p, None) is None
+    assert ext.rebuild_tree(deep_g, [a]) is None
+    assert opt_module._rebuild(deep_g, iter([a])) is not None
     states = [{"v": a}, {"v": a}]
     b = mx.zeros((2,))
     ext.set_state_items(states, "v", [b, None])
