@@ -22,23 +22,26 @@ namespace {
 namespace mx = mlx::core;
 using namespace nb::literals;
 
-// A new reference to container[key], or an empty object (error cleared).
+// An empty object for a failed lookup: the Python walk then runs and
+// raises its own error. An exception that is not an Exception (a
+// KeyboardInterrupt in a __getitem__) is raised, not swallowed.
+nb::object lookup_failed() {
+  if (PyErr_Occurred() && !PyErr_ExceptionMatches(PyExc_Exception)) {
+    throw nb::python_error();
+  }
+  PyErr_Clear();
+  return nb::object();
+}
+
+// A new reference to container[key], or an empty object (lookup_failed).
 // Plain dicts are read directly; anything else through its __getitem__.
 nb::object get_item(nb::handle container, nb::handle key) {
   if (PyDict_CheckExact(container.ptr())) {
     PyObject* item = PyDict_GetItemWithError(container.ptr(), key.ptr());
-    if (item == nullptr) {
-      PyErr_Clear();
-      return nb::object();
-    }
-    return nb::borrow(item);
+    return item != nullptr ? nb::borrow(item) : lookup_failed();
   }
   PyObject* item = PyObject_GetItem(container.ptr(), key.ptr());
-  if (item == nullptr) {
-    PyErr_Clear();
-    return nb::object();
-  }
-  return nb::steal(item);
+  return item != nullptr ? nb::steal(item) : lookup_failed();
 }
 
 nb::object get_index(nb::handle container, Py_ssize_t i) {

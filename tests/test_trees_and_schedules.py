@@ -244,6 +244,13 @@ def test_cxx_walk_leaves_the_unusual_to_python():
     assert ext.collect_tree(deep_g, deep_p, None) is None
     assert ext.rebuild_tree(deep_g, [a]) is None
     assert opt_module._rebuild(deep_g, iter([a])) is not None
+
+    class Interrupting(dict):
+        def __getitem__(self, key):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # raised, not taken for a miss
+        ext.collect_tree({"w": a}, Interrupting(w=a), None)
     states = [{"v": a}, {"v": a}]
     b = mx.zeros((2,))
     ext.set_state_items(states, "v", [b, None])
