@@ -651,6 +651,8 @@ class FusedSGD(Optimizer):
         states: list[dict],
         velocities: list[mx.array],
     ) -> Any:
+        """The step over the flattened tree: the update ops, the result tree
+        shaped like ``gradients``, then the commit to the state."""
         momentum_on = self.momentum > 0
         step = self.step
         settings = self._settings()
