@@ -53,11 +53,7 @@ def test_ratios_are_taken_within_rounds(device):
     round the machine slowed down counts for both sides of its ratio."""
     if device != "cpu":
         pytest.skip("no device involved")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    bench = _bench_module()
     row: dict = {}
     bench.summarize({"fused": [2.0, 4.0, 6.0], "roofline": [1.0, 4.0, 3.0]}, row)
     assert row["fused_ms"] / row["roofline_ms"] == pytest.approx(4 / 3)
@@ -89,11 +85,7 @@ def test_benchmark_option_rows_run(tmp_path, device):
     stochastic rounding) runs on bfloat16 params and is reported."""
     if device != "cpu":
         pytest.skip("one run is enough")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench
-    finally:
-        sys.path.pop(0)
+    bench = _bench_module()
     out, result = _run_bench(
         tmp_path,
         *("--workloads", "small", "--dtype", "bfloat16", "--rounds", "1"),
@@ -110,11 +102,7 @@ def test_time_steps_warms_up_for_the_time_asked(device):
     for a while first (an idle CPU wakes slowly); only the reps are timed."""
     if device != "cpu":
         pytest.skip("no device involved")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    bench = _bench_module()
     calls = []
 
     def step():
