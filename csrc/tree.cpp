@@ -3,12 +3,13 @@
 // committing the new momentum buffers. In Python these were loops over every
 // parameter on the hot path (about 0.3 ms a step for 1000 tensors).
 //
-// Only the trees MLX builds are handled here: dicts (nn.Module included),
-// plain lists and tuples, and mx.array leaves. Anything else (a mismatch, a
-// namedtuple, an array subclass, a missing state entry) returns None, and
-// the Python walk runs instead: it raises the error with the parameter's
-// path, or handles the unusual container, so both walks agree by
-// construction.
+// Only the trees MLX builds are handled here: plain dicts, lists and tuples
+// of mx.array leaves, with params in dicts of any kind (nn.Module included,
+// read through its __getitem__ as the Python walk reads it). Anything else
+// (a mismatch, a dict subclass or namedtuple of gradients, an array
+// subclass, a missing state entry) returns None, and the Python walk runs
+// instead: it raises the error with the parameter's path, or handles the
+// unusual container, so both walks agree by construction.
 #include "tree.h"
 
 #include <nanobind/stl/optional.h>
@@ -91,7 +92,7 @@ struct Collector {
       }
       return true;
     }
-    if (PyDict_Check(g.ptr())) {
+    if (PyDict_CheckExact(g.ptr())) {
       if (!PyDict_Check(p.ptr())) {
         return false;
       }
@@ -163,7 +164,7 @@ bool rebuild(
     out = nb::borrow(PyList_GetItem(leaves.ptr(), next++));
     return true;
   }
-  if (PyDict_Check(g.ptr())) {
+  if (PyDict_CheckExact(g.ptr())) {
     nb::dict d;
     PyObject *key, *value;
     Py_ssize_t pos = 0;

@@ -235,6 +235,9 @@ def test_cxx_walk_leaves_the_unusual_to_python():
     assert ext.collect_tree([a, a], [a], None) is None
     assert ext.collect_tree({"w": 1.0}, {"w": a}, None) is None
     assert ext.collect_tree(Pair(a, a), Pair(a, a), None) is None
+    ordered = collections.OrderedDict(w=a)  # a dict subclass of gradients
+    assert ext.collect_tree(ordered, {"w": a}, None) is None
+    assert ext.rebuild_tree(ordered, [a]) is None
     assert ext.rebuild_tree(Pair(a, a), [a, a]) is None
     assert ext.rebuild_tree({"w": a, "b": a}, [a]) is None
     assert ext.rebuild_tree({"w": a}, [a, a]) is None
