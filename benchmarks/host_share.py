@@ -108,8 +108,7 @@ def main() -> None:
     _, leaves, states, values = ext.collect_tree(grads, params, state, "v")
 
     def commit():
-        for s, v in zip(states, values):
-            s["v"] = v
+        _set_items_in_python(states, "v", values)
 
     print("  per step, C++ (FusedSGD) against Python:")
     for what, cxx, python in (
@@ -132,18 +131,20 @@ def main() -> None:
     whole_step(opt, grads, params)
 
 
+def _set_items_in_python(states, key, values) -> None:
+    """What _ext.set_state_items does, as the Python loop it replaced."""
+    for s, v in zip(states, values):
+        if v is not None:
+            s[key] = v
+
+
 def whole_step(opt, grads, params, rounds: int = 8, steps: int = 150) -> None:
     """The step with the C++ tree work against the same step with the Python
     walk, rebuild and commit, in interleaved rounds."""
     ext = opt_module._ext
     cxx = (ext.collect_tree, ext.rebuild_tree, ext.set_state_items)
-
-    def set_items(states, key, values):
-        for s, v in zip(states, values):
-            if v is not None:
-                s[key] = v
-
-    python = (lambda *a: None, lambda *a: None, set_items)
+    # None from the C++ walk and rebuild sends FusedSGD to its Python ones.
+    python = (lambda *a: None, lambda *a: None, _set_items_in_python)
     medians: dict[str, list[float]] = {"C++": [], "Python": []}
     try:
         for _ in range(rounds):
