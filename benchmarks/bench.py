@@ -437,6 +437,17 @@ def torch_runner(kind: str, shapes, device: str = "cpu"):
     return step, torch_sync(device)
 
 
+def eval_floor_runner():
+    """MLX's least time for any step: building and evaluating one scalar
+    op (the hand-off to MLX's stream and back)."""
+    x = mx.array(1.0)
+
+    def step():
+        mx.eval(x + 1)
+
+    return step, mx.synchronize
+
+
 def release_torch(device: str | None) -> None:
     """Gives PyTorch's cached GPU memory back (MLX's runners need it next)."""
     if device == "cuda":
@@ -637,6 +648,8 @@ LABELS = {
     "fused_master": "fused master wts",
     "stock_master": "stock master wts",
     "fused_sr": "fused stoch. round",
+    "fused_contiguous": "fused, contig. g",
+    "eval_floor": "MLX eval floor",
     "fused_clip": "fused +clip",
     "stock_clip": "stock +clip",
     "fused_grad_scale": "fused +scale",
@@ -822,6 +835,13 @@ def main(argv=None) -> int:
                 for names in (impls, real_impls):
                     if impl in names:
                         names.remove(impl)
+        if wl in REAL_WORKLOADS and "fused" in runners:
+            # The fused step taken apart (breakdown table): the same gradient
+            # values made row-contiguous, and MLX's floor for any step.
+            contiguous = tree_map(mx.contiguous, grads)
+            mx.eval(contiguous)
+            runners["fused_contiguous"] = mlx_runner("fused", params, contiguous)
+            runners["eval_floor"] = eval_floor_runner()
         rounds = measure_rounds(
             runners,
             args.rounds,
@@ -897,6 +917,37 @@ def _step_table(results, names, impls, title) -> None:
         print(f"{sizes} | {cells} | {ratios}")
 
 
+def _breakdown_table(results, names) -> None:
+    """Where the fused step's time goes on the real models, from the same
+    rounds: the gradients' layouts (the same values made row-contiguous),
+    the contiguous step against the roofline, MLX's eval floor, and how far
+    stock eager is from the roofline."""
+    if not names:
+        return
+    cols = ["roofline", "fused", "fused_contiguous", "eval_floor"]
+    print(
+        "\nThe fused step taken apart (real models, same rounds): "
+        "layout = fused / fused on contiguous copies of the same gradients"
+    )
+    head = f"{'workload':<10} | " + " ".join(f"{LABELS.get(c, c):>16}" for c in cols)
+    print(head + f" | {'layout':>7} {'contig/roofline':>15} {'eager/roofline':>14}")
+    print("-" * len(head) + "-" * 41)
+    for wl in names:
+        row = results["workloads"][wl]
+        cells = " ".join(f"{_ms(row, c):>13.2f} ms" for c in cols)
+        ratios = (
+            f"{_ratio(paired_ratio(row, 'fused', 'fused_contiguous'), 7, 2)} "
+            f"{_ratio(paired_ratio(row, 'fused_contiguous', 'roofline'), 15, 2)} "
+            f"{_ratio(paired_ratio(row, 'stock_eager', 'roofline'), 14, 1)}"
+        )
+        print(f"{wl:<10} | {cells} | {ratios}")
+    print(
+        "  MLX eval floor: evaluating one scalar op, the least any step takes; "
+        "eager/roofline: stock eager's step over the roofline, the most a step "
+        "at the roofline could gain on it"
+    )
+
+
 def _warnings(results) -> list[str]:
     """Spread past SPREAD_WARNING, or a step faster than the roofline."""
     out = []
@@ -919,7 +970,7 @@ def _warnings(results) -> list[str]:
         names = [k[: -len("_range_ms")] for k in row if k.endswith("_range_ms")]
         for name in names:
             value = row[f"{name}_ms"]
-            if roof and name != "roofline" and value < roof:
+            if roof and name not in ("roofline", "eval_floor") and value < roof:
                 out.append(
                     f"{where}, {LABELS.get(name, name)}: {value:.2f} ms "
                     f"beats the roofline {roof:.2f} ms"
@@ -959,6 +1010,7 @@ def print_tables(results, impls) -> None:
         )
         for w in real:
             print(f"  {w}: {wls[w]['description']}")
+        _breakdown_table(results, [w for w in real if "fused_contiguous_ms" in wls[w]])
     if results["training"]:
         print(
             "\nTraining step, real models (forward + backward + update; compiled: "

@@ -74,10 +74,40 @@ def test_benchmark_real_model_rows(tmp_path, device):
     row = result["workloads"]["convnet"]
     assert row["kind"] == "real" and row["not_row_contiguous"] >= 1
     assert row["fused_ms"] > 0 and row["stock_eager_ms"] > 0
+    # The fused step taken apart: contiguous copies of the gradients, and
+    # MLX's eval floor, timed in the same rounds.
+    assert row["fused_contiguous_ms"] > 0 and row["eval_floor_ms"] > 0
+    assert len(row["rounds_ms"]["fused_contiguous"]) == 1
+    assert "taken apart" in out
     train = result["training"]["convnet"]
     for kind in ("stock_eager", "fused_eager", "stock_compiled", "fused_compiled"):
         assert train[f"{kind}_ms"] > 0, kind
     assert "Training step" in out
+
+
+def test_breakdown_table_ratios_come_from_the_rounds(device, capsys):
+    """The breakdown's ratios are per-round ratios: layout (fused over fused
+    on contiguous gradients), contiguous over the roofline, and stock eager
+    over the roofline."""
+    if device != "cpu":
+        pytest.skip("no device involved")
+    bench = _bench_module()
+    row: dict = {}
+    bench.summarize(
+        {
+            "roofline": [1.0, 2.0, 4.0],
+            "fused": [3.0, 3.0, 6.0],
+            "fused_contiguous": [2.0, 1.0, 4.0],
+            "eval_floor": [0.1, 0.1, 0.1],
+            "stock_eager": [10.0, 30.0, 20.0],
+        },
+        row,
+    )
+    bench._breakdown_table({"workloads": {"m": row}}, ["m"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("m "))
+    # layout: 1.5, 3, 1.5 -> 1.50; contiguous/roofline: 2, 0.5, 1 -> 1.00;
+    # eager/roofline: 10, 15, 5 -> 10.0
+    assert line.split("|")[-1].split() == ["1.50x", "1.00x", "10.0x"]
 
 
 def test_benchmark_option_rows_run(tmp_path, device):
