@@ -110,6 +110,36 @@ def test_breakdown_table_ratios_come_from_the_rounds(device, capsys):
     assert line.split("|")[-1].split() == ["1.50x", "1.00x", "10.0x"]
 
 
+def test_warnings_name_spread_and_steps_faster_than_the_roofline(device):
+    """A warning for every spread past 15% and every step faster than the
+    roofline, named with its table's label; none for the eval floor (a
+    reference of microseconds, faster than the roofline by design)."""
+    if device != "cpu":
+        pytest.skip("no device involved")
+    bench = _bench_module()
+    step: dict = {}
+    bench.summarize(
+        {
+            "roofline": [2.0, 2.0],
+            "fused": [1.0, 1.1],  # beats the roofline
+            "stock_compiled": [10.0, 20.0],  # spread
+            "eval_floor": [0.01, 0.05],  # both, but a reference
+        },
+        step,
+    )
+    train: dict = {}
+    bench.summarize({"stock_compiled": [10.0, 10.5], "fused_eager": [5.0, 9.0]}, train)
+    out = bench._warnings({"workloads": {"m": step}, "training": {"m": train}})
+    assert sorted(out) == sorted(
+        [
+            "m optimizer step, stock mx.compile: round medians 10.00 to 20.00 ms "
+            "(67% spread)",
+            "m optimizer step, mlx-fused-sgd: 1.05 ms beats the roofline 2.00 ms",
+            "m training step, fused eager: round medians 5.00 to 9.00 ms (57% spread)",
+        ]
+    )
+
+
 def test_benchmark_option_rows_run(tmp_path, device):
     """Every optional row (clip, loss scaling, float32 state, master weights,
     stochastic rounding) runs on bfloat16 params and is reported."""
