@@ -205,8 +205,8 @@ class FusedSGD(Optimizer):
     kernel (the learning rate is computed from the step counter on the
     device); any other schedule is evaluated once per step and its value
     passed to the kernel. The whole tree is updated with a few primitives
-    (``tensors_per_primitive`` tensors of one dtype each), not one op per
-    parameter.
+    (a few tensors of one dtype each, as :func:`sgd_update_many` packs them
+    by default), not one op per parameter.
 
     Args:
         learning_rate (float or callable): The learning rate :math:`\lambda`.
