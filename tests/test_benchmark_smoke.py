@@ -110,6 +110,20 @@ def test_breakdown_table_ratios_come_from_the_rounds(device, capsys):
     assert line.split("|")[-1].split() == ["1.50x", "1.00x", "10.0x"]
 
 
+def test_only_the_small_real_models_are_taken_apart(device):
+    """The breakdown's extra copies are for the real models that fit
+    anywhere, not the 1B-parameter decoder or the synthetic workloads."""
+    if device != "cpu":
+        pytest.skip("no device involved")
+    bench = _bench_module()
+    assert [w for w in bench.REAL_WORKLOADS if bench.takes_apart(w)] == [
+        "mlp",
+        "decoder",
+        "convnet",
+    ]
+    assert not any(bench.takes_apart(w) for w in bench.SYNTHETIC_WORKLOADS)
+
+
 def test_warnings_name_spread_and_steps_faster_than_the_roofline(device):
     """A warning for every spread past 15% and every step faster than the
     roofline, named with its table's label; none for the eval floor (a
