@@ -12,13 +12,10 @@ ratios.
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,7 +38,8 @@ def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 11
     w, _, grads = bench.real_workload("mlp", mx.float32)
     params = w.model.parameters()
-    contiguous = tree_map(lambda g: mx.array(np.ascontiguousarray(g)), grads)
+    contiguous = tree_map(mx.contiguous, grads)
+    mx.eval(contiguous)
     variants = {
         "as MLX returns them": grads,
         "8 bytes further": tree_map(lambda g: shifted(g, 2), grads),
@@ -49,18 +47,15 @@ def main() -> None:
         "contiguous": contiguous,
     }
     runners = {k: bench.mlx_runner("fused", params, g) for k, g in variants.items()}
-    medians: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(rounds):
-        for name, (step, sync) in runners.items():
-            time.sleep(bench.SETTLE_S)
-            bench.time_steps(step, 1, 0, sync, min_warmup_s=bench.RESUME_S)
-            medians[name].append(statistics.median(bench.time_steps(step, 0, 15, sync)))
-    base = medians["contiguous"]
-    for name, values in medians.items():
-        ratio = statistics.median(a / b for a, b in zip(values, base))
+    medians = bench.measure_rounds(
+        runners, rounds, 15, 1, bench.Progress(rounds), "gradient offsets"
+    )
+    row: dict = {}
+    bench.summarize(medians, row)
+    for name in runners:
         print(
-            f"{name:20s} {statistics.median(values):6.2f} ms  "
-            f"{ratio:.2f}x the contiguous step"
+            f"{name:20s} {row[f'{name}_ms']:6.2f} ms  "
+            f"{bench.paired_ratio(row, name, 'contiguous'):.2f}x the contiguous step"
         )
 
 
