@@ -39,7 +39,11 @@ def test_build_and_runtime_pin_the_same_mlx():
 
 def test_nanobind_is_pinned():
     cfg = _pyproject()
-    assert len(_pins(cfg["build-system"]["requires"], "nanobind")) == 1
+    build = _pins(cfg["build-system"]["requires"], "nanobind")
+    assert len(build) == 1
+    # The tests' stubgen (test_committed_stubs_match_the_extension) is the
+    # build's nanobind.
+    assert _pins(cfg["project"]["optional-dependencies"]["test"], "nanobind") == build
 
 
 def test_import_refuses_a_different_mlx():
@@ -118,3 +122,27 @@ def test_type_stubs_are_shipped():
         "sgd_update_many_scheduled",
     ]:
         assert f"def {name}(" in stub
+
+
+def test_committed_stubs_match_the_extension(tmp_path):
+    """The type stubs are kept in the source tree, because generating them
+    imports the extension, which MLX's CUDA build allows only where an NVIDIA
+    driver is: nanobind's stubgen, run on the installed extension, must
+    write them as committed."""
+    nanobind = pytest.importorskip("nanobind")
+    (pinned,) = _pins(_pyproject()["build-system"]["requires"], "nanobind")
+    if nanobind.__version__ != pinned:
+        pytest.skip(f"nanobind {nanobind.__version__}'s stubgen, not {pinned}'s")
+    fresh = tmp_path / "_ext.pyi"
+    subprocess.run(
+        [sys.executable, "-m", "nanobind.stubgen", "-q", "-m", "mlx_fused_sgd._ext"]
+        + ["-o", str(fresh)],
+        check=True,
+        cwd=tmp_path,
+    )
+    package = ROOT / "python" / "mlx_fused_sgd"
+    assert fresh.read_text() == (package / "_ext.pyi").read_text(), (
+        "the bindings changed: regenerate the stubs with `python -m "
+        "nanobind.stubgen -q -m mlx_fused_sgd._ext -o python/mlx_fused_sgd/_ext.pyi`"
+    )
+    assert (package / "py.typed").exists()
