@@ -54,7 +54,14 @@ def test_import_refuses_a_different_mlx():
     assert "0.0.1" in proc.stderr and mfs._ext.mlx_build_version in proc.stderr
     # The advice must work: match the MLX, or rebuild against the installed
     # one without build isolation (an isolated rebuild pins the old MLX).
-    assert f'pip install "mlx=={mfs._ext.mlx_build_version}"' in proc.stderr
+    # On Linux the backend library comes from MLX's extra: plain mlx==X
+    # would leave the old release's library in place.
+    version = mfs._ext.mlx_build_version
+    if sys.platform.startswith("linux"):
+        backend = "cuda13" if mfs._mlx_cuda_distribution() else "cpu"
+        assert f'pip install "mlx[{backend}]=={version}"' in proc.stderr
+    else:
+        assert f'pip install "mlx=={version}"' in proc.stderr
     assert "--no-build-isolation" in proc.stderr
     rebuild = next(
         line for line in proc.stderr.splitlines() if "--force-reinstall" in line
@@ -62,10 +69,9 @@ def test_import_refuses_a_different_mlx():
     assert "--no-build-isolation" in rebuild and "--no-deps" in rebuild
 
 
-def test_import_refuses_a_cuda_build_without_mlx_cuda():
-    """An extension built with the CUDA kernels, imported with an MLX that
-    is not MLX's CUDA build, is refused with the ways out (not a failure on
-    missing symbols)."""
+def _import_as_cuda_build(site: Path) -> subprocess.CompletedProcess:
+    """Import the package as if built with the CUDA kernels, with ``site``
+    (a fake installed MLX CUDA package) first on the path."""
     code = (
         "import sys, types, mlx.core as mx\n"
         "info = types.ModuleType('mlx_fused_sgd._build_info')\n"
@@ -74,7 +80,17 @@ def test_import_refuses_a_cuda_build_without_mlx_cuda():
         "sys.modules['mlx_fused_sgd._build_info'] = info\n"
         "import mlx_fused_sgd\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), *sys.path]))
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env
+    )
+
+
+def test_import_refuses_a_cuda_build_without_mlx_cuda(tmp_path):
+    """An extension built with the CUDA kernels, imported with an MLX that
+    is not MLX's CUDA build, is refused with the ways out (not a failure on
+    missing symbols)."""
+    proc = _import_as_cuda_build(tmp_path)
     assert proc.returncode != 0
     assert "ImportError" in proc.stderr and "CUDA kernels" in proc.stderr
     assert 'pip install "mlx[cuda13]==' in proc.stderr
@@ -83,6 +99,37 @@ def test_import_refuses_a_cuda_build_without_mlx_cuda():
     from mlx_fused_sgd import _build_info
 
     assert _build_info.MLX_BUILD_CUDA is False
+
+
+@pytest.mark.parametrize("replaced", [False, True], ids=["intact", "replaced"])
+def test_import_refuses_a_replaced_mlx_cuda_library(tmp_path, replaced):
+    """mlx-cpu and mlx-cuda-13 install the same mlx/lib/libmlx.so: when the
+    CUDA package's file was overwritten (the last one installed wins), an
+    extension built with the CUDA kernels is refused with the way back."""
+    dist = tmp_path / "mlx_cuda_13-0.32.4.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: mlx-cuda-13\nVersion: 0.32.4\n"
+    )
+    (dist / "RECORD").write_text(
+        "mlx/lib/libmlx.so,sha256=x,1000\nmlx_cuda_13-0.32.4.dist-info/RECORD,,\n"
+    )
+    (tmp_path / "mlx" / "lib").mkdir(parents=True)
+    (tmp_path / "mlx" / "lib" / "libmlx.so").write_bytes(
+        b"\0" * (10 if replaced else 1000)
+    )
+    proc = _import_as_cuda_build(tmp_path)
+    if not replaced:
+        # Past the check, the extension (this suite's CPU build) loads.
+        assert proc.returncode == 0, proc.stderr
+        return
+    assert proc.returncode != 0
+    assert "ImportError" in proc.stderr
+    assert str(tmp_path / "mlx" / "lib" / "libmlx.so") in proc.stderr
+    assert "pip uninstall mlx-cpu" in proc.stderr
+    assert 'pip install --force-reinstall --no-deps "mlx-cuda-13==0.32.4"' in (
+        proc.stderr
+    )
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF only")
