@@ -51,8 +51,8 @@ def test_there_is_a_cuda_source_per_primitive():
     ]
 
 
-@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
-def test_cuda_source_compiles_against_mlx_cuda_headers(nvcc, source, tmp_path):
+def _nvcc_compile(nvcc: str, source: Path, out: Path) -> subprocess.CompletedProcess:
+    """Compiles ``source`` as CMakeLists.txt compiles csrc/cuda/*.cu."""
     cmd = [
         nvcc,
         "-std=c++20",
@@ -73,8 +73,47 @@ def test_cuda_source_compiles_against_mlx_cuda_headers(nvcc, source, tmp_path):
         "-c",
         str(source),
         "-o",
-        str(tmp_path / (source.stem + ".o")),
+        str(out),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
+def test_cuda_source_compiles_against_mlx_cuda_headers(nvcc, source, tmp_path):
+    out = tmp_path / (source.stem + ".o")
+    proc = _nvcc_compile(nvcc, source, out)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    assert (tmp_path / (source.stem + ".o")).stat().st_size > 0
+    assert out.stat().st_size > 0
+
+
+def test_every_launch_hands_mlx_a_driver_handle():
+    """MLX's library has its own, static CUDA runtime, which cannot launch a
+    kernel registered with this extension's: every launch goes through
+    cuda::add_kernel (a CUfunction for MLX's encoder), none straight to the
+    encoder's add_kernel_node with a kernel's address."""
+    for source in SOURCES:
+        text = source.read_text()
+        assert "add_kernel_node" not in text, source.name
+        assert "cuda::add_kernel(" in text, source.name
+
+
+@pytest.mark.parametrize("argument", ["float*", "int*"])
+def test_a_launch_argument_must_have_its_parameters_type(nvcc, tmp_path, argument):
+    """The encoder passes each argument by its address and the kernel reads
+    it as its parameter's type: an argument of another type does not
+    compile (the pointer to const and to mutable data excepted)."""
+    source = tmp_path / "launch.cu"
+    source.write_text(
+        '#include "cuda/launch.h"\n'
+        "__global__ void kernel(const float* x) {}\n"
+        "void launch(mlx::core::cu::CommandEncoder& encoder, "
+        f"{argument} x) {{\n"
+        "  mlx_fused_sgd::cuda::add_kernel(encoder, kernel, dim3(1), dim3(1), x);\n"
+        "}\n"
+    )
+    proc = _nvcc_compile(nvcc, source, tmp_path / "launch.o")
+    if argument == "float*":
+        assert proc.returncode == 0, proc.stderr[-6000:]
+    else:
+        assert proc.returncode != 0
+        assert "kernel parameter's type" in proc.stderr, proc.stderr[-6000:]

@@ -40,7 +40,8 @@ void read_gradients(
           std::to_string(cuda_launch::kMaxDims) + " axes on CUDA.");
     }
     auto size = static_cast<int64_t>(g.size());
-    encoder.add_kernel_node(
+    cuda::add_kernel(
+        encoder,
         cuda_kernels::grad_read_strided<T, kNorm>,
         cuda::grid(cuda_launch::chunks(size)),
         dim3(cuda_launch::kThreads),
@@ -53,7 +54,8 @@ void read_gradients(
     if (span.blocks() == 0) {
       continue;
     }
-    encoder.add_kernel_node(
+    cuda::add_kernel(
+        encoder,
         cuda_kernels::grad_read_multi_tensor<T, kNorm>,
         cuda::grid(span.blocks()),
         dim3(cuda_launch::kThreads),
@@ -72,7 +74,8 @@ void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   }
   encoder.set_output_array(out);
   void* result = mx::gpu_ptr<void>(out);
-  encoder.add_kernel_node(cuda_kernels::clear_result, dim3(1), dim3(1), result);
+  cuda::add_kernel(
+      encoder, cuda_kernels::clear_result, dim3(1), dim3(1), result);
   // A chunk may mix dtypes: one set of launches per dtype.
   const bool norm = kind_ == Kind::sq_norm;
   for (auto dtype : {mx::float32, mx::float16, mx::bfloat16}) {

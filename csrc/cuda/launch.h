@@ -1,13 +1,17 @@
-// What the CUDA eval_gpu of every primitive shares: the kernels' dtype codes
-// and the grid of a launch.
+// What the CUDA eval_gpu of every primitive shares: the kernels' dtype codes,
+// the grid of a launch and the launch itself.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
+#include <utility>
 
 #include "kernels/cuda_dispatch.h"
+#include "mlx/backend/cuda/device.h"
 #include "mlx/dtype.h"
 #include "utils.h"
 
@@ -39,6 +43,51 @@ inline dim3 grid(int64_t blocks) {
         " blocks is past CUDA's grid limit.");
   }
   return dim3(static_cast<unsigned>(blocks));
+}
+
+// A kernel parameter's type as an argument may have it: a pointer to const
+// data is passed the same as a pointer to mutable data.
+template <typename X> struct launch_arg {
+  using type = X;
+};
+template <typename X> struct launch_arg<const X*> {
+  using type = X*;
+};
+template <typename X>
+using launch_arg_t = typename launch_arg<std::decay_t<X>>::type;
+
+// Adds a launch of `kernel` to MLX's command encoder. MLX's library links the
+// CUDA runtime statically, and a runtime launches only the kernels registered
+// with itself; ours are registered with this extension's own runtime. So MLX
+// is handed the kernel's driver handle (CUfunction), which it launches, or
+// adds to its graph, through the driver API, like its own JIT kernels.
+template <typename... KernelArgs, typename... Args>
+void add_kernel(
+    mx::cu::CommandEncoder& encoder,
+    void (*kernel)(KernelArgs...),
+    dim3 grid,
+    dim3 block,
+    Args&&... args) {
+  // The kernel reads each argument through a pointer to it, as the type of
+  // its parameter: the types must be the same, not merely convertible.
+  static_assert(
+      (std::is_same_v<launch_arg_t<KernelArgs>, launch_arg_t<Args>> && ...),
+      "each argument must have its kernel parameter's type");
+  cudaFunction_t function = nullptr;
+  const cudaError_t status =
+      cudaGetFuncBySymbol(&function, reinterpret_cast<const void*>(kernel));
+  if (status != cudaSuccess) {
+    throw std::runtime_error(
+        std::string("mlx_fused_sgd: no CUDA kernel to launch (") +
+        cudaGetErrorString(status) + ").");
+  }
+  encoder.add_kernel_node_ex(
+      static_cast<CUfunction>(function),
+      grid,
+      block,
+      {}, // no thread block cluster, as MLX's own add_kernel_node
+      0,
+      std::forward<Args>(args)...);
 }
 
 } // namespace cuda

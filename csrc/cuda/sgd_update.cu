@@ -106,7 +106,8 @@ void SGDUpdate::eval_gpu(
           }
           auto table = cuda_launch::make_sgd_table(
               span, contiguous, sizeof(T), sizeof(V));
-          encoder.add_kernel_node(
+          cuda::add_kernel(
+              encoder,
               cuda_kernels::sgd_multi_tensor<T, V, WD, M, D, N, S, R>,
               cuda::grid(span.blocks()),
               dim3(cuda_launch::kThreads),
@@ -127,7 +128,8 @@ void SGDUpdate::eval_gpu(
               static_cast<V*>(t.velocity_out),
               t.master,
               t.master_out};
-          encoder.add_kernel_node(
+          cuda::add_kernel(
+              encoder,
               cuda_kernels::sgd_strided<T, V, WD, M, D, N, S, R>,
               cuda::grid(cuda_launch::blocks_for(threads)),
               dim3(cuda_launch::kThreads),

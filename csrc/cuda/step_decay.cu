@@ -38,7 +38,8 @@ void StepDecayLR::eval_gpu(
   }
   dispatch_integer(step.dtype(), [&](auto zero) {
     using I = decltype(zero);
-    encoder.add_kernel_node(
+    cuda::add_kernel(
+        encoder,
         cuda_kernels::step_decay<I>,
         cuda::grid(cuda_launch::blocks_for(plan.args.size)),
         dim3(cuda_launch::kThreads),
