@@ -73,6 +73,12 @@ void add_kernel(
   static_assert(
       (std::is_same_v<launch_arg_t<KernelArgs>, launch_arg_t<Args>> && ...),
       "each argument must have its kernel parameter's type");
+  // The multi-tensor tables travel as kernel parameters: kept within the
+  // classic 4 KB limit (padding aside), as CUDA 12.1 raised it only for
+  // some launches.
+  static_assert(
+      (sizeof(KernelArgs) + ... + 0) <= 4096,
+      "a kernel's parameters must fit in 4 KB");
   cudaFunction_t function = nullptr;
   const cudaError_t status =
       cudaGetFuncBySymbol(&function, reinterpret_cast<const void*>(kernel));
