@@ -90,6 +90,8 @@ def test_import_refuses_a_cuda_build_without_mlx_cuda(tmp_path):
     """An extension built with the CUDA kernels, imported with an MLX that
     is not MLX's CUDA build, is refused with the ways out (not a failure on
     missing symbols)."""
+    if mfs._mlx_cuda_distribution() is not None:
+        pytest.skip("MLX's CUDA build is installed here: nothing to refuse")
     proc = _import_as_cuda_build(tmp_path)
     assert proc.returncode != 0
     assert "ImportError" in proc.stderr and "CUDA kernels" in proc.stderr
