@@ -9,7 +9,12 @@ from mlx.utils import tree_flatten
 
 import mlx_fused_sgd as mfs
 
-SCALARS = 64  # bytes of step counter and learning-rate scalars
+# Bytes of scalar arrays (step counter, learning rate, the update's scalar
+# inputs) that may be alive at the peak: which of them still are depends on
+# when MLX's CPU tasks release them (16 bytes in plain runs here, 148 once
+# under AddressSanitizer). Half the smallest tensor of the model (a 256-float
+# bias, 1 KiB), so no tensor copy fits in it.
+SCALARS = 512
 
 
 def _loop_memory(opt, eval_grads_first: bool, steps: int = 100):
