@@ -17,6 +17,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MLX_INCLUDE = Path(mx.__file__).resolve().parent / "include"
 SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+# The GPUs the build compiles machine code for (CMakeLists.txt's default),
+# from the oldest MLX's CUDA wheel has code for (sm_75); PTX of the newest.
+ARCHITECTURES = ["75", "80", "90"]
 
 
 def _fmt_available(nvcc: str) -> bool:
@@ -63,7 +66,7 @@ def _nvcc_compile(nvcc: str, source: Path, out: Path) -> subprocess.CompletedPro
         "-diag-suppress=186,997",
         "-DFMT_USE_CONSTEXPR=1",
         "-DMFS_CUDA_KERNELS",
-        "-arch=sm_80",
+        *[f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHITECTURES],
         "-Werror=all-warnings",
         f"-I{ROOT}",
         f"-I{ROOT / 'csrc'}",
@@ -84,6 +87,14 @@ def test_cuda_source_compiles_against_mlx_cuda_headers(nvcc, source, tmp_path):
     proc = _nvcc_compile(nvcc, source, out)
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert out.stat().st_size > 0
+
+
+def test_the_build_compiles_for_these_architectures():
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    default = " ".join(
+        [f"{a}-real" for a in ARCHITECTURES] + [f"{ARCHITECTURES[-1]}-virtual"]
+    )
+    assert f"set(CMAKE_CUDA_ARCHITECTURES {default})" in cmake
 
 
 def test_every_launch_hands_mlx_a_driver_handle():
