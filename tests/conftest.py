@@ -41,6 +41,15 @@ DEVICES = (
 )
 
 
+def pyproject() -> dict:
+    """The repository's pyproject.toml, parsed (the test is skipped where
+    Python has no tomllib: 3.10)."""
+    tomllib = pytest.importorskip("tomllib")
+    return tomllib.loads(
+        (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    )
+
+
 def assert_bitwise_equal(a: mx.array, b: mx.array, what: str = "") -> None:
     """Same dtype, same shape and the same bits in every element, on every
     device."""

@@ -11,12 +11,9 @@ import pytest
 
 import mlx_fused_sgd as mfs
 
+from conftest import pyproject
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _pyproject():
-    tomllib = pytest.importorskip("tomllib")
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
 def _pins(requirements, name):
@@ -29,7 +26,7 @@ def _pins(requirements, name):
 
 
 def test_build_and_runtime_pin_the_same_mlx():
-    cfg = _pyproject()
+    cfg = pyproject()
     build = _pins(cfg["build-system"]["requires"], "mlx")
     runtime = _pins(cfg["project"]["dependencies"], "mlx")
     assert len(build) == 1 and build == runtime, (build, runtime)
@@ -38,7 +35,7 @@ def test_build_and_runtime_pin_the_same_mlx():
 
 
 def test_nanobind_is_pinned():
-    cfg = _pyproject()
+    cfg = pyproject()
     build = _pins(cfg["build-system"]["requires"], "nanobind")
     assert len(build) == 1
     # The tests' stubgen (test_committed_stubs_match_the_extension) is the
@@ -179,7 +176,7 @@ def test_committed_stubs_match_the_extension(tmp_path):
     driver is: nanobind's stubgen, run on the installed extension, must
     write them as committed."""
     nanobind = pytest.importorskip("nanobind")
-    (pinned,) = _pins(_pyproject()["build-system"]["requires"], "nanobind")
+    (pinned,) = _pins(pyproject()["build-system"]["requires"], "nanobind")
     if nanobind.__version__ != pinned:
         pytest.skip(f"nanobind {nanobind.__version__}'s stubgen, not {pinned}'s")
     fresh = tmp_path / "_ext.pyi"

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import pyproject
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
@@ -47,15 +49,13 @@ def test_nvidia_install_keeps_mlx_cuda_and_installs_the_test_tools():
     """The NVIDIA section installs the package without its dependencies (its
     mlx[cpu] would overwrite MLX's CUDA library), so its first command must
     install every test requirement itself."""
-    tomllib = pytest.importorskip("tomllib")
     section = README.read_text().split("## On NVIDIA GPUs")[1].split("\n## ")[0]
     commands = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     commands = commands.replace("\\\n", " ")
     first, build = (line for line in commands.splitlines() if "pip install" in line)
     assert "mlx[cuda13]==" in first
     assert "--no-build-isolation --no-deps ." in build
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    for req in extras["project"]["optional-dependencies"]["test"]:
+    for req in pyproject()["project"]["optional-dependencies"]["test"]:
         name = re.match(r"[\w-]+", req).group(0)
         assert re.search(rf"(^|\s){name}(\s|==|$)", first), name
     assert "python -m pytest -q tests" in commands
