@@ -9,7 +9,8 @@ threads run as fibers that meet in ``__shfl_down_sync`` and
 ``__syncthreads``. The outputs are compared bit for bit with this package's
 CPU primitives, which are bit-identical to stock MLX. What this cannot show:
 nvcc's code generation and CUDA's ``powf`` on a real GPU (the GPU test run
-does), nor the launch code in ``csrc/cuda/`` itself (``nvcc`` compiles it in
+does; ``test_cuda_build.py`` checks the PTX for fused multiply-adds), nor the
+launch code in ``csrc/cuda/`` itself (``nvcc`` compiles it in
 ``test_cuda_build.py``).
 """
 
