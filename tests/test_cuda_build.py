@@ -277,6 +277,26 @@ def test_every_launch_hands_mlx_a_driver_handle():
         assert "cuda::add_kernel(" in text, source.name
 
 
+def test_every_launch_declares_its_own_arrays():
+    """MLX's CUDA encoder makes each launch a node of a CUDA graph, with
+    edges from the arrays declared since the node before it; once the node
+    is added it forgets them. Arrays declared once for several launches give
+    the later launches no edge to their inputs' producers, and readers of
+    their outputs no edge to them. So no source declares arrays to the
+    encoder itself: cuda::add_kernel takes each launch's arrays
+    (cuda::LaunchArrays) and declares them right before adding it."""
+    for source in SOURCES:
+        text = source.read_text()
+        for call in ("set_input_array", "set_output_array", "prepare_tensor"):
+            assert call not in text, f"{source.name} calls {call}"
+    launch = (ROOT / "csrc" / "cuda" / "launch.h").read_text()
+    add_kernel = launch[launch.index("void add_kernel(") :]
+    assert "const LaunchArrays& arrays," in add_kernel
+    assert add_kernel.index("arrays.declare(encoder);") < add_kernel.index(
+        "encoder.add_kernel_node_ex("
+    )
+
+
 @pytest.mark.parametrize("argument", ["float*", "int*"])
 def test_a_launch_argument_must_have_its_parameters_type(nvcc, tmp_path, argument):
     """The encoder passes each argument by its address and the kernel reads
@@ -288,7 +308,8 @@ def test_a_launch_argument_must_have_its_parameters_type(nvcc, tmp_path, argumen
         "__global__ void kernel(const float* x) {}\n"
         "void launch(mlx::core::cu::CommandEncoder& encoder, "
         f"{argument} x) {{\n"
-        "  mlx_fused_sgd::cuda::add_kernel(encoder, kernel, dim3(1), dim3(1), x);\n"
+        "  mlx_fused_sgd::cuda::add_kernel(\n"
+        "      encoder, mlx_fused_sgd::cuda::LaunchArrays(), kernel, dim3(1), dim3(1), x);\n"
         "}\n"
     )
     proc = _nvcc_compile(nvcc, source, tmp_path / "launch.o")

@@ -51,12 +51,17 @@ void allocate_outputs(
 void allocate_master(const mx::array* m, mx::array* m_out);
 
 // Gives tensor `t`'s outputs their buffers (allocate_outputs,
-// allocate_master) and registers its arrays with `encoder` (the CPU's or
-// CUDA's, which take arrays without slots).
-template <typename Encoder>
-void prepare_tensor(Encoder& encoder, const TensorSlots& t) {
+// allocate_master).
+inline void allocate_tensor(const TensorSlots& t) {
   allocate_outputs(t.p, t.g, t.v, t.p_out, t.v_out);
   allocate_master(t.m, t.m_out);
+}
+
+// allocate_tensor, then registers the tensor's arrays with the CPU's encoder
+// (CUDA's takes them launch by launch: cuda::LaunchArrays).
+template <typename Encoder>
+void prepare_tensor(Encoder& encoder, const TensorSlots& t) {
+  allocate_tensor(t);
   encoder.set_input_array(t.p);
   encoder.set_input_array(t.g);
   encoder.set_output_array(t.p_out);

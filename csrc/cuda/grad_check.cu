@@ -17,13 +17,16 @@ namespace mlx_fused_sgd {
 
 namespace {
 
+// Each launch reads its gradients and adds to `out`.
 template <typename T, bool kNorm>
 void read_gradients(
     mx::cu::CommandEncoder& encoder,
     const std::vector<mx::array>& grads,
-    void* result) {
+    const mx::array& out) {
+  void* result = mx::gpu_ptr<void>(out);
   std::vector<const void*> flat;
   std::vector<int64_t> flat_sizes;
+  std::vector<const mx::array*> flat_grads;
   for (const auto& g : grads) {
     if (g.size() == 0) {
       continue;
@@ -31,6 +34,7 @@ void read_gradients(
     if (reads_as_block(g)) {
       flat.push_back(mx::gpu_ptr<void>(g));
       flat_sizes.push_back(static_cast<int64_t>(g.size()));
+      flat_grads.push_back(&g);
       continue;
     }
     cuda_launch::ReadShape shape{};
@@ -42,6 +46,7 @@ void read_gradients(
     auto size = static_cast<int64_t>(g.size());
     cuda::add_kernel(
         encoder,
+        cuda::LaunchArrays().reads(g).writes(out),
         cuda_kernels::grad_read_strided<T, kNorm>,
         cuda::grid(cuda_launch::chunks(size)),
         dim3(cuda_launch::kThreads),
@@ -54,8 +59,13 @@ void read_gradients(
     if (span.blocks() == 0) {
       continue;
     }
+    cuda::LaunchArrays arrays;
+    for (int k = 0; k < span.count; ++k) {
+      arrays.reads(*flat_grads[span.first + k]);
+    }
     cuda::add_kernel(
         encoder,
+        arrays.writes(out),
         cuda_kernels::grad_read_multi_tensor<T, kNorm>,
         cuda::grid(span.blocks()),
         dim3(cuda_launch::kThreads),
@@ -69,13 +79,13 @@ void read_gradients(
 void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   allocate(out);
   auto& encoder = mx::cu::get_command_encoder(stream());
-  for (const auto& g : inputs) {
-    encoder.set_input_array(g);
-  }
-  encoder.set_output_array(out);
-  void* result = mx::gpu_ptr<void>(out);
   cuda::add_kernel(
-      encoder, cuda_kernels::clear_result, dim3(1), dim3(1), result);
+      encoder,
+      cuda::LaunchArrays().writes(out),
+      cuda_kernels::clear_result,
+      dim3(1),
+      dim3(1),
+      mx::gpu_ptr<void>(out));
   // A chunk may mix dtypes: one set of launches per dtype.
   const bool norm = kind_ == Kind::sq_norm;
   for (auto dtype : {mx::float32, mx::float16, mx::bfloat16}) {
@@ -92,9 +102,9 @@ void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
         cuda::dtype_of(dtype), [&](auto t) {
           using T = std::remove_pointer_t<decltype(t)>;
           if (norm) {
-            read_gradients<T, true>(encoder, grads, result);
+            read_gradients<T, true>(encoder, grads, out);
           } else {
-            read_gradients<T, false>(encoder, grads, result);
+            read_gradients<T, false>(encoder, grads, out);
           }
         });
   }

@@ -1,5 +1,5 @@
 // What the CUDA eval_gpu of every primitive shares: the kernels' dtype codes,
-// the grid of a launch and the launch itself.
+// the grid of a launch, the arrays it reads and writes, and the launch itself.
 #pragma once
 
 #include <cuda.h>
@@ -9,6 +9,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "kernels/cuda_dispatch.h"
 #include "mlx/backend/cuda/device.h"
@@ -56,14 +57,50 @@ template <typename X> struct launch_arg<const X*> {
 template <typename X>
 using launch_arg_t = typename launch_arg<std::decay_t<X>>::type;
 
-// Adds a launch of `kernel` to MLX's command encoder. MLX's library links the
-// CUDA runtime statically, and a runtime launches only the kernels registered
-// with itself; ours are registered with this extension's own runtime. So MLX
-// is handed the kernel's driver handle (CUfunction), which it launches, or
-// adds to its graph, through the driver API, like its own JIT kernels.
+// The arrays one launch reads and writes. MLX's CUDA encoder records a
+// launch as a node of a CUDA graph whose edges come from the arrays declared
+// (set_input_array, set_output_array) since its previous node, and forgets
+// them once the node is added. So each launch declares its own arrays, right
+// before it is added: a launch that did not would have no edge to the
+// kernels that produce its inputs, and readers of its outputs no edge to it.
+class LaunchArrays {
+ public:
+  LaunchArrays& reads(const mx::array& a) {
+    reads_.push_back(&a);
+    return *this;
+  }
+  LaunchArrays& writes(const mx::array& a) {
+    writes_.push_back(&a);
+    return *this;
+  }
+  void declare(mx::cu::CommandEncoder& encoder) const {
+    if (writes_.empty()) {
+      throw std::logic_error(
+          "mlx_fused_sgd: a CUDA launch that writes no array.");
+    }
+    for (const auto* a : reads_) {
+      encoder.set_input_array(*a);
+    }
+    for (const auto* a : writes_) {
+      encoder.set_output_array(*a);
+    }
+  }
+
+ private:
+  std::vector<const mx::array*> reads_;
+  std::vector<const mx::array*> writes_;
+};
+
+// Adds a launch of `kernel` to MLX's command encoder, after declaring the
+// arrays it reads and writes. MLX's library links the CUDA runtime
+// statically, and a runtime launches only the kernels registered with itself;
+// ours are registered with this extension's own runtime. So MLX is handed the
+// kernel's driver handle (CUfunction), which it launches, or adds to its
+// graph, through the driver API, like its own JIT kernels.
 template <typename... KernelArgs, typename... Args>
 void add_kernel(
     mx::cu::CommandEncoder& encoder,
+    const LaunchArrays& arrays,
     void (*kernel)(KernelArgs...),
     dim3 grid,
     dim3 block,
@@ -87,6 +124,7 @@ void add_kernel(
         std::string("mlx_fused_sgd: no CUDA kernel to launch (") +
         cudaGetErrorString(status) + ").");
   }
+  arrays.declare(encoder);
   encoder.add_kernel_node_ex(
       static_cast<CUfunction>(function),
       grid,

@@ -18,6 +18,21 @@
 
 namespace mlx_fused_sgd {
 
+namespace {
+
+// What a launch updating tensor `t` reads and writes.
+void add_tensor_arrays(cuda::LaunchArrays& arrays, const TensorSlots& t) {
+  arrays.reads(t.p).reads(t.g).writes(t.p_out);
+  if (t.v != nullptr) {
+    arrays.reads(*t.v).writes(*t.v_out);
+  }
+  if (t.m != nullptr) {
+    arrays.reads(*t.m).writes(*t.m_out);
+  }
+}
+
+} // namespace
+
 void SGDUpdate::eval_gpu(
     const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   check_layout(inputs, outputs);
@@ -28,9 +43,11 @@ void SGDUpdate::eval_gpu(
   auto& encoder = mx::cu::get_command_encoder(stream());
 
   const auto in = scalar_inputs(inputs);
+  // Every launch reads the scalars.
+  cuda::LaunchArrays scalar_reads;
   for (const auto* scalar :
        {&in.lr, &in.grad_scale, &in.skip, &in.clip, &in.rounding_step}) {
-    encoder.set_input_array(*scalar);
+    scalar_reads.reads(*scalar);
   }
   // Kernel arguments are passed to MLX's encoder as mutable values.
   cuda_launch::SGDScalars scalars{
@@ -45,17 +62,19 @@ void SGDUpdate::eval_gpu(
 
   std::vector<cuda_launch::SGDOperands> contiguous;
   std::vector<int64_t> contiguous_sizes;
+  std::vector<TensorSlots> contiguous_slots;
   // A strided tensor's operands, layout and threads, planned (and refused)
   // before any launch is added.
   struct Strided {
     cuda_launch::SGDOperands operands;
     cuda_launch::StridedArgs layout;
     int64_t threads;
+    TensorSlots slots;
   };
   std::vector<Strided> strided;
   for (int i = 0; i < n; ++i) {
     const auto slots = tensor_slots(inputs, outputs, n, i, momentum, master);
-    prepare_tensor(encoder, slots);
+    allocate_tensor(slots);
     auto [p, g, v, p_out, v_out, m, m_out] = slots;
     if (p.size() == 0) {
       continue;
@@ -73,9 +92,10 @@ void SGDUpdate::eval_gpu(
     if (all_row_contiguous(p, g, v, m)) {
       contiguous.push_back(operands);
       contiguous_sizes.push_back(operands.size);
+      contiguous_slots.push_back(slots);
     } else {
       const auto layout = strided_layout(p, g, v, m);
-      Strided t{operands, {}, cuda_launch::strided_threads(layout)};
+      Strided t{operands, {}, cuda_launch::strided_threads(layout), slots};
       if (!cuda_launch::to_strided_args(layout, t.layout)) {
         throw std::runtime_error(
             "mlx_fused_sgd: a tensor of " + std::to_string(layout.ndim()) +
@@ -106,8 +126,13 @@ void SGDUpdate::eval_gpu(
           }
           auto table = cuda_launch::make_sgd_table(
               span, contiguous, sizeof(T), sizeof(V));
+          auto arrays = scalar_reads;
+          for (int k = 0; k < span.count; ++k) {
+            add_tensor_arrays(arrays, contiguous_slots[span.first + k]);
+          }
           cuda::add_kernel(
               encoder,
+              arrays,
               cuda_kernels::sgd_multi_tensor<T, V, WD, M, D, N, S, R>,
               cuda::grid(span.blocks()),
               dim3(cuda_launch::kThreads),
@@ -115,7 +140,7 @@ void SGDUpdate::eval_gpu(
               base_args,
               scalars);
         }
-        for (auto& [t, layout, threads] : strided) {
+        for (auto& [t, layout, threads, slots] : strided) {
           auto args = base_args;
           args.size = t.size;
           args.rounding_tensor = t.tensor_id;
@@ -128,8 +153,11 @@ void SGDUpdate::eval_gpu(
               static_cast<V*>(t.velocity_out),
               t.master,
               t.master_out};
+          auto arrays = scalar_reads;
+          add_tensor_arrays(arrays, slots);
           cuda::add_kernel(
               encoder,
+              arrays,
               cuda_kernels::sgd_strided<T, V, WD, M, D, N, S, R>,
               cuda::grid(cuda_launch::blocks_for(threads)),
               dim3(cuda_launch::kThreads),

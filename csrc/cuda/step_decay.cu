@@ -14,12 +14,10 @@ void StepDecayLR::eval_gpu(
     const std::vector<mx::array>& inputs, mx::array& out) {
   const auto& step = inputs[0];
   allocate(out);
-  auto& encoder = mx::cu::get_command_encoder(stream());
-  encoder.set_input_array(step);
-  encoder.set_output_array(out);
   if (out.size() == 0) {
     return;
   }
+  auto& encoder = mx::cu::get_command_encoder(stream());
   const bool contiguous = step.flags().row_contiguous;
   auto plan = launch::plan_step_decay(
       dtype_name(step.dtype()),
@@ -40,6 +38,7 @@ void StepDecayLR::eval_gpu(
     using I = decltype(zero);
     cuda::add_kernel(
         encoder,
+        cuda::LaunchArrays().reads(step).writes(out),
         cuda_kernels::step_decay<I>,
         cuda::grid(cuda_launch::blocks_for(plan.args.size)),
         dim3(cuda_launch::kThreads),
