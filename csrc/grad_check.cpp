@@ -2,6 +2,9 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <string>
+
+#include "mlx/allocator.h"
 
 #include "utils.h"
 
@@ -89,6 +92,22 @@ bool reads_as_block(const mx::array& g) {
     }
   }
   return true;
+}
+
+mx::array allocate_norm_slots(int64_t count, const char* gpu) {
+  if (count >= (int64_t(1) << 31)) {
+    throw std::runtime_error(
+        std::string("mlx_fused_sgd: a gradient norm over ") +
+        std::to_string(count) + " partial sums on " + gpu +
+        "; split the gradients into smaller chunks.");
+  }
+  mx::array slots(
+      {static_cast<int>(std::max<int64_t>(count, 1))},
+      mx::float32,
+      nullptr,
+      {});
+  slots.set_data(mx::allocator::malloc(slots.nbytes()));
+  return slots;
 }
 
 mx::array grads_sq_norm(

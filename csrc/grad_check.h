@@ -77,4 +77,10 @@ class GradCheck : public mx::UnaryPrimitive {
 // (eval_cpu and eval_gpu read such gradients linearly).
 bool reads_as_block(const mx::array& g);
 
+// The GPU norm's slots: a float32 buffer of `count` slots (at least one: no
+// empty buffer is allocated), one for each threadgroup (Metal) or block
+// (CUDA) of the reads, which writes its own, so it is not cleared. `gpu`
+// names the backend in the error for a count past a grid's reach.
+mx::array allocate_norm_slots(int64_t count, const char* gpu);
+
 } // namespace mlx_fused_sgd

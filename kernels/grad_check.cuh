@@ -3,9 +3,12 @@
 // the gradients whose elements are one dense block (a transposed gradient is
 // one too: a sum and an OR do not care about the order), one tensor a launch
 // otherwise (sliced or broadcast). Each block reduces its threads' values
-// with warp shuffles, then across its warps in shared memory, and makes one
-// atomic. The test is math::is_nonfinite from kernels/sgd_math.h, shared with
-// the CPU loop and the Metal kernels.
+// with warp shuffles, then across its warps in shared memory. The check's
+// blocks OR a flag; the norm's write their sums to slots of their own, which
+// sum_partials adds up in a fixed order, so that the norm has the same bits
+// on every run (data-parallel ranks clipping by it stay in step). The test is
+// math::is_nonfinite from kernels/sgd_math.h, shared with the CPU loop and
+// the Metal kernels.
 #pragma once
 
 #include "kernels/cuda_launch.h"
@@ -14,8 +17,7 @@
 namespace mlx_fused_sgd {
 namespace cuda_kernels {
 
-// Clears a check's flag or a norm's sum (the 32 bits of 0u and 0.0f) before
-// the blocks add to it.
+// Clears a check's flag before the blocks OR into it.
 __global__ void clear_result(void* result) {
   *static_cast<uint32_t*>(result) = 0u;
 }
@@ -60,25 +62,46 @@ template <bool kNorm> __device__ __forceinline__ float read_value(float x) {
   return math::is_nonfinite(x) ? 1.0f : 0.0f;
 }
 
-// The block's total into the result: one atomic per block. The check's
-// result is a uint32 flag OR-ed with 1 (a count of non-finite elements
-// summed as floats is exact far beyond a block); the norm's a float32 sum
-// (the order of the blocks' adds varies from run to run).
+// The block's total into the result. The check's result is a uint32 flag
+// OR-ed with 1 by any block that saw a NaN or an Inf (a count of non-finite
+// elements summed as floats is exact far beyond a block). The norm's is a
+// float32 a block, written to the block's own slot (every block writes its
+// slot, zero included: the slots are not cleared).
 template <bool kNorm>
-__device__ __forceinline__ void add_block(float local, void* result) {
+__device__ __forceinline__ void
+add_block(float local, void* result, int64_t slot) {
   const float total = block_sum(local);
-  if (threadIdx.x == 0 && total != 0.0f) {
-    if (kNorm) {
-      atomicAdd(static_cast<float*>(result), total);
-    } else {
-      atomicOr(static_cast<unsigned int*>(result), 1u);
-    }
+  if (threadIdx.x != 0) {
+    return;
+  }
+  if (kNorm) {
+    static_cast<float*>(result)[slot] = total;
+  } else if (total != 0.0f) {
+    atomicOr(static_cast<unsigned int*>(result), 1u);
   }
 }
 
+// The norm: the blocks' sums added up by one block in a fixed order (thread
+// t takes slots t, t + kThreads, ... in turn, then the block reduces), the
+// same whatever order the blocks ran in.
+__global__ void sum_partials(const float* partials, int64_t count, float* sum) {
+  float local = 0.0f;
+  for (int64_t i = threadIdx.x; i < count; i += cuda_launch::kThreads) {
+    local = local + partials[i];
+  }
+  const float total = block_sum(local);
+  if (threadIdx.x == 0) {
+    *sum = total;
+  }
+}
+
+// `result`: the check's flag, or the norm's slots, of which this launch's
+// blocks take those from `first_slot` on.
 template <typename T, bool kNorm>
 __global__ void grad_read_multi_tensor(
-    const __grid_constant__ cuda_launch::ReadTable table, void* result) {
+    const __grid_constant__ cuda_launch::ReadTable table,
+    void* result,
+    int64_t first_slot) {
   const int64_t block = blockIdx.x;
   const int t = cuda_launch::table_tensor(table.block_end, table.count, block);
   const int64_t first = t == 0 ? 0 : table.block_end[t - 1];
@@ -93,7 +116,7 @@ __global__ void grad_read_multi_tensor(
       local = local + read_value<kNorm>(static_cast<float>(x[i]));
     }
   }
-  add_block<kNorm>(local, result);
+  add_block<kNorm>(local, result, first_slot + int64_t(blockIdx.x));
 }
 
 // The element at row-major index i of a strided gradient.
@@ -112,7 +135,8 @@ __global__ void grad_read_strided(
     const T* x,
     int64_t size,
     const __grid_constant__ cuda_launch::ReadShape shape,
-    void* result) {
+    void* result,
+    int64_t first_slot) {
   const int64_t begin = int64_t(blockIdx.x) * cuda_launch::kChunk;
   float local = 0.0f;
   for (int k = 0; k < kReadsPerThread; ++k) {
@@ -123,7 +147,7 @@ __global__ void grad_read_strided(
                           static_cast<float>(x[strided_offset(i, shape)]));
     }
   }
-  add_block<kNorm>(local, result);
+  add_block<kNorm>(local, result, first_slot + int64_t(blockIdx.x));
 }
 
 } // namespace cuda_kernels

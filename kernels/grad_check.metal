@@ -81,18 +81,26 @@ inline void flag_if_any(
   }
 }
 
-// The squared norm's part of a threadgroup: one atomic per threadgroup.
-inline void add_to_sum(
+// The squared norm's part of a threadgroup, written to the threadgroup's
+// slot: threadgroup `group` of a grid of `groups`, from the dispatch's first
+// slot on. Every threadgroup writes its slot, zero included (the slots are
+// not cleared).
+inline void write_slot(
     float local,
-    device atomic_float* sum,
+    device float* slots,
+    int64_t first_slot,
+    uint2 group,
+    uint2 groups,
     threadgroup float* partials,
     uint lane,
     uint simd_group,
     uint simd_groups) {
   const float total =
       threadgroup_sum(local, partials, lane, simd_group, simd_groups);
-  if (simd_group == 0 && lane == 0 && total != 0.0f) {
-    atomic_fetch_add_explicit(sum, total, memory_order_relaxed);
+  const int64_t slot =
+      first_slot + int64_t(group.x) + int64_t(groups.x) * int64_t(group.y);
+  if (simd_group == 0 && lane == 0) {
+    slots[slot] = total;
   }
 }
 
@@ -149,25 +157,42 @@ template <typename T>
 
 // The squared L2 norm of a chunk (max_grad_norm): each thread sums the
 // squares of its elements in float32, its threadgroup adds those up
-// (threadgroup_sum), and one thread adds the threadgroup's sum to one float
-// (the order of those adds varies from run to run on a GPU; see the docs on
-// clipping).
-[[kernel]] void grad_norm_clear(
-    device atomic_float* sum [[buffer(mlx_fused_sgd::launch::kNormSum)]],
-    uint gid [[thread_position_in_grid]]) {
-  if (gid == 0) {
-    atomic_store_explicit(sum, 0.0f, memory_order_relaxed);
+// (threadgroup_sum) into the threadgroup's slot, and grad_norm_sum adds the
+// slots up in one fixed order: the same gradients give the same bits on
+// every run, whatever order the threadgroups ran in.
+[[kernel]] void grad_norm_sum(
+    device const float* slots [[buffer(mlx_fused_sgd::launch::kNormSumSlots)]],
+    device float* sum [[buffer(mlx_fused_sgd::launch::kNormSumOut)]],
+    constant const int64_t& count
+    [[buffer(mlx_fused_sgd::launch::kNormSumCount)]],
+    uint tid [[thread_position_in_threadgroup]],
+    uint threads [[threads_per_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]],
+    uint simd_group [[simdgroup_index_in_threadgroup]],
+    uint simd_groups [[simdgroups_per_threadgroup]]) {
+  MFS_THREADGROUP_ARRAY(float, partials, mlx_fused_sgd::launch::kMaxSimdGroups);
+  // Thread tid takes slots tid, tid + threads, ... in turn.
+  float local = 0.0f;
+  for (int64_t i = tid; i < count; i += threads) {
+    local = local + slots[i];
+  }
+  const float total =
+      threadgroup_sum(local, partials, lane, simd_group, simd_groups);
+  if (simd_group == 0 && lane == 0) {
+    *sum = total;
   }
 }
 
 template <typename T>
 [[kernel]] void grad_norm_contiguous(
     device const T* x [[buffer(mlx_fused_sgd::launch::kNormIn)]],
-    device atomic_float* sum [[buffer(mlx_fused_sgd::launch::kNormSum)]],
+    device float* slots [[buffer(mlx_fused_sgd::launch::kNormSlots)]],
     constant const mlx_fused_sgd::launch::CheckArgs& args
     [[buffer(mlx_fused_sgd::launch::kNormArgs)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid [[threads_per_grid]],
+    uint2 group [[threadgroup_position_in_grid]],
+    uint2 groups [[threadgroups_per_grid]],
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]],
     uint simd_groups [[simdgroups_per_threadgroup]]) {
@@ -182,13 +207,22 @@ template <typename T>
       local = local + sq;
     }
   }
-  add_to_sum(local, sum, partials, lane, simd_group, simd_groups);
+  write_slot(
+      local,
+      slots,
+      args.first_slot,
+      group,
+      groups,
+      partials,
+      lane,
+      simd_group,
+      simd_groups);
 }
 
 template <typename T>
 [[kernel]] void grad_norm_general(
     device const T* x [[buffer(mlx_fused_sgd::launch::kNormIn)]],
-    device atomic_float* sum [[buffer(mlx_fused_sgd::launch::kNormSum)]],
+    device float* slots [[buffer(mlx_fused_sgd::launch::kNormSlots)]],
     constant const mlx_fused_sgd::launch::CheckArgs& args
     [[buffer(mlx_fused_sgd::launch::kNormArgs)]],
     constant const int* shape [[buffer(mlx_fused_sgd::launch::kNormShape)]],
@@ -196,6 +230,8 @@ template <typename T>
     [[buffer(mlx_fused_sgd::launch::kNormStrides)]],
     uint2 gid [[thread_position_in_grid]],
     uint2 grid [[threads_per_grid]],
+    uint2 group [[threadgroup_position_in_grid]],
+    uint2 groups [[threadgroups_per_grid]],
     uint lane [[thread_index_in_simdgroup]],
     uint simd_group [[simdgroup_index_in_threadgroup]],
     uint simd_groups [[simdgroups_per_threadgroup]]) {
@@ -211,7 +247,16 @@ template <typename T>
       local = local + sq;
     }
   }
-  add_to_sum(local, sum, partials, lane, simd_group, simd_groups);
+  write_slot(
+      local,
+      slots,
+      args.first_slot,
+      group,
+      groups,
+      partials,
+      lane,
+      simd_group,
+      simd_groups);
 }
 
 #ifndef MFS_INSTANTIATE

@@ -71,11 +71,16 @@ MFS_CONSTANT constexpr int kCheckArgs = 2;
 MFS_CONSTANT constexpr int kCheckShape = 3; // general kernels only
 MFS_CONSTANT constexpr int kCheckStrides = 4;
 
-// The squared-norm kernels (max_grad_norm) use the same layout, with a
-// float32 sum, atomically accumulated, in place of the flag.
+// The squared-norm kernels (max_grad_norm) use the same layout, with slots
+// of float32 in place of the flag: threadgroup k of a dispatch (row-major
+// over the grid's threadgroups) writes its sum to slot args.first_slot + k.
+// "grad_norm_sum" then adds the slots up in one fixed order, so that the
+// norm has the same bits whatever order the threadgroups ran in
+// (data-parallel ranks that clip by it stay in step).
 //
 // Both gradient reads reduce within a SIMD group (simd_sum), then across
-// the threadgroup's SIMD groups, and make one atomic per threadgroup. A SIMD
+// the threadgroup's SIMD groups: the check makes one atomic per threadgroup
+// that saw a NaN or an Inf, the norm one write per threadgroup. A SIMD
 // group of kSimdWidth threads reads kReadsPerThread * kSimdWidth consecutive
 // elements, lane-interleaved (each step of the group one coalesced run; see
 // grad_read_index). Threads past the end read nothing but still join the
@@ -84,10 +89,15 @@ MFS_CONSTANT constexpr int kSimdWidth = 32;
 MFS_CONSTANT constexpr int kReadsPerThread = 16;
 MFS_CONSTANT constexpr int kMaxSimdGroups = 32; // 1024 threads
 MFS_CONSTANT constexpr int kNormIn = kCheckIn;
-MFS_CONSTANT constexpr int kNormSum = kCheckFlag;
+MFS_CONSTANT constexpr int kNormSlots = kCheckFlag; // float32 a threadgroup
 MFS_CONSTANT constexpr int kNormArgs = kCheckArgs;
 MFS_CONSTANT constexpr int kNormShape = kCheckShape;
 MFS_CONSTANT constexpr int kNormStrides = kCheckStrides;
+
+// Buffer slots of "grad_norm_sum": one threadgroup adds the slots up.
+MFS_CONSTANT constexpr int kNormSumSlots = 0;
+MFS_CONSTANT constexpr int kNormSumOut = 1;   // the float32 squared norm
+MFS_CONSTANT constexpr int kNormSumCount = 2; // int64: the slots written
 
 // Buffer slots of the step-decay kernels.
 MFS_CONSTANT constexpr int kStepIn = 0;
@@ -117,6 +127,7 @@ struct SGDArgs {
 
 struct CheckArgs {
   int64_t size;
+  int64_t first_slot; // the norm: this dispatch's first threadgroup's slot
   int32_t ndim;
 };
 
@@ -429,17 +440,16 @@ struct CheckPlan {
 
 // The gradient reads before an update, one kernel family each, the same
 // launch layout for both: "grad_check_<contiguous|general>_<dtype>" ORs a
-// uint32 flag (cleared first by "grad_check_clear"), "grad_norm_..." adds the
-// sum of squares into a float32 (cleared by "grad_norm_clear").
+// uint32 flag (cleared first by kGradCheckClear), "grad_norm_..." writes
+// each threadgroup's sum of squares to its slot (added up by kGradNormSum).
 enum class GradRead { check, norm };
 
 inline const char* grad_read_prefix(GradRead kind) {
   return kind == GradRead::check ? "grad_check_" : "grad_norm_";
 }
 
-inline std::string grad_read_clear_name(GradRead kind) {
-  return std::string(grad_read_prefix(kind)) + "clear";
-}
+inline constexpr const char* kGradCheckClear = "grad_check_clear";
+inline constexpr const char* kGradNormSum = "grad_norm_sum";
 
 inline CheckPlan plan_grad_read(
     GradRead kind,
@@ -454,6 +464,7 @@ inline CheckPlan plan_grad_read(
   const int64_t per_group = int64_t(kSimdWidth) * kReadsPerThread;
   plan.threads = (size + per_group - 1) / per_group * kSimdWidth;
   plan.args.size = size;
+  plan.args.first_slot = 0;
   plan.args.ndim = ndim;
   return plan;
 }
@@ -475,6 +486,11 @@ inline Grid make_grid(int64_t threads, uint64_t max_group) {
   g.y = (t + g.x - 1) / g.x;
   g.group = max_group < g.x ? max_group : g.x;
   return g;
+}
+
+// The threadgroups of a grid (the last of a row may be partial).
+inline int64_t threadgroups(const Grid& g) {
+  return static_cast<int64_t>((g.x + g.group - 1) / g.group * g.y);
 }
 
 #endif

@@ -9,6 +9,7 @@
 // with more axes than the kernels take.
 #include "cuda_shim.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -215,10 +216,18 @@ int run_sgd_strided(
       });
 }
 
-// The gradient reads: kind 0 the non-finite check (result: a uint32 flag),
-// 1 the squared norm (a float32 sum). Tensors with dense[i] are read flat in
-// multi-tensor launches, the others one launch each with their shapes and
-// strides (ndims[i] axes from shapes/strides, consecutively).
+// Launches run their blocks last to first (reverse != 0) or first to last.
+void set_reverse_blocks(int reverse) {
+  mfs_cuda::reverse_blocks() = reverse != 0;
+}
+
+// The gradient reads: kind 0 the non-finite check (result: a uint32 flag,
+// cleared by the caller), 1 the squared norm (result: a float32). For the
+// norm every block writes a slot of a buffer that starts filled with
+// `slot_fill` (eval_gpu does not clear it), then sum_partials adds the
+// slots up. Tensors with dense[i] are read flat in multi-tensor launches,
+// the others one launch each with their shapes and strides (ndims[i] axes
+// from shapes/strides, consecutively).
 int run_grad_read(
     int kind,
     int dtype,
@@ -229,9 +238,17 @@ int run_grad_read(
     const int* ndims,
     const int64_t* shapes,
     const int64_t* strides,
-    void* result) {
+    void* result,
+    float slot_fill) {
   std::vector<const void*> flat;
   std::vector<int64_t> flat_sizes;
+  int64_t slot_count = 0;
+  for (int i = 0; i < n; ++i) {
+    slot_count += cl::chunks(sizes[i]);
+  }
+  std::vector<float> slots(std::max<int64_t>(slot_count, 1), slot_fill);
+  void* into = kind == 1 ? static_cast<void*>(slots.data()) : result;
+  int64_t next_slot = 0;
   int rc = 0;
   auto run = [&]<typename T, bool kNorm>() {
     const int64_t* shape_at = shapes;
@@ -251,8 +268,10 @@ int run_grad_read(
         const T* x = static_cast<const T*>(data[i]);
         const bool ok =
             mfs_cuda::launch(cl::chunks(sizes[i]), cl::kThreads, [&] {
-              ck::grad_read_strided<T, kNorm>(x, sizes[i], shape, result);
+              ck::grad_read_strided<T, kNorm>(
+                  x, sizes[i], shape, into, next_slot);
             });
+        next_slot += cl::chunks(sizes[i]);
         rc = ok ? rc : 2;
       }
       shape_at += ndims[i];
@@ -261,8 +280,9 @@ int run_grad_read(
     for (const auto& span : cl::split_tables(flat_sizes)) {
       const auto table = cl::make_read_table(span, flat, flat_sizes);
       const bool ok = mfs_cuda::launch(span.blocks(), cl::kThreads, [&] {
-        ck::grad_read_multi_tensor<T, kNorm>(table, result);
+        ck::grad_read_multi_tensor<T, kNorm>(table, into, next_slot);
       });
+      next_slot += span.blocks();
       rc = ok ? rc : 2;
     }
   };
@@ -275,6 +295,12 @@ int run_grad_read(
           run.template operator()<T, false>();
         }
       });
+  if (kind == 1 && rc == 0) {
+    const bool ok = mfs_cuda::launch(1, cl::kThreads, [&] {
+      ck::sum_partials(slots.data(), next_slot, static_cast<float*>(result));
+    });
+    rc = ok ? rc : 2;
+  }
   return rc;
 }
 

@@ -9,9 +9,11 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <typeindex>
 #include <typeinfo>
 #include <utility>
+#include <vector>
 
 #include "kernels/sgd_launch.h"
 
@@ -46,7 +48,7 @@ template <typename F> bool record(const char* name, F* fn) {
 // The kernels that are not templates, so not instantiated by name.
 static const bool mfs_clear_registered =
     record("grad_check_clear", &grad_check_clear) &&
-    record("grad_norm_clear", &grad_norm_clear);
+    record("grad_norm_sum", &grad_norm_sum);
 
 namespace launch = mlx_fused_sgd::launch;
 
@@ -62,29 +64,41 @@ template <typename F> F* lookup(const std::string& name) {
   return reinterpret_cast<F*>(it->second.fn);
 }
 
+// Whether a grid runs its threadgroups last to first: a GPU runs them in no
+// set order, and a result must not depend on it.
+bool reverse_groups = false;
+
 // The grid of a gradient-read kernel, threadgroup by threadgroup (eval_gpu's
 // size): the threads of a threadgroup run together, meeting in simd_sum and
-// threadgroup_barrier (tests/metal_shim/metal_stdlib). False when a
-// threadgroup diverged (a thread left before a barrier, or threads stuck).
+// threadgroup_barrier (tests/metal_shim/metal_stdlib). call(gid, grid,
+// group, groups, lane, simd_group, simd_groups) for each thread. False when
+// a threadgroup diverged (a thread left before a barrier, or threads stuck).
 template <typename Call> bool run_grid_groups(int64_t threads, Call call) {
   auto g = launch::make_grid(threads, kMaxThreadsPerGroup);
   uint2 grid{static_cast<uint>(g.x), static_cast<uint>(g.y)};
-  for (uint64_t y = 0; y < g.y; ++y) {
-    for (uint64_t base = 0; base < g.x; base += g.group) {
-      const unsigned n =
-          static_cast<unsigned>(std::min<uint64_t>(g.group, g.x - base));
-      const uint simd_groups = (n + mfs_simd::kWidth - 1) / mfs_simd::kWidth;
-      const bool ok = mfs_simd::run(n, [&](unsigned i) {
-        call(
-            uint2{static_cast<uint>(base + i), static_cast<uint>(y)},
-            grid,
-            static_cast<uint>(i % mfs_simd::kWidth),
-            static_cast<uint>(i / mfs_simd::kWidth),
-            simd_groups);
-      });
-      if (!ok) {
-        return false;
-      }
+  const uint64_t per_row = (g.x + g.group - 1) / g.group;
+  uint2 groups{static_cast<uint>(per_row), static_cast<uint>(g.y)};
+  const uint64_t total = per_row * g.y;
+  for (uint64_t k = 0; k < total; ++k) {
+    const uint64_t index = reverse_groups ? total - 1 - k : k;
+    const uint64_t y = index / per_row;
+    const uint64_t base = (index % per_row) * g.group;
+    const unsigned n =
+        static_cast<unsigned>(std::min<uint64_t>(g.group, g.x - base));
+    const uint simd_groups = (n + mfs_simd::kWidth - 1) / mfs_simd::kWidth;
+    const uint2 group{static_cast<uint>(index % per_row), static_cast<uint>(y)};
+    const bool ok = mfs_simd::run(n, [&](unsigned i) {
+      call(
+          uint2{static_cast<uint>(base + i), static_cast<uint>(y)},
+          grid,
+          group,
+          groups,
+          static_cast<uint>(i % mfs_simd::kWidth),
+          static_cast<uint>(i / mfs_simd::kWidth),
+          simd_groups);
+    });
+    if (!ok) {
+      return false;
     }
   }
   return true;
@@ -432,10 +446,80 @@ int run_step_decay(
   return 2;
 }
 
-// One chunk's gradient read as GradCheck::eval_gpu launches it: the clear
-// kernel, then one kernel per tensor accumulating into the output.
-int run_grad_read(
-    launch::GradRead kind,
+} // extern "C"
+
+namespace {
+
+// A gradient-read kernel's type: its leading parameters, then (gid, grid,
+// [group, groups,] lane, simd_group, simd_groups): the norm's kernels also
+// take their threadgroup's place in the grid.
+template <bool kNorm, typename... Lead>
+using ReadKernel = std::conditional_t<
+    kNorm,
+    void(Lead..., uint2, uint2, uint2, uint2, uint, uint, uint),
+    void(Lead..., uint2, uint2, uint, uint, uint)>;
+
+// Runs gradient-read kernel `name` over the grid of `threads` threads with
+// leading arguments `lead`: 0, or 1 no such kernel, 3 divergent.
+template <bool kNorm, typename... Lead>
+int run_read_kernel(const std::string& name, int64_t threads, Lead... lead) {
+  auto fn = lookup<ReadKernel<kNorm, Lead...>>(name);
+  if (!fn) {
+    return 1;
+  }
+  const bool ok = run_grid_groups(
+      threads,
+      [&](uint2 gid,
+          uint2 grid,
+          uint2 group,
+          uint2 groups,
+          uint lane,
+          uint simd_group,
+          uint simd_groups) {
+        if constexpr (kNorm) {
+          fn(lead..., gid, grid, group, groups, lane, simd_group, simd_groups);
+        } else {
+          fn(lead..., gid, grid, lane, simd_group, simd_groups);
+        }
+      });
+  return ok ? 0 : 3;
+}
+
+// One tensor's dispatch of a gradient-read kernel: the check's takes the
+// flag, the norm's its slots.
+template <typename T, bool kNorm>
+int run_grad_read_tensor(
+    const launch::CheckPlan& plan,
+    bool contiguous,
+    const T* x,
+    const int* shape,
+    const int64_t* strides,
+    atomic_uint* flag,
+    float* slots) {
+  using Result = std::conditional_t<kNorm, float*, atomic_uint*>;
+  Result result;
+  if constexpr (kNorm) {
+    result = slots;
+  } else {
+    result = flag;
+  }
+  using Args = const launch::CheckArgs&;
+  if (contiguous) {
+    return run_read_kernel<kNorm, const T*, Result, Args>(
+        plan.name, plan.threads, x, result, plan.args);
+  }
+  return run_read_kernel<
+      kNorm,
+      const T*,
+      Result,
+      Args,
+      const int*,
+      const int64_t*>(
+      plan.name, plan.threads, x, result, plan.args, shape, strides);
+}
+
+template <bool kNorm>
+int run_grad_read_kind(
     int count,
     const char* const* dtypes,
     const int* contiguous,
@@ -444,8 +528,94 @@ int run_grad_read(
     const int* const* shapes,
     const int64_t* const* strides,
     const void* const* data,
-    void* out);
+    void* out,
+    float slot_fill) {
+  const auto kind = kNorm ? launch::GradRead::norm : launch::GradRead::check;
+  atomic_uint flag{123u}; // garbage until the clear kernel runs
+  std::vector<launch::CheckPlan> plans(count);
+  int64_t slot_count = 0;
+  for (int t = 0; t < count; ++t) {
+    if (sizes[t] == 0) {
+      continue;
+    }
+    plans[t] = launch::plan_grad_read(
+        kind, dtypes[t], contiguous[t], sizes[t], ndims[t]);
+    plans[t].args.first_slot = slot_count;
+    slot_count += launch::threadgroups(
+        launch::make_grid(plans[t].threads, kMaxThreadsPerGroup));
+  }
+  std::vector<float> slots(std::max<int64_t>(slot_count, 1), slot_fill);
+  if (!kNorm) {
+    using Clear = void(atomic_uint*, uint);
+    auto clear = lookup<Clear>(launch::kGradCheckClear);
+    if (!clear) {
+      return 1;
+    }
+    clear(&flag, 0);
+  }
+  for (int t = 0; t < count; ++t) {
+    if (sizes[t] == 0) {
+      continue;
+    }
+    const std::string d = dtypes[t];
+    auto run = [&]<typename T>() {
+      return run_grad_read_tensor<T, kNorm>(
+          plans[t],
+          contiguous[t],
+          static_cast<const T*>(data[t]),
+          shapes[t],
+          strides[t],
+          &flag,
+          slots.data());
+    };
+    const int rc = d == "float32"    ? run.template operator()<float>()
+                   : d == "float16"  ? run.template operator()<half>()
+                   : d == "bfloat16" ? run.template operator()<bfloat>()
+                                     : 2;
+    if (rc != 0) {
+      return rc;
+    }
+  }
+  if constexpr (kNorm) {
+    using Sum = void(
+        const float*, float*, const int64_t&, uint, uint, uint, uint, uint);
+    auto sum = lookup<Sum>(launch::kGradNormSum);
+    if (!sum) {
+      return 1;
+    }
+    // One threadgroup as wide as eval_gpu asks for.
+    const unsigned n = static_cast<unsigned>(kMaxThreadsPerGroup);
+    const uint simd_groups = n / mfs_simd::kWidth;
+    float total = 123.0f;
+    const bool ok = mfs_simd::run(n, [&](unsigned i) {
+      sum(slots.data(),
+          &total,
+          slot_count,
+          i,
+          n,
+          i % mfs_simd::kWidth,
+          i / mfs_simd::kWidth,
+          simd_groups);
+    });
+    if (!ok) {
+      return 3;
+    }
+    *static_cast<float*>(out) = total;
+  } else {
+    *static_cast<uint32_t*>(out) = flag.load();
+  }
+  return 0;
+}
 
+} // namespace
+
+extern "C" {
+
+// One chunk's gradient read as GradCheck::eval_gpu launches it. The check:
+// the clear kernel, then one dispatch per tensor OR-ing the flag. The norm:
+// one dispatch per tensor, each threadgroup writing its slot of a buffer
+// that starts filled with `slot_fill` (eval_gpu does not clear it), then
+// grad_norm_sum adds the slots up.
 int run_grad_check(
     int count,
     const char* const* dtypes,
@@ -456,8 +626,7 @@ int run_grad_check(
     const int64_t* const* strides,
     const void* const* data,
     uint32_t* flag) {
-  return run_grad_read(
-      launch::GradRead::check,
+  return run_grad_read_kind<false>(
       count,
       dtypes,
       contiguous,
@@ -466,7 +635,8 @@ int run_grad_check(
       shapes,
       strides,
       data,
-      flag);
+      flag,
+      0.0f);
 }
 
 int run_grad_norm(
@@ -478,9 +648,9 @@ int run_grad_norm(
     const int* const* shapes,
     const int64_t* const* strides,
     const void* const* data,
-    float* sum) {
-  return run_grad_read(
-      launch::GradRead::norm,
+    float* sum,
+    float slot_fill) {
+  return run_grad_read_kind<true>(
       count,
       dtypes,
       contiguous,
@@ -489,143 +659,13 @@ int run_grad_norm(
       shapes,
       strides,
       data,
-      sum);
+      sum,
+      slot_fill);
+}
+
+// Grids run their threadgroups last to first (reverse != 0) or first to last.
+void set_reverse_groups(int reverse) {
+  reverse_groups = reverse != 0;
 }
 
 } // extern "C"
-
-namespace {
-
-template <typename Atomic>
-int run_grad_read_typed(
-    launch::GradRead kind,
-    int count,
-    const char* const* dtypes,
-    const int* contiguous,
-    const int64_t* sizes,
-    const int* ndims,
-    const int* const* shapes,
-    const int64_t* const* strides,
-    const void* const* data,
-    void* out) {
-  using Value = decltype(std::declval<Atomic>().load());
-  Atomic result{Value(123)}; // garbage until the clear kernel runs
-  using Clear = void(Atomic*, uint);
-  auto clear = lookup<Clear>(launch::grad_read_clear_name(kind));
-  if (!clear) {
-    return 1;
-  }
-  clear(&result, 0);
-  for (int t = 0; t < count; ++t) {
-    if (sizes[t] == 0) {
-      continue;
-    }
-    auto plan = launch::plan_grad_read(
-        kind, dtypes[t], contiguous[t], sizes[t], ndims[t]);
-    std::string d = dtypes[t];
-    auto run = [&]<typename T>() {
-      auto x = static_cast<const T*>(data[t]);
-      if (contiguous[t]) {
-        using F = void(
-            const T*,
-            Atomic*,
-            const launch::CheckArgs&,
-            uint2,
-            uint2,
-            uint,
-            uint,
-            uint);
-        auto fn = lookup<F>(plan.name);
-        if (!fn) {
-          return 1;
-        }
-        if (!run_grid_groups(
-                plan.threads,
-                [&](uint2 gid, uint2 grid, uint lane, uint sg, uint sgs) {
-                  fn(x, &result, plan.args, gid, grid, lane, sg, sgs);
-                })) {
-          return 3;
-        }
-      } else {
-        using F = void(
-            const T*,
-            Atomic*,
-            const launch::CheckArgs&,
-            const int*,
-            const int64_t*,
-            uint2,
-            uint2,
-            uint,
-            uint,
-            uint);
-        auto fn = lookup<F>(plan.name);
-        if (!fn) {
-          return 1;
-        }
-        if (!run_grid_groups(
-                plan.threads,
-                [&](uint2 gid, uint2 grid, uint lane, uint sg, uint sgs) {
-                  fn(x,
-                     &result,
-                     plan.args,
-                     shapes[t],
-                     strides[t],
-                     gid,
-                     grid,
-                     lane,
-                     sg,
-                     sgs);
-                })) {
-          return 3;
-        }
-      }
-      return 0;
-    };
-    int rc = d == "float32"    ? run.template operator()<float>()
-             : d == "float16"  ? run.template operator()<half>()
-             : d == "bfloat16" ? run.template operator()<bfloat>()
-                               : 2;
-    if (rc != 0) {
-      return rc;
-    }
-  }
-  *static_cast<Value*>(out) = result.load();
-  return 0;
-}
-
-} // namespace
-
-int run_grad_read(
-    launch::GradRead kind,
-    int count,
-    const char* const* dtypes,
-    const int* contiguous,
-    const int64_t* sizes,
-    const int* ndims,
-    const int* const* shapes,
-    const int64_t* const* strides,
-    const void* const* data,
-    void* out) {
-  return kind == launch::GradRead::check ? run_grad_read_typed<atomic_uint>(
-                                               kind,
-                                               count,
-                                               dtypes,
-                                               contiguous,
-                                               sizes,
-                                               ndims,
-                                               shapes,
-                                               strides,
-                                               data,
-                                               out)
-                                         : run_grad_read_typed<atomic_float>(
-                                               kind,
-                                               count,
-                                               dtypes,
-                                               contiguous,
-                                               sizes,
-                                               ndims,
-                                               shapes,
-                                               strides,
-                                               data,
-                                               out);
-}

@@ -96,6 +96,8 @@ def load_harness(lib: Path) -> ctypes.CDLL:
     h.run_sgd_multi.argtypes = [P, ctypes.c_int] + [P] * 10
     h.run_sgd_strided.argtypes = [P, ctypes.c_uint64, ctypes.c_int] + [P] * 10
     h.run_grad_read.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int] + [P] * 7
+    h.run_grad_read.argtypes += [ctypes.c_float]
+    h.set_reverse_blocks.argtypes = [ctypes.c_int]
     h.run_step_decay.argtypes = [
         P,
         P,
@@ -470,9 +472,10 @@ def _tensors_2d(shape, seed):
     ]
 
 
-def cuda_grad_read(h, kind, grads):
-    """kind 0: the non-finite flag; 1: the squared norm. Row- or
-    column-contiguous gradients are read flat, the others strided."""
+def cuda_grad_read(h, kind, grads, slot_fill=float("nan")):
+    """kind 0: the non-finite flag; 1: the squared norm, whose blocks write
+    slots that start as ``slot_fill`` (NaN: a slot no block writes shows).
+    Row- or column-contiguous gradients are read flat, the others strided."""
     dtype = _arrays(grads)[0].dtype
     data, sizes, dense, ndims, shapes, strides, keep = [], [], [], [], [], [], []
     for g in grads:
@@ -504,6 +507,7 @@ def cuda_grad_read(h, kind, grads):
         _ptr(np.array(shapes or [0], np.int64)),
         _ptr(np.array(strides or [0], np.int64)),
         _ptr(result),
+        slot_fill,
     )
     assert rc == 0, f"run_grad_read returned {rc}"
     return result[0]
@@ -537,9 +541,13 @@ def test_grad_check_sees_a_bad_element_in_a_strided_gradient(harness):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_grad_norm_matches_cpu(harness, dtype):
+    # Over 256 blocks in all: every thread of sum_partials' block has slots
+    # to add (the harness's shared memory outlives a block, so a block sum
+    # that reads it too early is seen only where a later block's values do
+    # not make up for it).
     gs = [
         mx.random.normal((s,), key=mx.random.key(s)).astype(dtype)
-        for s in (1, 4096, 4097, 3 * CHUNK + 100)
+        for s in (1, 4096, 4097, 3 * CHUNK + 100, 260 * CHUNK + 9)
     ]
     sl = Strided(
         mx.random.normal((30, 11), key=mx.random.key(4)).astype(dtype), lambda a: a[::2]
@@ -548,6 +556,37 @@ def test_grad_norm_matches_cpu(harness, dtype):
     got = float(cuda_grad_read(harness, 1, grads))
     expected = float(mfs.grad_norm(_arrays(grads))) ** 2
     assert abs(got - expected) <= 1e-5 * expected
+
+
+def test_grad_norm_has_the_same_bits_whatever_order_the_blocks_run(harness):
+    """A GPU runs blocks in no set order. The norm's blocks write slots of
+    their own, added up in one fixed order, so the launches' blocks run
+    first to last and last to first give the same bits (a data-parallel
+    job's ranks clip by the same factor). The slots start at zero here, so
+    that blocks adding into one float instead would give the right norm
+    and differ only in the order (a mutation below)."""
+    # The first block's sum (4,096 squares of 1000: 4.1e9, float32 steps of
+    # 512 there) dwarfs each other's (about 105, under half a step), but
+    # not all 44 others' together: added to the big one one at a time they
+    # vanish, added up first they do not.
+    host = np.full(45 * CHUNK + 7, 0.16, np.float32)
+    host[:CHUNK] = 1000.0
+    big = mx.array(host)
+    sl = Strided(mx.random.normal((300, 50), key=mx.random.key(5)), lambda a: a[::3])
+    grads = [big, sl, mx.random.normal((5 * CHUNK,), key=mx.random.key(6))]
+    try:
+        harness.set_reverse_blocks(0)
+        forward = cuda_grad_read(harness, 1, grads, slot_fill=0.0)
+        harness.set_reverse_blocks(1)
+        backward = cuda_grad_read(harness, 1, grads, slot_fill=0.0)
+    finally:
+        harness.set_reverse_blocks(0)
+    assert forward.view(np.uint32) == backward.view(np.uint32), (
+        f"the norm's bits depend on the order: {forward!r} first to last, "
+        f"{backward!r} last to first"
+    )
+    expected = float(mfs.grad_norm(_arrays(grads))) ** 2
+    assert abs(float(forward) - expected) <= 1e-5 * expected
 
 
 @pytest.mark.parametrize("contiguous", [True, False])
@@ -617,6 +656,12 @@ MUTATIONS = {
         "    table.vector_ok |= aligned ? (1u << k) : 0u;",
         "    table.vector_ok |= 1u << k;",
     ),
+    "norm's blocks add into one float atomically": (
+        "kernels/grad_check.cuh",
+        "    static_cast<float*>(result)[slot] = total;",
+        "    atomicAdd(static_cast<float*>(result) + 0 * slot, total);",
+        "t.test_grad_norm_has_the_same_bits_whatever_order_the_blocks_run(h)",
+    ),
 }
 
 
@@ -629,17 +674,19 @@ import mlx.core as mx
 import numpy as np
 import test_cuda_harness as t
 h = t.load_harness(t.Path({lib!r}))
-if {grad_check!r}:
-    t.test_grad_norm_matches_cpu(h, mx.float32)
-    t.test_grad_check_matches_cpu(h, mx.float32, np.nan, 9000)
-else:
-    t.test_multi_tensor_kernel_matches_cpu(h, mx.float32, t.VARIANTS[3])
+{check}
 """
+# What a mutant runs, unless its mutation names its own check.
+GRAD_CHECKS = (
+    "t.test_grad_norm_matches_cpu(h, mx.float32)\n"
+    "t.test_grad_check_matches_cpu(h, mx.float32, np.nan, 9000)"
+)
+SGD_CHECKS = "t.test_multi_tensor_kernel_matches_cpu(h, mx.float32, t.VARIANTS[3])"
 
 
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
 def test_harness_catches_a_broken_kernel(tmp_path, mutation):
-    rel, before, after = MUTATIONS[mutation]
+    rel, before, after, *check = MUTATIONS[mutation]
     shutil.copytree(ROOT / "kernels", tmp_path / "kernels")
     target = tmp_path / rel
     text = target.read_text()
@@ -649,7 +696,7 @@ def test_harness_catches_a_broken_kernel(tmp_path, mutation):
     script = CHECK_MUTANT.format(
         tests=str(ROOT / "tests"),
         lib=str(tmp_path / "cuda_harness.so"),
-        grad_check="grad_check" in rel,
+        check=check[0] if check else GRAD_CHECKS if "grad_check" in rel else SGD_CHECKS,
     )
     proc = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300

@@ -118,7 +118,8 @@ def build_harness(
         p,  # rounding step
     ]
     h.run_grad_check.argtypes = [ctypes.c_int] + [p] * 8
-    h.run_grad_norm.argtypes = [ctypes.c_int] + [p] * 8
+    h.run_grad_norm.argtypes = [ctypes.c_int] + [p] * 8 + [ctypes.c_float]
+    h.set_reverse_groups.argtypes = [ctypes.c_int]
     h.run_step_decay.argtypes = [
         ctypes.c_char_p,
         ctypes.c_double,
@@ -635,9 +636,13 @@ def test_skip_flag_in_kernels_matches_cpu(harness, dtype, skip):
         assert_bitwise_equal(got_p, exp_p)
 
 
-def metal_grad_check(h, arrays, fn="run_grad_check", out_dtype=np.uint32):
+def metal_grad_check(
+    h, arrays, fn="run_grad_check", out_dtype=np.uint32, slot_fill=float("nan")
+):
     """The output GradCheck's kernels (or GradNorm's, with
-    fn="run_grad_norm") produce for a chunk of tensors."""
+    fn="run_grad_norm", whose threadgroups write slots that start as
+    ``slot_fill``: NaN, so that a slot no threadgroup writes shows) produce
+    for a chunk of tensors."""
     keep = []
     dtypes, contig, sizes, ndims, shapes, strides, data = ([] for _ in range(7))
     for a in arrays:
@@ -668,9 +673,10 @@ def metal_grad_check(h, arrays, fn="run_grad_check", out_dtype=np.uint32):
         (ctypes.c_void_p * n)(*strides),
         (ctypes.c_void_p * n)(*data),
         _ptr(flag),
+        *([slot_fill] if fn == "run_grad_norm" else []),
     )
     assert rc == 0
-    return bool(flag[0]) if out_dtype == np.uint32 else float(flag[0])
+    return bool(flag[0]) if out_dtype == np.uint32 else flag[0]
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -715,7 +721,7 @@ def test_grad_norm_kernels_match_cpu(harness, dtype):
     wide = _inputs((70, 90), t, 12)[0]
     arrays = [a, base, b, c, mx.zeros((0,), t), d, e, wide]
     chunk = [Strided(x, lambda y: y.T) if x is base or x is wide else x for x in arrays]
-    got = metal_grad_check(harness, chunk, "run_grad_norm", np.float32)
+    got = float(metal_grad_check(harness, chunk, "run_grad_norm", np.float32))
     expected = mfs._ext.grads_sq_norm(
         [x.T if x is base or x is wide else x for x in arrays]
     ).item()
@@ -724,6 +730,39 @@ def test_grad_norm_kernels_match_cpu(harness, dtype):
     )
     assert abs(got - exact) <= 1e-5 * exact
     assert abs(expected - exact) <= 1e-6 * exact
+
+
+def test_grad_norm_has_the_same_bits_whatever_order_the_threadgroups_run(harness):
+    """A GPU runs threadgroups in no set order. The norm's threadgroups
+    write slots of their own, added up in one fixed order, so grids run
+    first to last and last to first give the same bits (a data-parallel
+    job's ranks clip by the same factor). The slots start at zero here, so
+    that threadgroups adding into one float instead would give the right
+    norm and differ only in the order (a mutation below)."""
+    # The first threadgroup's sum (16,384 squares of 100: 1.6e8, float32
+    # steps of 16 there) dwarfs each other's (about 5, under half a step),
+    # but not all 39 others' together: added to the big one one at a time
+    # they vanish, added up first they do not.
+    host = np.full(40 * 16 * 1024 + 5, 0.0175, np.float32)
+    host[: 16 * 1024] = 100.0
+    big = mx.array(host)
+    wide = _inputs((300, 90), mx.float32, 13)[0]
+    chunk = [big, Strided(wide, lambda y: y.T)]
+    try:
+        harness.set_reverse_groups(0)
+        forward = metal_grad_check(harness, chunk, "run_grad_norm", np.float32, 0.0)
+        harness.set_reverse_groups(1)
+        backward = metal_grad_check(harness, chunk, "run_grad_norm", np.float32, 0.0)
+    finally:
+        harness.set_reverse_groups(0)
+    assert forward.view(np.uint32) == backward.view(np.uint32), (
+        f"the norm's bits depend on the order: {forward!r} first to last, "
+        f"{backward!r} last to first"
+    )
+    exact = float(np.sum(np.array(big, np.float64) ** 2)) + float(
+        np.sum(np.array(wide, np.float64) ** 2)
+    )
+    assert abs(float(forward) - exact) <= 1e-5 * exact
 
 
 STEP_DTYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
@@ -797,6 +836,11 @@ MUTATIONS = {
         "  threadgroup_barrier(mem_flags::mem_threadgroup);\n  float total",
         "  float total",
     ),
+    "threadgroups add their sums into one float, in the order they ran": (
+        "kernels/grad_check.metal",
+        "    slots[slot] = total;",
+        "    slots[0] += total + 0 * slot;",
+    ),
     "non-finite check returns before the barrier (divergent)": (
         "kernels/grad_check.metal",
         "static_cast<float>(x[i]));\n    }\n  }\n  flag_if_any(",
@@ -845,6 +889,11 @@ def test_harness_catches_a_broken_kernel(tmp_path, mutation):
     assert text.count(before) == 1, f"mutation anchor not found once in {rel}"
     target.write_text(text.replace(before, after))
     mutant = build_harness(tmp_path, kernels_root=tmp_path, optimize="-O0")
+    if "order they ran" in mutation:
+        # The right norm, but not the same bits when the order changes.
+        with pytest.raises(AssertionError, match="depend on the order"):
+            test_grad_norm_has_the_same_bits_whatever_order_the_threadgroups_run(mutant)
+        return
     if "norm" in mutation:
         with pytest.raises(AssertionError, match="abs"):
             test_grad_norm_kernels_match_cpu(mutant, "float32")
@@ -979,11 +1028,19 @@ EXPECTED_SLOTS = {
         "kCheckShape",
         "kCheckStrides",
     ],
-    ("grad_check.metal", "grad_norm_clear"): ["kNormSum"],
-    ("grad_check.metal", "grad_norm_contiguous"): ["kNormIn", "kNormSum", "kNormArgs"],
+    ("grad_check.metal", "grad_norm_sum"): [
+        "kNormSumSlots",
+        "kNormSumOut",
+        "kNormSumCount",
+    ],
+    ("grad_check.metal", "grad_norm_contiguous"): [
+        "kNormIn",
+        "kNormSlots",
+        "kNormArgs",
+    ],
     ("grad_check.metal", "grad_norm_general"): [
         "kNormIn",
-        "kNormSum",
+        "kNormSlots",
         "kNormArgs",
         "kNormShape",
         "kNormStrides",

@@ -1,5 +1,7 @@
 // GradCheck on a Metal GPU (kernels/grad_check.metal).
 #include <algorithm>
+#include <string>
+#include <vector>
 
 #include "utils.h"
 #if MFS_METAL_KERNELS
@@ -22,11 +24,19 @@ void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
 
   const auto read = kind_ == Kind::nonfinite ? launch::GradRead::check
                                              : launch::GradRead::norm;
-  auto* clear = d.get_kernel(launch::grad_read_clear_name(read), lib);
-  encoder.set_compute_pipeline_state(clear);
-  encoder.set_output_array(out, launch::kCheckFlag);
-  encoder.dispatch_threads(MTL::Size(1, 1, 1), MTL::Size(1, 1, 1));
+  const bool norm = read == launch::GradRead::norm;
 
+  // Every dispatch, planned first: the norm's slots (one a threadgroup) are
+  // allocated before any dispatch is encoded.
+  struct Dispatch {
+    const mx::array* grad;
+    bool contiguous;
+    launch::CheckPlan plan;
+    MTL::ComputePipelineState* kernel;
+    launch::Grid grid;
+  };
+  std::vector<Dispatch> dispatches;
+  int64_t slot_count = 0;
   for (const auto& g : inputs) {
     if (g.size() == 0) {
       continue;
@@ -39,14 +49,6 @@ void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
         static_cast<int64_t>(g.size()),
         g.ndim());
     auto* kernel = d.get_kernel(plan.name, lib);
-    encoder.set_compute_pipeline_state(kernel);
-    encoder.set_input_array(g, launch::kCheckIn);
-    encoder.set_output_array(out, launch::kCheckFlag);
-    encoder.set_bytes(plan.args, launch::kCheckArgs);
-    if (!contiguous) {
-      encoder.set_vector_bytes(g.shape(), launch::kCheckShape);
-      encoder.set_vector_bytes(g.strides(), launch::kCheckStrides);
-    }
     // Threadgroups of whole SIMD groups, at most kMaxSimdGroups (the
     // kernels' threadgroup reduction has a slot per SIMD group).
     const uint64_t group_limit =
@@ -55,8 +57,52 @@ void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
             launch::kMaxSimdGroups) *
         launch::kSimdWidth;
     auto grid = launch::make_grid(plan.threads, group_limit);
+    plan.args.first_slot = slot_count;
+    slot_count += launch::threadgroups(grid);
+    dispatches.push_back({&g, contiguous, plan, kernel, grid});
+  }
+
+  // The check ORs into `out` (cleared first); the norm's threadgroups write
+  // slots of a temporary buffer, then grad_norm_sum adds them up into `out`.
+  mx::array result = out;
+  const int slot_in = norm ? launch::kNormSlots : launch::kCheckFlag;
+  if (norm) {
+    result = allocate_norm_slots(slot_count, "Metal");
+    encoder.add_temporary(result);
+  } else {
+    encoder.set_compute_pipeline_state(
+        d.get_kernel(launch::kGradCheckClear, lib));
+    encoder.set_output_array(out, launch::kCheckFlag);
+    encoder.dispatch_threads(MTL::Size(1, 1, 1), MTL::Size(1, 1, 1));
+  }
+
+  for (const auto& [g, contiguous, plan, kernel, grid] : dispatches) {
+    encoder.set_compute_pipeline_state(kernel);
+    encoder.set_input_array(*g, launch::kCheckIn);
+    encoder.set_output_array(result, slot_in);
+    encoder.set_bytes(plan.args, launch::kCheckArgs);
+    if (!contiguous) {
+      encoder.set_vector_bytes(g->shape(), launch::kCheckShape);
+      encoder.set_vector_bytes(g->strides(), launch::kCheckStrides);
+    }
     encoder.dispatch_threads(
         MTL::Size(grid.x, grid.y, 1), MTL::Size(grid.group, 1, 1));
+  }
+
+  if (norm) {
+    auto* sum = d.get_kernel(launch::kGradNormSum, lib);
+    // One threadgroup, as wide as the pipeline allows (whole SIMD groups):
+    // the order the slots are added in is fixed for a device.
+    const uint64_t group =
+        std::min<uint64_t>(
+            sum->maxTotalThreadsPerThreadgroup() / launch::kSimdWidth,
+            launch::kMaxSimdGroups) *
+        launch::kSimdWidth;
+    encoder.set_compute_pipeline_state(sum);
+    encoder.set_input_array(result, launch::kNormSumSlots);
+    encoder.set_output_array(out, launch::kNormSumOut);
+    encoder.set_bytes(slot_count, launch::kNormSumCount);
+    encoder.dispatch_threads(MTL::Size(group, 1, 1), MTL::Size(group, 1, 1));
   }
 }
 

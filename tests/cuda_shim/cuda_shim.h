@@ -103,11 +103,19 @@ inline bool resolve(Group& g) {
   return true;
 }
 
+// Whether launches run their blocks last to first: a GPU runs blocks in no
+// set order, and a result must not depend on it.
+inline bool& reverse_blocks() {
+  static bool reverse = false;
+  return reverse;
+}
+
 // Runs a launch of `blocks` blocks of `threads` threads: kernel() for each
 // thread; false if a block diverged.
 inline bool
 launch(int64_t blocks, unsigned threads, const std::function<void()>& kernel) {
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t k = 0; k < blocks; ++k) {
+    const int64_t b = reverse_blocks() ? blocks - 1 - k : k;
     block_index() = dim3{static_cast<unsigned>(b), 0u, 0u};
     if (!mfs_fibers::run(threads, [&](unsigned) { kernel(); }, resolve)) {
       return false;
