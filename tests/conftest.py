@@ -29,8 +29,9 @@ def sgd_reference(p, g, v, lr, momentum, weight_decay, dampening, nesterov):
 # On the GPU too the comparison is exact (0 ulp): the kernels and stock's
 # Metal ops are both compiled without fast math (no contraction, the precise
 # pow), so the same float32 operations in the same order give the same bits.
-# Only the gradient norm keeps a tolerance (float atomics add in a different
-# order each run; tests/test_clipping.py).
+# Only the gradient norm keeps a tolerance against the CPU and stock (the GPU
+# sums float32 partials, the CPU in double; tests/test_clipping.py), though
+# on each device it has the same bits every time.
 # Every test runs on the CPU and, where MLX has a GPU (Metal, or MLX's CUDA
 # build), on the GPU; MFS_TEST_DEVICES=cpu (or gpu) restricts them (CI's
 # hosted Macs: a paravirtual GPU that cannot stand for Apple silicon).

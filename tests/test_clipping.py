@@ -52,6 +52,19 @@ def test_norm_matches_stock_clip_grad_norm():
     assert ours.dtype == mx.float32
 
 
+def test_norm_has_the_same_bits_every_time():
+    """The same gradients give the same norm, bit for bit, on every
+    evaluation: on a GPU the threadgroups' (blocks') partial sums are added
+    up in one fixed order, not by float atomics in the order they finish, so
+    the ranks of a data-parallel job clip by the same factor."""
+    grads = [x for _, x in tree_flatten(_grads(3))]
+    grads.append(mx.random.normal((1 << 20,), key=mx.random.key(7)) * 1e3)
+    first = mfs.grad_norm(grads)
+    mx.eval(first)
+    for _ in range(10):
+        assert_bitwise_equal(mfs.grad_norm(grads), first)
+
+
 @pytest.mark.parametrize(
     "kw",
     [dict(), dict(momentum=0.9, weight_decay=1e-3), dict(momentum=0.9, nesterov=True)],
