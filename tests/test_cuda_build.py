@@ -71,6 +71,11 @@ BUILD_FLAGS = [
 ]
 
 
+# The build's include paths: the repository, csrc/, and MLX's headers as
+# system headers (they warn under nvcc; ours must not).
+INCLUDES = [f"-I{ROOT}", f"-I{ROOT / 'csrc'}", "-isystem", str(MLX_INCLUDE)]
+
+
 def _nvcc_compile(
     nvcc: str,
     source: Path,
@@ -92,11 +97,7 @@ def _nvcc_compile(
         *[f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHITECTURES],
         *keep,
         "-Werror=all-warnings",
-        f"-I{ROOT}",
-        f"-I{ROOT / 'csrc'}",
-        # MLX's headers warn under nvcc; ours must not.
-        "-isystem",
-        str(MLX_INCLUDE),
+        *INCLUDES,
         "-c",
         str(source),
         "-o",
@@ -172,7 +173,7 @@ def _ptx(nvcc: str, source: Path, tmp_path: Path, arch: str, flags: list[str]) -
     out = tmp_path / f"{source.stem}.compute_{arch}.ptx"
     proc = subprocess.run(
         [nvcc, *flags, "-DMFS_CUDA_KERNELS", f"-arch=compute_{arch}", "-ptx"]
-        + [f"-I{ROOT}", f"-I{ROOT / 'csrc'}", "-isystem", str(MLX_INCLUDE)]
+        + INCLUDES
         + [str(source), "-o", str(out)],
         capture_output=True,
         text=True,

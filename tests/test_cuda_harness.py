@@ -34,6 +34,7 @@ from test_metal_harness import (
     _general_operands,
     _host,
     _ptr,
+    norm_in_both_orders,
 )
 
 import mlx_fused_sgd as mfs
@@ -574,16 +575,9 @@ def test_grad_norm_has_the_same_bits_whatever_order_the_blocks_run(harness):
     big = mx.array(host)
     sl = Strided(mx.random.normal((300, 50), key=mx.random.key(5)), lambda a: a[::3])
     grads = [big, sl, mx.random.normal((5 * CHUNK,), key=mx.random.key(6))]
-    try:
-        harness.set_reverse_blocks(0)
-        forward = cuda_grad_read(harness, 1, grads, slot_fill=0.0)
-        harness.set_reverse_blocks(1)
-        backward = cuda_grad_read(harness, 1, grads, slot_fill=0.0)
-    finally:
-        harness.set_reverse_blocks(0)
-    assert forward.view(np.uint32) == backward.view(np.uint32), (
-        f"the norm's bits depend on the order: {forward!r} first to last, "
-        f"{backward!r} last to first"
+    forward = norm_in_both_orders(
+        harness.set_reverse_blocks,
+        lambda: cuda_grad_read(harness, 1, grads, slot_fill=0.0),
     )
     expected = float(mfs.grad_norm(_arrays(grads))) ** 2
     assert abs(float(forward) - expected) <= 1e-5 * expected

@@ -732,6 +732,24 @@ def test_grad_norm_kernels_match_cpu(harness, dtype):
     assert abs(expected - exact) <= 1e-6 * exact
 
 
+def norm_in_both_orders(set_reverse, read):
+    """The norm read() gives with the grids' threadgroups (blocks) run first
+    to last, after checking that run last to first (set_reverse(1)) it has
+    the same bits."""
+    try:
+        set_reverse(0)
+        forward = read()
+        set_reverse(1)
+        backward = read()
+    finally:
+        set_reverse(0)
+    assert forward.view(np.uint32) == backward.view(np.uint32), (
+        f"the norm's bits depend on the order: {forward!r} first to last, "
+        f"{backward!r} last to first"
+    )
+    return forward
+
+
 def test_grad_norm_has_the_same_bits_whatever_order_the_threadgroups_run(harness):
     """A GPU runs threadgroups in no set order. The norm's threadgroups
     write slots of their own, added up in one fixed order, so grids run
@@ -748,16 +766,9 @@ def test_grad_norm_has_the_same_bits_whatever_order_the_threadgroups_run(harness
     big = mx.array(host)
     wide = _inputs((300, 90), mx.float32, 13)[0]
     chunk = [big, Strided(wide, lambda y: y.T)]
-    try:
-        harness.set_reverse_groups(0)
-        forward = metal_grad_check(harness, chunk, "run_grad_norm", np.float32, 0.0)
-        harness.set_reverse_groups(1)
-        backward = metal_grad_check(harness, chunk, "run_grad_norm", np.float32, 0.0)
-    finally:
-        harness.set_reverse_groups(0)
-    assert forward.view(np.uint32) == backward.view(np.uint32), (
-        f"the norm's bits depend on the order: {forward!r} first to last, "
-        f"{backward!r} last to first"
+    forward = norm_in_both_orders(
+        harness.set_reverse_groups,
+        lambda: metal_grad_check(harness, chunk, "run_grad_norm", np.float32, 0.0),
     )
     exact = float(np.sum(np.array(big, np.float64) ** 2)) + float(
         np.sum(np.array(wide, np.float64) ** 2)

@@ -15,6 +15,20 @@ namespace mlx_fused_sgd {
 
 #if MFS_METAL_KERNELS
 
+namespace {
+
+// The widest threadgroup a reduction kernel takes: whole SIMD groups, at most
+// kMaxSimdGroups (its threadgroup reduction has a slot per SIMD group), and
+// no more than the pipeline allows.
+uint64_t reduction_group(MTL::ComputePipelineState* kernel) {
+  return std::min<uint64_t>(
+             kernel->maxTotalThreadsPerThreadgroup() / launch::kSimdWidth,
+             launch::kMaxSimdGroups) *
+         launch::kSimdWidth;
+}
+
+} // namespace
+
 void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   allocate(out);
   auto& s = stream();
@@ -49,14 +63,7 @@ void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
         static_cast<int64_t>(g.size()),
         g.ndim());
     auto* kernel = d.get_kernel(plan.name, lib);
-    // Threadgroups of whole SIMD groups, at most kMaxSimdGroups (the
-    // kernels' threadgroup reduction has a slot per SIMD group).
-    const uint64_t group_limit =
-        std::min<uint64_t>(
-            kernel->maxTotalThreadsPerThreadgroup() / launch::kSimdWidth,
-            launch::kMaxSimdGroups) *
-        launch::kSimdWidth;
-    auto grid = launch::make_grid(plan.threads, group_limit);
+    auto grid = launch::make_grid(plan.threads, reduction_group(kernel));
     plan.args.first_slot = slot_count;
     slot_count += launch::threadgroups(grid);
     dispatches.push_back({&g, contiguous, plan, kernel, grid});
@@ -91,13 +98,9 @@ void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
 
   if (norm) {
     auto* sum = d.get_kernel(launch::kGradNormSum, lib);
-    // One threadgroup, as wide as the pipeline allows (whole SIMD groups):
-    // the order the slots are added in is fixed for a device.
-    const uint64_t group =
-        std::min<uint64_t>(
-            sum->maxTotalThreadsPerThreadgroup() / launch::kSimdWidth,
-            launch::kMaxSimdGroups) *
-        launch::kSimdWidth;
+    // One threadgroup, as wide as it can be: the order the slots are added
+    // in is fixed for a device.
+    const uint64_t group = reduction_group(sum);
     encoder.set_compute_pipeline_state(sum);
     encoder.set_input_array(result, launch::kNormSumSlots);
     encoder.set_output_array(out, launch::kNormSumOut);
