@@ -3,13 +3,16 @@
 // committing the new momentum buffers. In Python these were loops over every
 // parameter on the hot path (about 0.3 ms a step for 1000 tensors).
 //
-// Only the trees MLX builds are handled here: plain dicts, lists and tuples
-// of mx.array leaves, with params in dicts of any kind (nn.Module included,
-// read through its __getitem__ as the Python walk reads it). Anything else
-// (a mismatch, a dict subclass or namedtuple of gradients, an array
-// subclass, a missing state entry) returns None, and the Python walk runs
-// instead: it raises the error with the parameter's path, or handles the
-// unusual container, so both walks agree by construction.
+// The walk follows mlx.utils.tree_map's rule (docs/guarantees.md, "The
+// tree rule"): the gradient tree drives it; each gradient dict, list or
+// tuple indexes the params (and the state) by its own keys or positions,
+// whatever they hold there, so an empty one reads nothing. The gradients
+// handled here are plain dicts, lists and tuples of mx.array leaves. Anything
+// else (a failed lookup, a leaf that is not an mx.array on either side, a
+// dict subclass or namedtuple of gradients, an array subclass, a missing
+// state entry) returns None, and the Python walk runs instead: it raises the
+// error with the parameter's path, or handles the unusual container, so both
+// walks agree by construction.
 #include "tree.h"
 
 #include <nanobind/stl/optional.h>
@@ -92,10 +95,10 @@ struct Collector {
       }
       return true;
     }
+    // As tree_map: a container of gradients indexes the params by each of
+    // its keys or positions, whatever the params are there (a dict, an
+    // nn.Module, a list, a string); an empty one reads nothing.
     if (PyDict_CheckExact(g.ptr())) {
-      if (!PyDict_Check(p.ptr())) {
-        return false;
-      }
       PyObject *key, *value;
       Py_ssize_t pos = 0;
       while (PyDict_Next(g.ptr(), &pos, &key, &value)) {
@@ -119,14 +122,7 @@ struct Collector {
       return true;
     }
     if (is_list_or_tuple(g)) {
-      if (!is_list_or_tuple(p)) {
-        return false;
-      }
       const Py_ssize_t n = PyObject_Length(g.ptr());
-      if (n < 0 || PyObject_Length(p.ptr()) < n) {
-        PyErr_Clear();
-        return false;
-      }
       for (Py_ssize_t i = 0; i < n; ++i) {
         nb::object sub_g = get_index(g, i), sub_p = get_index(p, i);
         nb::object sub_s;

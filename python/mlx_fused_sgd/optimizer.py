@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import mlx.core as mx
@@ -46,6 +46,20 @@ def _mismatch(path: str, grads: Any, params: Any) -> ValueError:
     )
 
 
+def _param_at(params: Any, key: Any, path: str, grads: Any) -> Any:
+    """``params[key]``, read as ``tree_map`` reads it (by indexing, whatever
+    ``params`` is), or the error that names the gradient's path."""
+    try:
+        return params[key]
+    except Exception:
+        if isinstance(params, Mapping) and isinstance(grads, dict):
+            raise ValueError(
+                "The gradient tree does not match the parameters: "
+                f"gradient '{_join(path, key)}' has no parameter."
+            ) from None
+        raise _mismatch(path, grads, params) from None
+
+
 def _collect(
     grads: Any,
     params: Any,
@@ -55,22 +69,21 @@ def _collect(
     out_p: list,
     out_s: list,
 ) -> None:
-    """Walk ``grads`` (dicts, lists and tuples, as ``tree_map`` does) and
-    gather its leaves with the matching params and per-parameter state dicts
-    (``None`` for ``state`` checks the params alone).
+    """Walk ``grads`` as ``tree_map`` does and gather its leaves with the
+    matching params and per-parameter state dicts (``None`` for ``state``
+    checks the params alone).
+
+    The tree rule (docs/guarantees.md): the gradient tree drives the walk;
+    each dict, list or tuple of gradients indexes the params by its own keys
+    or positions, whatever the params hold there (a dict, an ``nn.Module``,
+    a list, an int-keyed dict, even a string), so an empty one reads nothing
+    and the params may hold attributes of any kind where the gradients do
+    not look. A gradient leaf must be an mx.array facing an mx.array param.
     Runs every step, so the common case is kept lean: paths are only built
     for an error message."""
     if isinstance(grads, dict):
-        if not isinstance(params, dict):
-            raise _mismatch(path, grads, params)
         for k, g in grads.items():
-            try:
-                p = params[k]
-            except KeyError:
-                raise ValueError(
-                    "The gradient tree does not match the parameters: "
-                    f"gradient '{_join(path, k)}' has no parameter."
-                ) from None
+            p = _param_at(params, k, path, grads)
             sub = state[k] if state is not None else None
             if type(g) is _array and type(p) is _array:
                 out_g.append(g)
@@ -79,11 +92,10 @@ def _collect(
             else:
                 _collect(g, p, sub, _join(path, k), out_g, out_p, out_s)
     elif isinstance(grads, (list, tuple)):
-        if not isinstance(params, (list, tuple)) or len(params) < len(grads):
-            raise _mismatch(path, grads, params)
         for i, g in enumerate(grads):
+            p = _param_at(params, i, path, grads)
             sub = state[i] if state is not None else None
-            _collect(g, params[i], sub, _join(path, i), out_g, out_p, out_s)
+            _collect(g, p, sub, _join(path, i), out_g, out_p, out_s)
     elif isinstance(grads, mx.array):
         if not isinstance(params, mx.array):
             raise _mismatch(path, grads, params)
@@ -509,6 +521,13 @@ class FusedSGD(Optimizer):
         # that too if the step is refused, in place: code holding the state
         # dict (MLX's compile idiom, state = [model.state, optimizer.state])
         # keeps seeing the optimizer's state.
+        if isinstance(gradients, (list, tuple)):
+            # The state is a dict with "step" and "learning_rate" beside the
+            # per-parameter entries: stock's init fails on such a tree too.
+            raise ValueError(
+                "The gradient tree must be a dict (or a single array) at "
+                f"'<root>', as for optim.SGD, but got {_describe(gradients)}."
+            )
         snapshot = _copy_containers(self._state)
         try:
             # Check the trees first, then initialize from the params (shaped
