@@ -62,7 +62,15 @@ def grad_tree(draw, depth=0):
     if depth == 0:  # mostly dicts at the root, as models give (a list is refused)
         kinds = ["dict"] * 5 + ["int_dict", "leaf", "list", "empty_dict"]
     elif depth < 3:
-        kinds = ["leaf", "dict", "list", "tuple", "int_dict", "empty_dict", "empty_list"]
+        kinds = [
+            "leaf",
+            "dict",
+            "list",
+            "tuple",
+            "int_dict",
+            "empty_dict",
+            "empty_list",
+        ]
     else:
         kinds = ["leaf", "empty_dict", "empty_list"]
     kind = draw(st.sampled_from(kinds))
@@ -235,7 +243,10 @@ def test_llama_layer_types_attribute():
         ({"w": []}, {"w": None}),
         ({"w": [[{}]]}, {"w": [["a"]]}),
         ({"w": [{}, {}]}, {"w": ["a", nn.ReLU()]}),
-        ({"w": {"x": mx.ones((2,))}}, types.MappingProxyType({"w": {"x": mx.ones((2,))}})),
+        (
+            {"w": {"x": mx.ones((2,))}},
+            types.MappingProxyType({"w": {"x": mx.ones((2,))}}),
+        ),
         ({"w": [mx.ones((2,))]}, {"w": {0: mx.ones((2,))}}),
         ({"w": {0: mx.ones((2,))}}, {"w": [mx.ones((2,))]}),
     ],
@@ -262,12 +273,20 @@ def test_cases_found_failing(grads, params):
 @pytest.mark.parametrize(
     "grads, params, match",
     [
-        ({"w": [mx.ones((2,))] * 2}, {"w": [mx.ones((2,))]}, r"at 'w': gradients have a list of 2"),
+        (
+            {"w": [mx.ones((2,))] * 2},
+            {"w": [mx.ones((2,))]},
+            r"at 'w': gradients have a list of 2",
+        ),
         ({"w": {"x": mx.ones((2,))}}, {"w": "a"}, r"at 'w': gradients have a dict"),
         ({"w": [{}]}, {"w": None}, r"at 'w': gradients have a list of 1"),
         ({"w": mx.ones((2,))}, {"w": "a"}, r"at 'w': gradients have an array"),
         ({"w": mx.ones((2,))}, {"w": 1.0}, r"at 'w': gradients have an array"),
-        ({"m": {"w": mx.ones((2,))}}, {"m": nn.ReLU()}, r"gradient 'm.w' has no parameter"),
+        (
+            {"m": {"w": mx.ones((2,))}},
+            {"m": nn.ReLU()},
+            r"gradient 'm.w' has no parameter",
+        ),
     ],
 )
 def test_what_stock_rejects_is_refused_by_path(grads, params, match):
