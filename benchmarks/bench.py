@@ -11,8 +11,10 @@ over buffers MLX allocated, on a GPU the faster of MLX's triad there and
 PyTorch's device-to-device copy, measured in the same run).
 
 Real models first (an MLP, a GPT-style decoder, a convnet from
-``mlx_fused_sgd.examples.models``; and, when named with ``--workloads``, a
-1B-parameter decoder for a large GPU): their gradients come from
+``mlx_fused_sgd.examples.models``; mlx-lm's Llama, fully fine-tuned and with
+LoRA adapters, trained through the step mlx-lm's trainer compiles; and, when
+named with ``--workloads``, a 1B-parameter decoder for a large GPU): their
+gradients come from
 ``nn.value_and_grad`` with the layouts MLX produces (every ``nn.Linear``
 weight gradient is a transposed view). For them the whole training step
 (forward, backward, update) is timed too, eager and under MLX's compile
@@ -129,6 +131,75 @@ REAL_WORKLOADS = {
         "tokens (1.04B params)",
     ),
 }
+
+
+# mlx-lm's Llama, as people fine-tune it with mlx-lm (in the bench extra),
+# sized like the decoder above for the 2-core CPU machine: 16.0M params.
+LLAMA = dict(
+    model_type="llama",
+    hidden_size=512,
+    num_hidden_layers=4,
+    intermediate_size=1408,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    rms_norm_eps=1e-5,
+    vocab_size=8192,
+)
+LLAMA_TOKENS = 16
+LORA = {"rank": 8, "scale": 20.0, "dropout": 0.0}  # mlx_lm.lora's defaults
+
+
+class MlxLmWorkload:
+    """mlx-lm's Llama with mlx-lm's own loss (``default_loss``, which returns
+    the loss and the token count) and batches (``iterate_batches``); with
+    ``lora``, adapters from ``linear_to_lora_layers`` on every layer of the
+    frozen base, as ``mlx_lm.lora`` makes them. ``extra_state`` is what
+    mlx-lm's trainer adds to the compiled step's state (the random state)."""
+
+    def __init__(self, lora: bool) -> None:
+        from mlx_lm.models import llama
+        from mlx_lm.tuner.trainer import default_loss
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+
+        self.name = "llama-lora" if lora else "llama"
+        self.model = llama.Model(llama.ModelArgs(**LLAMA))
+        if lora:
+            self.model.freeze()
+            linear_to_lora_layers(self.model, LLAMA["num_hidden_layers"], LORA)
+        self.loss = default_loss
+        self.extra_state = [mx.random.state]
+
+    def batch(self, key: mx.array) -> tuple[mx.array, mx.array]:
+        from mlx_lm.tuner.trainer import iterate_batches
+
+        n = LLAMA_TOKENS + 1
+        tokens = mx.random.randint(1, LLAMA["vocab_size"], (n,), key=key).tolist()
+        return next(iterate_batches([(tokens, 0)], 1, n))
+
+
+def have_mlx_lm() -> bool:
+    try:
+        import mlx_lm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+REAL_WORKLOADS.update(
+    {
+        "llama": (
+            lambda: MlxLmWorkload(lora=False),
+            "mlx-lm Llama: vocab 8192, d 512, 4 layers, 8 heads (4 KV), MLP 1408, "
+            "1 x 16 tokens; full fine-tuning",
+        ),
+        "llama-lora": (
+            lambda: MlxLmWorkload(lora=True),
+            "the same Llama, LoRA rank 8 on all 4 layers (mlx-lm's "
+            "linear_to_lora_layers), base frozen",
+        ),
+    }
+)
+MLX_LM_WORKLOADS = ["llama", "llama-lora"]
 SYNTHETIC_WORKLOADS = ["large", "gpt", "small", "gpt-1b"]
 # Sized for a large GPU; run only when named with --workloads.
 GPU_WORKLOADS = ["decoder-1b", "gpt-1b"]
@@ -697,7 +768,12 @@ def make_optimizer(fused: bool):
 def train_runner(kind: str, name: str, dtype):
     """One training step (forward, backward, update) of real workload
     ``name`` on a fixed batch; ``*_compiled`` in MLX's idiom,
-    ``partial(mx.compile, inputs=state, outputs=state)``."""
+    ``partial(mx.compile, inputs=state, outputs=state)``. For the mlx-lm
+    workloads this is the step ``mlx_lm.tuner.trainer.train`` compiles, from
+    the same parts: its loss and batches, ``optimizer.update(model, grad)``,
+    and its state list (the random state included); ``train`` itself builds
+    and compiles its step anew on every call, so it cannot be timed step by
+    step."""
     w, batch = real_model(name, dtype)
     opt = make_optimizer(kind.startswith("fused"))
     opt.init(w.model.trainable_parameters())
@@ -709,13 +785,13 @@ def train_runner(kind: str, name: str, dtype):
         opt.update(w.model, grads)
         return loss
 
+    state = [w.model.state, opt.state, *getattr(w, "extra_state", [])]
     if kind.endswith("compiled"):
-        state = [w.model.state, opt.state]
         train_step = partial(mx.compile, inputs=state, outputs=state)(train_step)
 
     def step():
         loss = train_step(*batch)
-        mx.eval(loss, w.model.state, opt.state)
+        mx.eval(loss, state)
 
     return step, mx.synchronize
 
@@ -723,10 +799,11 @@ def train_runner(kind: str, name: str, dtype):
 def main(argv=None) -> int:
     all_workloads = [*REAL_WORKLOADS, *SYNTHETIC_WORKLOADS]
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    skipped = GPU_WORKLOADS + ([] if have_mlx_lm() else MLX_LM_WORKLOADS)
     ap.add_argument(
         "--workloads",
         nargs="+",
-        default=[w for w in all_workloads if w not in GPU_WORKLOADS],
+        default=[w for w in all_workloads if w not in skipped],
         choices=all_workloads,
         help="default: all but " + " and ".join(GPU_WORKLOADS) + " (1B parameters, "
         "for a GPU with about 80 GB)",
@@ -750,6 +827,10 @@ def main(argv=None) -> int:
         "--out", default=str(HERE / "results"), help="folder for JSON and PNG"
     )
     args = ap.parse_args(argv)
+    if not have_mlx_lm() and set(args.workloads) & set(MLX_LM_WORKLOADS):
+        ap.error("the llama workloads need mlx-lm: pip install '.[bench]'")
+    if not have_mlx_lm():
+        print("mlx-lm is not installed: the llama rows are left out.", file=sys.stderr)
 
     device = mx.gpu if args.device == "gpu" else mx.cpu
     cuda = getattr(mx, "cuda", None)
@@ -1029,17 +1110,21 @@ def print_tables(results, impls) -> None:
         head = f"{'workload':<10} | " + " ".join(
             f"{TRAIN_LABELS[c]:>16}" for c in TRAIN_IMPLS
         )
-        print(head + f" | {'fused/stock':>11} {'opt share stock':>15} {'fused':>6}")
-        print("-" * (len(head) + 38))
+        print(
+            head + f" | {'fused/stock':>11} {'compiled f/s':>12} "
+            f"{'opt share stock':>15} {'fused':>6}"
+        )
+        print("-" * (len(head) + 51))
         for wl, row in results["training"].items():
             cells = " ".join(f"{_ms(row, c):>13.2f} ms" for c in TRAIN_IMPLS)
             opt = wls[wl]
             share_stock = _ms(opt, "stock_eager") / _ms(row, "stock_eager")
             share_fused = _ms(opt, "fused") / _ms(row, "fused_eager")
-            ratio = _ms(row, "fused_eager") / _ms(row, "stock_eager")
+            ratio = paired_ratio(row, "fused_eager", "stock_eager")
+            compiled = paired_ratio(row, "fused_compiled", "stock_compiled")
             print(
                 f"{wl:<10} | {cells} | {_ratio(ratio, 11, 2)} "
-                f"{share_stock:>15.0%} {share_fused:>6.0%}"
+                f"{_ratio(compiled, 12, 2)} {share_stock:>15.0%} {share_fused:>6.0%}"
             )
     if synthetic:
         _step_table(

@@ -85,6 +85,28 @@ def test_benchmark_real_model_rows(tmp_path, device):
     assert "Training step" in out
 
 
+def test_benchmark_mlx_lm_workload(tmp_path, device):
+    """mlx-lm's Llama with LoRA: the optimizer step on the adapters' gradients
+    and mlx-lm's training step (its loss, batches and state list), stock and
+    fused, eager and compiled."""
+    if device != "cpu":
+        pytest.skip("one run is enough")
+    out, result = _run_bench(
+        tmp_path,
+        *("--workloads", "llama-lora", "--rounds", "1", "--reps", "1"),
+        *("--impls", "fused", "stock_eager"),
+    )
+    row = result["workloads"]["llama-lora"]
+    # Only the adapters are trained: LoRA's two matrices on each of the 7
+    # projections of 4 layers.
+    assert row["kind"] == "real" and row["tensors"] == 56
+    assert row["fused_ms"] > 0 and row["stock_eager_ms"] > 0
+    train = result["training"]["llama-lora"]
+    for kind in ("stock_eager", "fused_eager", "stock_compiled", "fused_compiled"):
+        assert train[f"{kind}_ms"] > 0, kind
+    assert "mlx-lm Llama" in out or "LoRA rank 8" in out
+
+
 def test_breakdown_table_ratios_come_from_the_rounds(device, capsys):
     """The breakdown's ratios are per-round ratios: layout (fused over fused
     on contiguous gradients), contiguous over the roofline, and stock eager
@@ -120,6 +142,8 @@ def test_only_the_small_real_models_are_taken_apart(device):
         "mlp",
         "decoder",
         "convnet",
+        "llama",
+        "llama-lora",
     ]
     assert not any(bench.takes_apart(w) for w in bench.SYNTHETIC_WORKLOADS)
 
