@@ -240,6 +240,10 @@ def test_llama_layer_types_attribute():
     [
         ({"w": {}}, {"w": mx.ones((2,))}),
         ({"w": [{}, {}]}, {"w": [1, 2]}),
+        ({"w": [{}, {}]}, {"w": [None, None]}),
+        ({"w": [{}, {}]}, {"w": [(1, 2), (3, 4)]}),
+        ({"cfg": {"act": {}}}, {"cfg": {"act": "gelu"}}),
+        ({"w": {}}, {"w": [1]}),
         ({"w": []}, {"w": None}),
         ({"w": [[{}]]}, {"w": [["a"]]}),
         ({"w": [{}, {}]}, {"w": ["a", nn.ReLU()]}),
@@ -253,6 +257,10 @@ def test_llama_layer_types_attribute():
     ids=[
         "empty dict vs array",
         "list of ints",
+        "list of None",
+        "list of tuples",
+        "dict of strings",
+        "empty dict vs list",
         "empty list vs None",
         "nested list of strings",
         "string and module",
