@@ -303,3 +303,38 @@ def test_what_stock_rejects_is_refused_by_path(grads, params, match):
     with pytest.raises(ValueError, match=match):
         opt.apply_gradients(grads, params)
     assert opt.state is state and set(state) == {"step", "learning_rate"}
+
+
+def test_llama_takes_the_cxx_walk(monkeypatch):
+    """mlx-lm's Llama (strings in `layer_types`, [{}, {}] in the gradients)
+    is walked in C++ every step: the Python walk, the slow path, never runs."""
+    from mlx_lm.models import llama
+
+    mx.random.seed(0)
+    model = llama.Model(
+        llama.ModelArgs(
+            model_type="llama",
+            hidden_size=32,
+            num_hidden_layers=2,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-5,
+            vocab_size=50,
+        )
+    )
+    opt = mfs.FusedSGD(0.1, momentum=0.9)
+    opt.init(model.trainable_parameters())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Python tree walk ran")
+
+    monkeypatch.setattr(opt_module, "_collect", refuse)
+    monkeypatch.setattr(opt_module, "_rebuild", refuse)
+    loss_and_grad = nn.value_and_grad(model, lambda m, x: m(x).sum())
+    for _ in range(2):
+        _, grads = loss_and_grad(model, mx.array([[1, 2, 3]]))
+        assert grads["model"]["layer_types"] == [{}, {}]
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+    assert opt.state["step"].item() == 2
