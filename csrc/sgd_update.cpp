@@ -90,7 +90,7 @@ mx::array check_tensor(
   // A float16/bfloat16 gradient of a float32 param: with weight decay it is
   // widened, exactly, as stock's first op (g + wd * p) promotes it (same
   // bits); without, stock computes in the gradient's dtype and so does
-  // update_in_grad_dtype. Any other mix would make stock promote the param
+  // update_with_stock_ops. Any other mix would make stock promote the param
   // itself to another dtype: refused.
   const bool half_grad = grad.dtype() != param.dtype() &&
                          param.dtype() == mx::float32 &&
@@ -109,16 +109,20 @@ mx::array check_tensor(
     // param (state_dtype=float32: the buffer keeps full precision), or the
     // gradient's half dtype where the update is computed in it (stock makes
     // its buffers from the gradients).
+    // A float16/bfloat16 buffer of a float32 param (made from half
+    // gradients, then given float32 ones or weight decay) is accepted as
+    // stock accepts it: update_with_stock_ops widens it, as stock's ops do.
     if (velocity->dtype() != param.dtype() &&
         !(velocity->dtype() == mx::float32 && param.dtype() != mx::float32) &&
-        !(half_grad && !weight_decay && velocity->dtype() == grad.dtype())) {
+        !(param.dtype() == mx::float32 &&
+          (velocity->dtype() == mx::float16 ||
+           velocity->dtype() == mx::bfloat16))) {
       throw std::invalid_argument(
           vname() + " has dtype " + dtype_name(velocity->dtype()) + " but " +
           pname() + " has dtype " + dtype_name(param.dtype()) +
           "; the momentum buffer must have the parameter's dtype (or float32 "
-          "for a float16/bfloat16 parameter, or the gradient's dtype for a "
-          "float32 parameter with a float16/bfloat16 gradient and no weight "
-          "decay).");
+          "for a float16/bfloat16 parameter, or float16/bfloat16 for a "
+          "float32 parameter).");
     }
     // Stock initializes its buffers from the gradient tree: a broadcast
     // gradient's buffer keeps the gradient's shape (without weight decay),
@@ -270,23 +274,34 @@ mx::array round_bf16_stochastic_composed(
   return mx::where(mx::isfinite(x, s), mx::view(bits, mx::float32, s), x, s);
 }
 
-// Whether tensor i of an update is computed in its gradient's dtype: a
-// float16/bfloat16 gradient of a float32 param without weight decay (with
-// weight decay, stock's first op, g + wd * p, is float32 and so is the rest).
-bool computes_in_grad_dtype(
-    const mx::array& param, const mx::array& grad, const SGDVariant& v) {
-  return !v.weight_decay && grad.dtype() != param.dtype();
+// Whether tensor i of an update runs stock's own ops rather than the kernel:
+// where stock computes in mixed dtypes. A float16/bfloat16 gradient of a
+// float32 param without weight decay (with weight decay, stock's first op,
+// g + wd * p, is float32 and so is the rest) is computed in the gradient's
+// dtype; a float16/bfloat16 momentum buffer of a float32 param (made from
+// such gradients, then given float32 ones or weight decay) is widened by
+// stock's first momentum op.
+bool uses_stock_ops(
+    const mx::array& param,
+    const mx::array& grad,
+    const mx::array* velocity,
+    const SGDVariant& v) {
+  if (!v.weight_decay && grad.dtype() != param.dtype()) {
+    return true;
+  }
+  return v.momentum && velocity != nullptr &&
+      velocity->dtype() != param.dtype() && param.dtype() == mx::float32;
 }
 
-// Stock's update of such a tensor, op for op, so its bits are stock's: the
-// momentum buffer is made from the gradient (its dtype), each Python scalar
-// takes the dtype of the array it meets (rounded to float32 first, as MLX
-// converts it), the learning rate is cast to the gradient's dtype, and only
-// the subtraction from the param is float32. Not fused: these are stock's own
-// ops. This package's options act first on the gradient, in float32 (a loss
-// scale may not fit in float16), rounded back to its dtype. Returns the new
-// param and, with momentum, the new buffer.
-std::pair<mx::array, std::optional<mx::array>> update_in_grad_dtype(
+// Stock's update of such a tensor, op for op, so its bits are stock's: a
+// missing momentum buffer is made from the gradient (its dtype), each Python
+// scalar takes the dtype of the array it meets (rounded to float32 first, as
+// MLX converts it), the learning rate is cast to the (weight-decayed)
+// gradient's dtype, and MLX's promotion does the rest. Not fused: these are
+// stock's own ops. This package's options act first on the gradient, in
+// float32 (a loss scale may not fit in float16), rounded back to its dtype.
+// Returns the new param and, with momentum, the new buffer.
+std::pair<mx::array, std::optional<mx::array>> update_with_stock_ops(
     const mx::array& param,
     const mx::array& grad,
     const mx::array* velocity,
@@ -310,19 +325,25 @@ std::pair<mx::array, std::optional<mx::array>> update_in_grad_dtype(
   auto keep_if_skipped = [&](mx::array updated, const mx::array& old) {
     return v.skip ? mx::where(skip_flag, old, updated, s) : updated;
   };
-  const auto lr_in_dtype = mx::astype(lr, dtype, s);
+  auto weak = [](float x, mx::Dtype like) { return mx::array(x, like); };
+  if (v.weight_decay) {
+    // gradient += weight_decay * parameter: float32 from here on.
+    g = mx::add(
+        g, mx::multiply(weak(v.hyper.weight_decay, param.dtype()), param, s), s);
+  }
+  const auto lr_in_dtype = mx::astype(lr, g.dtype(), s);
   if (!v.momentum) {
     auto updated = mx::subtract(param, mx::multiply(lr_in_dtype, g, s), s);
     return {keep_if_skipped(updated, param), std::nullopt};
   }
-  auto weak = [](float x, mx::Dtype like) { return mx::array(x, like); };
   const auto old_vel =
       velocity ? *velocity : mx::zeros(param.shape(), dtype, s);
   auto vel = mx::multiply(weak(v.hyper.momentum, old_vel.dtype()), old_vel, s);
   vel = mx::add(
       vel,
-      v.dampening ? mx::multiply(weak(v.hyper.dampening_scale, dtype), g, s)
-                  : g,
+      v.dampening
+          ? mx::multiply(weak(v.hyper.dampening_scale, g.dtype()), g, s)
+          : g,
       s);
   auto update =
       v.nesterov
@@ -359,8 +380,12 @@ SGDResult sgd_update_composed(
   SGDResult result;
   result.master_params = masters;
   for (size_t i = 0; i < params.size(); ++i) {
-    if (computes_in_grad_dtype(params[i], grads[i], v)) {
-      auto [param, vel] = update_in_grad_dtype(
+    if (uses_stock_ops(
+            params[i],
+            grads[i],
+            velocities.empty() ? nullptr : &velocities[i],
+            v)) {
+      auto [param, vel] = update_with_stock_ops(
           params[i],
           grads[i],
           velocities.empty() ? nullptr : &velocities[i],
@@ -591,11 +616,15 @@ SGDResult sgd_update_impl(
   std::map<std::tuple<int, int, int>, std::vector<size_t>> groups;
   std::optional<mx::array> scheduled_lr;
   for (size_t i = 0; i < n; ++i) {
-    if (computes_in_grad_dtype(params[i], checked_grads[i], variant)) {
+    if (uses_stock_ops(
+            params[i],
+            checked_grads[i],
+            have_velocities ? &velocities[i] : nullptr,
+            variant)) {
       if (schedule && !scheduled_lr) {
         scheduled_lr = step_decay_lr_composed(lr_input, *schedule, stream);
       }
-      auto [param, vel] = update_in_grad_dtype(
+      auto [param, vel] = update_with_stock_ops(
           params[i],
           checked_grads[i],
           have_velocities ? &velocities[i] : nullptr,

@@ -86,7 +86,9 @@ struct Collector {
       if (with_state) {
         if (state_key) {
           nb::object entry = get_item(s, state_key);
-          if (!entry.is_valid()) {
+          // A missing entry, or one that is not an mx.array (a NumPy array
+          // in a hand-edited state): the Python walk handles it.
+          if (!entry.is_valid() || !is_leaf(entry)) {
             return false;
           }
           entries.append(entry);

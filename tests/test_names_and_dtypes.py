@@ -91,8 +91,13 @@ def test_state_errors_name_the_path():
         r"momentum buffer 'layers\.4\.weight' has shape \(3, 3\) but param "
         r"'layers\.4\.weight' has shape \(2, 8\)",
     )
-    del opt.state["layers"][4]["weight"]["v"]
-    _refused(opt, params, _grads_like(params), r"'v' for parameter 'layers\.4\.weight'")
+    # (A missing buffer is started at zeros, as stock's init would:
+    # tests/test_state_changes.py.) A per-parameter state that is no dict:
+    opt.state["layers"][4]["weight"] = [mx.zeros((2, 8))]
+    _refused(
+        opt, params, _grads_like(params), r"state for parameter 'layers\.4\.weight'"
+    )
+    opt.state["layers"][4]["weight"] = {}
     del opt.state["layers"][4]["bias"]
     _refused(opt, params, _grads_like(params), r"parameter 'layers\.4\.bias'")
 
@@ -275,15 +280,26 @@ def test_state_dtype_float32_keeps_float32_buffers_for_half_gradients():
     assert _flat(ours.state)["layers.0.weight.v"].dtype == mx.float32
 
 
-def test_a_half_buffer_with_weight_decay_is_refused():
-    """With weight decay the update is float32, and so must the buffer be."""
-    opt = mfs.FusedSGD(0.1, momentum=0.9, weight_decay=1e-2)
-    opt.init({"w": mx.ones((4,))})
-    opt.state["w"]["v"] = mx.zeros((4,), mx.float16)
-    message = _refused(
-        opt, {"w": mx.ones((4,))}, {"w": mx.ones((4,), mx.float16)}, "'w'"
-    )
-    assert "momentum buffer" in message
+@pytest.mark.parametrize("buffer_dtype", [mx.float16, mx.bfloat16])
+@pytest.mark.parametrize("grad_dtype", [mx.float32, mx.bfloat16])
+def test_a_half_buffer_of_a_float32_param_is_widened_as_stock(buffer_dtype, grad_dtype):
+    """A float16/bfloat16 buffer of a float32 param, with weight decay or
+    float32 gradients: stock's ops widen it, and so does the update (kernel
+    path and composed fallback), with stock's bits."""
+    keys = mx.random.split(mx.random.key(5), 3)
+    p = mx.random.normal((6, 4), key=keys[0])
+    g = mx.random.normal((6, 4), key=keys[1]).astype(grad_dtype)
+    v = mx.random.normal((6, 4), key=keys[2]).astype(buffer_dtype)
+    options = dict(momentum=0.9, weight_decay=1e-2)
+    state = {"v": v}
+    expected = optim.SGD(0.1, **options).apply_single(g, p, state)
+    kw = dict(learning_rate=mx.array(0.1), **options)
+    kp, kv = mfs.sgd_update_many([p], [g], [v], **kw)
+    fp, fv, _ = _ext._sgd_update_many_fallback([p], [g], [v], **kw)
+    for got, vel in ((kp[0], kv[0]), (fp[0], fv[0])):
+        assert_bitwise_equal(got, expected, "param")
+        assert_bitwise_equal(vel, state["v"], "buffer")
+        assert vel.dtype == mx.float32
 
 
 @pytest.mark.parametrize("grad_dtype", [mx.float16, mx.bfloat16])

@@ -171,6 +171,20 @@ def _missing_state(grads: Any, state: Any, path: str = "") -> str | None:
     return None
 
 
+def _as_buffer(v: Any, path: str) -> mx.array:
+    """A momentum buffer from the state as an mx.array: a NumPy array (a
+    hand-edited state; stock computes with it) is converted, anything else
+    refused by the parameter's path."""
+    if isinstance(v, mx.array):
+        return v
+    if type(v).__module__ == "numpy" and hasattr(v, "__array__"):
+        return mx.array(v)
+    raise ValueError(
+        f"momentum buffer '{path}' must be an mx.array (or a NumPy array), but "
+        f"the optimizer state holds {'None' if v is None else _describe(v)}."
+    )
+
+
 def _like(tree: list | tuple, items: Any) -> list | tuple:
     """A list or tuple of ``tree``'s type holding ``items``; namedtuples take
     their fields as arguments (as ``mlx.utils.tree_map`` rebuilds them)."""
@@ -646,21 +660,45 @@ class FusedSGD(Optimizer):
             ) from None
         velocities = []
         if momentum_on:
-            try:
-                velocities = [s["v"] for s in states]
-            except (KeyError, TypeError):
+            if isinstance(gradients, mx.array):
+                # Its state would be the optimizer's own dict (stock fails
+                # here too: it finds no buffer there).
+                raise ValueError(
+                    "a single array at '<root>' has no momentum buffer: with "
+                    "momentum, pass the gradients and params as a dict, e.g. "
+                    "{'w': array}."
+                )
+            if not all(isinstance(s, dict) for s in states):
                 paths = _leaf_paths(gradients)
-                where = next(
-                    q
-                    for q, s in zip(paths, states)
-                    if not isinstance(s, dict) or "v" not in s
+                where, found = next(
+                    (q, s) for q, s in zip(paths, states) if not isinstance(s, dict)
                 )
                 raise ValueError(
-                    f"the optimizer state has no momentum buffer 'v' for "
-                    f"parameter '{where}'; the state does not match these "
-                    "parameters."
-                ) from None
+                    f"the optimizer state for parameter '{where}' must be a dict, "
+                    f"but it is {_describe(found)}; the state does not match "
+                    "these parameters."
+                )
+            # A buffer missing while momentum is on (momentum switched on
+            # between steps: FusedSGD keeps none at momentum 0; a state saved
+            # without) starts as stock's would be: zeros, in the dtype
+            # init_single gives it. The commit stores it with the others.
+            velocities = [
+                s["v"] if "v" in s else self._zero_buffer(p, g)
+                for s, p, g in zip(states, params, grads)
+            ]
+            if not all(isinstance(v, mx.array) for v in velocities):
+                paths = _leaf_paths(gradients)
+                velocities = [_as_buffer(v, q) for v, q in zip(velocities, paths)]
         return grads, params, states, velocities
+
+    def _zero_buffer(self, param: mx.array, grad: mx.array) -> mx.array:
+        """A new momentum buffer, as :meth:`init_single` and
+        :meth:`_init_in_grad_dtype` make them."""
+        if self.state_dtype is not None and param.dtype in _HALF:
+            return mx.zeros(param.shape, self.state_dtype)
+        if self._in_grad_dtype([grad], [param]):
+            return mx.zeros(param.shape, grad.dtype)
+        return mx.zeros_like(param)
 
     def _apply_flat(
         self,
