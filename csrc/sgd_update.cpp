@@ -404,7 +404,13 @@ SGDResult sgd_update_composed(
     auto dtype = params[i].dtype();
     const auto* master =
         masters.empty() || !masters[i] ? nullptr : &*masters[i];
-    auto p = master ? *master : mx::astype(params[i], mx::float32, s);
+    // A master copy the param no longer rounds from (the param changed
+    // outside the optimizer) gives way to the param: math::master_or_param.
+    auto p = mx::astype(params[i], mx::float32, s);
+    if (master) {
+      p = mx::where(
+          mx::equal(mx::astype(*master, dtype, s), params[i], s), *master, p, s);
+    }
     auto g = mx::astype(grads[i], mx::float32, s);
     if (v.scale_grad) {
       g = mx::divide(g, divisor, s);

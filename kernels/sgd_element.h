@@ -120,7 +120,11 @@ MFS_INLINE void update_one(
     }
     return;
   }
-  float p = kUseMaster ? b.master[at.im] : static_cast<float>(b.param[at.ip]);
+  float p = static_cast<float>(b.param[at.ip]);
+  if (kUseMaster) {
+    const float m = b.master[at.im];
+    p = math::master_or_param(m, static_cast<float>(static_cast<T>(m)), p);
+  }
   float v = M ? static_cast<float>(b.velocity[at.iv]) : 0.0f;
   math::ParamVelocity r = math::sgd_update_element<WD, M, D, N, S>(
       p, static_cast<float>(b.grad[at.ig]), v, lr, h);

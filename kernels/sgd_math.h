@@ -156,6 +156,16 @@ MFS_CONSTANT_INT kRoundNearest = 0;
 MFS_CONSTANT_INT kRoundStochastic = 1;
 MFS_CONSTANT_INT kMasterWeights = 2;
 
+// The value a master-weights update starts from: the float32 master copy
+// where the param is still its rounding (what the last update stored), the
+// param itself where it is not. A param changed outside the optimizer
+// (reloaded, reset, stepped by stock SGD, which ignores the copy) is never
+// overwritten by a stale copy. `rounded` is the master rounded to the
+// param's dtype as the update stores it, widened back (exact).
+MFS_INLINE float master_or_param(float master, float rounded, float param) {
+  return rounded == param ? master : param;
+}
+
 // A 32-bit integer hash with good avalanche (Wellons' lowbias32): a
 // bijection, so distinct inputs of one stream never share their bits.
 MFS_INLINE uint32_t hash32(uint32_t x) {

@@ -463,7 +463,10 @@ def test_master_weight_kernels_match_cpu(harness, pair, cfg):
     t = DTYPES[dtype]
     for size in (5, 37):
         m = mx.random.normal((size,), key=mx.random.key(size))  # float32 master
-        p = m.astype(t)
+        # Every third param changed since its copy was written (stale): the
+        # update starts from the param there, from the copy elsewhere.
+        stale = mx.arange(size) % 3 == 0
+        p = mx.where(stale, (m * 1.5 + 0.25).astype(t), m.astype(t))
         g = mx.random.normal((size,), key=mx.random.key(size + 1)).astype(t)
         v = _state(state_dtype, (size,), size + 2)
         got = metal_sgd(harness, p, g, v, cfg, lr=0.0371, master=m)
@@ -870,8 +873,13 @@ MUTATIONS = {
     ),
     "master-weight kernel reads the param, not its master copy": (
         "kernels/sgd_element.h",
-        "float p = kUseMaster ? b.master[at.im]",
-        "float p = false ? b.master[at.im]",
+        "p = math::master_or_param(m, static_cast<float>(static_cast<T>(m)), p);",
+        "p = p;",
+    ),
+    "master-weight kernel keeps a stale master copy": (
+        "kernels/sgd_element.h",
+        "p = math::master_or_param(m, static_cast<float>(static_cast<T>(m)), p);",
+        "p = m;",
     ),
     "general kernel steps the grad by the param's row stride": (
         "kernels/sgd_element.h",

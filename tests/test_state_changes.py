@@ -229,3 +229,91 @@ def test_mixed_steps_and_changes_follow_stock(actions):
                 assert_bitwise_equal(
                     v, dict(tree_flatten(ref.state))[k], f"step {i} {k}"
                 )
+
+
+# --------------------------------------------------------------------------
+# Master weights: a stale copy never overwrites the params
+# --------------------------------------------------------------------------
+
+
+def _half_params():
+    return {"w": mx.array([0.9, 1.9, 2.9, -0.3], mx.bfloat16)}
+
+
+def _half_grads(i):
+    return {"w": mx.random.normal((4,), key=mx.random.key(200 + i)).astype(mx.bfloat16)}
+
+
+def test_master_copy_after_stock_steps_gives_way_to_the_params():
+    """FusedSGD(master_weights) -> checkpoint -> 5 stock steps (stock keeps
+    the copy it does not know, untouched) -> FusedSGD again: a step with a
+    zero gradient leaves the params as stock left them."""
+    ours = mfs.FusedSGD(0.1, momentum=0.9, master_weights=True)
+    p = ours.apply_gradients(_half_grads(0), _half_params())
+    mx.eval(p, ours.state)
+    stock = optim.SGD(0.1, momentum=0.9)
+    stock.state = tree_unflatten(list(dict(tree_flatten(ours.state)).items()))
+    for i in range(1, 6):
+        p = stock.apply_gradients(_half_grads(i), p)
+    mx.eval(p, stock.state)
+    resumed = mfs.FusedSGD(0.1, master_weights=True)
+    resumed.state = stock.state
+    zero = {"w": mx.zeros((4,), mx.bfloat16)}
+    after = resumed.apply_gradients(zero, p)
+    mx.eval(after, resumed.state)
+    assert_bitwise_equal(after["w"], p["w"], "params")
+    # The copy is re-seeded from the params it met.
+    assert_bitwise_equal(
+        resumed.state["w"]["master"], p["w"].astype(mx.float32), "copy"
+    )
+
+
+@pytest.mark.parametrize("change", ["reset", "master_off_and_on"])
+def test_params_changed_outside_restart_the_master_copy(change):
+    """Params reset from outside (model.load_weights, say), or updated with
+    master_weights off for a while: the next master-weights step starts from
+    the params as they are, so its master copy is the float32 update of
+    those params (the float32 run's bits)."""
+    ours = mfs.FusedSGD(0.1, master_weights=True)
+    p = ours.apply_gradients(_half_grads(0), _half_params())
+    mx.eval(p, ours.state)
+    if change == "reset":
+        p = {"w": mx.array([5.0, -2.5, 0.125, 7.0], mx.bfloat16)}
+    else:
+        ours.master_weights = False
+        for i in range(1, 3):
+            p = ours.apply_gradients(_half_grads(i), p)
+        mx.eval(p)
+        ours.master_weights = True
+    g = _half_grads(9)
+    after = ours.apply_gradients(g, p)
+    mx.eval(after, ours.state)
+    ref = optim.SGD(0.1).apply_gradients(
+        {"w": g["w"].astype(mx.float32)}, {"w": p["w"].astype(mx.float32)}
+    )
+    assert_bitwise_equal(ours.state["w"]["master"], ref["w"], "master copy")
+    assert_bitwise_equal(after["w"], ref["w"].astype(mx.bfloat16), "params")
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=str)
+def test_stale_elements_restart_one_by_one(dtype):
+    """Element by element: where the param is its copy's rounding, the copy
+    is used (its extra bits kept); elsewhere the param. The kernel and the
+    composed fallback agree."""
+    from mlx_fused_sgd import _ext
+
+    m = mx.random.normal((64,), key=mx.random.key(1)) * 4
+    stale = mx.arange(64) % 4 == 1
+    p = mx.where(stale, (m + 1).astype(dtype), m.astype(dtype))
+    g = mx.random.normal((64,), key=mx.random.key(2)).astype(dtype)
+    kw = dict(learning_rate=mx.array(0.01), weight_decay=1e-3)
+    _, _, new_m = mfs.sgd_update_many([p], [g], [], master_params=[m], **kw)
+    _, _, fallback_m = _ext._sgd_update_many_fallback(
+        [p], [g], [], master_params=[m], **kw
+    )
+    start = mx.where(stale, p.astype(mx.float32), m)
+    expected = optim.SGD(0.01, weight_decay=1e-3).apply_gradients(
+        {"w": g.astype(mx.float32)}, {"w": start}
+    )["w"]
+    assert_bitwise_equal(new_m[0], expected, "kernel")
+    assert_bitwise_equal(fallback_m[0], expected, "fallback")

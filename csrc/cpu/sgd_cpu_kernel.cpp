@@ -109,6 +109,13 @@ template <typename T> MFS_LOOP_INLINE void store(T* p, int64_t i, float x) {
   }
 }
 
+// x rounded to T as store() rounds it, widened back (exact).
+template <typename T> MFS_LOOP_INLINE float rounded_to(float x) {
+  T t;
+  store(&t, 0, x);
+  return load(&t, 0);
+}
+
 // Unit-stride pointers to one run of elements of a tensor's update; absent
 // operands (no momentum, no master copy) are nullptr.
 template <typename T, typename V> struct RowPointers {
@@ -153,7 +160,10 @@ MFS_LOOP_INLINE void sgd_row(
   float* master_out = row.m_out;
   MFS_IVDEP
   for (int64_t i = 0; i < n; ++i) {
-    float pi = R == math::kMasterWeights ? master[i] : load(p, i);
+    float pi = load(p, i);
+    if (R == math::kMasterWeights) {
+      pi = math::master_or_param(master[i], rounded_to<T>(master[i]), pi);
+    }
     float vi = M ? load(v, i) : 0.0f;
     auto r =
         math::sgd_update_element<WD, M, D, N, S>(pi, load(g, i), vi, lr, h);

@@ -270,7 +270,9 @@ class FusedSGD(Optimizer):
           float16/bfloat16 param in the state (``"master"``); the kernel
           updates the copy and writes the param as its rounding, so updates
           smaller than the param's precision accumulate. A state without
-          copies (a stock checkpoint) starts them from the params.
+          copies (a stock checkpoint) starts them from the params, and so
+          does every element whose param is no longer its copy's rounding
+          (params reloaded or changed outside the optimizer).
           Default: ``False``
         stochastic_rounding (bool, optional): Round updated bfloat16 params
           stochastically (unbiased: up with probability equal to the
