@@ -82,10 +82,33 @@ mx::array check_tensor(
   auto pname = [&] { return indexed("param", i, n); };
   auto gname = [&] { return indexed("grad", i, n); };
   auto vname = [&] { return indexed("velocity", i, n); };
-  if (!is_supported_float(param.dtype())) {
+  // float64: stock's own ops, in double (uses_stock_ops); MLX has float64
+  // on the CPU only. Any floating gradient and buffer: stock's ops promote
+  // them to the param's dtype.
+  const bool f64 = param.dtype() == mx::float64;
+  if (f64 && mx::to_stream(s).device != mx::Device::cpu) {
+    throw std::invalid_argument(
+        pname() +
+        " has dtype float64, which MLX computes on the CPU only: update it on "
+        "the CPU (stream=mx.cpu) or cast it to float32.");
+  }
+  if (f64 &&
+      (!mx::issubdtype(grad.dtype(), mx::floating) ||
+       (velocity != nullptr &&
+        !mx::issubdtype(velocity->dtype(), mx::floating)))) {
+    throw std::invalid_argument(
+        gname() + " has dtype " + dtype_name(grad.dtype()) +
+        (velocity != nullptr
+             ? " and " + vname() + " " + dtype_name(velocity->dtype())
+             : std::string()) +
+        "; a float64 param takes floating-point gradients and momentum "
+        "buffers.");
+  }
+  if (!f64 && !is_supported_float(param.dtype())) {
     throw std::invalid_argument(
         pname() + " has dtype " + dtype_name(param.dtype()) +
-        "; the fused SGD update supports float32, float16 and bfloat16.");
+        "; the fused SGD update supports float32, float16 and bfloat16 (and "
+        "float64 on the CPU).");
   }
   // A float16/bfloat16 gradient of a float32 param: with weight decay it is
   // widened, exactly, as stock's first op (g + wd * p) promotes it (same
@@ -96,7 +119,7 @@ mx::array check_tensor(
                          param.dtype() == mx::float32 &&
                          is_supported_float(grad.dtype());
   const bool widened = half_grad && weight_decay;
-  if (grad.dtype() != param.dtype() && !half_grad) {
+  if (!f64 && grad.dtype() != param.dtype() && !half_grad) {
     throw std::invalid_argument(
         gname() + " has dtype " + dtype_name(grad.dtype()) + " but " + pname() +
         " has dtype " + dtype_name(param.dtype()) +
@@ -112,7 +135,7 @@ mx::array check_tensor(
     // A float16/bfloat16 buffer of a float32 param (made from half
     // gradients, then given float32 ones or weight decay) is accepted as
     // stock accepts it: update_with_stock_ops widens it, as stock's ops do.
-    if (velocity->dtype() != param.dtype() &&
+    if (!f64 && velocity->dtype() != param.dtype() &&
         !(velocity->dtype() == mx::float32 && param.dtype() != mx::float32) &&
         !(param.dtype() == mx::float32 &&
           (velocity->dtype() == mx::float16 ||
@@ -274,18 +297,30 @@ mx::array round_bf16_stochastic_composed(
   return mx::where(mx::isfinite(x, s), mx::view(bits, mx::float32, s), x, s);
 }
 
+// The hyperparameters as Python gave them: stock's scalars meet a float64
+// array unrounded (SGDHyper holds their float32 roundings for the kernels).
+struct ExactHyper {
+  double momentum;
+  double weight_decay;
+  double dampening_scale; // 1 - dampening, in double as Python computes it
+};
+
 // Whether tensor i of an update runs stock's own ops rather than the kernel:
 // where stock computes in mixed dtypes. A float16/bfloat16 gradient of a
 // float32 param without weight decay (with weight decay, stock's first op,
 // g + wd * p, is float32 and so is the rest) is computed in the gradient's
 // dtype; a float16/bfloat16 momentum buffer of a float32 param (made from
 // such gradients, then given float32 ones or weight decay) is widened by
-// stock's first momentum op.
+// stock's first momentum op; float64 params are computed in double.
 bool uses_stock_ops(
     const mx::array& param,
     const mx::array& grad,
     const mx::array* velocity,
     const SGDVariant& v) {
+  // float64 (the CPU only): stock's own ops compute it in double.
+  if (param.dtype() == mx::float64) {
+    return true;
+  }
   if (!v.weight_decay && grad.dtype() != param.dtype()) {
     return true;
   }
@@ -310,26 +345,35 @@ std::pair<mx::array, std::optional<mx::array>> update_with_stock_ops(
     const mx::array& clip_factor,
     const mx::array& skip_flag,
     const SGDVariant& v,
+    const ExactHyper& exact,
     mx::StreamOrDevice s) {
   const auto dtype = grad.dtype();
+  // float32 for the options' arithmetic, float64 for a float64 gradient.
+  const auto wide_dtype = dtype == mx::float64 ? mx::float64 : mx::float32;
   auto g = grad;
   if (v.scale_grad) {
     auto divisor =
         v.maximize ? mx::multiply(grad_scale, mx::array(-1.0f), s) : grad_scale;
-    auto wide = mx::divide(mx::astype(g, mx::float32, s), divisor, s);
+    auto wide = mx::divide(
+        mx::astype(g, wide_dtype, s), mx::astype(divisor, wide_dtype, s), s);
     if (v.clip) {
-      wide = mx::multiply(wide, clip_factor, s);
+      wide = mx::multiply(wide, mx::astype(clip_factor, wide_dtype, s), s);
     }
     g = mx::astype(wide, dtype, s);
   }
   auto keep_if_skipped = [&](mx::array updated, const mx::array& old) {
     return v.skip ? mx::where(skip_flag, old, updated, s) : updated;
   };
-  auto weak = [](float x, mx::Dtype like) { return mx::array(x, like); };
+  // A Python scalar meeting an array, as MLX converts it: unrounded for a
+  // float64 array, else rounded to float32 and then to the array's dtype.
+  auto weak = [](double x, mx::Dtype like) {
+    return like == mx::float64 ? mx::array(x, mx::float64)
+                               : mx::array(static_cast<float>(x), like);
+  };
   if (v.weight_decay) {
-    // gradient += weight_decay * parameter: float32 from here on.
+    // gradient += weight_decay * parameter: the param's dtype from here on.
     g = mx::add(
-        g, mx::multiply(weak(v.hyper.weight_decay, param.dtype()), param, s), s);
+        g, mx::multiply(weak(exact.weight_decay, param.dtype()), param, s), s);
   }
   const auto lr_in_dtype = mx::astype(lr, g.dtype(), s);
   if (!v.momentum) {
@@ -338,17 +382,15 @@ std::pair<mx::array, std::optional<mx::array>> update_with_stock_ops(
   }
   const auto old_vel =
       velocity ? *velocity : mx::zeros(param.shape(), dtype, s);
-  auto vel = mx::multiply(weak(v.hyper.momentum, old_vel.dtype()), old_vel, s);
+  auto vel = mx::multiply(weak(exact.momentum, old_vel.dtype()), old_vel, s);
   vel = mx::add(
       vel,
-      v.dampening
-          ? mx::multiply(weak(v.hyper.dampening_scale, g.dtype()), g, s)
-          : g,
+      v.dampening ? mx::multiply(weak(exact.dampening_scale, g.dtype()), g, s)
+                  : g,
       s);
   auto update =
       v.nesterov
-          ? mx::add(
-                g, mx::multiply(weak(v.hyper.momentum, vel.dtype()), vel, s), s)
+          ? mx::add(g, mx::multiply(weak(exact.momentum, vel.dtype()), vel, s), s)
           : vel;
   auto updated = mx::subtract(param, mx::multiply(lr_in_dtype, update, s), s);
   return {keep_if_skipped(updated, param), keep_if_skipped(vel, old_vel)};
@@ -370,6 +412,7 @@ SGDResult sgd_update_composed(
     const std::optional<uint64_t>& rounding_seed,
     const mx::array& rounding_step,
     const SGDVariant& v,
+    const ExactHyper& exact,
     mx::StreamOrDevice s) {
   auto lr =
       schedule ? step_decay_lr_composed(lr_input, *schedule, s) : lr_input;
@@ -394,6 +437,7 @@ SGDResult sgd_update_composed(
           clip_factor,
           skip_flag,
           v,
+          exact,
           s);
       result.params.push_back(param);
       if (v.momentum) {
@@ -499,6 +543,8 @@ SGDResult sgd_update_impl(
       settings.maximize,
       settings.skip.has_value(),
       settings.clip_factor.has_value());
+  const ExactHyper exact{
+      settings.momentum, settings.weight_decay, 1.0 - settings.dampening};
   const auto grad_scale =
       settings.grad_scale
           ? check_real_scalar(*settings.grad_scale, "grad_scale", s)
@@ -601,6 +647,7 @@ SGDResult sgd_update_impl(
         settings.rounding_seed,
         rounding_step,
         variant,
+        exact,
         stream);
   }
 
@@ -639,6 +686,7 @@ SGDResult sgd_update_impl(
           clip_factor,
           skip_flag,
           variant,
+          exact,
           stream);
       result.params[i] = param;
       if (variant.momentum) {

@@ -195,10 +195,11 @@ def test_mixed_steps_and_changes_follow_stock(actions):
             ours.weight_decay = ref.weight_decay = 1e-2 - ours.weight_decay
             continue
         if action == "half_grads":
-            # Only while momentum is on: a buffer started when momentum is
-            # switched on takes the dtype of that step's gradient, where
-            # stock's took the first step's (docs/guarantees.md).
-            if ours.momentum > 0:
+            # Only once FusedSGD has its buffers: a buffer started when
+            # momentum is switched on takes the dtype of that step's
+            # gradient, where stock's took its first step's
+            # (docs/guarantees.md, "Momentum buffers").
+            if "v" in ours.state.get("w", {}):
                 dtype = mx.bfloat16 if dtype == mx.float32 else mx.float32
             continue
         if action == "reset":  # e.g. model.load_weights
