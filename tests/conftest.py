@@ -51,6 +51,29 @@ def pyproject() -> dict:
     )
 
 
+def small_llama(vocab: int = 64, seed: int = 0):
+    """A small mlx-lm Llama with random weights (no download): the
+    ecosystem's most used architecture, which keeps `layer_types`, a list
+    of strings, on its inner model."""
+    from mlx_lm.models import llama
+
+    mx.random.seed(seed)
+    model = llama.Model(
+        llama.ModelArgs(
+            model_type="llama",
+            hidden_size=64,
+            num_hidden_layers=2,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-5,
+            vocab_size=vocab,
+        )
+    )
+    mx.eval(model.parameters())
+    return model
+
+
 def assert_bitwise_equal(a: mx.array, b: mx.array, what: str = "") -> None:
     """Same dtype, same shape and the same bits in every element, on every
     device."""

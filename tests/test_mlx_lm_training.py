@@ -12,14 +12,13 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
-from mlx_lm.models import llama
 from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.trainer import TrainingArgs, train
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal, sgd_reference, to_numpy
+from conftest import assert_bitwise_equal, sgd_reference, small_llama, to_numpy
 
 VOCAB = 64
 
@@ -31,23 +30,7 @@ def cpu_only(device):
 
 
 def llama_model(seed: int = 0) -> nn.Module:
-    """A small Llama (mlx-lm's architecture; it keeps `layer_types`, a list
-    of strings, on its inner model)."""
-    mx.random.seed(seed)
-    model = llama.Model(
-        llama.ModelArgs(
-            model_type="llama",
-            hidden_size=64,
-            num_hidden_layers=2,
-            intermediate_size=128,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rms_norm_eps=1e-5,
-            vocab_size=VOCAB,
-        )
-    )
-    mx.eval(model.parameters())
-    return model
+    return small_llama(VOCAB, seed)
 
 
 def adapt(model: nn.Module, kind: str) -> nn.Module:

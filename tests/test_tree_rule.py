@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten
 import mlx_fused_sgd as mfs
 from mlx_fused_sgd import optimizer as opt_module
 
-from conftest import assert_bitwise_equal
+from conftest import assert_bitwise_equal, small_llama
 
 SETTINGS = settings(
     max_examples=300,
@@ -308,21 +308,7 @@ def test_what_stock_rejects_is_refused_by_path(grads, params, match):
 def test_llama_takes_the_cxx_walk(monkeypatch):
     """mlx-lm's Llama (strings in `layer_types`, [{}, {}] in the gradients)
     is walked in C++ every step: the Python walk, the slow path, never runs."""
-    from mlx_lm.models import llama
-
-    mx.random.seed(0)
-    model = llama.Model(
-        llama.ModelArgs(
-            model_type="llama",
-            hidden_size=32,
-            num_hidden_layers=2,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            rms_norm_eps=1e-5,
-            vocab_size=50,
-        )
-    )
+    model = small_llama()
     opt = mfs.FusedSGD(0.1, momentum=0.9)
     opt.init(model.trainable_parameters())
 
