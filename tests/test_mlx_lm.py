@@ -195,6 +195,12 @@ _ROPE_BY_LAYER_TYPE = {
     t: {"rope_theta": 10000.0, "rope_type": "default"}
     for t in ("full_attention", "sliding_attention")
 }
+_GEMMA4 = dict(
+    num_kv_shared_layers=0,
+    vocab_size_per_layer_input=64,
+    hidden_size_per_layer_input=8,
+    global_head_dim=8,
+)
 # What architectures need beyond the generic arguments.
 OVERRIDES = {
     "deepseek_v2": dict(rope_scaling=_YARN),
@@ -279,8 +285,8 @@ OVERRIDES = {
         altup_active_idx=0,
         laurel_rank=4,
     ),
-    "gemma4": dict(num_kv_shared_layers=0),
-    "gemma4_text": dict(num_kv_shared_layers=0),
+    "gemma4": _GEMMA4,
+    "gemma4_text": _GEMMA4,
     "mellum": dict(rope_parameters=_ROPE_BY_LAYER_TYPE),
     "spark2_5": dict(hidden_act="gelu", rope_parameters=_ROPE_BY_LAYER_TYPE),
     "baichuan_m1": dict(tie_word_embeddings=False),  # its Model reads lm_head
