@@ -2,6 +2,7 @@
 Python hyperparameters unrounded, as stock's ops compute it); on a device
 without float64, a clear error naming the param."""
 
+import warnings
 from functools import partial
 
 import mlx.core as mx
@@ -13,6 +14,10 @@ from mlx.utils import tree_flatten
 import mlx_fused_sgd as mfs
 
 from conftest import assert_bitwise_equal
+
+# The warning that names float64 params (they take stock's ops, not the
+# fused kernel) is the subject of its own test below.
+pytestmark = pytest.mark.filterwarnings("ignore:FusedSGD.*float64:UserWarning")
 
 OPTIONS = [
     {},
@@ -129,3 +134,16 @@ def test_float64_with_the_gradient_check_options_is_refused_by_name(device):
         with pytest.raises(ValueError, match="gradient 'w' has dtype float64"):
             opt.apply_gradients({"w": mx.ones((3,), mx.float64)}, p)
         assert opt.state["step"].item() == 0
+
+
+@pytest.mark.filterwarnings("default")
+def test_float64_params_are_named_as_not_fused(device):
+    """Once, at the first step: which params take stock's ops in double."""
+    if device != "cpu":
+        pytest.skip("float64 runs on the CPU")
+    opt = mfs.FusedSGD(0.1, momentum=0.9)
+    with pytest.warns(UserWarning, match=r"params 'w', 'b' are float64.*not the fused"):
+        params = opt.apply_gradients(_grads(0), _params())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not again
+        opt.apply_gradients(_grads(1), params)

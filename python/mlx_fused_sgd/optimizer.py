@@ -604,27 +604,45 @@ class FusedSGD(Optimizer):
         self, gradients: Any, grads: list[mx.array], params: list[mx.array]
     ) -> None:
         """Once per optimizer, at its first update: name the params that the
-        fused kernel does not update (see :meth:`_in_grad_dtype`)."""
+        fused kernel does not update (see :meth:`_in_grad_dtype`; float64
+        params)."""
         self._checked_unfused = True
         in_grad_dtype = self._in_grad_dtype(grads, params)
-        if not in_grad_dtype:
+        float64 = [i for i, p in enumerate(params) if p.dtype == mx.float64]
+        if not in_grad_dtype and not float64:
             return
         paths = _leaf_paths(gradients)
-        one = len(in_grad_dtype) == 1
-        named = ", ".join(f"'{paths[i]}'" for i in in_grad_dtype[:3])
-        if len(in_grad_dtype) > 3:
-            named += f" and {len(in_grad_dtype) - 3} more"
-        dtypes = sorted({str(grads[i].dtype).split(".")[-1] for i in in_grad_dtype})
-        warnings.warn(
-            f"FusedSGD: {'param' if one else 'params'} {named} "
-            f"{'is' if one else 'are'} float32 with {'a ' if one else ''}"
-            f"{'/'.join(dtypes)} {'gradient' if one else 'gradients'} and "
-            "weight_decay is 0: stock SGD computes such an update in the "
-            "gradient's dtype, and so does FusedSGD, with stock's ops rather "
-            "than the fused kernel. Cast the gradients to float32 for the "
-            "fused float32 update.",
-            stacklevel=4,
-        )
+
+        def named(indices: list[int]) -> tuple[str, bool]:
+            text = ", ".join(f"'{paths[i]}'" for i in indices[:3])
+            if len(indices) > 3:
+                text += f" and {len(indices) - 3} more"
+            one = len(indices) == 1
+            return (
+                f"{'param' if one else 'params'} {text} {'is' if one else 'are'}",
+                one,
+            )
+
+        if in_grad_dtype:
+            which, one = named(in_grad_dtype)
+            dtypes = sorted({str(grads[i].dtype).split(".")[-1] for i in in_grad_dtype})
+            warnings.warn(
+                f"FusedSGD: {which} float32 with {'a ' if one else ''}"
+                f"{'/'.join(dtypes)} {'gradient' if one else 'gradients'} and "
+                "weight_decay is 0: stock SGD computes such an update in the "
+                "gradient's dtype, and so does FusedSGD, with stock's ops rather "
+                "than the fused kernel. Cast the gradients to float32 for the "
+                "fused float32 update.",
+                stacklevel=4,
+            )
+        if float64:
+            which, _ = named(float64)
+            warnings.warn(
+                f"FusedSGD: {which} float64: FusedSGD updates float64 with "
+                "stock's ops in double (stock's bits, on the CPU), not the "
+                "fused kernel. Cast to float32 for the fused update.",
+                stacklevel=4,
+            )
 
     def _apply_gradients(self, gradients: Any, parameters: Any) -> Any:
         momentum_on = self.momentum > 0
