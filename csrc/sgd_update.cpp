@@ -330,11 +330,12 @@ bool uses_stock_ops(
 
 // Stock's update of such a tensor, op for op, so its bits are stock's: a
 // missing momentum buffer is made from the gradient (its dtype), each Python
-// scalar takes the dtype of the array it meets (rounded to float32 first, as
-// MLX converts it), the learning rate is cast to the (weight-decayed)
-// gradient's dtype, and MLX's promotion does the rest. Not fused: these are
-// stock's own ops. This package's options act first on the gradient, in
-// float32 (a loss scale may not fit in float16), rounded back to its dtype.
+// scalar takes the dtype of the array it meets (as MLX converts it: rounded to
+// float32 first, unrounded for float64), the learning rate is cast to the
+// (weight-decayed) gradient's dtype, and MLX's promotion does the rest. Not
+// fused: these are stock's own ops. This package's options act first on the
+// gradient, in float32 (a loss scale may not fit in float16; float64 for a
+// float64 gradient), rounded back to its dtype.
 // Returns the new param and, with momentum, the new buffer.
 std::pair<mx::array, std::optional<mx::array>> update_with_stock_ops(
     const mx::array& param,

@@ -29,10 +29,6 @@ def cpu_only(device):
         pytest.skip("the bit-for-bit contract is float32 on the CPU")
 
 
-def llama_model(seed: int = 0) -> nn.Module:
-    return small_llama(VOCAB, seed)
-
-
 def adapt(model: nn.Module, kind: str) -> nn.Module:
     """Full fine-tuning, LoRA or QLoRA, as mlx_lm.lora sets them up."""
     if kind == "qlora":
@@ -47,8 +43,8 @@ def adapt(model: nn.Module, kind: str) -> nn.Module:
 
 def twin_models(kind: str) -> tuple[nn.Module, nn.Module]:
     """Two identical models (the same parameters, frozen the same way)."""
-    a = adapt(llama_model(), kind)
-    b = adapt(llama_model(), kind)
+    a = adapt(small_llama(VOCAB), kind)
+    b = adapt(small_llama(VOCAB), kind)
     b.update(tree_map(lambda x: x, a.parameters()))
     mx.eval(b.parameters())
     return a, b
@@ -181,7 +177,7 @@ def test_bfloat16_model_within_stock_error():
     """A bfloat16 Llama (as mlx-lm loads one) with bfloat16 gradients: at
     every step, FusedSGD's params and momentum are no further from a float64
     reference of that step than stock's, from the same inputs."""
-    model = llama_model()
+    model = small_llama(VOCAB)
     model.set_dtype(mx.bfloat16)
     mx.eval(model.parameters())
     cfg = dict(momentum=0.9, weight_decay=1e-3, dampening=0.0, nesterov=False)

@@ -475,10 +475,7 @@ class FusedSGD(Optimizer):
         if self.master_weights and parameter.dtype in _HALF:
             state["master"] = parameter.astype(mx.float32)
         if self.momentum > 0:
-            if self.state_dtype is not None and parameter.dtype in _HALF:
-                state["v"] = mx.zeros(parameter.shape, self.state_dtype)
-            else:
-                state["v"] = mx.zeros_like(parameter)
+            state["v"] = self._zero_buffer(parameter)
 
     def _settings(self) -> dict[str, Any]:
         return {
@@ -584,7 +581,7 @@ class FusedSGD(Optimizer):
         _collect(gradients, parameters, self.state, "", [], [], states)
         for i in in_grad_dtype:
             if id(states[i].get("v")) not in existing:
-                states[i]["v"] = mx.zeros(params[i].shape, grads[i].dtype)
+                states[i]["v"] = self._zero_buffer(params[i], grads[i])
 
     def _in_grad_dtype(
         self, grads: list[mx.array], params: list[mx.array]
@@ -711,12 +708,15 @@ class FusedSGD(Optimizer):
                 velocities = [_as_buffer(v, q) for v, q in zip(velocities, paths)]
         return grads, params, states, velocities
 
-    def _zero_buffer(self, param: mx.array, grad: mx.array) -> mx.array:
-        """A new momentum buffer, as :meth:`init_single` and
-        :meth:`_init_in_grad_dtype` make them."""
+    def _zero_buffer(self, param: mx.array, grad: mx.array | None = None) -> mx.array:
+        """A new momentum buffer: in ``state_dtype`` for a half param when it
+        is set; in the gradient's dtype where stock computes the update in it
+        (:meth:`_in_grad_dtype`; only when ``grad`` is given); else the
+        param's. The one rule for :meth:`init_single`, the first step and a
+        buffer missing while momentum is on."""
         if self.state_dtype is not None and param.dtype in _HALF:
             return mx.zeros(param.shape, self.state_dtype)
-        if self._in_grad_dtype([grad], [param]):
+        if grad is not None and self._in_grad_dtype([grad], [param]):
             return mx.zeros(param.shape, grad.dtype)
         return mx.zeros_like(param)
 
