@@ -166,6 +166,11 @@ def test_the_run_writes_few_small_files_that_come_back(tmp_path):
     assert "1 passed" in (out / "tests.txt").read_text()
     probe = json.loads((out / "probe.json").read_text())
     assert probe["parity"] and all(r["ok"] for r in probe["parity"])
+    # The CPU writes a donated param in place; held inputs get new buffers.
+    memory = probe["memory"]
+    assert memory["fused param (inputs donated)"]["wrote_in_place"] is True
+    pointers = [m["pointer"] for m in memory.values()]
+    assert len(set(pointers)) == len(pointers)
 
 
 def test_the_run_stops_at_its_deadline(tmp_path):

@@ -17,9 +17,10 @@
 
     python tools/gpu_probe.py --out probe.json [--device gpu] [--quick]
 
-``--device cpu`` runs parts 1 and 3 on the CPU (with the CPU as both sides
-of the parity check): the dry run of ``tools/gpu_check.sh`` uses it where
-there is no GPU. Exits 1 if any parity check differs.
+``--device cpu`` runs it all on the CPU (the CPU on both sides of the
+parity check; CUDA, if it answers at all, knows none of the pointers): the
+dry run of ``tools/gpu_check.sh`` uses it where there is no GPU. Exits 1
+if any parity check differs.
 """
 
 from __future__ import annotations
@@ -212,12 +213,17 @@ def memory(gpu: mx.Device) -> dict:
         }
         p2, g2, v2 = (mx.random.normal((1 << 20,)) for _ in range(3))
         mx.eval(p2, g2, v2)
+        before = memory_type(p2).get("pointer")
         donated = mfs.sgd_update(p2, g2, v2, learning_rate=0.1, momentum=0.9)
-        del p2, v2
+        del p2, v2  # nothing else holds them: the step may write in place
         mx.eval(donated)
         found["fused param (inputs donated)"] = memory_type(donated[0])
-        found["stock op output (p - lr * g)"] = memory_type(p - 0.1 * g)
-        found["mx.zeros"] = memory_type(mx.zeros((1 << 20,)))
+        found["fused param (inputs donated)"]["wrote_in_place"] = (
+            found["fused param (inputs donated)"].get("pointer") == before
+        )
+        kept = [p - 0.1 * g, mx.zeros((1 << 20,))]  # alive together: two buffers
+        found["stock op output (p - lr * g)"] = memory_type(kept[0])
+        found["mx.zeros"] = memory_type(kept[1])
         return found
 
 
@@ -281,8 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in mx.device_info().items()  # type: ignore[attr-defined]
         }
     found["parity"] = parity(device)
-    if args.device == "gpu":
-        found["memory"] = memory(device)
+    found["memory"] = memory(device)
     sizes = [1 << 20] if args.quick else [1 << 20, 1 << 24, 1 << 27]
     steps = 3 if args.quick else 20
     found["timing"] = [timing(device, n, steps) for n in sizes]
