@@ -1,10 +1,10 @@
-// Which CUDA kernel instantiation an update runs: the run-time dtypes and
-// variant (launch::SGDVariant) mapped onto the kernels' template arguments,
-// for exactly the set the Metal kernels instantiate by name (the param dtype
-// with momentum buffers of the same dtype or float32; stochastic rounding
-// for bfloat16 params, master weights for half params; Nesterov never with
-// dampening, which validation refuses). Shared by eval_gpu and the host
-// harness, which pass their own half types.
+// Which CUDA kernel instantiation an update runs: the run-time dtypes, the
+// momentum buffer and the storage mode mapped onto the kernels' template
+// arguments, for exactly the set the Metal kernels instantiate by name (the
+// param dtype with momentum buffers of the same dtype or float32, or none;
+// stochastic rounding for bfloat16 params, master weights for half params;
+// Nesterov never with dampening, which validation refuses). Shared by
+// eval_gpu and the host harness, which pass their own half types.
 #pragma once
 
 #include <type_traits>
@@ -43,73 +43,46 @@ bool dispatch_dtype(Dtype dtype, Fn&& fn) {
   return false;
 }
 
-// Calls fn.template operator()<T, V, WD, M, D, N, S, R>() for the kernel of
-// params of `dtype` with momentum buffers of `state_dtype` (ignored without
-// momentum) and variant `v`; false when no kernel is instantiated for them.
+// Calls fn.template operator()<T, V, M, R>() for the kernel of params of
+// `dtype` with momentum buffers of `state_dtype` (ignored without momentum)
+// and variant `v`; false when no kernel is instantiated for them. The other
+// options are SGDArgs' run-time flags.
 template <typename Half, typename BFloat, typename Fn>
 bool dispatch_sgd(
     Dtype dtype, Dtype state_dtype, const launch::SGDVariant& v, Fn&& fn) {
-  const bool half_param = dtype != Dtype::float32;
   if (!v.momentum) {
     state_dtype = dtype;
-  }
-  if (state_dtype != dtype && state_dtype != Dtype::float32) {
-    return false;
-  }
-  if (v.rounding == math::kRoundStochastic && dtype != Dtype::bfloat16) {
-    return false;
-  }
-  if (v.rounding == math::kMasterWeights && !half_param) {
-    return false;
   }
   if (v.nesterov && v.dampening) {
     return false;
   }
   bool found = false;
-  auto with_rounding =
-      [&](auto t, auto s_dtype, auto wd, auto m, auto d, auto n, auto s) {
-        using T = std::remove_pointer_t<decltype(t)>;
-        using V = std::remove_pointer_t<decltype(s_dtype)>;
-        auto call = [&]<int R>() {
-          // Dampening and Nesterov exist only with momentum, and never
-          // together: such flags map onto the kernel that runs them.
-          fn.template
-          operator()<T, V, wd(), m(), m() && d(), m() && n() && !d(), s(), R>();
-          found = true;
-        };
-        switch (v.rounding) {
-        case math::kRoundNearest:
-          call.template operator()<math::kRoundNearest>();
-          break;
-        case math::kRoundStochastic:
-          if constexpr (std::is_same_v<T, BFloat>) {
-            call.template operator()<math::kRoundStochastic>();
-          }
-          break;
-        case math::kMasterWeights:
-          if constexpr (!std::is_same_v<T, float>) {
-            call.template operator()<math::kMasterWeights>();
-          }
-          break;
-        }
-      };
   dispatch_dtype<Half, BFloat>(dtype, [&](auto t) {
     dispatch_dtype<Half, BFloat>(state_dtype, [&](auto s_dtype) {
       using T = std::remove_pointer_t<decltype(t)>;
       using V = std::remove_pointer_t<decltype(s_dtype)>;
-      if constexpr (std::is_same_v<T, V> || std::is_same_v<V, float>) {
-        dispatch_bool(v.weight_decay, [&](auto wd) {
-          dispatch_bool(v.momentum, [&](auto m) {
-            dispatch_bool(v.dampening, [&](auto d) {
-              dispatch_bool(v.nesterov, [&](auto n) {
-                dispatch_bool(v.scale_grad, [&](auto s) {
-                  with_rounding(t, s_dtype, wd, m, d, n, s);
-                });
-              });
-            });
-          });
-        });
-      }
+      constexpr bool same = std::is_same_v<T, V>;
+      constexpr bool half = !std::is_same_v<T, float>;
+      dispatch_bool(v.momentum, [&](auto m) {
+        // Without momentum there is no buffer: one kernel, V = T.
+        if constexpr (same || (m() && std::is_same_v<V, float>)) {
+          auto call = [&]<int R>() {
+            fn.template operator()<T, V, m(), R>();
+            found = true;
+          };
+          if (v.rounding == math::kRoundNearest) {
+            call.template operator()<math::kRoundNearest>();
+          } else if (v.rounding == math::kRoundStochastic) {
+            if constexpr (std::is_same_v<T, BFloat>) {
+              call.template operator()<math::kRoundStochastic>();
+            }
+          } else if (v.rounding == math::kMasterWeights) {
+            if constexpr (half) {
+              call.template operator()<math::kMasterWeights>();
+            }
+          }
+        }
+      });
     });
   });
   return found;

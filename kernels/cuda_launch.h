@@ -66,7 +66,7 @@ struct SGDScalars {
   const uint64_t* step;
   const float* grad_scale;
   const uint32_t* skip;
-  const float* grad_multiplier;
+  const float* clip_factor;
   const uint64_t* rounding_step;
 };
 

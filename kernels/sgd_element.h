@@ -56,23 +56,27 @@ MFS_INLINE float launch_learning_rate(
   return lr[0];
 }
 
-// The float32 constants of a launch; the gradient divisor (loss scale,
-// negated for maximize) is read from its buffer only by kScaleGrad kernels.
-template <bool S>
+// The options of a launch (math::SGDHyper): its float32 constants and flags,
+// and the gradient divisor (loss scale, negated for maximize) and clip factor
+// read from their buffers where the launch has them.
 MFS_INLINE math::SGDHyper launch_hyper(
     MFS_CONSTANT const launch::SGDArgs& args,
     MFS_DEVICE const float* grad_scale,
-    MFS_DEVICE const float* grad_multiplier) {
+    MFS_DEVICE const float* clip_factor) {
   math::SGDHyper h;
   h.weight_decay = args.weight_decay;
   h.momentum = args.momentum;
   h.dampening_scale = args.dampening_scale;
   h.grad_divisor = 1.0f;
-  h.grad_multiplier = 1.0f;
-  if (S) {
+  h.clip_factor = 1.0f;
+  h.has_weight_decay = args.has_weight_decay != 0;
+  h.has_dampening = args.has_dampening != 0;
+  h.nesterov = args.nesterov != 0;
+  h.scale_grad = args.scale_grad != 0;
+  if (h.scale_grad) {
     h.grad_divisor = args.maximize ? -grad_scale[0] : grad_scale[0];
     if (args.has_clip) {
-      h.grad_multiplier = grad_multiplier[0];
+      h.clip_factor = clip_factor[0];
     }
   }
   return h;
@@ -92,15 +96,7 @@ MFS_INLINE uint64_t launch_rounding_stream(
 // Updates one element, the element-th of its tensor in row-major order (the
 // index its stochastic-rounding bits derive from); `copy` (a skipped step: a
 // non-finite gradient somewhere) keeps everything as it was.
-template <
-    typename T,
-    typename V,
-    bool WD,
-    bool M,
-    bool D,
-    bool N,
-    bool S,
-    int R>
+template <typename T, typename V, bool M, int R>
 MFS_INLINE void update_one(
     MFS_THREAD const TensorBuffers<T, V>& b,
     Offsets at,
@@ -126,7 +122,7 @@ MFS_INLINE void update_one(
     p = math::master_or_param(m, static_cast<float>(static_cast<T>(m)), p);
   }
   float v = M ? static_cast<float>(b.velocity[at.iv]) : 0.0f;
-  math::ParamVelocity r = math::sgd_update_element<WD, M, D, N, S>(
+  math::ParamVelocity r = math::sgd_update_element<M>(
       p, static_cast<float>(b.grad[at.ig]), v, lr, h);
   if (kUseMaster) {
     b.master_out[at.io] = r.param;
@@ -211,15 +207,7 @@ MFS_INLINE bool band_of(
 // stride. Adjacent threads take adjacent columns (row-major operands and
 // the outputs are read and written coalesced), and a transposed operand is
 // read as consecutive elements by each thread.
-template <
-    typename T,
-    typename V,
-    bool WD,
-    bool M,
-    bool D,
-    bool N,
-    bool S,
-    int R>
+template <typename T, typename V, bool M, int R>
 MFS_INLINE void update_band(
     MFS_THREAD const TensorBuffers<T, V>& b,
     MFS_CONSTANT const int64_t* shape,
@@ -250,7 +238,7 @@ MFS_INLINE void update_band(
   const int64_t r_last = r0 + launch::kRowsPerThread;
   const int64_t r_end = r_last < rows ? r_last : rows;
   for (int64_t r = r0; r < r_end; ++r) {
-    update_one<T, V, WD, M, D, N, S, R>(
+    update_one<T, V, M, R>(
         b, at, uint64_t(at.io), lr, h, stream, copy);
     at.ip += row_step.ip;
     at.ig += row_step.ig;

@@ -35,9 +35,9 @@ MFS_CONSTANT constexpr int kShape = 8; // general kernels: StridedLayout
 MFS_CONSTANT constexpr int kParamStrides = 9;
 MFS_CONSTANT constexpr int kGradStrides = 10;
 MFS_CONSTANT constexpr int kVelocityStrides = 11;
-MFS_CONSTANT constexpr int kGradScale = 12; // float32 scalar (kScaleGrad)
+MFS_CONSTANT constexpr int kGradScale = 12; // float32 scalar (args.scale_grad)
 MFS_CONSTANT constexpr int kSkip = 13;      // uint32 scalar (args.has_skip)
-MFS_CONSTANT constexpr int kGradMultiplier = 14; // float32 (args.has_clip)
+MFS_CONSTANT constexpr int kClipFactor = 14; // float32 (args.has_clip)
 // Master weights (kMasterWeights kernels): the float32 copy read in place of
 // the param, and its update; bound to param and param_out otherwise.
 MFS_CONSTANT constexpr int kMaster = 15;
@@ -120,9 +120,14 @@ struct SGDArgs {
   float decay_rate;         // float32(decay_rate), when scheduled
   int32_t scheduled; // 1: lr from the step counter; 0: from kLearningRate
   int32_t ndim;      // general kernels: the StridedLayout's axes
-  int32_t maximize;  // 1: the gradient is negated (kScaleGrad kernels)
-  int32_t has_skip;  // 1: a nonzero kSkip flag makes the update a copy
-  int32_t has_clip;  // 1: kGradMultiplier holds the clip factor
+  // The run-time options (math::SGDHyper's flags), 0 or 1.
+  int32_t has_weight_decay;
+  int32_t has_dampening;
+  int32_t nesterov;
+  int32_t scale_grad; // the gradient is divided by kGradScale first
+  int32_t maximize;   // ... negated (with scale_grad)
+  int32_t has_skip;   // a nonzero kSkip flag makes the update a copy
+  int32_t has_clip;   // ... and multiplied by kClipFactor's clip factor
 };
 
 struct CheckArgs {
@@ -194,7 +199,11 @@ struct SGDVariant {
     v.hyper.dampening_scale = static_cast<float>(1.0 - dampening);
     // Set when a launch runs, from the grad_scale read on the device.
     v.hyper.grad_divisor = 1.0f;
-    v.hyper.grad_multiplier = 1.0f;
+    v.hyper.clip_factor = 1.0f;
+    v.hyper.has_weight_decay = v.weight_decay;
+    v.hyper.has_dampening = v.dampening;
+    v.hyper.nesterov = v.nesterov;
+    v.hyper.scale_grad = v.scale_grad;
     return v;
   }
 
@@ -357,8 +366,10 @@ struct SGDPlan {
   SGDArgs args;
 };
 
-// "sgd_<contiguous|general>_<dtype>_<state dtype>_<WD><M><D><N><S>", each
-// flag 0 or 1, then "_sr" (stochastic rounding) or "_mw" (master weights);
+// "sgd_<contiguous|general>_<dtype>_<state dtype>_<M>", M 1 with a momentum
+// buffer and 0 without (the state dtype is then the param's), then "_sr"
+// (stochastic rounding) or "_mw" (master weights): what changes the types or
+// the memory traffic; the other options are SGDArgs' run-time flags.
 // kernels/sgd_update.metal instantiates the same names. `tensor_index` is the
 // tensor's place in the whole update (it picks the random rounding stream).
 inline SGDPlan plan_sgd(
@@ -372,11 +383,8 @@ inline SGDPlan plan_sgd(
   const bool contiguous = layout == nullptr;
   SGDPlan plan;
   plan.name = contiguous ? "sgd_contiguous_" : "sgd_general_";
-  plan.name += dtype + "_" + state_dtype + "_";
-  for (bool flag :
-       {v.weight_decay, v.momentum, v.dampening, v.nesterov, v.scale_grad}) {
-    plan.name += flag ? '1' : '0';
-  }
+  plan.name += dtype + "_" + (v.momentum ? state_dtype : dtype) + "_";
+  plan.name += v.momentum ? '1' : '0';
   if (v.rounding == math::kRoundStochastic) {
     plan.name += "_sr";
   } else if (v.rounding == math::kMasterWeights) {
@@ -398,6 +406,10 @@ inline SGDPlan plan_sgd(
   plan.args.decay_rate = static_cast<float>(schedule.decay_rate);
   plan.args.scheduled = schedule.enabled ? 1 : 0;
   plan.args.ndim = contiguous ? 0 : layout->ndim();
+  plan.args.has_weight_decay = v.weight_decay ? 1 : 0;
+  plan.args.has_dampening = v.dampening ? 1 : 0;
+  plan.args.nesterov = v.nesterov ? 1 : 0;
+  plan.args.scale_grad = v.scale_grad ? 1 : 0;
   plan.args.maximize = v.maximize ? 1 : 0;
   plan.args.has_skip = v.skip ? 1 : 0;
   plan.args.has_clip = v.clip ? 1 : 0;

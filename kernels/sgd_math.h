@@ -80,19 +80,30 @@ MFS_INLINE bool is_nonfinite(float x) {
   return !(d == 0.0f);
 }
 
-// Hyperparameters of one update, each already rounded once to float32 the way
-// stock rounds its Python scalars: float32(weight_decay), float32(momentum),
-// float32(1 - dampening) with the subtraction done in double precision.
+// The options of one update, uniform across a launch. The float32 constants
+// are each rounded once the way stock rounds its Python scalars:
+// float32(weight_decay), float32(momentum), float32(1 - dampening) with the
+// subtraction done in double precision. The flags mirror stock's Python
+// branches. They are run-time values, as in PyTorch's fused kernels: they
+// change neither types nor memory traffic, so a kernel per combination would
+// only multiply the instantiations (a CPU loop may still fold them as
+// compile-time constants).
 struct SGDHyper {
   float weight_decay;
   float momentum;
   float dampening_scale;
-  // The gradient is divided by this first (kScaleGrad only): the loss scale,
-  // negated for maximize (g / -s == -(g / s) exactly).
+  // The gradient is divided by this first (scale_grad only): the loss
+  // scale, negated for maximize (g / -s == -(g / s) exactly).
   float grad_divisor;
-  // ... then multiplied by this (kScaleGrad only): the global-norm clip
+  // ... then multiplied by this (scale_grad only): the global-norm clip
   // factor, 1 without clipping (g * 1 == g exactly).
-  float grad_multiplier;
+  float clip_factor;
+  bool has_weight_decay; // weight_decay != 0
+  bool has_dampening;    // dampening > 0 (with momentum)
+  bool nesterov;         // with momentum
+  // grad_scale, maximize or clipping (PyTorch's order: the gradient is
+  // unscaled, clipped and negated before weight decay).
+  bool scale_grad;
 };
 
 struct ParamVelocity {
@@ -101,26 +112,17 @@ struct ParamVelocity {
 };
 
 // One element of the SGD step, in float32 (half types are widened by the
-// caller and rounded once on store). The template flags select the variant at
-// compile time, mirroring stock's Python branches:
-//   kWeightDecay: weight_decay != 0      kMomentum: momentum > 0
-//   kDampening:   dampening > 0          kNesterov: nesterov
-//   kScaleGrad:   grad_scale, maximize or clipping (PyTorch's order: the
-//                 gradient is unscaled, clipped and negated before weight
-//                 decay)
-template <
-    bool kWeightDecay,
-    bool kMomentum,
-    bool kDampening,
-    bool kNesterov,
-    bool kScaleGrad>
+// caller and rounded once on store). kMomentum (momentum > 0) is the one
+// compile-time flag: it decides whether a momentum buffer is read and
+// written at all.
+template <bool kMomentum>
 MFS_INLINE ParamVelocity
 sgd_update_element(float p, float g, float v, float lr, SGDHyper h) {
-  if (kScaleGrad) {
+  if (h.scale_grad) {
     g = g / h.grad_divisor;
-    g = g * h.grad_multiplier;
+    g = g * h.clip_factor;
   }
-  if (kWeightDecay) {
+  if (h.has_weight_decay) {
     float decay = h.weight_decay * p;
     g = g + decay;
   }
@@ -130,14 +132,14 @@ sgd_update_element(float p, float g, float v, float lr, SGDHyper h) {
     return out;
   }
   v = h.momentum * v;
-  if (kDampening) {
+  if (h.has_dampening) {
     float scaled = h.dampening_scale * g;
     v = v + scaled;
   } else {
     v = v + g;
   }
   float update = v;
-  if (kNesterov) {
+  if (h.nesterov) {
     float lookahead = h.momentum * v;
     update = g + lookahead;
   }

@@ -53,15 +53,7 @@ __device__ __forceinline__ void store(const T* from, T* to) {
 
 // kVector consecutive elements from index i of a tensor whose operands are
 // all aligned: loaded into registers, updated there, stored back.
-template <
-    typename T,
-    typename V,
-    bool WD,
-    bool M,
-    bool D,
-    bool N,
-    bool S,
-    int R>
+template <typename T, typename V, bool M, int R>
 __device__ __forceinline__ void update_vector(
     const element::TensorBuffers<T, V>& b,
     int64_t i,
@@ -85,7 +77,7 @@ __device__ __forceinline__ void update_vector(
   const element::TensorBuffers<T, V> regs = {p, g, v, p_out, v_out, m, m_out};
 #pragma unroll
   for (int j = 0; j < kN; ++j) {
-    element::update_one<T, V, WD, M, D, N, S, R>(
+    element::update_one<T, V, M, R>(
         regs,
         element::Offsets{j, j, j, j, j},
         uint64_t(i + j),
@@ -103,15 +95,7 @@ __device__ __forceinline__ void update_vector(
   }
 }
 
-template <
-    typename T,
-    typename V,
-    bool WD,
-    bool M,
-    bool D,
-    bool N,
-    bool S,
-    int R>
+template <typename T, typename V, bool M, int R>
 __global__ void sgd_multi_tensor(
     const __grid_constant__ cuda_launch::SGDTable table,
     const __grid_constant__ launch::SGDArgs args,
@@ -127,8 +111,8 @@ __global__ void sgd_multi_tensor(
   const bool copy = args.has_skip && scalars.skip[0] != 0;
   const float lr =
       element::launch_learning_rate(scalars.lr, scalars.step, args);
-  const math::SGDHyper h = element::launch_hyper<S>(
-      args, scalars.grad_scale, scalars.grad_multiplier);
+  const math::SGDHyper h = element::launch_hyper(
+      args, scalars.grad_scale, scalars.clip_factor);
   const uint64_t stream = element::launch_rounding_stream<R>(
       scalars.rounding_step, args.rounding_seed, table.tensor_id[t]);
   const element::TensorBuffers<T, V> b = {
@@ -146,25 +130,17 @@ __global__ void sgd_multi_tensor(
       const int64_t i =
           begin + (int64_t(k) * cuda_launch::kThreads + threadIdx.x) *
                       cuda_launch::kVector;
-      update_vector<T, V, WD, M, D, N, S, R>(b, i, lr, h, stream, copy);
+      update_vector<T, V, M, R>(b, i, lr, h, stream, copy);
     }
     return;
   }
   for (int64_t i = begin + threadIdx.x; i < end; i += cuda_launch::kThreads) {
-    element::update_one<T, V, WD, M, D, N, S, R>(
+    element::update_one<T, V, M, R>(
         b, element::Offsets{i, i, i, i, i}, uint64_t(i), lr, h, stream, copy);
   }
 }
 
-template <
-    typename T,
-    typename V,
-    bool WD,
-    bool M,
-    bool D,
-    bool N,
-    bool S,
-    int R>
+template <typename T, typename V, bool M, int R>
 __global__ void sgd_strided(
     const element::TensorBuffers<T, V> b,
     const __grid_constant__ launch::SGDArgs args,
@@ -178,8 +154,8 @@ __global__ void sgd_strided(
   const bool copy = args.has_skip && scalars.skip[0] != 0;
   const float lr =
       element::launch_learning_rate(scalars.lr, scalars.step, args);
-  const math::SGDHyper h = element::launch_hyper<S>(
-      args, scalars.grad_scale, scalars.grad_multiplier);
+  const math::SGDHyper h = element::launch_hyper(
+      args, scalars.grad_scale, scalars.clip_factor);
   const uint64_t stream = element::launch_rounding_stream<R>(
       scalars.rounding_step, args.rounding_seed, args.rounding_tensor);
   const element::LayoutStrides strides = {
@@ -188,7 +164,7 @@ __global__ void sgd_strided(
       layout.strides[launch::kLayoutVelocity],
       layout.strides[launch::kLayoutMaster],
       layout.strides[launch::kLayoutOut]};
-  element::update_band<T, V, WD, M, D, N, S, R>(
+  element::update_band<T, V, M, R>(
       b, layout.shape, strides, layout.ndim, band, lr, h, stream, copy);
 }
 

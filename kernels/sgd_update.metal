@@ -25,15 +25,7 @@ using mlx_fused_sgd::element::update_one;
 
 // Row-contiguous param, grad, velocity and master: kWorkPerThread elements a
 // thread.
-template <
-    typename T,
-    typename V,
-    bool WD,
-    bool M,
-    bool D,
-    bool N,
-    bool S,
-    int R>
+template <typename T, typename V, bool M, int R>
 [[kernel]] void sgd_contiguous(
     device const T* param [[buffer(mlx_fused_sgd::launch::kParam)]],
     device const T* grad [[buffer(mlx_fused_sgd::launch::kGrad)]],
@@ -47,8 +39,8 @@ template <
     device const float* grad_scale
     [[buffer(mlx_fused_sgd::launch::kGradScale)]],
     device const uint* skip [[buffer(mlx_fused_sgd::launch::kSkip)]],
-    device const float* grad_multiplier
-    [[buffer(mlx_fused_sgd::launch::kGradMultiplier)]],
+    device const float* clip_factor
+    [[buffer(mlx_fused_sgd::launch::kClipFactor)]],
     device const float* master [[buffer(mlx_fused_sgd::launch::kMaster)]],
     device float* master_out [[buffer(mlx_fused_sgd::launch::kMasterOut)]],
     device const uint64_t* rounding_step
@@ -63,7 +55,7 @@ template <
   bool copy = args.has_skip && skip[0] != 0;
   float rate = launch_learning_rate(lr, step, args);
   mlx_fused_sgd::math::SGDHyper h =
-      launch_hyper<S>(args, grad_scale, grad_multiplier);
+      launch_hyper(args, grad_scale, clip_factor);
   uint64_t stream = launch_rounding_stream<R>(
       rounding_step, args.rounding_seed, args.rounding_tensor);
   TensorBuffers<T, V> b = {
@@ -72,12 +64,12 @@ template <
   if (end <= args.size) {
     for (int k = 0; k < mlx_fused_sgd::launch::kWorkPerThread; ++k) {
       int64_t i = begin + k;
-      update_one<T, V, WD, M, D, N, S, R>(
+      update_one<T, V, M, R>(
           b, Offsets{i, i, i, i, i}, uint64_t(i), rate, h, stream, copy);
     }
   } else {
     for (int64_t i = begin; i < args.size; ++i) {
-      update_one<T, V, WD, M, D, N, S, R>(
+      update_one<T, V, M, R>(
           b, Offsets{i, i, i, i, i}, uint64_t(i), rate, h, stream, copy);
     }
   }
@@ -91,15 +83,7 @@ template <
 // (row-major operands and the outputs are read and written coalesced), and
 // a transposed operand is read as consecutive elements by each thread. The
 // outputs are row-major (out_strides over the layout's axes).
-template <
-    typename T,
-    typename V,
-    bool WD,
-    bool M,
-    bool D,
-    bool N,
-    bool S,
-    int R>
+template <typename T, typename V, bool M, int R>
 [[kernel]] void sgd_general(
     device const T* param [[buffer(mlx_fused_sgd::launch::kParam)]],
     device const T* grad [[buffer(mlx_fused_sgd::launch::kGrad)]],
@@ -120,8 +104,8 @@ template <
     device const float* grad_scale
     [[buffer(mlx_fused_sgd::launch::kGradScale)]],
     device const uint* skip [[buffer(mlx_fused_sgd::launch::kSkip)]],
-    device const float* grad_multiplier
-    [[buffer(mlx_fused_sgd::launch::kGradMultiplier)]],
+    device const float* clip_factor
+    [[buffer(mlx_fused_sgd::launch::kClipFactor)]],
     device const float* master [[buffer(mlx_fused_sgd::launch::kMaster)]],
     device float* master_out [[buffer(mlx_fused_sgd::launch::kMasterOut)]],
     device const uint64_t* rounding_step
@@ -143,7 +127,7 @@ template <
   }
   float rate = launch_learning_rate(lr, step, args);
   mlx_fused_sgd::math::SGDHyper h =
-      launch_hyper<S>(args, grad_scale, grad_multiplier);
+      launch_hyper(args, grad_scale, clip_factor);
   uint64_t stream = launch_rounding_stream<R>(
       rounding_step, args.rounding_seed, args.rounding_tensor);
   bool copy = args.has_skip && skip[0] != 0;
@@ -155,7 +139,7 @@ template <
       velocity_strides,
       master_strides,
       out_strides};
-  mlx_fused_sgd::element::update_band<T, V, WD, M, D, N, S, R>(
+  mlx_fused_sgd::element::update_band<T, V, M, R>(
       b, shape, strides, args.ndim, band, rate, h, stream, copy);
 }
 
@@ -167,76 +151,53 @@ template <
       name)]] [[kernel]] decltype(func<__VA_ARGS__>) func<__VA_ARGS__>;
 #endif
 
-#define MFS_SGD_KERNELS(name, T, V, wd, m, d, n, s, r)                         \
-  MFS_INSTANTIATE(                                                             \
-      "sgd_contiguous_" name, sgd_contiguous, T, V, wd, m, d, n, s, r)         \
-  MFS_INSTANTIATE("sgd_general_" name, sgd_general, T, V, wd, m, d, n, s, r)
+// Two kernels (contiguous and general) for each thing that changes the
+// types or the memory traffic: the param dtype, the momentum buffer (absent,
+// of the param's dtype, or float32 for half params) and how updated params
+// are stored. Weight decay, dampening, Nesterov and the gradient transforms
+// (grad_scale, maximize, clipping, skip) are SGDArgs' run-time flags.
+#define MFS_SGD_KERNELS(name, T, V, m, r)                                      \
+  MFS_INSTANTIATE("sgd_contiguous_" name, sgd_contiguous, T, V, m, r)          \
+  MFS_INSTANTIATE("sgd_general_" name, sgd_general, T, V, m, r)
 
 // Name suffixes of the storage modes: "" (round to nearest), "_sr"
-// (stochastic rounding), "_mw" (master weights); the rounding mode each
-// dtype pair gets is listed with the pairs below.
-#define MFS_SGD_ROUND_nearest(dtype, T, vdtype, V, wd, m, d, n, s)             \
+// (stochastic rounding, bfloat16 params), "_mw" (master weights, half
+// params).
+#define MFS_SGD_nearest(dtype, T, vdtype, V, m)                                \
   MFS_SGD_KERNELS(                                                             \
-      #dtype "_" #vdtype "_" #wd #m #d #n #s,                                  \
+      #dtype "_" #vdtype "_" #m, T, V, m, mlx_fused_sgd::math::kRoundNearest)
+#define MFS_SGD_stochastic(dtype, T, vdtype, V, m)                             \
+  MFS_SGD_KERNELS(                                                             \
+      #dtype "_" #vdtype "_" #m "_sr",                                         \
       T,                                                                       \
       V,                                                                       \
-      wd,                                                                      \
       m,                                                                       \
-      d,                                                                       \
-      n,                                                                       \
-      s,                                                                       \
-      mlx_fused_sgd::math::kRoundNearest)
-#define MFS_SGD_ROUND_stochastic(dtype, T, vdtype, V, wd, m, d, n, s)          \
-  MFS_SGD_KERNELS(                                                             \
-      #dtype "_" #vdtype "_" #wd #m #d #n #s "_sr",                            \
-      T,                                                                       \
-      V,                                                                       \
-      wd,                                                                      \
-      m,                                                                       \
-      d,                                                                       \
-      n,                                                                       \
-      s,                                                                       \
       mlx_fused_sgd::math::kRoundStochastic)
-#define MFS_SGD_ROUND_master(dtype, T, vdtype, V, wd, m, d, n, s)              \
+#define MFS_SGD_master(dtype, T, vdtype, V, m)                                 \
   MFS_SGD_KERNELS(                                                             \
-      #dtype "_" #vdtype "_" #wd #m #d #n #s "_mw",                            \
+      #dtype "_" #vdtype "_" #m "_mw",                                         \
       T,                                                                       \
       V,                                                                       \
-      wd,                                                                      \
       m,                                                                       \
-      d,                                                                       \
-      n,                                                                       \
-      s,                                                                       \
       mlx_fused_sgd::math::kMasterWeights)
 
-// Without and with a gradient transform (grad_scale, maximize, clipping).
-#define MFS_SGD_VARIANT(mode, dtype, T, vdtype, V, wd, m, d, n)                \
-  MFS_SGD_ROUND_##mode(dtype, T, vdtype, V, wd, m, d, n, 0)                    \
-      MFS_SGD_ROUND_##mode(dtype, T, vdtype, V, wd, m, d, n, 1)
-
-// Nesterov with dampening is refused by validation, so never launched.
-#define MFS_SGD_WD(mode, dtype, T, vdtype, V, wd)                              \
-  MFS_SGD_VARIANT(mode, dtype, T, vdtype, V, wd, 0, 0, 0)                      \
-  MFS_SGD_VARIANT(mode, dtype, T, vdtype, V, wd, 1, 0, 0)                      \
-  MFS_SGD_VARIANT(mode, dtype, T, vdtype, V, wd, 1, 1, 0)                      \
-  MFS_SGD_VARIANT(mode, dtype, T, vdtype, V, wd, 1, 0, 1)
-
-#define MFS_SGD_TYPES(mode, dtype, T, vdtype, V)                               \
-  MFS_SGD_WD(mode, dtype, T, vdtype, V, 0)                                     \
-  MFS_SGD_WD(mode, dtype, T, vdtype, V, 1)
-
-// Params and momentum buffers of one dtype, and half params with float32
-// momentum buffers (state_dtype=float32).
-MFS_SGD_TYPES(nearest, float32, float, float32, float)
-MFS_SGD_TYPES(nearest, float16, half, float16, half)
-MFS_SGD_TYPES(nearest, bfloat16, bfloat, bfloat16, bfloat)
-MFS_SGD_TYPES(nearest, float16, half, float32, float)
-MFS_SGD_TYPES(nearest, bfloat16, bfloat, float32, float)
-// Stochastic rounding: bfloat16 params.
-MFS_SGD_TYPES(stochastic, bfloat16, bfloat, bfloat16, bfloat)
-MFS_SGD_TYPES(stochastic, bfloat16, bfloat, float32, float)
-// Master weights: half params.
-MFS_SGD_TYPES(master, float16, half, float16, half)
-MFS_SGD_TYPES(master, float16, half, float32, float)
-MFS_SGD_TYPES(master, bfloat16, bfloat, bfloat16, bfloat)
-MFS_SGD_TYPES(master, bfloat16, bfloat, float32, float)
+// Without momentum (no buffer; named with the param's dtype twice).
+MFS_SGD_nearest(float32, float, float32, float, 0)
+MFS_SGD_nearest(float16, half, float16, half, 0)
+MFS_SGD_nearest(bfloat16, bfloat, bfloat16, bfloat, 0)
+MFS_SGD_stochastic(bfloat16, bfloat, bfloat16, bfloat, 0)
+MFS_SGD_master(float16, half, float16, half, 0)
+MFS_SGD_master(bfloat16, bfloat, bfloat16, bfloat, 0)
+// With momentum: buffers of the param's dtype, and float32 buffers of half
+// params (state_dtype=float32).
+MFS_SGD_nearest(float32, float, float32, float, 1)
+MFS_SGD_nearest(float16, half, float16, half, 1)
+MFS_SGD_nearest(bfloat16, bfloat, bfloat16, bfloat, 1)
+MFS_SGD_nearest(float16, half, float32, float, 1)
+MFS_SGD_nearest(bfloat16, bfloat, float32, float, 1)
+MFS_SGD_stochastic(bfloat16, bfloat, bfloat16, bfloat, 1)
+MFS_SGD_stochastic(bfloat16, bfloat, float32, float, 1)
+MFS_SGD_master(float16, half, float16, half, 1)
+MFS_SGD_master(float16, half, float32, float, 1)
+MFS_SGD_master(bfloat16, bfloat, bfloat16, bfloat, 1)
+MFS_SGD_master(bfloat16, bfloat, float32, float, 1)

@@ -78,15 +78,8 @@ int with_kernel(const Variant& v, Launches&& launches) {
       static_cast<cl::Dtype>(v.dtype),
       static_cast<cl::Dtype>(v.state_dtype),
       sgd_variant(v),
-      [&]<typename T,
-          typename V,
-          bool WD,
-          bool M,
-          bool D,
-          bool N,
-          bool S,
-          int R>() {
-        ok = launches.template operator()<T, V, WD, M, D, N, S, R>();
+      [&]<typename T, typename V, bool M, int R>() {
+        ok = launches.template operator()<T, V, M, R>();
       });
   return !found ? 1 : ok ? 0 : 2;
 }
@@ -128,14 +121,7 @@ int run_sgd_multi(
   const auto args = sgd_args(*variant, 0, 0);
   return with_kernel(
       *variant,
-      [&]<typename T,
-          typename V,
-          bool WD,
-          bool M,
-          bool D,
-          bool N,
-          bool S,
-          int R>() {
+      [&]<typename T, typename V, bool M, int R>() {
         bool ok = true;
         for (const auto& span : cl::split_tables(size_list)) {
           const auto table =
@@ -144,7 +130,7 @@ int run_sgd_multi(
                    span.blocks(),
                    cl::kThreads,
                    [&] {
-                     ck::sgd_multi_tensor<T, V, WD, M, D, N, S, R>(
+                     ck::sgd_multi_tensor<T, V, M, R>(
                          table, args, *scalars);
                    }) &&
                ok;
@@ -193,14 +179,7 @@ int run_sgd_strided(
   args.ndim = layout.ndim();
   return with_kernel(
       *variant,
-      [&]<typename T,
-          typename V,
-          bool WD,
-          bool M,
-          bool D,
-          bool N,
-          bool S,
-          int R>() {
+      [&]<typename T, typename V, bool M, int R>() {
         const mfs::element::TensorBuffers<T, V> b = {
             static_cast<const T*>(param),
             static_cast<const T*>(grad),
@@ -211,7 +190,7 @@ int run_sgd_strided(
             master_out};
         const int64_t blocks = cl::blocks_for(cl::strided_threads(layout));
         return mfs_cuda::launch(blocks, cl::kThreads, [&] {
-          ck::sgd_strided<T, V, WD, M, D, N, S, R>(b, args, strided, *scalars);
+          ck::sgd_strided<T, V, M, R>(b, args, strided, *scalars);
         });
       });
 }

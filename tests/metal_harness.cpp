@@ -374,7 +374,8 @@ int run_sgd(
       {scheduled != 0, init, decay_rate, step_size},
       tensor_index);
   std::string d = dtype;
-  std::string sd = state_dtype;
+  // Without momentum there is no buffer: eval_gpu names the param's dtype.
+  std::string sd = variant.momentum ? state_dtype : dtype;
   auto run = [&]<typename T, typename V>() {
     return run_sgd_typed<T, V>(
         plan,

@@ -603,16 +603,21 @@ def test_half_storage_general_kernels_match_cpu(harness, mode, pair, layout):
 
 
 def test_every_instantiated_kernel_is_one_eval_gpu_can_launch(harness):
-    # dtype pairs x 8 variants x {no divisor, divisor} x {contiguous, general}
-    # + 8 step dtypes x 2; each one is run by the tests above (a missing name
-    # makes them fail).
+    # SGD: a contiguous and a general kernel for each (param dtype, momentum
+    # buffer, storage mode); the other options are run-time flags. With
+    # momentum, 5 (param, buffer) dtype pairs round to nearest (3 alike, and
+    # float16/bfloat16 params with float32 buffers), and the pairs in
+    # HALF_PAIRS store stochastically or from master weights; without
+    # momentum (no buffer), one kernel per param dtype and storage mode.
+    # Each one is run by the tests above (a missing name makes them fail).
+    # + 8 step dtypes x 2 layouts.
     # + the non-finite check and the squared norm: 3 dtypes x 2 layouts and
     # a clear kernel each.
-    # Round to nearest for 5 (param, momentum) dtype pairs: 3 alike, and
-    # float16/bfloat16 params with float32 momentum; stochastic rounding and
-    # master weights for the pairs in HALF_PAIRS.
-    pairs = 5 + len(HALF_PAIRS["stochastic"]) + len(HALF_PAIRS["master"])
-    assert harness.harness_kernel_count() == pairs * 8 * 2 * 2 + 8 * 2 + 2 * (3 * 2 + 1)
+    with_momentum = 5 + len(HALF_PAIRS["stochastic"]) + len(HALF_PAIRS["master"])
+    modes = {"nearest": 3, "stochastic": 1, "master": 2}  # param dtypes each
+    without_momentum = sum(modes.values())
+    sgd = (with_momentum + without_momentum) * 2
+    assert harness.harness_kernel_count() == sgd + 8 * 2 + 2 * (3 * 2 + 1)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -1011,7 +1016,7 @@ _STRIDED = ["kShape", "kParamStrides", "kGradStrides", "kVelocityStrides"]
 _SCALARS = [
     "kGradScale",
     "kSkip",
-    "kGradMultiplier",
+    "kClipFactor",
     "kMaster",
     "kMasterOut",
     "kRoundingStep",

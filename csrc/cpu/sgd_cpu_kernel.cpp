@@ -135,15 +135,7 @@ template <typename T, typename V> struct RowPointers {
 // read after another one is written: safe to vectorize, which the pragma
 // tells the compiler (it cannot prove it, and would otherwise check for
 // overlap at run time and take a scalar loop for the in-place case).
-template <
-    typename T,
-    typename V,
-    bool WD,
-    bool M,
-    bool D,
-    bool N,
-    bool S,
-    int R>
+template <typename T, typename V, bool M, int R>
 MFS_LOOP_INLINE void sgd_row(
     const RowPointers<T, V>& row,
     int64_t n,
@@ -165,8 +157,7 @@ MFS_LOOP_INLINE void sgd_row(
       pi = math::master_or_param(master[i], rounded_to<T>(master[i]), pi);
     }
     float vi = M ? load(v, i) : 0.0f;
-    auto r =
-        math::sgd_update_element<WD, M, D, N, S>(pi, load(g, i), vi, lr, h);
+    auto r = math::sgd_update_element<M>(pi, load(g, i), vi, lr, h);
     if (R == math::kMasterWeights) {
       master_out[i] = r.param;
     }
@@ -513,15 +504,7 @@ MFS_LOOP_INLINE void walk_strided(
 }
 
 // Updates elements [begin, end) of one tensor (its row-major order).
-template <
-    typename T,
-    typename V,
-    bool WD,
-    bool M,
-    bool D,
-    bool N,
-    bool S,
-    int R>
+template <typename T, typename V, bool M, int R>
 void sgd_tensor_range(
     const TensorPointers& t,
     int64_t begin,
@@ -530,7 +513,7 @@ void sgd_tensor_range(
     math::SGDHyper h) {
   const uint64_t stream = t.rounding_stream;
   if (t.contiguous) {
-    sgd_row<T, V, WD, M, D, N, S, R>(
+    sgd_row<T, V, M, R>(
         contiguous_row<T, V>(t, begin), end - begin, begin, stream, lr, h);
     return;
   }
@@ -540,7 +523,7 @@ void sgd_tensor_range(
       end,
       true,
       [&](const RowPointers<T, V>& row, int64_t n, int64_t io) {
-        sgd_row<T, V, WD, M, D, N, S, R>(row, n, io, stream, lr, h);
+        sgd_row<T, V, M, R>(row, n, io, stream, lr, h);
       });
 }
 
@@ -552,29 +535,8 @@ void update_typed(
     int64_t end,
     float lr,
     math::SGDHyper h) {
-  auto run = [&]<bool WD, bool S>() {
-    if (!key.momentum) {
-      return sgd_tensor_range<T, V, WD, false, false, false, S, R>(
-          t, begin, end, lr, h);
-    }
-    if (key.nesterov) {
-      return key.dampening
-                 ? sgd_tensor_range<T, V, WD, true, true, true, S, R>(
-                       t, begin, end, lr, h)
-                 : sgd_tensor_range<T, V, WD, true, false, true, S, R>(
-                       t, begin, end, lr, h);
-    }
-    return key.dampening ? sgd_tensor_range<T, V, WD, true, true, false, S, R>(
-                               t, begin, end, lr, h)
-                         : sgd_tensor_range<T, V, WD, true, false, false, S, R>(
-                               t, begin, end, lr, h);
-  };
-  auto with_wd = [&]<bool S>() {
-    return key.weight_decay ? run.template operator()<true, S>()
-                            : run.template operator()<false, S>();
-  };
-  return key.scale_grad ? with_wd.template operator()<true>()
-                        : with_wd.template operator()<false>();
+  return key.momentum ? sgd_tensor_range<T, V, true, R>(t, begin, end, lr, h)
+                      : sgd_tensor_range<T, V, false, R>(t, begin, end, lr, h);
 }
 
 } // namespace

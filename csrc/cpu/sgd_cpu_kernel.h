@@ -96,15 +96,12 @@ inline DtypeCode dtype_code(mx::Dtype dtype) {
   return DtypeCode::float32;
 }
 
-// The dtype and compile-time variant of a chunk.
+// What the loops are compiled for, per chunk: what changes the types or the
+// memory traffic (the other options are math::SGDHyper's run-time flags).
 struct KernelKey {
   DtypeCode dtype;
   DtypeCode state_dtype; // the momentum buffer's: the param's, or float32
-  bool weight_decay;
   bool momentum;
-  bool dampening;
-  bool nesterov;
-  bool scale_grad;
   int rounding; // math::kRoundNearest, kRoundStochastic or kMasterWeights
 };
 

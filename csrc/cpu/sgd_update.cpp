@@ -134,11 +134,7 @@ void SGDUpdate::eval_cpu(
       cpu_kernel::dtype_code(inputs[0].dtype()),
       cpu_kernel::dtype_code(
           momentum ? inputs[2 * n].dtype() : inputs[0].dtype()),
-      variant_.weight_decay,
       variant_.momentum,
-      variant_.dampening,
-      variant_.nesterov,
-      variant_.scale_grad,
       variant_.rounding};
   encoder.dispatch([tensors = std::move(tensors),
                     key,
@@ -156,7 +152,7 @@ void SGDUpdate::eval_cpu(
       hyper.grad_divisor = variant.grad_divisor(*scale_ptr);
     }
     if (clip_ptr != nullptr) {
-      hyper.grad_multiplier = *clip_ptr;
+      hyper.clip_factor = *clip_ptr;
     }
     if (rounding_step_ptr != nullptr) {
       for (auto& t : tensors) {

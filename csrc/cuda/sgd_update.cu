@@ -112,14 +112,7 @@ void SGDUpdate::eval_gpu(
       cuda::dtype_of(param_dtype),
       cuda::dtype_of(state_dtype),
       variant_,
-      [&]<typename T,
-          typename V,
-          bool WD,
-          bool M,
-          bool D,
-          bool N,
-          bool S,
-          int R>() {
+      [&]<typename T, typename V, bool M, int R>() {
         for (const auto& span : cuda_launch::split_tables(contiguous_sizes)) {
           if (span.blocks() == 0) {
             continue;
@@ -133,7 +126,7 @@ void SGDUpdate::eval_gpu(
           cuda::add_kernel(
               encoder,
               arrays,
-              cuda_kernels::sgd_multi_tensor<T, V, WD, M, D, N, S, R>,
+              cuda_kernels::sgd_multi_tensor<T, V, M, R>,
               cuda::grid(span.blocks()),
               dim3(cuda_launch::kThreads),
               table,
@@ -158,7 +151,7 @@ void SGDUpdate::eval_gpu(
           cuda::add_kernel(
               encoder,
               arrays,
-              cuda_kernels::sgd_strided<T, V, WD, M, D, N, S, R>,
+              cuda_kernels::sgd_strided<T, V, M, R>,
               cuda::grid(cuda_launch::blocks_for(threads)),
               dim3(cuda_launch::kThreads),
               b,

@@ -61,7 +61,7 @@ void SGDUpdate::eval_gpu(
     encoder.set_bytes(plan.args, launch::kSGDArgs);
     encoder.set_input_array(scalars.grad_scale, launch::kGradScale);
     encoder.set_input_array(scalars.skip, launch::kSkip);
-    encoder.set_input_array(scalars.clip, launch::kGradMultiplier);
+    encoder.set_input_array(scalars.clip, launch::kClipFactor);
     encoder.set_input_array(master ? *m : p, launch::kMaster);
     encoder.set_output_array(master ? *m_out : p_out, launch::kMasterOut);
     encoder.set_input_array(scalars.rounding_step, launch::kRoundingStep);
