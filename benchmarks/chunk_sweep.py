@@ -17,7 +17,7 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import HYPER, SCHEDULE, make_tree, workload_shapes  # noqa: E402
 
-from mlx_fused_sgd import _ext  # noqa: E402
+import mlx_fused_sgd as mfs  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -43,14 +43,12 @@ def main(argv=None) -> int:
             box = {"p": params, "v": vels}
 
             def run(box=box, chunk=chunk, grads=grads, step=step):
-                p, v, _ = _ext.sgd_update_many_scheduled(
+                p, v = mfs.sgd_update_many_scheduled(
                     box["p"],
                     grads,
                     box["v"],
                     step=step,
-                    init=SCHEDULE[0],
-                    decay_rate=SCHEDULE[1],
-                    step_size=SCHEDULE[2],
+                    schedule=mfs.step_decay(*SCHEDULE),
                     **HYPER,
                     tensors_per_primitive=chunk,
                 )

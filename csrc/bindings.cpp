@@ -28,58 +28,7 @@ namespace {
 
 using OptionalArray = std::optional<mx::array>;
 
-std::pair<mx::array, OptionalArray> single_result(mfs::SGDResult r) {
-  OptionalArray v;
-  if (!r.velocities.empty()) {
-    v = r.velocities[0];
-  }
-  return {r.params[0], v};
-}
-
 using OptionalArrays = std::vector<OptionalArray>;
-
-// The many-tensor functions' result: new params, new velocities and new
-// master copies (None where a param has none).
-std::tuple<std::vector<mx::array>, std::vector<mx::array>, OptionalArrays>
-many_result(mfs::SGDResult r) {
-  return {
-      std::move(r.params), std::move(r.velocities), std::move(r.master_params)};
-}
-
-// Settings of the many-tensor functions, with the half-precision storage
-// options (master weights, stochastic rounding) they alone take.
-mfs::SGDSettings many_settings(
-    double momentum,
-    double weight_decay,
-    double dampening,
-    bool nesterov,
-    bool maximize,
-    const OptionalArray& grad_scale,
-    const OptionalArray& skip,
-    const OptionalArray& clip_factor,
-    const std::optional<OptionalArrays>& master_params,
-    std::optional<uint64_t> rounding_seed,
-    const OptionalArray& rounding_step) {
-  mfs::SGDSettings settings{
-      momentum,
-      weight_decay,
-      dampening,
-      nesterov,
-      maximize,
-      grad_scale,
-      skip,
-      clip_factor};
-  if (master_params) {
-    settings.master_params = *master_params;
-  }
-  settings.rounding_seed = rounding_seed;
-  settings.rounding_step = rounding_step;
-  return settings;
-}
-
-std::vector<mx::array> as_list(const OptionalArray& v) {
-  return v ? std::vector<mx::array>{*v} : std::vector<mx::array>{};
-}
 
 } // namespace
 
@@ -232,320 +181,134 @@ does).)");
 the device (per tensor summed in double and rounded, then added in order).)");
 }
 
-// The update of one tensor, and the settings check.
+// The options of an update, as one value, and the update itself: one binding
+// for every way the Python functions call it.
 void bind_sgd_update(nb::module_& m) {
-  m.def(
-      "validate_sgd_settings",
-      [](double momentum,
-         double weight_decay,
-         double dampening,
-         bool nesterov) {
-        mfs::SGDSettings{momentum, weight_decay, dampening, nesterov}
-            .validate();
-      },
-      "momentum"_a,
-      "weight_decay"_a,
-      "dampening"_a,
-      "nesterov"_a,
-      "Raise ValueError naming the first invalid SGD hyperparameter.");
+  nb::class_<mfs::SGDSettings>(
+      m,
+      "SGDSettings",
+      "Every option of one update (the hyperparameters as Python floats, "
+      "the device scalars, the half-precision storage options); "
+      "validate() raises ValueError naming the first bad hyperparameter.")
+      .def(
+          "__init__",
+          [](mfs::SGDSettings* self,
+             double momentum,
+             double weight_decay,
+             double dampening,
+             bool nesterov,
+             bool maximize,
+             const OptionalArray& grad_scale,
+             const OptionalArray& skip,
+             const OptionalArray& clip_factor,
+             const std::optional<OptionalArrays>& master_params,
+             std::optional<uint64_t> rounding_seed,
+             const OptionalArray& rounding_step) {
+            new (self) mfs::SGDSettings{
+                momentum,
+                weight_decay,
+                dampening,
+                nesterov,
+                maximize,
+                grad_scale,
+                skip,
+                clip_factor,
+                master_params.value_or(OptionalArrays{}),
+                rounding_seed,
+                rounding_step};
+          },
+          nb::kw_only(),
+          "momentum"_a = 0.0,
+          "weight_decay"_a = 0.0,
+          "dampening"_a = 0.0,
+          "nesterov"_a = false,
+          "maximize"_a = false,
+          "grad_scale"_a = nb::none(),
+          "skip"_a = nb::none(),
+          "clip_factor"_a = nb::none(),
+          "master_params"_a = nb::none(),
+          "rounding_seed"_a = nb::none(),
+          "rounding_step"_a = nb::none())
+      .def_rw("momentum", &mfs::SGDSettings::momentum)
+      .def_rw("weight_decay", &mfs::SGDSettings::weight_decay)
+      .def_rw("dampening", &mfs::SGDSettings::dampening)
+      .def_rw("nesterov", &mfs::SGDSettings::nesterov)
+      .def_rw("maximize", &mfs::SGDSettings::maximize)
+      .def_rw("grad_scale", &mfs::SGDSettings::grad_scale)
+      .def_rw("skip", &mfs::SGDSettings::skip)
+      .def_rw("clip_factor", &mfs::SGDSettings::clip_factor)
+      .def_rw("master_params", &mfs::SGDSettings::master_params)
+      .def_rw("rounding_seed", &mfs::SGDSettings::rounding_seed)
+      .def_rw("rounding_step", &mfs::SGDSettings::rounding_step)
+      .def("validate", &mfs::SGDSettings::validate);
 
   m.def(
       "sgd_update",
-      [](const mx::array& param,
-         const mx::array& grad,
-         const OptionalArray& velocity,
-         const mx::array& learning_rate,
-         double momentum,
-         double weight_decay,
-         double dampening,
-         bool nesterov,
-         bool maximize,
-         const OptionalArray& grad_scale,
-         const OptionalArray& skip,
-         const OptionalArray& clip_factor,
-         mx::StreamOrDevice s) {
-        return single_result(mfs::sgd_update_many(
-            {param},
-            {grad},
-            as_list(velocity),
-            learning_rate,
-            {momentum,
-             weight_decay,
-             dampening,
-             nesterov,
-             maximize,
-             grad_scale,
-             skip,
-             clip_factor},
-            1,
-            s));
-      },
-      "param"_a,
-      "grad"_a,
-      "velocity"_a = nb::none(),
-      nb::kw_only(),
-      "learning_rate"_a,
-      "momentum"_a = 0.0,
-      "weight_decay"_a = 0.0,
-      "dampening"_a = 0.0,
-      "nesterov"_a = false,
-      "maximize"_a = false,
-      "grad_scale"_a = nb::none(),
-      "skip"_a = nb::none(),
-      "clip_factor"_a = nb::none(),
-      "stream"_a = nb::none(),
-      nb::sig("def sgd_update(param: mlx.core.array, grad: mlx.core.array, "
-              "velocity: mlx.core.array | None = None, *, "
-              "learning_rate: mlx.core.array, momentum: float = 0.0, "
-              "weight_decay: float = 0.0, dampening: float = 0.0, "
-              "nesterov: bool = False, maximize: bool = False, "
-              "grad_scale: mlx.core.array | None = None, "
-              "skip: mlx.core.array | None = None, "
-              "clip_factor: mlx.core.array | None = None, "
-              "stream: mlx.core.Stream | mlx.core.Device | None = None) "
-              "-> tuple[mlx.core.array, mlx.core.array | None]"),
-      R"(One fused SGD step of one tensor (one primitive, one pass).
-
-Returns ``(new_param, new_velocity)``; ``new_velocity`` is ``velocity``
-unchanged when momentum is 0. ``learning_rate`` is a scalar array.)");
-}
-
-// The update of one tensor with the schedule folded in.
-void bind_sgd_update_scheduled(nb::module_& m) {
-  m.def(
-      "sgd_update_scheduled",
-      [](const mx::array& param,
-         const mx::array& grad,
-         const OptionalArray& velocity,
-         const mx::array& step,
-         double init,
-         double decay_rate,
-         int64_t step_size,
-         double momentum,
-         double weight_decay,
-         double dampening,
-         bool nesterov,
-         bool maximize,
-         const OptionalArray& grad_scale,
-         const OptionalArray& skip,
-         const OptionalArray& clip_factor,
-         mx::StreamOrDevice s) {
-        return single_result(mfs::sgd_update_many_scheduled(
-            {param},
-            {grad},
-            as_list(velocity),
-            step,
-            {init, decay_rate, step_size},
-            {momentum,
-             weight_decay,
-             dampening,
-             nesterov,
-             maximize,
-             grad_scale,
-             skip,
-             clip_factor},
-            1,
-            s));
-      },
-      "param"_a,
-      "grad"_a,
-      "velocity"_a = nb::none(),
-      nb::kw_only(),
-      "step"_a,
-      "init"_a,
-      "decay_rate"_a,
-      "step_size"_a,
-      "momentum"_a = 0.0,
-      "weight_decay"_a = 0.0,
-      "dampening"_a = 0.0,
-      "nesterov"_a = false,
-      "maximize"_a = false,
-      "grad_scale"_a = nb::none(),
-      "skip"_a = nb::none(),
-      "clip_factor"_a = nb::none(),
-      "stream"_a = nb::none(),
-      nb::sig(
-          "def sgd_update_scheduled(param: mlx.core.array, "
-          "grad: mlx.core.array, velocity: mlx.core.array | None = None, *, "
-          "step: mlx.core.array, init: float, decay_rate: float, "
-          "step_size: int, momentum: float = 0.0, weight_decay: float = 0.0, "
-          "dampening: float = 0.0, nesterov: bool = False, maximize: bool = "
-          "False, "
-          "grad_scale: mlx.core.array | None = None, "
-          "skip: mlx.core.array | None = None, "
-          "clip_factor: mlx.core.array | None = None, "
-          "stream: mlx.core.Stream | mlx.core.Device | None = None) "
-          "-> tuple[mlx.core.array, mlx.core.array | None]"),
-      R"(One fused SGD step with the step-decay learning rate computed in the
-kernel from the integer ``step`` counter (the step *before* increment).)");
-}
-
-// The update of many tensors with a learning-rate array.
-void bind_sgd_update_many(nb::module_& m) {
-  m.def(
-      "sgd_update_many",
       [](const std::vector<mx::array>& params,
          const std::vector<mx::array>& grads,
          const std::vector<mx::array>& velocities,
-         const mx::array& learning_rate,
-         double momentum,
-         double weight_decay,
-         double dampening,
-         bool nesterov,
-         bool maximize,
-         const OptionalArray& grad_scale,
-         const OptionalArray& skip,
-         const OptionalArray& clip_factor,
-         const std::optional<OptionalArrays>& master_params,
-         std::optional<uint64_t> rounding_seed,
-         const OptionalArray& rounding_step,
+         const mfs::SGDSettings& settings,
+         const OptionalArray& learning_rate,
+         const OptionalArray& step,
+         const std::optional<std::tuple<double, double, int64_t>>& schedule,
          int tensors_per_primitive,
+         bool fallback,
          mx::StreamOrDevice s) {
-        auto r = mfs::sgd_update_many(
+        const bool scheduled = step.has_value() || schedule.has_value();
+        if (learning_rate.has_value() == scheduled ||
+            (scheduled && !(step && schedule))) {
+          throw std::invalid_argument(
+              "pass learning_rate, or step and schedule (not both).");
+        }
+        std::optional<mfs::StepDecay> decay;
+        if (schedule) {
+          auto [init, decay_rate, step_size] = *schedule;
+          decay = mfs::StepDecay{init, decay_rate, step_size};
+        }
+        auto r = mfs::sgd_update(
             params,
             grads,
             velocities,
-            learning_rate,
-            many_settings(
-                momentum,
-                weight_decay,
-                dampening,
-                nesterov,
-                maximize,
-                grad_scale,
-                skip,
-                clip_factor,
-                master_params,
-                rounding_seed,
-                rounding_step),
+            {learning_rate ? *learning_rate : *step, decay},
+            settings,
             tensors_per_primitive,
-            s);
-        return many_result(std::move(r));
+            s,
+            fallback);
+        return std::make_tuple(
+            std::move(r.params),
+            std::move(r.velocities),
+            std::move(r.master_params));
       },
       "params"_a,
       "grads"_a,
       "velocities"_a,
+      "settings"_a,
       nb::kw_only(),
-      "learning_rate"_a,
-      "momentum"_a = 0.0,
-      "weight_decay"_a = 0.0,
-      "dampening"_a = 0.0,
-      "nesterov"_a = false,
-      "maximize"_a = false,
-      "grad_scale"_a = nb::none(),
-      "skip"_a = nb::none(),
-      "clip_factor"_a = nb::none(),
-      "master_params"_a = nb::none(),
-      "rounding_seed"_a = nb::none(),
-      "rounding_step"_a = nb::none(),
+      "learning_rate"_a = nb::none(),
+      "step"_a = nb::none(),
+      "schedule"_a = nb::none(),
       "tensors_per_primitive"_a = mfs::kDefaultTensorsPerPrimitive,
+      "fallback"_a = false,
       "stream"_a = nb::none(),
       nb::sig(
-          "def sgd_update_many(params: list[mlx.core.array], "
-          "grads: list[mlx.core.array], velocities: list[mlx.core.array], *, "
-          "learning_rate: mlx.core.array, momentum: float = 0.0, "
-          "weight_decay: float = 0.0, dampening: float = 0.0, "
-          "nesterov: bool = False, maximize: bool = False, "
-          "grad_scale: mlx.core.array | None = None, "
-          "skip: mlx.core.array | None = None, "
-          "clip_factor: mlx.core.array | None = None, "
-          "master_params: list[mlx.core.array | None] | None = None, "
-          "rounding_seed: int | None = None, "
-          "rounding_step: mlx.core.array | None = None, tensors_per_primitive: "
-          "int = 4, "
+          "def sgd_update(params: list[mlx.core.array], "
+          "grads: list[mlx.core.array], velocities: list[mlx.core.array], "
+          "settings: SGDSettings, *, "
+          "learning_rate: mlx.core.array | None = None, "
+          "step: mlx.core.array | None = None, "
+          "schedule: tuple[float, float, int] | None = None, "
+          "tensors_per_primitive: int = 4, fallback: bool = False, "
           "stream: mlx.core.Stream | mlx.core.Device | None = None) "
           "-> tuple[list[mlx.core.array], list[mlx.core.array], "
           "list[mlx.core.array | None]]"),
-      R"(Fused SGD step of many tensors: grouped by dtype, chunked into
-primitives of ``tensors_per_primitive`` tensors each.)");
-}
-
-// The update of many tensors with the schedule folded in.
-void bind_sgd_update_many_scheduled(nb::module_& m) {
-  m.def(
-      "sgd_update_many_scheduled",
-      [](const std::vector<mx::array>& params,
-         const std::vector<mx::array>& grads,
-         const std::vector<mx::array>& velocities,
-         const mx::array& step,
-         double init,
-         double decay_rate,
-         int64_t step_size,
-         double momentum,
-         double weight_decay,
-         double dampening,
-         bool nesterov,
-         bool maximize,
-         const OptionalArray& grad_scale,
-         const OptionalArray& skip,
-         const OptionalArray& clip_factor,
-         const std::optional<OptionalArrays>& master_params,
-         std::optional<uint64_t> rounding_seed,
-         const OptionalArray& rounding_step,
-         int tensors_per_primitive,
-         mx::StreamOrDevice s) {
-        auto r = mfs::sgd_update_many_scheduled(
-            params,
-            grads,
-            velocities,
-            step,
-            {init, decay_rate, step_size},
-            many_settings(
-                momentum,
-                weight_decay,
-                dampening,
-                nesterov,
-                maximize,
-                grad_scale,
-                skip,
-                clip_factor,
-                master_params,
-                rounding_seed,
-                rounding_step),
-            tensors_per_primitive,
-            s);
-        return many_result(std::move(r));
-      },
-      "params"_a,
-      "grads"_a,
-      "velocities"_a,
-      nb::kw_only(),
-      "step"_a,
-      "init"_a,
-      "decay_rate"_a,
-      "step_size"_a,
-      "momentum"_a = 0.0,
-      "weight_decay"_a = 0.0,
-      "dampening"_a = 0.0,
-      "nesterov"_a = false,
-      "maximize"_a = false,
-      "grad_scale"_a = nb::none(),
-      "skip"_a = nb::none(),
-      "clip_factor"_a = nb::none(),
-      "master_params"_a = nb::none(),
-      "rounding_seed"_a = nb::none(),
-      "rounding_step"_a = nb::none(),
-      "tensors_per_primitive"_a = mfs::kDefaultTensorsPerPrimitive,
-      "stream"_a = nb::none(),
-      nb::sig(
-          "def sgd_update_many_scheduled(params: list[mlx.core.array], "
-          "grads: list[mlx.core.array], velocities: list[mlx.core.array], *, "
-          "step: mlx.core.array, init: float, decay_rate: float, "
-          "step_size: int, momentum: float = 0.0, weight_decay: float = 0.0, "
-          "dampening: float = 0.0, nesterov: bool = False, maximize: bool = "
-          "False, "
-          "grad_scale: mlx.core.array | None = None, "
-          "skip: mlx.core.array | None = None, "
-          "clip_factor: mlx.core.array | None = None, "
-          "master_params: list[mlx.core.array | None] | None = None, "
-          "rounding_seed: int | None = None, "
-          "rounding_step: mlx.core.array | None = None, "
-          "tensors_per_primitive: int = 4, "
-          "stream: mlx.core.Stream | mlx.core.Device | None = None) "
-          "-> tuple[list[mlx.core.array], list[mlx.core.array], "
-          "list[mlx.core.array | None]]"),
-      R"(Fused SGD step of many tensors with the step-decay learning rate
-computed in the kernel from the integer ``step`` counter.)");
+      R"(The fused SGD step of many tensors: grouped by dtype, chunked into
+primitives of ``tensors_per_primitive`` tensors each. The learning rate is
+``learning_rate`` (a scalar array), or the step-decay ``schedule`` (init,
+decay_rate, step_size) of the integer ``step`` counter, computed in the
+kernel. ``fallback`` composes the update of stock MLX ops instead (for
+tests). Returns the new params, the new momentum buffers (the given ones
+when momentum is 0) and the new master copies (None where a param has
+none).)");
 }
 
 // The composed fallbacks (stock MLX ops), for tests.
@@ -590,83 +353,6 @@ void bind_fallbacks(nb::module_& m) {
       "grads"_a,
       nb::kw_only(),
       "stream"_a = nb::none());
-
-  m.def(
-      "_sgd_update_many_fallback",
-      [](const std::vector<mx::array>& params,
-         const std::vector<mx::array>& grads,
-         const std::vector<mx::array>& velocities,
-         const std::optional<mx::array>& learning_rate,
-         const std::optional<mx::array>& step,
-         double init,
-         double decay_rate,
-         int64_t step_size,
-         double momentum,
-         double weight_decay,
-         double dampening,
-         bool nesterov,
-         bool maximize,
-         const OptionalArray& grad_scale,
-         const OptionalArray& skip,
-         const OptionalArray& clip_factor,
-         const std::optional<OptionalArrays>& master_params,
-         std::optional<uint64_t> rounding_seed,
-         const OptionalArray& rounding_step,
-         mx::StreamOrDevice s) {
-        auto settings = many_settings(
-            momentum,
-            weight_decay,
-            dampening,
-            nesterov,
-            maximize,
-            grad_scale,
-            skip,
-            clip_factor,
-            master_params,
-            rounding_seed,
-            rounding_step);
-        auto r = step ? mfs::sgd_update_many_scheduled(
-                            params,
-                            grads,
-                            velocities,
-                            *step,
-                            {init, decay_rate, step_size},
-                            settings,
-                            mfs::kDefaultTensorsPerPrimitive,
-                            s,
-                            true)
-                      : mfs::sgd_update_many(
-                            params,
-                            grads,
-                            velocities,
-                            learning_rate.value(),
-                            settings,
-                            mfs::kDefaultTensorsPerPrimitive,
-                            s,
-                            true);
-        return many_result(std::move(r));
-      },
-      "params"_a,
-      "grads"_a,
-      "velocities"_a,
-      nb::kw_only(),
-      "learning_rate"_a = nb::none(),
-      "step"_a = nb::none(),
-      "init"_a = 0.0,
-      "decay_rate"_a = 1.0,
-      "step_size"_a = 1,
-      "momentum"_a = 0.0,
-      "weight_decay"_a = 0.0,
-      "dampening"_a = 0.0,
-      "nesterov"_a = false,
-      "maximize"_a = false,
-      "grad_scale"_a = nb::none(),
-      "skip"_a = nb::none(),
-      "clip_factor"_a = nb::none(),
-      "master_params"_a = nb::none(),
-      "rounding_seed"_a = nb::none(),
-      "rounding_step"_a = nb::none(),
-      "stream"_a = nb::none());
 }
 
 } // namespace
@@ -683,9 +369,6 @@ NB_MODULE(_ext, m) {
   bind_step_decay(m);
   bind_grad_check(m);
   bind_sgd_update(m);
-  bind_sgd_update_scheduled(m);
-  bind_sgd_update_many(m);
-  bind_sgd_update_many_scheduled(m);
   bind_fallbacks(m);
   mfs::bind_tree(m);
 }

@@ -150,30 +150,6 @@ mx::array grads_nonfinite(
   return mx::any(mx::stack(flags, stream), stream);
 }
 
-std::vector<mx::array> GradCheck::jvp(
-    const std::vector<mx::array>&,
-    const std::vector<mx::array>&,
-    const std::vector<int>&) {
-  throw std::runtime_error(
-      "mlx_fused_sgd: GradCheck (a non-finite test) cannot be differentiated.");
-}
-
-std::vector<mx::array> GradCheck::vjp(
-    const std::vector<mx::array>&,
-    const std::vector<mx::array>&,
-    const std::vector<int>&,
-    const std::vector<mx::array>&) {
-  throw std::runtime_error(
-      "mlx_fused_sgd: GradCheck (a non-finite test) cannot be differentiated.");
-}
-
-std::pair<std::vector<mx::array>, std::vector<int>>
-GradCheck::vmap(const std::vector<mx::array>&, const std::vector<int>&) {
-  throw std::runtime_error(
-      "mlx_fused_sgd: GradCheck does not support vmap; check the batched "
-      "gradients directly.");
-}
-
 bool GradCheck::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const GradCheck&>(other);
   return num_tensors_ == o.num_tensors_ && kind_ == o.kind_;

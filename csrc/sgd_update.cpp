@@ -791,38 +791,37 @@ SGDResult sgd_update_impl(
 
 } // namespace
 
-SGDResult sgd_update_many(
+SGDResult sgd_update(
     const std::vector<mx::array>& params,
     const std::vector<mx::array>& grads,
     const std::vector<mx::array>& velocities,
-    const mx::array& learning_rate,
+    const LearningRate& learning_rate,
     const SGDSettings& settings,
     int tensors_per_primitive,
     mx::StreamOrDevice s,
     bool use_fallback) {
-  auto lr = check_real_scalar(learning_rate, "learning_rate", s);
-  return sgd_update_impl(
-      params,
-      grads,
-      velocities,
-      lr,
-      std::nullopt,
-      settings,
-      tensors_per_primitive,
-      use_fallback,
-      s);
-}
-
-SGDResult sgd_update_many_scheduled(
-    const std::vector<mx::array>& params,
-    const std::vector<mx::array>& grads,
-    const std::vector<mx::array>& velocities,
-    const mx::array& step,
-    const StepDecay& schedule,
-    const SGDSettings& settings,
-    int tensors_per_primitive,
-    mx::StreamOrDevice s,
-    bool use_fallback) {
+  auto run = [&](const mx::array& lr,
+                 const std::optional<StepDecay>& schedule,
+                 const SGDSettings& with) {
+    return sgd_update_impl(
+        params,
+        grads,
+        velocities,
+        lr,
+        schedule,
+        with,
+        tensors_per_primitive,
+        use_fallback,
+        s);
+  };
+  if (!learning_rate.schedule) {
+    return run(
+        check_real_scalar(learning_rate.value, "learning_rate", s),
+        std::nullopt,
+        settings);
+  }
+  const StepDecay& schedule = *learning_rate.schedule;
+  const mx::array& step = learning_rate.value;
   schedule.validate();
   check_step_array(step, schedule.step_size, "step");
   if (step.size() != 1) {
@@ -831,78 +830,24 @@ SGDResult sgd_update_many_scheduled(
         "array of shape " +
         shape_str(step.shape()) + ".");
   }
-  if (settings.rounding_seed && !settings.rounding_step) {
+  auto with = settings;
+  if (with.rounding_seed && !with.rounding_step) {
     // Stochastic rounding draws its bits from the schedule's step counter.
-    auto with_step = settings;
-    with_step.rounding_step = step;
-    return sgd_update_many_scheduled(
-        params,
-        grads,
-        velocities,
-        step,
-        schedule,
-        with_step,
-        tensors_per_primitive,
-        s,
-        use_fallback);
+    with.rounding_step = step;
   }
   if (step.dtype() != mx::uint64) {
     // The kernels fuse the schedule for the optimizer's uint64 counter; any
     // other integer step takes one extra scalar op, same numbers.
     auto lr = step_decay_lr(
         step, schedule.init, schedule.decay_rate, schedule.step_size, s);
-    return sgd_update_many(
-        params,
-        grads,
-        velocities,
-        lr,
-        settings,
-        tensors_per_primitive,
-        s,
-        use_fallback);
+    return run(check_real_scalar(lr, "learning_rate", s), std::nullopt, with);
   }
-  auto step_scalar = step.ndim() == 0 ? step : mx::reshape(step, {}, s);
-  return sgd_update_impl(
-      params,
-      grads,
-      velocities,
-      step_scalar,
-      schedule,
-      settings,
-      tensors_per_primitive,
-      use_fallback,
-      s);
+  return run(step.ndim() == 0 ? step : mx::reshape(step, {}, s), schedule, with);
 }
 
 // ---------------------------------------------------------------------------
 // Transforms and graph facts
 // ---------------------------------------------------------------------------
-
-std::vector<mx::array> SGDUpdate::jvp(
-    const std::vector<mx::array>&,
-    const std::vector<mx::array>&,
-    const std::vector<int>&) {
-  throw std::runtime_error(
-      "mlx_fused_sgd: SGDUpdate is an optimizer step and cannot be "
-      "differentiated (jvp).");
-}
-
-std::vector<mx::array> SGDUpdate::vjp(
-    const std::vector<mx::array>&,
-    const std::vector<mx::array>&,
-    const std::vector<int>&,
-    const std::vector<mx::array>&) {
-  throw std::runtime_error(
-      "mlx_fused_sgd: SGDUpdate is an optimizer step and cannot be "
-      "differentiated (vjp).");
-}
-
-std::pair<std::vector<mx::array>, std::vector<int>>
-SGDUpdate::vmap(const std::vector<mx::array>&, const std::vector<int>&) {
-  throw std::runtime_error(
-      "mlx_fused_sgd: SGDUpdate does not support vmap; update the batched "
-      "tensors directly (the update is elementwise).");
-}
 
 // The eval functions index inputs and outputs by the layout of this chunk.
 // An evaluation that was interrupted (out of memory, say) after the sibling

@@ -69,28 +69,24 @@ inline constexpr int kDefaultTensorsPerPrimitive = 4;
 // (4000 tiny tensors in one primitive measured 8.6 s and 2.5 GB).
 inline constexpr int kMaxTensorsPerPrimitive = 256;
 
-// Updates many tensors with a scalar learning-rate array. On a device without
-// a kernel of this package (a GPU in an MLX build without Metal), or with
+// The learning rate of an update: a float32 scalar array, or (with
+// `schedule`) the optimizer's integer step counter, from which the kernels
+// compute the step-decay learning rate themselves (no extra op).
+struct LearningRate {
+  mx::array value;
+  std::optional<StepDecay> schedule;
+};
+
+// The fused update of many tensors: grouped by dtype and chunked into
+// primitives of `tensors_per_primitive` tensors each. On a device without a
+// kernel of this package (a GPU in an MLX build without Metal), or with
 // use_fallback, the update is composed of stock MLX ops with the same
 // semantics instead.
-SGDResult sgd_update_many(
+SGDResult sgd_update(
     const std::vector<mx::array>& params,
     const std::vector<mx::array>& grads,
     const std::vector<mx::array>& velocities,
-    const mx::array& learning_rate,
-    const SGDSettings& settings,
-    int tensors_per_primitive = kDefaultTensorsPerPrimitive,
-    mx::StreamOrDevice s = {},
-    bool use_fallback = false);
-
-// Updates many tensors with the learning rate computed inside the kernel from
-// the integer step counter and the step-decay schedule (no extra op).
-SGDResult sgd_update_many_scheduled(
-    const std::vector<mx::array>& params,
-    const std::vector<mx::array>& grads,
-    const std::vector<mx::array>& velocities,
-    const mx::array& step,
-    const StepDecay& schedule,
+    const LearningRate& learning_rate,
     const SGDSettings& settings,
     int tensors_per_primitive = kDefaultTensorsPerPrimitive,
     mx::StreamOrDevice s = {},
@@ -124,18 +120,6 @@ class SGDUpdate : public mx::Primitive {
       const std::vector<mx::array>& inputs,
       std::vector<mx::array>& outputs) override;
 
-  std::vector<mx::array>
-  jvp(const std::vector<mx::array>& primals,
-      const std::vector<mx::array>& tangents,
-      const std::vector<int>& argnums) override;
-  std::vector<mx::array>
-  vjp(const std::vector<mx::array>& primals,
-      const std::vector<mx::array>& cotangents,
-      const std::vector<int>& argnums,
-      const std::vector<mx::array>& outputs) override;
-  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
-      const std::vector<mx::array>& inputs,
-      const std::vector<int>& axes) override;
 
   const char* name() const override {
     return "SGDUpdate";

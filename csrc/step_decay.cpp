@@ -79,25 +79,6 @@ mx::array step_decay_lr_composed(
   return mx::multiply(mx::array(static_cast<float>(schedule.init)), factor, s);
 }
 
-std::vector<mx::array> StepDecayLR::jvp(
-    const std::vector<mx::array>&,
-    const std::vector<mx::array>&,
-    const std::vector<int>&) {
-  throw std::runtime_error(
-      "mlx_fused_sgd: StepDecayLR (a learning-rate schedule of an integer "
-      "step) cannot be differentiated.");
-}
-
-std::vector<mx::array> StepDecayLR::vjp(
-    const std::vector<mx::array>&,
-    const std::vector<mx::array>&,
-    const std::vector<int>&,
-    const std::vector<mx::array>&) {
-  throw std::runtime_error(
-      "mlx_fused_sgd: StepDecayLR (a learning-rate schedule of an integer "
-      "step) cannot be differentiated.");
-}
-
 // Elementwise, so the batched op is the op on the batched input.
 std::pair<std::vector<mx::array>, std::vector<int>> StepDecayLR::vmap(
     const std::vector<mx::array>& inputs, const std::vector<int>& axes) {

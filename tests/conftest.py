@@ -7,6 +7,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import mlx_fused_sgd as mfs
+
 
 def to_numpy(a: mx.array) -> np.ndarray:
     """Exact host copy (bfloat16 widened to float32, which is exact)."""
@@ -72,6 +74,39 @@ def small_llama(vocab: int = 64, seed: int = 0):
     )
     mx.eval(model.parameters())
     return model
+
+
+def sgd_fallback(
+    params,
+    grads,
+    velocities,
+    *,
+    learning_rate=None,
+    step=None,
+    init=0.0,
+    decay_rate=1.0,
+    step_size=1,
+    stream=None,
+    **options,
+):
+    """The update composed of stock MLX ops (what GPU streams run in a build
+    without GPU kernels), on any device: the learning rate, or the step-decay
+    schedule (init, decay_rate, step_size) of ``step``; ``options`` are the
+    update functions' keywords. Returns (params, velocities, masters)."""
+    from mlx_fused_sgd import functional
+
+    schedule = None if step is None else mfs.step_decay(init, decay_rate, step_size)
+    return functional.run(
+        params,
+        grads,
+        velocities,
+        functional.settings(grads, **options),
+        learning_rate=learning_rate,
+        step=step,
+        schedule=schedule,
+        fallback=True,
+        stream=stream,
+    )
 
 
 def assert_bitwise_equal(a: mx.array, b: mx.array, what: str = "") -> None:

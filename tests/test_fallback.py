@@ -9,7 +9,7 @@ import pytest
 import mlx_fused_sgd as mfs
 from mlx_fused_sgd import _ext
 
-from conftest import assert_bitwise_equal
+from conftest import assert_bitwise_equal, sgd_fallback
 
 VARIANTS = [
     dict(),
@@ -40,15 +40,13 @@ def test_fallback_matches_primitive(dtype, kw):
         mx.random.normal(s, key=keys[6 + i]).astype(dtype) for i, s in enumerate(shapes)
     ]
     lr = mx.array(0.03)
-    fp, fv, _ = _ext._sgd_update_many_fallback(
-        params, grads, vels, learning_rate=lr, **kw
-    )
+    fp, fv, _ = sgd_fallback(params, grads, vels, learning_rate=lr, **kw)
     kp, kv = mfs.sgd_update_many(params, grads, vels, learning_rate=lr, **kw)
     for a, b in zip(fp + fv, kp + kv):
         assert_bitwise_equal(a, b)
     step = mx.array(np.uint64(23))
     sched = mfs.step_decay(0.1, 0.9, 10)
-    fp, fv, _ = _ext._sgd_update_many_fallback(
+    fp, fv, _ = sgd_fallback(
         params, grads, vels, step=step, init=0.1, decay_rate=0.9, step_size=10, **kw
     )
     kp, kv = mfs.sgd_update_many_scheduled(
@@ -67,9 +65,7 @@ def test_step_decay_fallback_matches_primitive(dtype):
 
 def test_fallback_validates_like_the_primitive():
     with pytest.raises(ValueError, match="grad has shape"):
-        _ext._sgd_update_many_fallback(
-            [mx.ones(3)], [mx.ones(4)], [], learning_rate=mx.array(0.1)
-        )
+        sgd_fallback([mx.ones(3)], [mx.ones(4)], [], learning_rate=mx.array(0.1))
 
 
 @pytest.mark.parametrize("skip", [False, True])
@@ -78,7 +74,7 @@ def test_fallback_skip_matches_primitive(skip):
     g = [mx.full((9,), 0.5), mx.full((2, 3), 2.0, mx.bfloat16)]
     v = [mx.full((9,), 0.25), mx.zeros((2, 3), mx.bfloat16)]
     flag = mx.array(skip)
-    fp, fv, _ = _ext._sgd_update_many_fallback(
+    fp, fv, _ = sgd_fallback(
         p, g, v, learning_rate=mx.array(0.1), momentum=0.9, skip=flag
     )
     kp, kv = mfs.sgd_update_many(p, g, v, learning_rate=0.1, momentum=0.9, skip=flag)
@@ -124,7 +120,7 @@ def test_fallback_reads_broadcast_momentum_and_half_gradients_as_the_kernel(dtyp
     ]
     vels = [mx.random.normal((1, 4), key=keys[3]).astype(dtype), mx.zeros((5,))]
     kw = dict(learning_rate=mx.array(0.03), momentum=0.9, weight_decay=1e-2)
-    fp, fv, _ = _ext._sgd_update_many_fallback(params, grads, vels, **kw)
+    fp, fv, _ = sgd_fallback(params, grads, vels, **kw)
     kp, kv = mfs.sgd_update_many(params, grads, vels, **kw)
     for a, b in zip(fp + fv, kp + kv):
         assert a.shape == b.shape

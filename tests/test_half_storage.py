@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal, to_numpy
+from conftest import assert_bitwise_equal, sgd_fallback, to_numpy
 from test_parity import MLP, train_steps
 
 # Probability that a correct implementation fails a statistical bound below.
@@ -113,9 +113,8 @@ def test_master_weights_with_half_momentum_match_the_composed_ops(dtype):
     v = [mx.random.normal(x.shape, key=keys[3]).astype(dtype) for x in m]
     kw = dict(learning_rate=0.1, momentum=0.9, weight_decay=1e-2, master_params=m)
     got = mfs.sgd_update_many(p, g, v, **kw)
-    from mlx_fused_sgd import _ext
 
-    exp = _ext._sgd_update_many_fallback(
+    exp = sgd_fallback(
         p,
         g,
         v,
@@ -405,7 +404,6 @@ def test_composed_fallback_rounds_stochastically_like_the_kernels(seed, step):
     """The fallback for GPUs without our kernels (stock ops) draws the same
     random bits and rounds the same way, bit for bit, strided and float32
     params included (float32 params are not rounded)."""
-    from mlx_fused_sgd import _ext
 
     keys = mx.random.split(mx.random.key(6), 6)
     p = [
@@ -417,9 +415,7 @@ def test_composed_fallback_rounds_stochastically_like_the_kernels(seed, step):
     v = [mx.random.normal(x.shape, key=keys[4]).astype(x.dtype) for x in p]
     kw = dict(momentum=0.9, weight_decay=1e-2, rounding_seed=seed)
     rstep = mx.array(step, mx.uint64)
-    got = _ext._sgd_update_many_fallback(
-        p, g, v, learning_rate=mx.array(0.5), rounding_step=rstep, **kw
-    )
+    got = sgd_fallback(p, g, v, learning_rate=mx.array(0.5), rounding_step=rstep, **kw)
     want = mfs.sgd_update_many(p, g, v, learning_rate=0.5, rounding_step=rstep, **kw)
     for a, b in zip(got[0] + got[1], want[0] + want[1]):
         assert_bitwise_equal(a, b)

@@ -12,9 +12,8 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 
 import mlx_fused_sgd as mfs
-from mlx_fused_sgd import _ext
 
-from conftest import assert_bitwise_equal
+from conftest import assert_bitwise_equal, sgd_fallback
 
 
 def _model_tree():
@@ -295,7 +294,7 @@ def test_a_half_buffer_of_a_float32_param_is_widened_as_stock(buffer_dtype, grad
     expected = optim.SGD(0.1, **options).apply_single(g, p, state)
     kw = dict(learning_rate=mx.array(0.1), **options)
     kp, kv = mfs.sgd_update_many([p], [g], [v], **kw)
-    fp, fv, _ = _ext._sgd_update_many_fallback([p], [g], [v], **kw)
+    fp, fv, _ = sgd_fallback([p], [g], [v], **kw)
     for got, vel in ((kp[0], kv[0]), (fp[0], fv[0])):
         assert_bitwise_equal(got, expected, "param")
         assert_bitwise_equal(vel, state["v"], "buffer")
@@ -318,7 +317,7 @@ def test_functional_half_gradient_without_decay_gives_stock_bits(grad_dtype, opt
     given = [v] if momentum else []
     kw = dict(learning_rate=mx.array(0.1), **options)
     kp, kv = mfs.sgd_update_many([p], [g], given, **kw)
-    fp, fv, _ = _ext._sgd_update_many_fallback([p], [g], given, **kw)
+    fp, fv, _ = sgd_fallback([p], [g], given, **kw)
     for got in (kp[0], fp[0]):
         assert got.dtype == mx.float32
         assert_bitwise_equal(got, expected, "param")

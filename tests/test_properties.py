@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import mlx_fused_sgd as mfs
 
-from conftest import sgd_reference, to_numpy
+from conftest import sgd_fallback, sgd_reference, to_numpy
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 # Around the CPU block width (16) and the Metal work per thread (4).
@@ -234,7 +234,6 @@ def test_half_storage_kernels_match_the_composed_ops(
     composed fallback (stock ops) give the same bits on any shape, layout,
     hyperparameters and NaN/Inf input (the fallback is an independent
     expression of the same formulas)."""
-    from mlx_fused_sgd import _ext
 
     if mx.default_device() == mx.gpu:
         # On a GPU the two sides are different compilers' float32 code (a
@@ -253,7 +252,7 @@ def test_half_storage_kernels_match_the_composed_ops(
         extra["rounding_seed"] = seed
         extra["rounding_step"] = mx.array(np.uint64(step))
     got = mfs.sgd_update_many([p], [g], [v], learning_rate=lr, **kw, **extra)
-    want = _ext._sgd_update_many_fallback(
+    want = sgd_fallback(
         [p], [g], [v], learning_rate=mx.array(lr, mx.float32), **kw, **extra
     )
     outs = [(got[0][0], want[0][0])]

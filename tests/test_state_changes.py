@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal
+from conftest import assert_bitwise_equal, sgd_fallback
 
 SHAPE = (3, 5)
 
@@ -301,7 +301,6 @@ def test_stale_elements_restart_one_by_one(dtype):
     """Element by element: where the param is its copy's rounding, the copy
     is used (its extra bits kept); elsewhere the param. The kernel and the
     composed fallback agree."""
-    from mlx_fused_sgd import _ext
 
     m = mx.random.normal((64,), key=mx.random.key(1)) * 4
     stale = mx.arange(64) % 4 == 1
@@ -309,9 +308,7 @@ def test_stale_elements_restart_one_by_one(dtype):
     g = mx.random.normal((64,), key=mx.random.key(2)).astype(dtype)
     kw = dict(learning_rate=mx.array(0.01), weight_decay=1e-3)
     _, _, new_m = mfs.sgd_update_many([p], [g], [], master_params=[m], **kw)
-    _, _, fallback_m = _ext._sgd_update_many_fallback(
-        [p], [g], [], master_params=[m], **kw
-    )
+    _, _, fallback_m = sgd_fallback([p], [g], [], master_params=[m], **kw)
     start = mx.where(stale, p.astype(mx.float32), m)
     expected = optim.SGD(0.01, weight_decay=1e-3).apply_gradients(
         {"w": g.astype(mx.float32)}, {"w": start}

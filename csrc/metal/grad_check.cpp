@@ -3,17 +3,14 @@
 #include <string>
 #include <vector>
 
-#include "utils.h"
-#if MFS_METAL_KERNELS
 #include "mlx/backend/metal/device.h"
-#endif
+
+#include "utils.h"
 
 #include "grad_check.h"
 #include "kernels/sgd_launch.h"
 
 namespace mlx_fused_sgd {
-
-#if MFS_METAL_KERNELS
 
 namespace {
 
@@ -108,17 +105,5 @@ void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
     encoder.dispatch_threads(MTL::Size(group, 1, 1), MTL::Size(group, 1, 1));
   }
 }
-
-#else
-
-void GradCheck::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  // grads_nonfinite composes stock ops on a GPU stream in builds without
-  // Metal kernels, so only a hand-built graph reaches this.
-  throw std::runtime_error(
-      "mlx_fused_sgd: GradCheck has no GPU kernel in this build (no Metal "
-      "kernels); use grads_nonfinite, which falls back to stock MLX ops.");
-}
-
-#endif
 
 } // namespace mlx_fused_sgd

@@ -1,16 +1,13 @@
 // SGDUpdate on a Metal GPU (kernels/sgd_update.metal).
-#include "utils.h"
-#if MFS_METAL_KERNELS
 #include "mlx/backend/metal/device.h"
-#endif
+
+#include "utils.h"
 
 #include "common/sgd_update.h"
 #include "kernels/sgd_launch.h"
 #include "sgd_update.h"
 
 namespace mlx_fused_sgd {
-
-#if MFS_METAL_KERNELS
 
 void SGDUpdate::eval_gpu(
     const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -83,18 +80,5 @@ void SGDUpdate::eval_gpu(
         MTL::Size(grid.x, grid.y, 1), MTL::Size(grid.group, 1, 1));
   }
 }
-
-#else
-
-void SGDUpdate::eval_gpu(
-    const std::vector<mx::array>&, std::vector<mx::array>&) {
-  // The ops route GPU streams to the composed fallback when this build has
-  // no Metal kernels, so this is reached only by a hand-built graph.
-  throw std::runtime_error(
-      "mlx_fused_sgd: SGDUpdate has no GPU kernel in this build (no Metal "
-      "kernels); use the op functions, which fall back to stock MLX ops.");
-}
-
-#endif
 
 } // namespace mlx_fused_sgd

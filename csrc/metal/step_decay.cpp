@@ -1,15 +1,12 @@
 // StepDecayLR on a Metal GPU (kernels/step_decay.metal).
-#include "utils.h"
-#if MFS_METAL_KERNELS
 #include "mlx/backend/metal/device.h"
-#endif
+
+#include "utils.h"
 
 #include "kernels/sgd_launch.h"
 #include "step_decay.h"
 
 namespace mlx_fused_sgd {
-
-#if MFS_METAL_KERNELS
 
 void StepDecayLR::eval_gpu(
     const std::vector<mx::array>& inputs, mx::array& out) {
@@ -45,17 +42,5 @@ void StepDecayLR::eval_gpu(
   encoder.dispatch_threads(
       MTL::Size(grid.x, grid.y, 1), MTL::Size(grid.group, 1, 1));
 }
-
-#else
-
-void StepDecayLR::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  // The op routes GPU streams to the composed fallback in builds without
-  // Metal kernels, so only a hand-built graph reaches this.
-  throw std::runtime_error(
-      "mlx_fused_sgd: StepDecayLR has no GPU kernel in this build (MLX "
-      "without Metal); use step_decay_lr, which falls back to stock MLX ops.");
-}
-
-#endif
 
 } // namespace mlx_fused_sgd

@@ -56,33 +56,91 @@ def grads_sq_norm(grads: list[mlx.core.array], *, tensors_per_primitive: int = 1
     the device (per tensor summed in double and rounded, then added in order).
     """
 
-def validate_sgd_settings(momentum: float, weight_decay: float, dampening: float, nesterov: bool) -> None:
-    """Raise ValueError naming the first invalid SGD hyperparameter."""
-
-def sgd_update(param: mlx.core.array, grad: mlx.core.array, velocity: mlx.core.array | None = None, *, learning_rate: mlx.core.array, momentum: float = 0.0, weight_decay: float = 0.0, dampening: float = 0.0, nesterov: bool = False, maximize: bool = False, grad_scale: mlx.core.array | None = None, skip: mlx.core.array | None = None, clip_factor: mlx.core.array | None = None, stream: mlx.core.Stream | mlx.core.Device | None = None) -> tuple[mlx.core.array, mlx.core.array | None]:
+class SGDSettings:
     """
-    One fused SGD step of one tensor (one primitive, one pass).
-
-    Returns ``(new_param, new_velocity)``; ``new_velocity`` is ``velocity``
-    unchanged when momentum is 0. ``learning_rate`` is a scalar array.
+    Every option of one update (the hyperparameters as Python floats, the device scalars, the half-precision storage options); validate() raises ValueError naming the first bad hyperparameter.
     """
 
-def sgd_update_scheduled(param: mlx.core.array, grad: mlx.core.array, velocity: mlx.core.array | None = None, *, step: mlx.core.array, init: float, decay_rate: float, step_size: int, momentum: float = 0.0, weight_decay: float = 0.0, dampening: float = 0.0, nesterov: bool = False, maximize: bool = False, grad_scale: mlx.core.array | None = None, skip: mlx.core.array | None = None, clip_factor: mlx.core.array | None = None, stream: mlx.core.Stream | mlx.core.Device | None = None) -> tuple[mlx.core.array, mlx.core.array | None]:
-    """
-    One fused SGD step with the step-decay learning rate computed in the
-    kernel from the integer ``step`` counter (the step *before* increment).
-    """
+    def __init__(self, *, momentum: float = 0.0, weight_decay: float = 0.0, dampening: float = 0.0, nesterov: bool = False, maximize: bool = False, grad_scale: mlx.core.array | None = None, skip: mlx.core.array | None = None, clip_factor: mlx.core.array | None = None, master_params: Sequence[mlx.core.array | None] | None = None, rounding_seed: int | None = None, rounding_step: mlx.core.array | None = None) -> None: ...
 
-def sgd_update_many(params: list[mlx.core.array], grads: list[mlx.core.array], velocities: list[mlx.core.array], *, learning_rate: mlx.core.array, momentum: float = 0.0, weight_decay: float = 0.0, dampening: float = 0.0, nesterov: bool = False, maximize: bool = False, grad_scale: mlx.core.array | None = None, skip: mlx.core.array | None = None, clip_factor: mlx.core.array | None = None, master_params: list[mlx.core.array | None] | None = None, rounding_seed: int | None = None, rounding_step: mlx.core.array | None = None, tensors_per_primitive: int = 4, stream: mlx.core.Stream | mlx.core.Device | None = None) -> tuple[list[mlx.core.array], list[mlx.core.array], list[mlx.core.array | None]]:
-    """
-    Fused SGD step of many tensors: grouped by dtype, chunked into
-    primitives of ``tensors_per_primitive`` tensors each.
-    """
+    @property
+    def momentum(self) -> float: ...
 
-def sgd_update_many_scheduled(params: list[mlx.core.array], grads: list[mlx.core.array], velocities: list[mlx.core.array], *, step: mlx.core.array, init: float, decay_rate: float, step_size: int, momentum: float = 0.0, weight_decay: float = 0.0, dampening: float = 0.0, nesterov: bool = False, maximize: bool = False, grad_scale: mlx.core.array | None = None, skip: mlx.core.array | None = None, clip_factor: mlx.core.array | None = None, master_params: list[mlx.core.array | None] | None = None, rounding_seed: int | None = None, rounding_step: mlx.core.array | None = None, tensors_per_primitive: int = 4, stream: mlx.core.Stream | mlx.core.Device | None = None) -> tuple[list[mlx.core.array], list[mlx.core.array], list[mlx.core.array | None]]:
+    @momentum.setter
+    def momentum(self, arg: float, /) -> None: ...
+
+    @property
+    def weight_decay(self) -> float: ...
+
+    @weight_decay.setter
+    def weight_decay(self, arg: float, /) -> None: ...
+
+    @property
+    def dampening(self) -> float: ...
+
+    @dampening.setter
+    def dampening(self, arg: float, /) -> None: ...
+
+    @property
+    def nesterov(self) -> bool: ...
+
+    @nesterov.setter
+    def nesterov(self, arg: bool, /) -> None: ...
+
+    @property
+    def maximize(self) -> bool: ...
+
+    @maximize.setter
+    def maximize(self, arg: bool, /) -> None: ...
+
+    @property
+    def grad_scale(self) -> mlx.core.array | None: ...
+
+    @grad_scale.setter
+    def grad_scale(self, arg: mlx.core.array | None, /) -> None: ...
+
+    @property
+    def skip(self) -> mlx.core.array | None: ...
+
+    @skip.setter
+    def skip(self, arg: mlx.core.array | None, /) -> None: ...
+
+    @property
+    def clip_factor(self) -> mlx.core.array | None: ...
+
+    @clip_factor.setter
+    def clip_factor(self, arg: mlx.core.array | None, /) -> None: ...
+
+    @property
+    def master_params(self) -> list[mlx.core.array | None]: ...
+
+    @master_params.setter
+    def master_params(self, arg: Sequence[mlx.core.array | None], /) -> None: ...
+
+    @property
+    def rounding_seed(self) -> int | None: ...
+
+    @rounding_seed.setter
+    def rounding_seed(self, arg: int | None, /) -> None: ...
+
+    @property
+    def rounding_step(self) -> mlx.core.array | None: ...
+
+    @rounding_step.setter
+    def rounding_step(self, arg: mlx.core.array | None, /) -> None: ...
+
+    def validate(self) -> None: ...
+
+def sgd_update(params: list[mlx.core.array], grads: list[mlx.core.array], velocities: list[mlx.core.array], settings: SGDSettings, *, learning_rate: mlx.core.array | None = None, step: mlx.core.array | None = None, schedule: tuple[float, float, int] | None = None, tensors_per_primitive: int = 4, fallback: bool = False, stream: mlx.core.Stream | mlx.core.Device | None = None) -> tuple[list[mlx.core.array], list[mlx.core.array], list[mlx.core.array | None]]:
     """
-    Fused SGD step of many tensors with the step-decay learning rate
-    computed in the kernel from the integer ``step`` counter.
+    The fused SGD step of many tensors: grouped by dtype, chunked into
+    primitives of ``tensors_per_primitive`` tensors each. The learning rate is
+    ``learning_rate`` (a scalar array), or the step-decay ``schedule`` (init,
+    decay_rate, step_size) of the integer ``step`` counter, computed in the
+    kernel. ``fallback`` composes the update of stock MLX ops instead (for
+    tests). Returns the new params, the new momentum buffers (the given ones
+    when momentum is 0) and the new master copies (None where a param has
+    none).
     """
 
 def collect_tree(grads: object, params: object, state: object | None, state_key: str | None = None) -> tuple[list[mlx.core.array], list[mlx.core.array], list[dict], list[mlx.core.array]] | None:

@@ -173,17 +173,72 @@ def _as_step(step: mx.array | int | None) -> mx.array | None:
     )
 
 
-def _storage_kwargs(
-    master_params: Sequence[mx.array | None] | None,
-    rounding_seed: int | None,
-    rounding_step: mx.array | int | None,
-) -> dict[str, Any]:
-    """The half-precision storage options, checked, as the extension takes
-    them."""
-    return dict(
+def settings(
+    grads: Sequence[mx.array],
+    *,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+    grad_scale: float | mx.array | None = None,
+    skip: mx.array | None = None,
+    max_grad_norm: float | None = None,
+    clip_factor: mx.array | None = None,
+    master_params: Sequence[mx.array | None] | None = None,
+    rounding_seed: int | None = None,
+    rounding_step: mx.array | int | None = None,
+) -> _ext.SGDSettings:
+    """Every option of an update as the one value the extension takes,
+    checked (``max_grad_norm`` becomes the clip factor of ``grads``)."""
+    return _ext.SGDSettings(
+        momentum=float(momentum),
+        weight_decay=float(weight_decay),
+        dampening=float(dampening),
+        nesterov=bool(nesterov),
+        maximize=bool(maximize),
+        grad_scale=as_grad_scale(grad_scale),
+        skip=skip,
+        clip_factor=_clip(clip_factor, max_grad_norm, grads, grad_scale),
         master_params=None if master_params is None else list(master_params),
         rounding_seed=check_rounding_seed(rounding_seed),
         rounding_step=_as_step(rounding_step),
+    )
+
+
+def run(
+    params: Sequence[mx.array],
+    grads: Sequence[mx.array],
+    velocities: Sequence[mx.array] | None,
+    options: _ext.SGDSettings,
+    *,
+    learning_rate: float | mx.array | None = None,
+    step: mx.array | None = None,
+    schedule: StepDecay | None = None,
+    tensors_per_primitive: int = _ext.DEFAULT_TENSORS_PER_PRIMITIVE,
+    fallback: bool = False,
+    stream: StreamOrDevice = None,
+) -> tuple[list[mx.array], list[mx.array], list[mx.array | None]]:
+    """The extension's update: ``learning_rate``, or ``step`` with a
+    step-decay ``schedule`` evaluated in the kernel. Returns the new params,
+    momentum buffers and master copies."""
+    if schedule is not None:
+        s = _check_schedule(schedule)
+        lr: dict[str, Any] = {
+            "step": step,
+            "schedule": (float(s.init), float(s.decay_rate), s.step_size),
+        }
+    else:
+        lr = {"learning_rate": _as_lr(learning_rate)}  # type: ignore[arg-type]
+    return _ext.sgd_update(
+        list(params),
+        list(grads),
+        list(velocities or []),
+        options,
+        **lr,
+        tensors_per_primitive=tensors_per_primitive,
+        fallback=fallback,
+        stream=stream,
     )
 
 
@@ -270,21 +325,24 @@ def sgd_update(
     Returns:
         ``(new_param, new_velocity)``.
     """
-    return _ext.sgd_update(
-        param,
-        grad,
-        velocity,
-        learning_rate=_as_lr(learning_rate),
+    new_params, new_velocities = sgd_update_many(
+        [param],
+        [grad],
+        None if velocity is None else [velocity],
+        learning_rate=learning_rate,
         momentum=momentum,
         weight_decay=weight_decay,
         dampening=dampening,
         nesterov=nesterov,
         maximize=maximize,
-        grad_scale=as_grad_scale(grad_scale),
+        grad_scale=grad_scale,
         skip=skip,
-        clip_factor=_clip(clip_factor, max_grad_norm, [grad], grad_scale),
+        max_grad_norm=max_grad_norm,
+        clip_factor=clip_factor,
+        tensors_per_primitive=1,
         stream=stream,
     )
+    return new_params[0], new_velocities[0] if new_velocities else None
 
 
 def sgd_update_scheduled(
@@ -308,25 +366,25 @@ def sgd_update_scheduled(
     """:func:`sgd_update` with the learning rate ``schedule(step)`` computed
     inside the kernel from the integer step counter (the step before it is
     incremented, as stock optimizers evaluate schedules)."""
-    s = _check_schedule(schedule)
-    return _ext.sgd_update_scheduled(
-        param,
-        grad,
-        velocity,
+    new_params, new_velocities = sgd_update_many_scheduled(
+        [param],
+        [grad],
+        None if velocity is None else [velocity],
         step=step,
-        init=float(s.init),
-        decay_rate=float(s.decay_rate),
-        step_size=s.step_size,
+        schedule=schedule,
         momentum=momentum,
         weight_decay=weight_decay,
         dampening=dampening,
         nesterov=nesterov,
         maximize=maximize,
-        grad_scale=as_grad_scale(grad_scale),
+        grad_scale=grad_scale,
         skip=skip,
-        clip_factor=_clip(clip_factor, max_grad_norm, [grad], grad_scale),
+        max_grad_norm=max_grad_norm,
+        clip_factor=clip_factor,
+        tensors_per_primitive=1,
         stream=stream,
     )
+    return new_params[0], new_velocities[0] if new_velocities else None
 
 
 @overload
@@ -399,20 +457,27 @@ def sgd_update_many(
         ``[]``, when momentum is 0), and ``new_master_params`` third when
         ``master_params`` is given.
     """
-    out = _ext.sgd_update_many(
-        list(params),
-        list(grads),
-        list(velocities or []),
-        learning_rate=_as_lr(learning_rate),
+    options = settings(
+        grads,
         momentum=momentum,
         weight_decay=weight_decay,
         dampening=dampening,
         nesterov=nesterov,
         maximize=maximize,
-        grad_scale=as_grad_scale(grad_scale),
+        grad_scale=grad_scale,
         skip=skip,
-        clip_factor=_clip(clip_factor, max_grad_norm, grads, grad_scale),
-        **_storage_kwargs(master_params, rounding_seed, rounding_step),
+        max_grad_norm=max_grad_norm,
+        clip_factor=clip_factor,
+        master_params=master_params,
+        rounding_seed=rounding_seed,
+        rounding_step=rounding_step,
+    )
+    out = run(
+        params,
+        grads,
+        velocities,
+        options,
+        learning_rate=learning_rate,
         tensors_per_primitive=tensors_per_primitive,
         stream=stream,
     )
@@ -469,24 +534,28 @@ def sgd_update_many_scheduled(
 ) -> _Pair | _Triple:
     """:func:`sgd_update_many` with the step-decay learning rate computed in
     the kernel from ``step`` (also the default ``rounding_step``)."""
-    s = _check_schedule(schedule)
-    out = _ext.sgd_update_many_scheduled(
-        list(params),
-        list(grads),
-        list(velocities or []),
-        step=step,
-        init=float(s.init),
-        decay_rate=float(s.decay_rate),
-        step_size=s.step_size,
+    options = settings(
+        grads,
         momentum=momentum,
         weight_decay=weight_decay,
         dampening=dampening,
         nesterov=nesterov,
         maximize=maximize,
-        grad_scale=as_grad_scale(grad_scale),
+        grad_scale=grad_scale,
         skip=skip,
-        clip_factor=_clip(clip_factor, max_grad_norm, grads, grad_scale),
-        **_storage_kwargs(master_params, rounding_seed, rounding_step),
+        max_grad_norm=max_grad_norm,
+        clip_factor=clip_factor,
+        master_params=master_params,
+        rounding_seed=rounding_seed,
+        rounding_step=rounding_step,
+    )
+    out = run(
+        params,
+        grads,
+        velocities,
+        options,
+        step=step,
+        schedule=schedule,
         tensors_per_primitive=tensors_per_primitive,
         stream=stream,
     )

@@ -19,6 +19,7 @@ from .functional import (
     check_rounding_seed,
     clip_factor_for,
     grad_norm,
+    run,
 )
 from .schedules import StepDecay
 
@@ -330,9 +331,12 @@ class FusedSGD(Optimizer):
             raise ValueError(
                 "Nesterov momentum requires a momentum and zero dampening."
             )
-        _ext.validate_sgd_settings(
-            float(momentum), float(weight_decay), float(dampening), bool(nesterov)
-        )
+        _ext.SGDSettings(
+            momentum=float(momentum),
+            weight_decay=float(weight_decay),
+            dampening=float(dampening),
+            nesterov=bool(nesterov),
+        ).validate()
         if isinstance(learning_rate, (int, float)) and not isinstance(
             learning_rate, bool
         ):
@@ -477,15 +481,16 @@ class FusedSGD(Optimizer):
         if self.momentum > 0:
             state["v"] = self._zero_buffer(parameter)
 
-    def _settings(self) -> dict[str, Any]:
-        return {
-            "momentum": float(self.momentum),
-            "weight_decay": float(self.weight_decay),
-            "dampening": float(self.dampening),
-            "nesterov": bool(self.nesterov),
-            "maximize": self.maximize,
-            "grad_scale": self.grad_scale,
-        }
+    def _settings(self) -> _ext.SGDSettings:
+        """The options of a step (the per-step ones are set by the step)."""
+        return _ext.SGDSettings(
+            momentum=float(self.momentum),
+            weight_decay=float(self.weight_decay),
+            dampening=float(self.dampening),
+            nesterov=bool(self.nesterov),
+            maximize=self.maximize,
+            grad_scale=self.grad_scale,
+        )
 
     def apply_single(
         self, gradient: mx.array, parameter: mx.array, state: dict
@@ -509,16 +514,17 @@ class FusedSGD(Optimizer):
                 "stochastic_rounding: use apply_gradients (or update)."
             )
         velocity = state.get("v") if self.momentum > 0 else None
-        new_param, new_v = _ext.sgd_update(
-            parameter,
-            gradient,
-            velocity,
+        new_params, new_velocities, _ = run(
+            [parameter],
+            [gradient],
+            None if velocity is None else [velocity],
+            self._settings(),
             learning_rate=self.learning_rate,
-            **self._settings(),
+            tensors_per_primitive=1,
         )
         if self.momentum > 0:
-            state["v"] = new_v
-        return new_param
+            state["v"] = new_velocities[0]
+        return new_params[0]
 
     def apply_gradients(self, gradients: dict, parameters: dict) -> Any:
         """Apply the gradients to the parameters and return the updated
@@ -743,18 +749,18 @@ class FusedSGD(Optimizer):
                 else None
                 for p, s in zip(params, states)
             ]
-            settings["master_params"] = masters
+            settings.master_params = masters
         if self.stochastic_rounding:
-            settings["rounding_seed"] = self.rounding_seed
-            settings["rounding_step"] = step
+            settings.rounding_seed = self.rounding_seed
+            settings.rounding_step = step
         # The C++ ops name tensors by index; errors name them by path.
         try:
             skip = _ext.grads_nonfinite(grads) if self.skip_nonfinite else None
-            settings["skip"] = skip
+            settings.skip = skip
             norm = None
             if self.max_grad_norm is not None:
                 norm = grad_norm(grads, self.grad_scale)
-                settings["clip_factor"] = clip_factor_for(norm, self.max_grad_norm)
+                settings.clip_factor = clip_factor_for(norm, self.max_grad_norm)
             scheduler = self._schedulers.get("learning_rate")
             # Only exactly step decay is folded into the kernel; a subclass (one
             # that adds warm-up, say) is evaluated like any other schedule.
@@ -762,17 +768,8 @@ class FusedSGD(Optimizer):
                 # The kernel computes lr_k from the step counter itself; the
                 # state still records lr_k as stock does.
                 learning_rate = scheduler(step)
-                new_params, new_velocities, new_masters = (
-                    _ext.sgd_update_many_scheduled(
-                        params,
-                        grads,
-                        velocities,
-                        step=step,
-                        init=float(scheduler.init),
-                        decay_rate=float(scheduler.decay_rate),
-                        step_size=scheduler.step_size,
-                        **settings,
-                    )
+                new_params, new_velocities, new_masters = run(
+                    params, grads, velocities, settings, step=step, schedule=scheduler
                 )
             else:
                 if scheduler is not None:
@@ -781,12 +778,8 @@ class FusedSGD(Optimizer):
                     learning_rate = self.state["learning_rate"]
                 if not isinstance(learning_rate, mx.array):
                     learning_rate = mx.array(learning_rate)
-                new_params, new_velocities, new_masters = _ext.sgd_update_many(
-                    params,
-                    grads,
-                    velocities,
-                    learning_rate=learning_rate,
-                    **settings,
+                new_params, new_velocities, new_masters = run(
+                    params, grads, velocities, settings, learning_rate=learning_rate
                 )
         except ValueError as e:
             raise _with_paths(e, gradients) from None
