@@ -10,7 +10,7 @@
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 
-#include "kernels/sgd_launch.h"
+#include "kernels/sgd_plan.h"
 #include "step_decay.h"
 
 namespace mlx_fused_sgd {

@@ -126,6 +126,21 @@ void allocate(mx::array& out) {
   out.set_data(std::move(data));
 }
 
+launch::ElementType element_type(mx::Dtype dtype) {
+  if (dtype == mx::float32) {
+    return launch::ElementType::float32;
+  }
+  if (dtype == mx::float16) {
+    return launch::ElementType::float16;
+  }
+  if (dtype == mx::bfloat16) {
+    return launch::ElementType::bfloat16;
+  }
+  throw std::invalid_argument(
+      "mlx_fused_sgd: the kernels take float32, float16 and bfloat16, not " +
+      dtype_name(dtype) + ".");
+}
+
 std::string dtype_name(mx::Dtype dtype) {
   std::ostringstream os;
   os << dtype;

@@ -10,6 +10,8 @@
 #include "mlx/array.h"
 #include "mlx/dtype.h"
 
+#include "kernels/sgd_plan.h"
+
 namespace mlx_fused_sgd {
 
 namespace mx = mlx::core;
@@ -131,6 +133,10 @@ inline bool has_fused_kernel(const mx::Stream& s) {
 // Directory holding this extension's shared object, where the .metallib is
 // installed next to it.
 std::string extension_dir();
+
+// The kernels' element type of a float dtype (validation admits no other:
+// anything else is refused, naming it).
+launch::ElementType element_type(mx::Dtype dtype);
 
 std::string dtype_name(mx::Dtype dtype);
 

@@ -10,12 +10,10 @@
 #include <type_traits>
 #include <utility>
 
-#include "kernels/sgd_launch.h"
+#include "kernels/sgd_plan.h"
 
 namespace mlx_fused_sgd {
 namespace cuda_launch {
-
-enum class Dtype { float32, float16, bfloat16 };
 
 template <bool kValue> using Bool = std::integral_constant<bool, kValue>;
 
@@ -28,15 +26,15 @@ template <typename Fn> void dispatch_bool(bool value, Fn&& fn) {
 }
 
 template <typename Half, typename BFloat, typename Fn>
-bool dispatch_dtype(Dtype dtype, Fn&& fn) {
+bool dispatch_dtype(launch::ElementType dtype, Fn&& fn) {
   switch (dtype) {
-  case Dtype::float32:
+  case launch::ElementType::float32:
     fn(static_cast<float*>(nullptr));
     return true;
-  case Dtype::float16:
+  case launch::ElementType::float16:
     fn(static_cast<Half*>(nullptr));
     return true;
-  case Dtype::bfloat16:
+  case launch::ElementType::bfloat16:
     fn(static_cast<BFloat*>(nullptr));
     return true;
   }
@@ -49,7 +47,10 @@ bool dispatch_dtype(Dtype dtype, Fn&& fn) {
 // options are SGDArgs' run-time flags.
 template <typename Half, typename BFloat, typename Fn>
 bool dispatch_sgd(
-    Dtype dtype, Dtype state_dtype, const launch::SGDVariant& v, Fn&& fn) {
+    launch::ElementType dtype,
+    launch::ElementType state_dtype,
+    const launch::SGDVariant& v,
+    Fn&& fn) {
   if (!v.momentum) {
     state_dtype = dtype;
   }

@@ -1,7 +1,7 @@
 // How the CUDA kernels are launched: the multi-tensor tables (as Apex's
 // multi-tensor apply: one launch updates many tensors, each block one chunk
-// of one tensor), the strided layout passed by value, and how a primitive's
-// tensors are packed into launches. Shared by eval_gpu (csrc/cuda/) and the
+// of one tensor; the plan itself is kernels/sgd_plan.h's, shared by every
+// backend), the strided layout passed by value, and CUDA's launch sizes. Shared by eval_gpu (csrc/cuda/) and the
 // host harness (tests/cuda_harness.cpp), so the harness cannot drift from
 // what eval_gpu launches.
 #pragma once
@@ -11,7 +11,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "kernels/sgd_launch.h"
+#include "kernels/sgd_plan.h"
 
 namespace mlx_fused_sgd {
 namespace cuda_launch {
@@ -84,49 +84,19 @@ struct ReadShape {
   int32_t ndim;
 };
 
-// The block a thread's chunk belongs to, and which tensor of the table owns
-// it: a linear search over at most kMaxTensors prefix sums, once per block.
-MFS_INLINE int
-table_tensor(const int64_t* block_end, int count, int64_t block) {
-  int t = 0;
-  while (t + 1 < count && block >= block_end[t]) {
-    ++t;
-  }
-  return t;
-}
-
+// Blocks of a tensor of `size` elements in a multi-tensor launch.
 MFS_INLINE int64_t chunks(int64_t size) {
   return (size + kChunk - 1) / kChunk;
 }
 
 // Host code (eval_gpu and the harness) from here on.
 
-// The launches of a list of tensors: consecutive runs of at most
-// kMaxTensors, each with its blocks' prefix sums. Empty tensors get no
-// blocks (their launch skips them).
-struct TableSpan {
-  int first;
-  int count;
-  std::vector<int64_t> block_end;
-  int64_t blocks() const {
-    return block_end.empty() ? 0 : block_end.back();
-  }
-};
-
-inline std::vector<TableSpan> split_tables(const std::vector<int64_t>& sizes) {
-  std::vector<TableSpan> spans;
-  for (int i = 0; i < static_cast<int>(sizes.size()); i += kMaxTensors) {
-    TableSpan span;
-    span.first = i;
-    span.count = std::min<int>(kMaxTensors, static_cast<int>(sizes.size()) - i);
-    int64_t blocks = 0;
-    for (int k = 0; k < span.count; ++k) {
-      blocks += chunks(sizes[i + k]);
-      span.block_end.push_back(blocks);
-    }
-    spans.push_back(std::move(span));
-  }
-  return spans;
+// The launches of a list of tensors (the shared multi-tensor plan, at
+// CUDA's capacity): consecutive runs of at most kMaxTensors tensors in
+// blocks of kChunk elements.
+inline std::vector<launch::TensorSpan>
+split_tables(const std::vector<int64_t>& sizes) {
+  return launch::split_spans(sizes, kMaxTensors, kChunk);
 }
 
 // One tensor's operands for a multi-tensor SGD launch (absent: null), with
@@ -149,7 +119,7 @@ inline bool aligned_for_vectors(const void* p, size_t item) {
 
 // The table of span `span` of `tensors` (split_tables).
 inline SGDTable make_sgd_table(
-    const TableSpan& span,
+    const launch::TensorSpan& span,
     const std::vector<SGDOperands>& tensors,
     size_t param_item,
     size_t state_item) {
@@ -181,7 +151,7 @@ inline SGDTable make_sgd_table(
 
 // The table of span `span` of gradients.
 inline ReadTable make_read_table(
-    const TableSpan& span,
+    const launch::TensorSpan& span,
     const std::vector<const void*>& data,
     const std::vector<int64_t>& sizes) {
   ReadTable table{};

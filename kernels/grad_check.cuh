@@ -103,7 +103,7 @@ __global__ void grad_read_multi_tensor(
     void* result,
     int64_t first_slot) {
   const int64_t block = blockIdx.x;
-  const int t = cuda_launch::table_tensor(table.block_end, table.count, block);
+  const int t = launch::span_tensor(table.block_end, table.count, block);
   const int64_t first = t == 0 ? 0 : table.block_end[t - 1];
   const int64_t begin = (block - first) * cuda_launch::kChunk;
   const int64_t size = table.size[t];

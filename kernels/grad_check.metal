@@ -6,10 +6,10 @@
 // or an Inf (a threadgroup reduction). The test is
 // mlx_fused_sgd::math::is_nonfinite from kernels/sgd_math.h, shared with the
 // CPU loop; the launch facts (which elements a thread reads) are
-// kernels/sgd_launch.h, shared with eval_gpu.
+// kernels/metal_launch.h, shared with eval_gpu.
 #include <metal_stdlib>
 
-#include "kernels/sgd_launch.h"
+#include "kernels/metal_launch.h"
 #include "kernels/sgd_math.h"
 
 using namespace metal;

@@ -4,7 +4,7 @@
 // CUDA kernels (kernels/*.cuh), which differ only in how they pick elements.
 #pragma once
 
-#include "kernels/sgd_launch.h"
+#include "kernels/sgd_plan.h"
 #include "kernels/sgd_math.h"
 
 #ifdef __METAL_VERSION__

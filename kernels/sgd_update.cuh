@@ -101,7 +101,7 @@ __global__ void sgd_multi_tensor(
     const __grid_constant__ launch::SGDArgs args,
     const cuda_launch::SGDScalars scalars) {
   const int64_t block = blockIdx.x;
-  const int t = cuda_launch::table_tensor(table.block_end, table.count, block);
+  const int t = launch::span_tensor(table.block_end, table.count, block);
   const int64_t first = t == 0 ? 0 : table.block_end[t - 1];
   const int64_t size = table.size[t];
   const int64_t begin = (block - first) * cuda_launch::kChunk;

@@ -1,13 +1,13 @@
 // Metal kernels of the fused SGD update. The per-element math is
 // kernels/sgd_math.h, the same header the CPU loop includes; the loads and
 // stores around it and the launch's constants are kernels/sgd_element.h,
-// shared with the CUDA kernels; the launch facts (buffer slots, argument
-// struct, names, grid) are kernels/sgd_launch.h, the same header eval_gpu
-// uses. Requires Metal 3.1 (bfloat), as MLX does.
+// shared with the CUDA kernels; the launch facts (buffer slots, names, grid)
+// are kernels/metal_launch.h, the same header eval_gpu uses, and the launch
+// constants kernels/sgd_plan.h. Requires Metal 3.1 (bfloat), as MLX does.
 #include <metal_stdlib>
 
+#include "kernels/metal_launch.h"
 #include "kernels/sgd_element.h"
-#include "kernels/sgd_launch.h"
 #include "kernels/sgd_math.h"
 
 using namespace metal;

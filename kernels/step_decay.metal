@@ -1,9 +1,9 @@
 // Metal kernels of the step-decay learning rate: one element a thread, the
 // math from kernels/sgd_math.h (shared with the CPU loop), the launch facts
-// from kernels/sgd_launch.h (shared with eval_gpu).
+// from kernels/metal_launch.h (shared with eval_gpu).
 #include <metal_stdlib>
 
-#include "kernels/sgd_launch.h"
+#include "kernels/metal_launch.h"
 #include "kernels/sgd_math.h"
 
 using namespace metal;

@@ -59,14 +59,12 @@ mfs::launch::SGDVariant sgd_variant(const Variant& v) {
       v.seed);
 }
 
-// The launch constants of a tensor of `size` elements (plan_sgd's; its
-// kernel name and thread count are Metal's).
+// The launch constants of a tensor of `size` elements, as eval_gpu makes
+// them.
 mfs::launch::SGDArgs sgd_args(const Variant& v, int64_t size, uint64_t id) {
   const mfs::launch::FusedSchedule schedule{
       v.scheduled != 0, v.init, v.decay_rate, v.step_size};
-  return mfs::launch::plan_sgd(
-             "", "", nullptr, size, sgd_variant(v), schedule, id)
-      .args;
+  return mfs::launch::sgd_args(sgd_variant(v), schedule, size, 0, id);
 }
 
 // Runs `launches` for the kernel of `v`, as eval_gpu dispatches: 0 ran, 1
@@ -75,8 +73,8 @@ template <typename Launches>
 int with_kernel(const Variant& v, Launches&& launches) {
   bool ok = true;
   const bool found = cl::dispatch_sgd<__half, __nv_bfloat16>(
-      static_cast<cl::Dtype>(v.dtype),
-      static_cast<cl::Dtype>(v.state_dtype),
+      static_cast<mfs::launch::ElementType>(v.dtype),
+      static_cast<mfs::launch::ElementType>(v.state_dtype),
       sgd_variant(v),
       [&]<typename T, typename V, bool M, int R>() {
         ok = launches.template operator()<T, V, M, R>();
@@ -266,7 +264,7 @@ int run_grad_read(
     }
   };
   cl::dispatch_dtype<__half, __nv_bfloat16>(
-      static_cast<cl::Dtype>(dtype), [&](auto t) {
+      static_cast<mfs::launch::ElementType>(dtype), [&](auto t) {
         using T = std::remove_pointer_t<decltype(t)>;
         if (kind == 1) {
           run.template operator()<T, true>();
@@ -294,8 +292,8 @@ int run_step_decay(
     int ndim,
     const int64_t* shape,
     const int64_t* strides) {
-  const auto plan = mfs::launch::plan_step_decay(
-      "uint64", ndim == 0, size, ndim, init, decay_rate, step_size);
+  const auto args =
+      mfs::launch::step_decay_args(size, ndim, init, decay_rate, step_size);
   cl::ReadShape layout{};
   if (ndim > 0) {
     std::vector<int64_t> dims(shape, shape + ndim);
@@ -305,7 +303,7 @@ int run_step_decay(
     }
   }
   const bool ok = mfs_cuda::launch(cl::blocks_for(size), cl::kThreads, [&] {
-    ck::step_decay<uint64_t>(step, out, plan.args, layout);
+    ck::step_decay<uint64_t>(step, out, args, layout);
   });
   return ok ? 0 : 2;
 }

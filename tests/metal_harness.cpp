@@ -1,7 +1,7 @@
 // Runs the Metal kernels of kernels/*.metal on the CPU: each kernel is
 // compiled as C++ against tests/metal_shim/metal_stdlib and called for every
 // thread of the grid that eval_gpu would launch, with the buffers and
-// constants eval_gpu binds (both take them from kernels/sgd_launch.h).
+// constants eval_gpu binds (both take them from kernels/metal_launch.h).
 // Built as a shared library by tests/test_metal_harness.py and driven from
 // Python through ctypes.
 #include <algorithm>
@@ -15,7 +15,7 @@
 #include <utility>
 #include <vector>
 
-#include "kernels/sgd_launch.h"
+#include "kernels/metal_launch.h"
 
 namespace {
 // name -> (function, its exact type): a lookup with another signature than

@@ -611,7 +611,7 @@ def test_step_decay_kernel_matches_cpu(harness, contiguous):
 
 MUTATIONS = {
     "block finds the wrong tensor of its table": (
-        "kernels/cuda_launch.h",
+        "kernels/sgd_plan.h",
         "while (t + 1 < count && block >= block_end[t]) {",
         "while (t + 1 < count && block > block_end[t]) {",
     ),

@@ -4,7 +4,7 @@ Every ``kernels/*.metal`` file is compiled as C++ with the system compiler
 against ``tests/metal_shim/metal_stdlib`` (a stand-in for ``<metal_stdlib>``)
 and ``tests/metal_harness.cpp`` runs each kernel over the grid that
 ``eval_gpu`` launches, with the buffers and constants ``eval_gpu`` binds (both
-take them from ``kernels/sgd_launch.h``). The outputs are compared bit for bit
+take them from ``kernels/metal_launch.h``). The outputs are compared bit for bit
 with this package's CPU primitives, which are bit-identical to stock MLX.
 What this cannot show: the Metal compiler's own code generation and
 ``metal::pow``'s rounding on a real GPU (the macOS CI job runs the suite there).
@@ -1083,7 +1083,7 @@ def test_kernel_buffer_slots_are_the_ones_eval_gpu_binds(where):
     assert m, f"kernel {kernel} not found in {fname}"
     slots = re.findall(r"\[\[buffer\(mlx_fused_sgd::launch::(\w+)\)\]\]", m.group(1))
     assert slots == EXPECTED_SLOTS[where]
-    launch = (ROOT / "kernels" / "sgd_launch.h").read_text()
+    launch = (ROOT / "kernels" / "metal_launch.h").read_text()
     values = {}
     for name in slots:
         v = re.search(rf"constexpr int {name} = (\w+);", launch)

@@ -6,7 +6,7 @@
 
 #include "mlx/array.h"
 
-#include "kernels/sgd_launch.h"
+#include "kernels/sgd_plan.h"
 
 namespace mlx_fused_sgd {
 

@@ -53,7 +53,7 @@ double strided_sq_sum(const CheckView& v, int64_t begin, int64_t end) {
 double view_sq_sum(const CheckView& v, int64_t begin, int64_t end) {
   if (v.contiguous) {
     static const auto sq_sum = cpu_kernel::selected_loops().sq_sum;
-    return sq_sum(cpu_kernel::dtype_code(v.dtype), v.data, begin, end);
+    return sq_sum(element_type(v.dtype), v.data, begin, end);
   }
   switch (v.dtype) {
   case mx::float16:
@@ -68,7 +68,7 @@ double view_sq_sum(const CheckView& v, int64_t begin, int64_t end) {
 bool view_nonfinite(const CheckView& v, int64_t begin, int64_t end) {
   if (v.contiguous) {
     static const auto nonfinite = cpu_kernel::selected_loops().nonfinite;
-    return nonfinite(cpu_kernel::dtype_code(v.dtype), v.data, begin, end);
+    return nonfinite(element_type(v.dtype), v.data, begin, end);
   }
   switch (v.dtype) {
   case mx::float16:

@@ -553,7 +553,7 @@ void MFS_CAT(update_range_, MFS_CPU_ISA)(
   // float32 master copy.
   auto half_param = [&]<typename T>() {
     auto with_state = [&]<int R>() {
-      return key.state_dtype == DtypeCode::float32
+      return key.state_dtype == ElementType::float32
                  ? update_typed<T, float, R>(key, t, begin, end, lr, h)
                  : update_typed<T, T, R>(key, t, begin, end, lr, h);
     };
@@ -570,12 +570,12 @@ void MFS_CAT(update_range_, MFS_CPU_ISA)(
     }
   };
   switch (key.dtype) {
-  case DtypeCode::float32:
+  case ElementType::float32:
     return update_typed<float, float, math::kRoundNearest>(
         key, t, begin, end, lr, h);
-  case DtypeCode::bfloat16:
+  case ElementType::bfloat16:
     return half_param.template operator()<mx::bfloat16_t>();
-  case DtypeCode::float16:
+  case ElementType::float16:
     return half_param.template operator()<mx::float16_t>();
   }
 }
@@ -620,11 +620,11 @@ bool nonfinite_typed(const void* data, int64_t begin, int64_t end) {
 } // namespace
 
 double MFS_CAT(sq_sum_range_, MFS_CPU_ISA)(
-    DtypeCode dtype, const void* data, int64_t begin, int64_t end) {
+    ElementType dtype, const void* data, int64_t begin, int64_t end) {
   switch (dtype) {
-  case DtypeCode::bfloat16:
+  case ElementType::bfloat16:
     return sq_sum_typed<mx::bfloat16_t>(data, begin, end);
-  case DtypeCode::float16:
+  case ElementType::float16:
     return sq_sum_typed<mx::float16_t>(data, begin, end);
   default:
     return sq_sum_typed<float>(data, begin, end);
@@ -632,11 +632,11 @@ double MFS_CAT(sq_sum_range_, MFS_CPU_ISA)(
 }
 
 bool MFS_CAT(nonfinite_range_, MFS_CPU_ISA)(
-    DtypeCode dtype, const void* data, int64_t begin, int64_t end) {
+    ElementType dtype, const void* data, int64_t begin, int64_t end) {
   switch (dtype) {
-  case DtypeCode::bfloat16:
+  case ElementType::bfloat16:
     return nonfinite_typed<mx::bfloat16_t>(data, begin, end);
-  case DtypeCode::float16:
+  case ElementType::float16:
     return nonfinite_typed<mx::float16_t>(data, begin, end);
   default:
     return nonfinite_typed<float>(data, begin, end);
@@ -703,8 +703,8 @@ void copy_typed(const TensorPointers& t, int64_t begin, int64_t end) {
 
 void copy_range(
     const KernelKey& key, const TensorPointers& t, int64_t begin, int64_t end) {
-  const bool half = key.dtype != DtypeCode::float32;
-  const bool half_state = key.state_dtype != DtypeCode::float32;
+  const bool half = key.dtype != ElementType::float32;
+  const bool half_state = key.state_dtype != ElementType::float32;
   if (half) {
     return half_state ? copy_typed<uint16_t, uint16_t>(t, begin, end)
                       : copy_typed<uint16_t, uint32_t>(t, begin, end);

@@ -7,7 +7,7 @@
 
 #include "mlx/array.h"
 
-#include "kernels/sgd_launch.h"
+#include "kernels/sgd_plan.h"
 #include "kernels/sgd_math.h"
 
 namespace mlx_fused_sgd {
@@ -84,23 +84,13 @@ struct TensorPointers {
   uint64_t rounding_stream = 0;
 };
 
-enum class DtypeCode : uint8_t { float32, float16, bfloat16 };
-
-inline DtypeCode dtype_code(mx::Dtype dtype) {
-  if (dtype == mx::float16) {
-    return DtypeCode::float16;
-  }
-  if (dtype == mx::bfloat16) {
-    return DtypeCode::bfloat16;
-  }
-  return DtypeCode::float32;
-}
+using launch::ElementType;
 
 // What the loops are compiled for, per chunk: what changes the types or the
 // memory traffic (the other options are math::SGDHyper's run-time flags).
 struct KernelKey {
-  DtypeCode dtype;
-  DtypeCode state_dtype; // the momentum buffer's: the param's, or float32
+  ElementType dtype;
+  ElementType state_dtype; // the momentum buffer's: the param's, or float32
   bool momentum;
   int rounding; // math::kRoundNearest, kRoundStochastic or kMasterWeights
 };
@@ -120,9 +110,9 @@ using UpdateRange = UpdateRangeFn*;
 // double lanes, so every instruction set adds in the same order; and whether
 // any element is NaN or Inf (skip_nonfinite).
 using SqSumRangeFn =
-    double(DtypeCode dtype, const void* data, int64_t begin, int64_t end);
+    double(ElementType dtype, const void* data, int64_t begin, int64_t end);
 using NonfiniteRangeFn =
-    bool(DtypeCode dtype, const void* data, int64_t begin, int64_t end);
+    bool(ElementType dtype, const void* data, int64_t begin, int64_t end);
 
 // The loops of one instruction set.
 struct Loops {

@@ -131,8 +131,8 @@ void SGDUpdate::eval_cpu(
   const uint64_t* rounding_step_ptr = scalar_ptr.template operator()<uint64_t>(
       stochastic_rounding(), rounding_step_index());
   const cpu_kernel::KernelKey key{
-      cpu_kernel::dtype_code(inputs[0].dtype()),
-      cpu_kernel::dtype_code(
+      element_type(inputs[0].dtype()),
+      element_type(
           momentum ? inputs[2 * n].dtype() : inputs[0].dtype()),
       variant_.momentum,
       variant_.rounding};

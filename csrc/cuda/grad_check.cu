@@ -121,7 +121,7 @@ void GradCheck::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
       continue;
     }
     cuda_launch::dispatch_dtype<__half, __nv_bfloat16>(
-        cuda::dtype_of(dtype), [&](auto t) {
+        element_type(dtype), [&](auto t) {
           using T = std::remove_pointer_t<decltype(t)>;
           if (norm) {
             read_gradients<T, true>(encoder, grads, result, next_slot);

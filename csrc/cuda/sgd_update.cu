@@ -106,11 +106,10 @@ void SGDUpdate::eval_gpu(
     }
   }
 
-  auto base_args =
-      launch::plan_sgd("", "", nullptr, 0, variant_, fused_schedule()).args;
+  auto base_args = launch::sgd_args(variant_, fused_schedule(), 0);
   const bool found = cuda_launch::dispatch_sgd<__half, __nv_bfloat16>(
-      cuda::dtype_of(param_dtype),
-      cuda::dtype_of(state_dtype),
+      element_type(param_dtype),
+      element_type(state_dtype),
       variant_,
       [&]<typename T, typename V, bool M, int R>() {
         for (const auto& span : cuda_launch::split_tables(contiguous_sizes)) {

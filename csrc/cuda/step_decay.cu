@@ -19,9 +19,8 @@ void StepDecayLR::eval_gpu(
   }
   auto& encoder = mx::cu::get_command_encoder(stream());
   const bool contiguous = step.flags().row_contiguous;
-  auto plan = launch::plan_step_decay(
-      dtype_name(step.dtype()),
-      contiguous,
+  // Not const: MLX's encoder takes each argument's address as void*.
+  auto args = launch::step_decay_args(
       static_cast<int64_t>(out.size()),
       step.ndim(),
       schedule_.init,
@@ -40,11 +39,11 @@ void StepDecayLR::eval_gpu(
         encoder,
         cuda::LaunchArrays().reads(step).writes(out),
         cuda_kernels::step_decay<I>,
-        cuda::grid(cuda_launch::blocks_for(plan.args.size)),
+        cuda::grid(cuda_launch::blocks_for(args.size)),
         dim3(cuda_launch::kThreads),
         const_cast<I*>(mx::gpu_ptr<I>(step)),
         mx::gpu_ptr<float>(out),
-        plan.args,
+        args,
         shape);
   });
 }

@@ -8,7 +8,7 @@
 #include "utils.h"
 
 #include "grad_check.h"
-#include "kernels/sgd_launch.h"
+#include "kernels/metal_launch.h"
 
 namespace mlx_fused_sgd {
 

@@ -4,7 +4,7 @@
 #include "utils.h"
 
 #include "common/sgd_update.h"
-#include "kernels/sgd_launch.h"
+#include "kernels/metal_launch.h"
 #include "sgd_update.h"
 
 namespace mlx_fused_sgd {

@@ -3,7 +3,7 @@
 
 #include "utils.h"
 
-#include "kernels/sgd_launch.h"
+#include "kernels/metal_launch.h"
 #include "step_decay.h"
 
 namespace mlx_fused_sgd {
