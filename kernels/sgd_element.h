@@ -56,23 +56,27 @@ MFS_INLINE float launch_learning_rate(
   return lr[0];
 }
 
-// The options of a launch (math::SGDHyper): its float32 constants and flags,
-// and the gradient divisor (loss scale, negated for maximize) and clip factor
-// read from their buffers where the launch has them.
+// The options of a launch (math::SGDHyper, in its constants), with the
+// gradient divisor (loss scale, negated for maximize) and clip factor read
+// from their buffers where the launch has them.
 MFS_INLINE math::SGDHyper launch_hyper(
     MFS_CONSTANT const launch::SGDArgs& args,
     MFS_DEVICE const float* grad_scale,
     MFS_DEVICE const float* clip_factor) {
+  // Field by field: Metal copies no struct out of the constant address
+  // space with an implicit copy (the strict model, tests/metal_clang, holds
+  // it to that).
+  const MFS_CONSTANT math::SGDHyper& c = args.hyper;
   math::SGDHyper h;
-  h.weight_decay = args.weight_decay;
-  h.momentum = args.momentum;
-  h.dampening_scale = args.dampening_scale;
-  h.grad_divisor = 1.0f;
-  h.clip_factor = 1.0f;
-  h.has_weight_decay = args.has_weight_decay != 0;
-  h.has_dampening = args.has_dampening != 0;
-  h.nesterov = args.nesterov != 0;
-  h.scale_grad = args.scale_grad != 0;
+  h.weight_decay = c.weight_decay;
+  h.momentum = c.momentum;
+  h.dampening_scale = c.dampening_scale;
+  h.grad_divisor = c.grad_divisor;
+  h.clip_factor = c.clip_factor;
+  h.has_weight_decay = c.has_weight_decay;
+  h.has_dampening = c.has_dampening;
+  h.nesterov = c.nesterov;
+  h.scale_grad = c.scale_grad;
   if (h.scale_grad) {
     h.grad_divisor = args.maximize ? -grad_scale[0] : grad_scale[0];
     if (args.has_clip) {

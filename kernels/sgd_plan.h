@@ -42,21 +42,17 @@ struct SGDArgs {
   int64_t step_size;        // step decay, when scheduled
   uint64_t rounding_seed;   // stochastic rounding: the user's seed
   uint64_t rounding_tensor; // ... and this tensor's index in the update
-  float weight_decay;       // float32(weight_decay)
-  float momentum;           // float32(momentum)
-  float dampening_scale;    // float32(1 - dampening)
-  float init;               // float32(init), when scheduled
-  float decay_rate;         // float32(decay_rate), when scheduled
+  // The update's options as the per-element math takes them (its float32
+  // constants and run-time flags); the gradient divisor and clip factor are
+  // read from their buffers when the launch runs.
+  math::SGDHyper hyper;
+  float init;        // float32(init), when scheduled
+  float decay_rate;  // float32(decay_rate), when scheduled
   int32_t scheduled; // 1: lr from the step counter; 0: from kLearningRate
   int32_t ndim;      // general kernels: the StridedLayout's axes
-  // The run-time options (math::SGDHyper's flags), 0 or 1.
-  int32_t has_weight_decay;
-  int32_t has_dampening;
-  int32_t nesterov;
-  int32_t scale_grad; // the gradient is divided by kGradScale first
-  int32_t maximize;   // ... negated (with scale_grad)
-  int32_t has_skip;   // a nonzero kSkip flag makes the update a copy
-  int32_t has_clip;   // ... and multiplied by kClipFactor's clip factor
+  int32_t maximize;  // the loss scale (kGradScale) is negated
+  int32_t has_skip;  // a nonzero kSkip flag makes the update a copy
+  int32_t has_clip;  // the gradient is multiplied by kClipFactor's factor
 };
 
 struct StepDecayArgs {
@@ -304,17 +300,11 @@ inline SGDArgs sgd_args(
   args.step_size = schedule.enabled ? schedule.step_size : 1;
   args.rounding_seed = v.seed;
   args.rounding_tensor = tensor_index;
-  args.weight_decay = v.hyper.weight_decay;
-  args.momentum = v.hyper.momentum;
-  args.dampening_scale = v.hyper.dampening_scale;
+  args.hyper = v.hyper;
   args.init = static_cast<float>(schedule.init);
   args.decay_rate = static_cast<float>(schedule.decay_rate);
   args.scheduled = schedule.enabled ? 1 : 0;
   args.ndim = ndim;
-  args.has_weight_decay = v.weight_decay ? 1 : 0;
-  args.has_dampening = v.dampening ? 1 : 0;
-  args.nesterov = v.nesterov ? 1 : 0;
-  args.scale_grad = v.scale_grad ? 1 : 0;
   args.maximize = v.maximize ? 1 : 0;
   args.has_skip = v.skip ? 1 : 0;
   args.has_clip = v.clip ? 1 : 0;

@@ -9,6 +9,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+# Once, on the CPU: the benchmark runs in its own process, on the device it is given.
+pytestmark = pytest.mark.devices("cpu")
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,9 +33,7 @@ def _run_bench(tmp_path, *args):
     return proc.stdout, json.loads((tmp_path / "bench.json").read_text())
 
 
-def test_benchmark_runs_and_writes_results(tmp_path, device):
-    if device != "cpu":
-        pytest.skip("one run is enough")
+def test_benchmark_runs_and_writes_results(tmp_path):
     out, result = _run_bench(
         tmp_path,
         *("--workloads", "small", "--rounds", "2", "--reps", "2"),
@@ -48,11 +50,9 @@ def test_benchmark_runs_and_writes_results(tmp_path, device):
         assert min(row["rounds_ms"][name]) == lo and max(row["rounds_ms"][name]) == hi
 
 
-def test_ratios_are_taken_within_rounds(device):
+def test_ratios_are_taken_within_rounds():
     """fused/roofline and eager/fused are medians of per-round ratios: a
     round the machine slowed down counts for both sides of its ratio."""
-    if device != "cpu":
-        pytest.skip("no device involved")
     bench = _bench_module()
     row: dict = {}
     bench.summarize({"fused": [2.0, 4.0, 6.0], "roofline": [1.0, 4.0, 3.0]}, row)
@@ -61,11 +61,9 @@ def test_ratios_are_taken_within_rounds(device):
     assert np.isnan(bench.paired_ratio(row, "stock_eager", "fused"))
 
 
-def test_benchmark_real_model_rows(tmp_path, device):
+def test_benchmark_real_model_rows(tmp_path):
     """A real model: its gradients' layouts are counted, and the training
     step is timed eager and compiled, stock and fused."""
-    if device != "cpu":
-        pytest.skip("one run is enough")
     out, result = _run_bench(
         tmp_path,
         *("--workloads", "convnet", "--rounds", "1", "--reps", "1"),
@@ -85,12 +83,10 @@ def test_benchmark_real_model_rows(tmp_path, device):
     assert "Training step" in out
 
 
-def test_benchmark_mlx_lm_workload(tmp_path, device):
+def test_benchmark_mlx_lm_workload(tmp_path):
     """mlx-lm's Llama with LoRA: the optimizer step on the adapters' gradients
     and mlx-lm's training step (its loss, batches and state list), stock and
     fused, eager and compiled."""
-    if device != "cpu":
-        pytest.skip("one run is enough")
     out, result = _run_bench(
         tmp_path,
         *("--workloads", "llama-lora", "--rounds", "1", "--reps", "1"),
@@ -107,12 +103,10 @@ def test_benchmark_mlx_lm_workload(tmp_path, device):
     assert "mlx-lm Llama" in out or "LoRA rank 8" in out
 
 
-def test_breakdown_table_ratios_come_from_the_rounds(device, capsys):
+def test_breakdown_table_ratios_come_from_the_rounds(capsys):
     """The breakdown's ratios are per-round ratios: layout (fused over fused
     on contiguous gradients), contiguous over the roofline, and stock eager
     over the roofline."""
-    if device != "cpu":
-        pytest.skip("no device involved")
     bench = _bench_module()
     row: dict = {}
     bench.summarize(
@@ -132,11 +126,9 @@ def test_breakdown_table_ratios_come_from_the_rounds(device, capsys):
     assert line.split("|")[-1].split() == ["1.50x", "1.00x", "10.0x"]
 
 
-def test_only_the_small_real_models_are_taken_apart(device):
+def test_only_the_small_real_models_are_taken_apart():
     """The breakdown's extra copies are for the real models that fit
     anywhere, not the 1B-parameter decoder or the synthetic workloads."""
-    if device != "cpu":
-        pytest.skip("no device involved")
     bench = _bench_module()
     assert [w for w in bench.REAL_WORKLOADS if bench.takes_apart(w)] == [
         "mlp",
@@ -148,12 +140,10 @@ def test_only_the_small_real_models_are_taken_apart(device):
     assert not any(bench.takes_apart(w) for w in bench.SYNTHETIC_WORKLOADS)
 
 
-def test_warnings_name_spread_and_steps_faster_than_the_roofline(device):
+def test_warnings_name_spread_and_steps_faster_than_the_roofline():
     """A warning for every spread past 15% and every step faster than the
     roofline, named with its table's label; none for the eval floor (a
     reference of microseconds, faster than the roofline by design)."""
-    if device != "cpu":
-        pytest.skip("no device involved")
     bench = _bench_module()
     step: dict = {}
     bench.summarize(
@@ -178,11 +168,9 @@ def test_warnings_name_spread_and_steps_faster_than_the_roofline(device):
     )
 
 
-def test_benchmark_option_rows_run(tmp_path, device):
+def test_benchmark_option_rows_run(tmp_path):
     """Every optional row (clip, loss scaling, float32 state, master weights,
     stochastic rounding) runs on bfloat16 params and is reported."""
-    if device != "cpu":
-        pytest.skip("one run is enough")
     bench = _bench_module()
     out, result = _run_bench(
         tmp_path,
@@ -195,11 +183,9 @@ def test_benchmark_option_rows_run(tmp_path, device):
         assert bench.LABELS[impl] in out
 
 
-def test_time_steps_warms_up_for_the_time_asked(device):
+def test_time_steps_warms_up_for_the_time_asked():
     """After the pause between implementations each turn runs untimed steps
     for a while first (an idle CPU wakes slowly); only the reps are timed."""
-    if device != "cpu":
-        pytest.skip("no device involved")
     bench = _bench_module()
     calls = []
 
@@ -223,7 +209,7 @@ def _bench_module():
     return bench
 
 
-def test_gpu_workload_shapes_are_the_models(device):
+def test_gpu_workload_shapes_are_the_models():
     """The synthetic 1B workload has the decoder's shapes: checked on a small
     decoder built by the same factory, and the 1B size itself."""
     import math
@@ -241,12 +227,10 @@ def test_gpu_workload_shapes_are_the_models(device):
     assert 1.0e9 <= total <= 1.1e9
 
 
-def test_gpu_roofline_and_torch_peers_run_where_they_can(device):
+def test_gpu_roofline_and_torch_peers_run_where_they_can():
     """The GPU roofline's measurements (MLX's triad on the default device,
     PyTorch's device-to-device copy) and the PyTorch peers, run on the CPU
     through the code a GPU run takes."""
-    if device != "cpu":
-        pytest.skip("one run is enough")
     bench = _bench_module()
     bw, how = bench.mlx_triad_bandwidth(n=1 << 20, reps=3)
     assert bw > 0 and "MLX triad" in how
@@ -263,12 +247,10 @@ def test_gpu_roofline_and_torch_peers_run_where_they_can(device):
 
 
 def test_a_torch_peer_that_fails_on_the_device_is_left_out(
-    tmp_path, device, monkeypatch, capsys
+    tmp_path, monkeypatch, capsys
 ):
     """A PyTorch whose fused SGD does not run on the device (an older one on
     MPS, say): the run says so and goes on without that row."""
-    if device != "cpu":
-        pytest.skip("one run is enough")
     pytest.importorskip("torch")
     bench = _bench_module()
     original = bench.torch_runner
@@ -295,12 +277,10 @@ def test_a_torch_peer_that_fails_on_the_device_is_left_out(
     assert "torch_fused_ms" not in row and row["torch_foreach_ms"] > 0
 
 
-def test_cpu_roofline_triad_runs_over_mlx_memory(device):
+def test_cpu_roofline_triad_runs_over_mlx_memory():
     """The CPU roofline's triad runs over buffers MLX allocated (the memory
     the optimizer works on), in place: the MLX array behind the view sees
     the triad's writes. The NumPy-memory variant is measured too."""
-    if device != "cpu":
-        pytest.skip("one run is enough")
     bench = _bench_module()
     b, c, where = bench.triad_buffers(1 << 12, "mlx")
     assert b.flags.writeable and b.dtype == c.dtype == np.float32

@@ -17,6 +17,10 @@ import mlx_fused_sgd as mfs
 from mlx_fused_sgd import _ext
 from mlx_fused_sgd._build_info import MLX_BUILD_CUDA
 
+# Once, on the CPU: the build and its configuration do not depend on the device.
+pytestmark = pytest.mark.devices("cpu")
+
+
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "cmake" / "MetalToolchain.cmake"
 SCRIPT = ROOT / "tests" / "cmake" / "metal_decision.cmake"

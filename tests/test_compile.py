@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal
+from helpers import assert_bitwise_equal
 
 
 def _setup(lr, dtype=mx.float32, **options):

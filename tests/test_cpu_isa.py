@@ -8,6 +8,10 @@ import pytest
 
 from mlx_fused_sgd import _ext
 
+# Once, on the CPU: the CPU loops.
+pytestmark = pytest.mark.devices("cpu")
+
+
 CHECK = r"""
 import hashlib
 import mlx.core as mx, mlx.optimizers as optim, numpy as np
@@ -82,9 +86,7 @@ def _check(isa: str) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
-def test_each_isa_loop_is_bit_identical_to_stock(isa, device):
-    if device != "cpu":
-        pytest.skip("CPU loops")
+def test_each_isa_loop_is_bit_identical_to_stock(isa):
     used, digest = _check(isa)
     if isa != "generic":
         assert digest == _check("generic")[1], "half-precision bits differ"

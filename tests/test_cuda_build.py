@@ -19,6 +19,10 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+# Once, on the CPU: a compile check.
+pytestmark = pytest.mark.devices("cpu")
+
+
 ROOT = Path(__file__).resolve().parents[1]
 MLX_INCLUDE = Path(mx.__file__).resolve().parent / "include"
 SOURCES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))

@@ -23,23 +23,28 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_metal_harness import (
+
+import mlx_fused_sgd as mfs
+
+from helpers import (
     GENERAL_LAYOUTS,
     HOST_DTYPE,
     VARIANTS,
     Strided,
-    _arrays,
-    _buffer_ptr,
-    _cfg_id,
-    _general_operands,
-    _host,
-    _ptr,
+    arrays_of,
+    assert_bitwise_equal,
+    buffer_ptr,
+    cfg_id,
+    compile_harness,
+    general_operands,
+    host_bits,
+    host_ptr,
     norm_in_both_orders,
 )
 
-import mlx_fused_sgd as mfs
+# Once, on the CPU: the host harness runs the kernels on the CPU, against the CPU primitives.
+pytestmark = pytest.mark.devices("cpu")
 
-from conftest import assert_bitwise_equal, compile_harness
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIM = ROOT / "tests" / "cuda_shim"
@@ -196,7 +201,7 @@ def cuda_sgd_many(
     state_dtype = velocities[0].dtype if velocities else dtype
 
     def host(a, i):
-        x = _host(a).reshape(-1)
+        x = host_bits(a).reshape(-1)
         return _misaligned(x) if i in misaligned else x
 
     ins = [
@@ -233,8 +238,8 @@ def cuda_sgd_many(
         table(outs[1]),
         table(m_in) if m_in else None,
         table(outs[2]) if m_in else None,
-        _ptr(np.array([p.size for p in params], np.int64)),
-        _ptr(np.arange(n, dtype=np.uint64)),
+        host_ptr(np.array([p.size for p in params], np.int64)),
+        host_ptr(np.arange(n, dtype=np.uint64)),
         ctypes.byref(scalars),
     )
     assert rc == 0, f"run_sgd_multi returned {rc}"
@@ -259,9 +264,9 @@ def cuda_sgd_strided(
     skip=None,
 ):
     """One strided update of one tensor (operands: arrays or Strided)."""
-    ref = _arrays([param])[0]
+    ref = arrays_of([param])[0]
     shape, dtype = ref.shape, ref.dtype
-    state_dtype = _arrays([velocity])[0].dtype if velocity is not None else dtype
+    state_dtype = arrays_of([velocity])[0].dtype if velocity is not None else dtype
     bufs, strides = [], []
     for a in (param, grad, velocity, master):
         if a is None:
@@ -271,7 +276,7 @@ def cuda_sgd_strided(
             bufs.append(a)
             strides.append(a.strides)
         else:
-            bufs.append(_host(a).reshape(-1))
+            bufs.append(host_bits(a).reshape(-1))
             st = np.ones(len(shape), np.int64)
             for d in range(len(shape) - 2, -1, -1):
                 st[d] = st[d + 1] * shape[d + 1]
@@ -298,13 +303,13 @@ def cuda_sgd_strided(
         ctypes.byref(variant),
         tensor_index,
         len(shape),
-        _ptr(np.array(shape, np.int64)),
+        host_ptr(np.array(shape, np.int64)),
         operand_strides,
-        *[_buffer_ptr(b) if b is not None else None for b in bufs[:3]],
-        _ptr(outs[0]),
-        _ptr(outs[1]),
-        _buffer_ptr(bufs[3]) if master is not None else None,
-        _ptr(outs[2]),
+        *[buffer_ptr(b) if b is not None else None for b in bufs[:3]],
+        host_ptr(outs[0]),
+        host_ptr(outs[1]),
+        buffer_ptr(bufs[3]) if master is not None else None,
+        host_ptr(outs[2]),
         ctypes.byref(scalars),
     )
     assert rc == 0, f"run_sgd_strided returned {rc}"
@@ -338,7 +343,7 @@ def _check_lists(got, expected, what):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("cfg", VARIANTS, ids=_cfg_id)
+@pytest.mark.parametrize("cfg", VARIANTS, ids=cfg_id)
 def test_multi_tensor_kernel_matches_cpu(harness, dtype, cfg):
     ps, gs, vs = _tensors(SIZES, dtype, 1)
     # Tensor 1 and 3 misaligned: scalar loads for whole chunks too.
@@ -420,14 +425,14 @@ def test_stochastic_rounding_streams_match_cpu(harness):
     _check_lists(got_p, exp_p, "param")
 
 
-@pytest.mark.parametrize("cfg", [VARIANTS[0], VARIANTS[3], VARIANTS[7]], ids=_cfg_id)
+@pytest.mark.parametrize("cfg", [VARIANTS[0], VARIANTS[3], VARIANTS[7]], ids=cfg_id)
 @pytest.mark.parametrize("layout", list(GENERAL_LAYOUTS))
 def test_strided_kernel_matches_cpu(harness, cfg, layout):
     for dtype in DTYPES:
-        p, g, v = _general_operands(layout, [dtype] * 3, 21)
+        p, g, v = general_operands(layout, [dtype] * 3, 21)
         got_p, got_v = cuda_sgd_strided(harness, p, g, v, cfg)
         exp_p, exp_v = mfs.sgd_update(
-            *_arrays([p, g, v]), learning_rate=mx.array(0.0371), **cfg
+            *arrays_of([p, g, v]), learning_rate=mx.array(0.0371), **cfg
         )
         assert_bitwise_equal(got_p, exp_p, f"param, {dtype}")
         if cfg["momentum"] > 0:
@@ -477,19 +482,19 @@ def cuda_grad_read(h, kind, grads, slot_fill=float("nan")):
     """kind 0: the non-finite flag; 1: the squared norm, whose blocks write
     slots that start as ``slot_fill`` (NaN: a slot no block writes shows).
     Row- or column-contiguous gradients are read flat, the others strided."""
-    dtype = _arrays(grads)[0].dtype
+    dtype = arrays_of(grads)[0].dtype
     data, sizes, dense, ndims, shapes, strides, keep = [], [], [], [], [], [], []
     for g in grads:
         if isinstance(g, Strided):
             keep.append(g)
-            data.append(_buffer_ptr(g).value)
+            data.append(buffer_ptr(g).value)
             dense.append(0)
             ndims.append(g.array.ndim)
             shapes += list(g.array.shape)
             strides += list(g.strides)
             sizes.append(g.array.size)
         else:
-            x = _host(g).reshape(-1)
+            x = host_bits(g).reshape(-1)
             keep.append(x)
             data.append(x.ctypes.data)
             dense.append(1)
@@ -502,12 +507,12 @@ def cuda_grad_read(h, kind, grads, slot_fill=float("nan")):
         DTYPE_CODES[dtype],
         n,
         (P * n)(*data),
-        _ptr(np.array(sizes, np.int64)),
-        _ptr(np.array(dense, np.int32)),
-        _ptr(np.array(ndims, np.int32)),
-        _ptr(np.array(shapes or [0], np.int64)),
-        _ptr(np.array(strides or [0], np.int64)),
-        _ptr(result),
+        host_ptr(np.array(sizes, np.int64)),
+        host_ptr(np.array(dense, np.int32)),
+        host_ptr(np.array(ndims, np.int32)),
+        host_ptr(np.array(shapes or [0], np.int64)),
+        host_ptr(np.array(strides or [0], np.int64)),
+        host_ptr(result),
         slot_fill,
     )
     assert rc == 0, f"run_grad_read returned {rc}"
@@ -528,7 +533,7 @@ def test_grad_check_matches_cpu(harness, dtype, bad, where):
     )
     grads = [gs[0], tr, gs[1]]
     flag = cuda_grad_read(harness, 0, grads)
-    expected = mfs.grads_nonfinite(_arrays(grads)).item()
+    expected = mfs.grads_nonfinite(arrays_of(grads)).item()
     assert bool(flag) == expected
 
 
@@ -555,7 +560,7 @@ def test_grad_norm_matches_cpu(harness, dtype):
     )
     grads = gs + [sl]
     got = float(cuda_grad_read(harness, 1, grads))
-    expected = float(mfs.grad_norm(_arrays(grads))) ** 2
+    expected = float(mfs.grad_norm(arrays_of(grads))) ** 2
     assert abs(got - expected) <= 1e-5 * expected
 
 
@@ -579,7 +584,7 @@ def test_grad_norm_has_the_same_bits_whatever_order_the_blocks_run(harness):
         harness.set_reverse_blocks,
         lambda: cuda_grad_read(harness, 1, grads, slot_fill=0.0),
     )
-    expected = float(mfs.grad_norm(_arrays(grads))) ** 2
+    expected = float(mfs.grad_norm(arrays_of(grads))) ** 2
     assert abs(float(forward) - expected) <= 1e-5 * expected
 
 
@@ -590,7 +595,7 @@ def test_step_decay_kernel_matches_cpu(harness, contiguous):
     out = np.zeros(steps.size, np.float32)
     if contiguous:
         rc = harness.run_step_decay(
-            _ptr(steps), _ptr(out), steps.size, 0.1, 0.9, 10, 0, None, None
+            host_ptr(steps), host_ptr(out), steps.size, 0.1, 0.9, 10, 0, None, None
         )
         arr = mx.array(steps)
     else:
@@ -598,7 +603,15 @@ def test_step_decay_kernel_matches_cpu(harness, contiguous):
         shape = np.array([steps.size], np.int64)
         st = np.array([2], np.int64)
         rc = harness.run_step_decay(
-            _ptr(base), _ptr(out), steps.size, 0.1, 0.9, 10, 1, _ptr(shape), _ptr(st)
+            host_ptr(base),
+            host_ptr(out),
+            steps.size,
+            0.1,
+            0.9,
+            10,
+            1,
+            host_ptr(shape),
+            host_ptr(st),
         )
         arr = mx.array(base)[::2]
     assert rc == 0

@@ -26,7 +26,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 import mlx_fused_sgd as mfs
 from mlx_fused_sgd.examples import data_parallel as dp
 
-from conftest import assert_bitwise_equal
+from helpers import assert_bitwise_equal
 
 STEPS, BATCH = 6, 32
 
@@ -103,12 +103,9 @@ def _single_process(max_grad_norm, combined: bool):
     return out
 
 
+@pytest.mark.devices("cpu")
 @pytest.mark.parametrize("max_grad_norm", [None, 0.05], ids=["plain", "clipped"])
-def test_two_ranks_stay_identical_and_match_one_process(
-    tmp_path, device, max_grad_norm
-):
-    if device != "cpu":
-        pytest.skip("the ring backend runs the CPU stream here")
+def test_two_ranks_stay_identical_and_match_one_process(tmp_path, max_grad_norm):
     ranks = _launch(tmp_path, max_grad_norm)
     assert ranks[0].keys() == ranks[1].keys()
     for k in ranks[0]:
@@ -136,7 +133,7 @@ def test_two_ranks_stay_identical_and_match_one_process(
         assert norm == pytest.approx(combined["last_grad_norm"].item(), rel=1e-5)
 
 
-def test_example_runs_in_one_process(device):
+def test_example_runs_in_one_process():
     """Without the launcher the example trains alone (a group of size 1)."""
     model, optimizer = dp.train(2, 8, None, mx.distributed.init())
     assert optimizer.state["step"].item() == 2

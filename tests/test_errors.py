@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal, sgd_fallback
+from helpers import assert_bitwise_equal, sgd_fallback
 
 
 def _params():

@@ -9,7 +9,7 @@ import pytest
 import mlx_fused_sgd as mfs
 from mlx_fused_sgd import _ext
 
-from conftest import assert_bitwise_equal, sgd_fallback
+from helpers import assert_bitwise_equal, sgd_fallback
 
 VARIANTS = [
     dict(),

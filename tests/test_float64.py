@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal
+from helpers import assert_bitwise_equal
 
 # The warning that names float64 params (they take stock's ops, not the
 # fused kernel) is the subject of its own test below.
@@ -43,11 +43,10 @@ def _grads(i):
     }
 
 
+@pytest.mark.devices("cpu")
 @pytest.mark.parametrize("schedule", [False, True], ids=["float_lr", "step_decay"])
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(o) or "plain")
-def test_float64_params_give_stock_bits(options, schedule, device):
-    if device != "cpu":
-        pytest.skip("float64 runs on the CPU (see the GPU test below)")
+def test_float64_params_give_stock_bits(options, schedule):
     ours = mfs.FusedSGD(mfs.step_decay(0.1, 0.5, 2) if schedule else 0.1, **options)
     stock = optim.SGD(optim.step_decay(0.1, 0.5, 2) if schedule else 0.1, **options)
     a = b = _params()
@@ -63,11 +62,10 @@ def test_float64_params_give_stock_bits(options, schedule, device):
             assert_bitwise_equal(x, y, k)
 
 
-def test_float64_hyperparameters_are_not_rounded_to_float32(device):
+@pytest.mark.devices("cpu")
+def test_float64_hyperparameters_are_not_rounded_to_float32():
     """The weight decay meets a float64 param unrounded, as in stock: with
     float32(1e-4) instead, the result differs (so the test above can fail)."""
-    if device != "cpu":
-        pytest.skip("float64 runs on the CPU")
     p, g = _params()["w"], _grads(0)["w"]
     ours = mfs.FusedSGD(0.1, weight_decay=1e-4).apply_gradients({"w": g}, {"w": p})
     lr = mx.array(0.1).astype(mx.float64)
@@ -77,10 +75,9 @@ def test_float64_hyperparameters_are_not_rounded_to_float32(device):
     assert not mx.array_equal(ours["w"], rounded).item()
 
 
-def test_float64_model_compiled_gives_stock_bits(device):
+@pytest.mark.devices("cpu")
+def test_float64_model_compiled_gives_stock_bits():
     """An mlx.nn model in float64 under MLX's compile idiom."""
-    if device != "cpu":
-        pytest.skip("float64 runs on the CPU")
 
     def train(opt):
         mx.random.seed(0)
@@ -111,11 +108,10 @@ def test_float64_model_compiled_gives_stock_bits(device):
         assert_bitwise_equal(a, b, k)
 
 
-def test_float64_on_a_device_without_it_is_refused_by_name(device):
+@pytest.mark.devices("gpu")
+def test_float64_on_a_device_without_it_is_refused_by_name():
     """MLX computes float64 on the CPU only: on the GPU the step is refused
     with the param's path, and nothing changes."""
-    if device != "gpu":
-        pytest.skip("needs a GPU (MLX with Metal or CUDA)")
     opt = mfs.FusedSGD(0.1, momentum=0.9)
     params = {"w": mx.ones((3,), mx.float64, stream=mx.cpu)}
     with pytest.raises(ValueError, match="param 'w' has dtype float64.*CPU only"):
@@ -123,11 +119,10 @@ def test_float64_on_a_device_without_it_is_refused_by_name(device):
     assert opt.state["step"].item() == 0
 
 
-def test_float64_with_the_gradient_check_options_is_refused_by_name(device):
+@pytest.mark.devices("cpu")
+def test_float64_with_the_gradient_check_options_is_refused_by_name():
     """skip_nonfinite and max_grad_norm read every gradient in float32
     kernels: a float64 gradient is refused there, by its path."""
-    if device != "cpu":
-        pytest.skip("float64 runs on the CPU")
     p = {"w": mx.ones((3,), mx.float64)}
     for option in ({"skip_nonfinite": True}, {"max_grad_norm": 1.0}):
         opt = mfs.FusedSGD(0.1, **option)
@@ -136,11 +131,10 @@ def test_float64_with_the_gradient_check_options_is_refused_by_name(device):
         assert opt.state["step"].item() == 0
 
 
+@pytest.mark.devices("cpu")
 @pytest.mark.filterwarnings("default")
-def test_float64_params_are_named_as_not_fused(device):
+def test_float64_params_are_named_as_not_fused():
     """Once, at the first step: which params take stock's ops in double."""
-    if device != "cpu":
-        pytest.skip("float64 runs on the CPU")
     opt = mfs.FusedSGD(0.1, momentum=0.9)
     with pytest.warns(UserWarning, match=r"params 'w', 'b' are float64.*not the fused"):
         params = opt.apply_gradients(_grads(0), _params())

@@ -8,7 +8,7 @@ import pytest
 import mlx_fused_sgd as mfs
 from mlx_fused_sgd import _ext
 
-from conftest import assert_bitwise_equal
+from helpers import assert_bitwise_equal
 
 
 def _stock_step(

@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten, tree_map
 
 import mlx_fused_sgd as mfs
 
-from conftest import to_numpy
+from helpers import to_numpy
 
 Pair = namedtuple("Pair", ["first", "second"])
 

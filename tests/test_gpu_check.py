@@ -15,6 +15,10 @@ from pathlib import Path
 
 import pytest
 
+# Once, on the CPU: the GPU check's tooling, run on the CPU here.
+pytestmark = pytest.mark.devices("cpu")
+
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
 

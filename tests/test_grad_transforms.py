@@ -10,8 +10,7 @@ from mlx.utils import tree_flatten, tree_map
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal
-from test_parity import MLP, train_steps
+from helpers import MLP, assert_bitwise_equal, train_steps
 
 
 def _train_pair(make_fused, make_stock, transform, steps=20):

@@ -8,7 +8,7 @@ import pytest
 
 import mlx_fused_sgd as mfs
 
-from conftest import sgd_reference, to_numpy
+from helpers import sgd_reference, to_numpy
 
 CONFIGS = [
     dict(momentum=0.0, weight_decay=0.0, dampening=0.0, nesterov=False),

@@ -18,8 +18,7 @@ from mlx.utils import tree_flatten
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal, sgd_fallback, to_numpy
-from test_parity import MLP, train_steps
+from helpers import MLP, assert_bitwise_equal, sgd_fallback, to_numpy, train_steps
 
 # Probability that a correct implementation fails a statistical bound below.
 FAILURE_PROBABILITY = 1e-9

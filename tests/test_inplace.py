@@ -6,7 +6,7 @@ import numpy as np
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal
+from helpers import assert_bitwise_equal
 
 
 def test_held_reference_is_never_overwritten():

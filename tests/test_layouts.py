@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten, tree_map
 import mlx_fused_sgd as mfs
 from mlx_fused_sgd.examples import models
 
-from conftest import assert_bitwise_equal
+from helpers import assert_bitwise_equal
 
 # Sizes that cross the CPU loop's 8 x 8 blocks and 64 x 128 tiles with
 # remainders, and one large enough to be split across threads.

@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal
+from helpers import assert_bitwise_equal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def _settled_active_memory() -> int:
 
 
 @pytest.mark.slow
-def test_soak_thousands_of_steps_no_memory_growth(device):
+def test_soak_thousands_of_steps_no_memory_growth():
     steps = 10_000
     mx.random.seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -148,9 +148,8 @@ def _train(tmp_path, mode, impl, start, steps):
     "first,second",
     [("fused", "fused"), ("stock", "fused"), ("fused", "stock")],
 )
-def test_resume_in_a_fresh_process_is_bit_identical(tmp_path, first, second, device):
-    if device != "cpu":
-        pytest.skip("the subprocesses run on the default device")
+@pytest.mark.devices("cpu")
+def test_resume_in_a_fresh_process_is_bit_identical(tmp_path, first, second):
     uninterrupted = tmp_path / "a"
     resumed = tmp_path / "b"
     uninterrupted.mkdir()
@@ -268,9 +267,8 @@ def test_two_streams_match_sequential(device):
             assert_bitwise_equal(got[k], exp[k], k)
 
 
-def test_two_threads_match_sequential(device):
-    if device != "cpu":
-        pytest.skip("CPU streams")
+@pytest.mark.devices("cpu")
+def test_two_threads_match_sequential():
     data = [_data(1), _data(2)]
     expected = [_run_optimizer(d, 5) for d in data]
     results = [None, None]

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+# Once, on the CPU: a compile check.
+pytestmark = pytest.mark.devices("cpu")
+
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "tests" / "metal_clang"
 SOURCES = sorted((ROOT / "kernels").glob("*.metal"))

@@ -21,48 +21,30 @@ import pytest
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal, compile_harness
+from helpers import (
+    GENERAL_LAYOUTS,
+    HOST_DTYPE,
+    VARIANTS,
+    Strided,
+    arrays_of,
+    assert_bitwise_equal,
+    buffer_ptr,
+    cfg_id,
+    compile_harness,
+    general_operands,
+    host_bits,
+    host_ptr,
+    norm_in_both_orders,
+)
+
+# Once, on the CPU: the host harness runs the kernels on the CPU, against the CPU primitives.
+pytestmark = pytest.mark.devices("cpu")
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIM = ROOT / "tests" / "metal_shim"
 HARNESS = ROOT / "tests" / "metal_harness.cpp"
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-VARIANTS = [
-    dict(momentum=0.0, weight_decay=0.0, dampening=0.0, nesterov=False),
-    dict(momentum=0.0, weight_decay=0.01, dampening=0.0, nesterov=False),
-    dict(momentum=0.9, weight_decay=0.0, dampening=0.0, nesterov=False),
-    dict(momentum=0.9, weight_decay=0.01, dampening=0.0, nesterov=False),
-    dict(momentum=0.7, weight_decay=0.0, dampening=0.25, nesterov=False),
-    dict(momentum=0.7, weight_decay=0.02, dampening=0.25, nesterov=False),
-    dict(momentum=0.9, weight_decay=0.0, dampening=0.0, nesterov=True),
-    dict(momentum=0.9, weight_decay=0.003, dampening=0.0, nesterov=True),
-    dict(momentum=0.0, weight_decay=0.01, dampening=0.0, nesterov=False, maximize=True),
-    dict(
-        momentum=0.9, weight_decay=0.0, dampening=0.0, nesterov=False, grad_scale=1024.0
-    ),
-    dict(
-        momentum=0.7,
-        weight_decay=0.02,
-        dampening=0.25,
-        nesterov=False,
-        maximize=True,
-        grad_scale=3.0,
-    ),
-    dict(
-        momentum=0.9,
-        weight_decay=0.003,
-        dampening=0.0,
-        nesterov=True,
-        grad_scale=65536.0,
-    ),
-]
-
-
-def _cfg_id(c):
-    clip = c.get("clip_factor")
-    extra = f"-max{int(c.get('maximize', False))}-s{c.get('grad_scale')}"
-    extra += f"-c{clip.item() if clip is not None else None}"
-    return f"m{c['momentum']}-wd{c['weight_decay']}-d{c['dampening']}-n{int(c['nesterov'])}{extra}"
 
 
 SIZES = [1, 3, 4, 5, 7, 8, 9, 1023, 1025]
@@ -141,45 +123,6 @@ def harness(tmp_path_factory):
     return build_harness(tmp_path_factory.mktemp("metal"))
 
 
-def _host(a: mx.array) -> np.ndarray:
-    """The array's elements as a contiguous NumPy buffer of the same bits."""
-    if a.dtype == mx.bfloat16:
-        a = a.view(mx.uint16)
-    return np.ascontiguousarray(np.array(a))
-
-
-def _ptr(x: np.ndarray):
-    return x.ctypes.data_as(ctypes.c_void_p)
-
-
-def _buffer_ptr(x):
-    """Address of element 0 of a buffer, or of a strided view's first element
-    inside its base buffer (so that negative strides stay in bounds)."""
-    if isinstance(x, Strided):
-        return ctypes.c_void_p(x.buffer.ctypes.data + x.offset * x.buffer.itemsize)
-    return _ptr(x)
-
-
-class Strided:
-    """A non-contiguous view: a base buffer, a shape and element strides."""
-
-    def __init__(self, base: mx.array, view):
-        self.base = base
-        self.array = view(base)
-        nb = _host(base)
-        self.buffer = nb
-        # Element strides of the view over the base buffer, from NumPy.
-        nview = view(nb)
-        self.strides = np.array([s // nb.itemsize for s in nview.strides], np.int64)
-        self.offset = (
-            nview.__array_interface__["data"][0] - nb.ctypes.data
-        ) // nb.itemsize
-
-
-# The host buffer type holding each MLX dtype's bits (bfloat16 as uint16).
-HOST_DTYPE = {mx.float32: np.float32, mx.float16: np.float16, mx.bfloat16: np.uint16}
-
-
 ROUNDING = {"nearest": 0, "stochastic": 1, "master": 2}
 
 
@@ -220,7 +163,7 @@ def metal_sgd(
             bufs.append(a)
             strides.append(a.strides)
         else:
-            bufs.append(_host(a).reshape(-1))
+            bufs.append(host_bits(a).reshape(-1))
             st = np.ones(len(shape), np.int64)
             for d in range(len(shape) - 2, -1, -1):
                 st[d] = st[d + 1] * shape[d + 1]
@@ -258,27 +201,27 @@ def metal_sgd(
         int(not strided),
         size,
         len(shape),
-        _ptr(shape_arr),
-        _ptr(strides[0]),
-        _ptr(strides[1]),
-        _ptr(strides[2]),
-        _buffer_ptr(bufs[0]),
-        _buffer_ptr(bufs[1]),
-        _buffer_ptr(bufs[2]),
-        _ptr(out_p),
-        _ptr(out_v),
-        _ptr(lr_arr),
-        _ptr(step_arr),
-        _ptr(scale_arr),
-        _ptr(skip_arr),
-        _ptr(clip_arr),
+        host_ptr(shape_arr),
+        host_ptr(strides[0]),
+        host_ptr(strides[1]),
+        host_ptr(strides[2]),
+        buffer_ptr(bufs[0]),
+        buffer_ptr(bufs[1]),
+        buffer_ptr(bufs[2]),
+        host_ptr(out_p),
+        host_ptr(out_v),
+        host_ptr(lr_arr),
+        host_ptr(step_arr),
+        host_ptr(scale_arr),
+        host_ptr(skip_arr),
+        host_ptr(clip_arr),
         ROUNDING[rounding],
         rounding_seed or 0,
         tensor_index,
-        _buffer_ptr(bufs[3]) if master is not None else None,
-        _ptr(out_m),
-        _ptr(strides[3]) if master is not None else None,
-        _ptr(rstep_arr),
+        buffer_ptr(bufs[3]) if master is not None else None,
+        host_ptr(out_m),
+        host_ptr(strides[3]) if master is not None else None,
+        host_ptr(rstep_arr),
     )
     assert rc == 0, f"kernel for {dtype} {cfg} not instantiated (rc {rc})"
 
@@ -300,7 +243,7 @@ def _inputs(shape, dtype, seed):
 @pytest.mark.parametrize(
     "cfg",
     VARIANTS,
-    ids=_cfg_id,
+    ids=cfg_id,
 )
 def test_contiguous_kernel_matches_cpu(harness, dtype, cfg):
     for size in SIZES:
@@ -326,88 +269,14 @@ def test_scheduled_kernel_matches_cpu(harness, dtype, step):
     assert_bitwise_equal(got_v, exp_v)
 
 
-def _broadcast(shape):
-    def view(a):
-        return (np if isinstance(a, np.ndarray) else mx).broadcast_to(a, shape)
-
-    return view
-
-
-# Layouts for the general kernels: the logical shape, then for param, grad
-# and momentum buffer either None (row-contiguous) or (base shape, view).
-# The rows of a layout are cut into bands of kRowsPerThread (8) with a
-# remainder; the planner moves a transposed operand's contiguous axis to the
-# rows.
-GENERAL_LAYOUTS = {
-    "transposed_grad": ((19, 13), None, ((13, 19), lambda a: a.T), None),
-    "all_transposed_negative_strides": (
-        (6, 5),
-        ((5, 6), lambda a: a.T),
-        ((5, 6), lambda a: a[::-1].T),
-        ((5, 6), lambda a: a.T),
-    ),
-    "batched_transposed_grad": (
-        (3, 11, 17),
-        None,
-        ((3, 17, 11), lambda a: a.swapaxes(1, 2)),
-        None,
-    ),
-    "transposed_leading_axis": (
-        (4, 9, 6),
-        None,
-        ((9, 4, 6), lambda a: a.transpose(1, 0, 2)),
-        ((9, 4, 6), lambda a: a.transpose(1, 0, 2)),
-    ),
-    "permuted_4d": (
-        (2, 3, 4, 5),
-        None,
-        ((4, 3, 5, 2), lambda a: a.transpose(3, 1, 0, 2)),
-        None,
-    ),
-    "sliced_step": (
-        (9, 13),
-        ((9, 40), lambda a: a[:, 1::3]),
-        ((9, 40), lambda a: a[:, ::3][:, :13]),
-        None,
-    ),
-    "broadcast_row_grad": ((9, 13), None, ((13,), _broadcast((9, 13))), None),
-    "broadcast_column_grad": ((9, 13), None, ((9, 1), _broadcast((9, 13))), None),
-    "size_one_axes": (
-        (1, 5, 1, 7),
-        None,
-        ((1, 7, 1, 5), lambda a: a.swapaxes(1, 3)),
-        ((1, 7, 1, 5), lambda a: a.swapaxes(1, 3)),
-    ),
-}
-
-
-def _general_operands(layout, dtypes, seed):
-    """param, grad and momentum buffer for a GENERAL_LAYOUTS entry, each of
-    its dtype: arrays, or Strided views."""
-    shape, *specs = GENERAL_LAYOUTS[layout]
-    out = []
-    for k, (spec, dtype) in enumerate(zip(specs, dtypes)):
-        base_shape, view = spec if spec is not None else (shape, None)
-        base = mx.random.normal(base_shape, key=mx.random.key(seed + k)).astype(dtype)
-        out.append(base if view is None else Strided(base, view))
-    for x in out:
-        assert (x.array if isinstance(x, Strided) else x).shape == shape
-    assert any(isinstance(x, Strided) for x in out)
-    return out
-
-
-def _arrays(operands):
-    return [x.array if isinstance(x, Strided) else x for x in operands]
-
-
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("cfg", VARIANTS, ids=_cfg_id)
+@pytest.mark.parametrize("cfg", VARIANTS, ids=cfg_id)
 @pytest.mark.parametrize("layout", list(GENERAL_LAYOUTS))
 def test_general_kernel_matches_cpu(harness, dtype, cfg, layout):
     t = DTYPES[dtype]
-    p, g, v = _general_operands(layout, (t, t, t), 7)
+    p, g, v = general_operands(layout, (t, t, t), 7)
     got_p, got_v = metal_sgd(harness, p, g, v, cfg, lr=0.05)
-    exp_p, exp_v = mfs.sgd_update(*_arrays((p, g, v)), learning_rate=0.05, **cfg)
+    exp_p, exp_v = mfs.sgd_update(*arrays_of((p, g, v)), learning_rate=0.05, **cfg)
     assert_bitwise_equal(got_p, exp_p)
     if cfg["momentum"] > 0:
         assert_bitwise_equal(got_v, exp_v)
@@ -415,7 +284,7 @@ def test_general_kernel_matches_cpu(harness, dtype, cfg, layout):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize(
-    "cfg", [VARIANTS[2], VARIANTS[5], VARIANTS[7], VARIANTS[10]], ids=_cfg_id
+    "cfg", [VARIANTS[2], VARIANTS[5], VARIANTS[7], VARIANTS[10]], ids=cfg_id
 )
 def test_float32_momentum_for_half_params_matches_cpu(harness, dtype, cfg):
     t = DTYPES[dtype]
@@ -457,7 +326,7 @@ def _state(state_dtype, shape, seed):
 
 
 @pytest.mark.parametrize("pair", HALF_PAIRS["master"], ids="-".join)
-@pytest.mark.parametrize("cfg", VARIANTS, ids=_cfg_id)
+@pytest.mark.parametrize("cfg", VARIANTS, ids=cfg_id)
 def test_master_weight_kernels_match_cpu(harness, pair, cfg):
     dtype, state_dtype = pair
     t = DTYPES[dtype]
@@ -498,7 +367,7 @@ def test_master_weight_kernels_match_cpu(harness, pair, cfg):
 
 
 @pytest.mark.parametrize("pair", HALF_PAIRS["stochastic"], ids="-".join)
-@pytest.mark.parametrize("cfg", VARIANTS, ids=_cfg_id)
+@pytest.mark.parametrize("cfg", VARIANTS, ids=cfg_id)
 def test_stochastic_rounding_kernels_match_cpu(harness, pair, cfg):
     dtype, state_dtype = pair
     t = DTYPES[dtype]
@@ -569,9 +438,7 @@ def test_half_storage_general_kernels_match_cpu(harness, mode, pair, layout):
     stochastic rounding (bits keyed by the row-major index) on every general
     layout."""
     dtype, state_dtype = pair
-    p, g, v = _general_operands(
-        layout, (DTYPES[dtype],) * 2 + (DTYPES[state_dtype],), 3
-    )
+    p, g, v = general_operands(layout, (DTYPES[dtype],) * 2 + (DTYPES[state_dtype],), 3)
     shape, _, grad_spec, _ = GENERAL_LAYOUTS[layout]
     base_shape, view = grad_spec if grad_spec is not None else (shape, None)
     base_m = mx.random.normal(base_shape, key=mx.random.key(99))
@@ -581,9 +448,9 @@ def test_half_storage_general_kernels_match_cpu(harness, mode, pair, layout):
         if mode == "master":
             got = metal_sgd(harness, p, g, v, cfg, lr=0.05, master=m)
             exp = mfs.sgd_update_many(
-                *([x] for x in _arrays((p, g, v))),
+                *([x] for x in arrays_of((p, g, v))),
                 learning_rate=0.05,
-                master_params=_arrays([m]),
+                master_params=arrays_of([m]),
                 **cfg,
             )
             assert_bitwise_equal(got[2], exp[2][0], "master")
@@ -592,7 +459,7 @@ def test_half_storage_general_kernels_match_cpu(harness, mode, pair, layout):
                 harness, p, g, v, cfg, lr=0.05, rounding_seed=seed, rounding_step=step
             )
             exp = mfs.sgd_update_many(
-                *([x] for x in _arrays((p, g, v))),
+                *([x] for x in arrays_of((p, g, v))),
                 learning_rate=0.05,
                 rounding_seed=seed,
                 rounding_step=step,
@@ -658,7 +525,7 @@ def metal_grad_check(
             ref, buf, st = a.array, a, a.strides
             contig.append(0)
         else:
-            ref, buf = a, _host(a).reshape(-1)
+            ref, buf = a, host_bits(a).reshape(-1)
             st = np.ones(max(a.ndim, 1), np.int64)
             contig.append(1)
         shape = np.array(ref.shape or (1,), np.int32)
@@ -668,19 +535,19 @@ def metal_grad_check(
         ndims.append(ref.ndim)
         shapes.append(shape.ctypes.data)
         strides.append(st.ctypes.data)
-        data.append(_buffer_ptr(buf).value)
+        data.append(buffer_ptr(buf).value)
     n = len(arrays)
     flag = np.zeros(1, out_dtype)
     rc = getattr(h, fn)(
         n,
         (ctypes.c_char_p * n)(*dtypes),
-        _ptr(np.array(contig, np.int32)),
-        _ptr(np.array(sizes, np.int64)),
-        _ptr(np.array(ndims, np.int32)),
+        host_ptr(np.array(contig, np.int32)),
+        host_ptr(np.array(sizes, np.int64)),
+        host_ptr(np.array(ndims, np.int32)),
         (ctypes.c_void_p * n)(*shapes),
         (ctypes.c_void_p * n)(*strides),
         (ctypes.c_void_p * n)(*data),
-        _ptr(flag),
+        host_ptr(flag),
         *([slot_fill] if fn == "run_grad_norm" else []),
     )
     assert rc == 0
@@ -740,24 +607,6 @@ def test_grad_norm_kernels_match_cpu(harness, dtype):
     assert abs(expected - exact) <= 1e-6 * exact
 
 
-def norm_in_both_orders(set_reverse, read):
-    """The norm read() gives with the grids' threadgroups (blocks) run first
-    to last, after checking that run last to first (set_reverse(1)) it has
-    the same bits."""
-    try:
-        set_reverse(0)
-        forward = read()
-        set_reverse(1)
-        backward = read()
-    finally:
-        set_reverse(0)
-    assert forward.view(np.uint32) == backward.view(np.uint32), (
-        f"the norm's bits depend on the order: {forward!r} first to last, "
-        f"{backward!r} last to first"
-    )
-    return forward
-
-
 def test_grad_norm_has_the_same_bits_whatever_order_the_threadgroups_run(harness):
     """A GPU runs threadgroups in no set order. The norm's threadgroups
     write slots of their own, added up in one fixed order, so grids run
@@ -801,10 +650,10 @@ def metal_step_decay(h, steps: np.ndarray, sched, contiguous=True):
         int(contiguous),
         steps.size,
         len(shape),
-        _ptr(shape_arr),
-        _ptr(strides),
-        _ptr(base),
-        _ptr(out),
+        host_ptr(shape_arr),
+        host_ptr(strides),
+        host_ptr(base),
+        host_ptr(out),
     )
     assert rc == 0
     return mx.array(out.reshape(shape))

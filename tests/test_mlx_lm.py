@@ -17,10 +17,14 @@ from mlx.utils import tree_flatten, tree_map
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal
+from helpers import assert_bitwise_equal
 
 # Generic small arguments: each architecture's ModelArgs.from_dict keeps the
 # names it knows. Sizes are tiny (hidden 32, 2 layers, vocabulary 64).
+# Once, on the CPU: the bit-for-bit contract is float32 on the CPU.
+pytestmark = pytest.mark.devices("cpu")
+
+
 GENERIC = dict(
     hidden_size=32,
     num_hidden_layers=2,
@@ -423,9 +427,7 @@ def assert_same_training(a_model, a_opt, a_losses, b_model, b_opt, b_losses):
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("name", ARCHITECTURES)
-def test_architecture_gives_stock_bits(name, compiled, device):
-    if device != "cpu":
-        pytest.skip("the bit-for-bit contract is float32 on the CPU")
+def test_architecture_gives_stock_bits(name, compiled):
     if compiled and name in NOT_COMPILED:
         pytest.skip(NOT_COMPILED[name])
     options = OPTIONS[ARCHITECTURES.index(name) % len(OPTIONS)]

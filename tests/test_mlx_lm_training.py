@@ -18,15 +18,13 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal, sgd_reference, small_llama, to_numpy
+from helpers import assert_bitwise_equal, sgd_reference, small_llama, to_numpy
+
+# Once, on the CPU: the bit-for-bit contract is float32 on the CPU.
+pytestmark = pytest.mark.devices("cpu")
+
 
 VOCAB = 64
-
-
-@pytest.fixture(autouse=True)
-def cpu_only(device):
-    if device != "cpu":
-        pytest.skip("the bit-for-bit contract is float32 on the CPU")
 
 
 def adapt(model: nn.Module, kind: str) -> nn.Module:

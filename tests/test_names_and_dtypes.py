@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten, tree_map
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal, sgd_fallback
+from helpers import assert_bitwise_equal, sgd_fallback
 
 
 def _model_tree():

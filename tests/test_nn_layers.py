@@ -14,7 +14,10 @@ from mlx.utils import tree_flatten, tree_map
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal
+from helpers import assert_bitwise_equal
+
+# Once, on the CPU: the bit-for-bit contract is float32 on the CPU.
+pytestmark = pytest.mark.devices("cpu")
 
 
 def _x(*shape, seed=0):
@@ -181,9 +184,7 @@ def _train(model, optimizer, steps=3):
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o)))
 @pytest.mark.parametrize("name", sorted(LAYERS))
-def test_layer_gives_stock_bits(name, options, device):
-    if device != "cpu":
-        pytest.skip("the bit-for-bit contract is float32 on the CPU")
+def test_layer_gives_stock_bits(name, options):
     model = _model(name)
     stock_model = _model(name)
     initial = tree_map(lambda x: x, model.parameters())

@@ -11,7 +11,11 @@ import pytest
 
 import mlx_fused_sgd as mfs
 
-from conftest import pyproject
+from helpers import pyproject
+
+# Once, on the CPU: what is built and installed does not depend on the device.
+pytestmark = pytest.mark.devices("cpu")
+
 
 ROOT = Path(__file__).resolve().parents[1]
 

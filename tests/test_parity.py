@@ -1,51 +1,13 @@
 """FusedSGD against stock mlx.optimizers.SGD on a real mlx.nn model."""
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx.optimizers as optim
 import pytest
 from mlx.utils import tree_flatten
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal
-
-
-class MLP(nn.Module):
-    """Nested layers: a list of Linear, a LayerNorm and a dict of heads."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = [nn.Linear(8, 32), nn.Linear(32, 32)]
-        self.norm = nn.LayerNorm(32)
-        self.heads = {"out": nn.Linear(32, 3), "aux": nn.Linear(32, 1)}
-
-    def __call__(self, x):
-        for layer in self.layers:
-            x = nn.relu(layer(x))
-        x = self.norm(x)
-        return self.heads["out"](x), self.heads["aux"](x)
-
-
-def _loss(model, x, y, z):
-    out, aux = model(x)
-    return nn.losses.cross_entropy(out, y, reduction="mean") + mx.mean(
-        (aux.squeeze(-1) - z) ** 2
-    )
-
-
-def train_steps(model, optimizer, steps, key, transform=None):
-    """`steps` training steps on generated data drawn from `key`; the
-    gradients pass through `transform` first when one is given."""
-    loss_and_grad = nn.value_and_grad(model, _loss)
-    for _ in range(steps):
-        key, k1, k2, k3 = mx.random.split(key, 4)
-        x = mx.random.normal((16, 8), key=k1)
-        y = mx.random.randint(0, 3, (16,), key=k2)
-        z = mx.random.normal((16,), key=k3)
-        _, grads = loss_and_grad(model, x, y, z)
-        optimizer.update(model, transform(grads) if transform else grads)
-        mx.eval(model.parameters(), optimizer.state)
+from helpers import MLP, assert_bitwise_equal, train_steps
 
 
 def _train(make_optimizer, steps=50, seed=0):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import mlx_fused_sgd as mfs
 
-from conftest import sgd_fallback, sgd_reference, to_numpy
+from helpers import sgd_fallback, sgd_reference, to_numpy
 
 DTYPES = [mx.float32, mx.float16, mx.bfloat16]
 # Around the CPU block width (16) and the Metal work per thread (4).

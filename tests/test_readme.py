@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import pyproject
+from helpers import pyproject
+
+# Once, on the CPU: the documentation's commands and examples are checked once.
+pytestmark = pytest.mark.devices("cpu")
+
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -17,7 +21,7 @@ def _python_blocks(path: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
 
 
-def test_quick_start_runs(device, capsys):
+def test_quick_start_runs(capsys):
     blocks = _python_blocks(README)
     assert blocks, "README has no python block"
     scope: dict = {}
@@ -28,7 +32,7 @@ def test_quick_start_runs(device, capsys):
 
 
 @pytest.mark.parametrize("page", [README, *DOCS], ids=lambda p: p.name)
-def test_every_python_block_runs(page, device):
+def test_every_python_block_runs(page):
     """Every ```python block of a page runs, in order, in one namespace per
     page (later blocks may use what earlier ones defined)."""
     blocks = _python_blocks(page)
@@ -79,7 +83,7 @@ def test_nothing_points_outside_the_repository():
             assert name not in text, f"{page.name} names {name}"
 
 
-def test_option_examples_construct(device):
+def test_option_examples_construct():
     """The docs' option snippets use the real keyword names."""
     snippet = next(
         b for p in DOCS for b in _python_blocks(p) if "rounding_seed=1234" in b
@@ -93,7 +97,7 @@ def test_option_examples_construct(device):
     assert scope["opt"].stochastic_rounding and scope["opt"].rounding_seed == 1234
 
 
-def test_every_option_example_runs(device):
+def test_every_option_example_runs():
     """The one-place example of every option runs, each optimizer taking its
     step."""
     snippet = next(

@@ -19,15 +19,13 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal, sgd_fallback
+from helpers import assert_bitwise_equal, sgd_fallback
+
+# Once, on the CPU: the bit-for-bit contract is float32 on the CPU.
+pytestmark = pytest.mark.devices("cpu")
+
 
 SHAPE = (3, 5)
-
-
-@pytest.fixture(autouse=True)
-def cpu_only(device):
-    if device != "cpu":
-        pytest.skip("the bit-for-bit contract is float32 on the CPU")
 
 
 def _params():

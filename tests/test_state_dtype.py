@@ -7,7 +7,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal, sgd_reference, to_numpy
+from helpers import assert_bitwise_equal, sgd_reference, to_numpy
 
 
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16], ids=str)

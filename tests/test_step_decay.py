@@ -7,7 +7,7 @@ import pytest
 
 import mlx_fused_sgd as mfs
 
-from conftest import assert_bitwise_equal
+from helpers import assert_bitwise_equal
 
 INT_DTYPES = [
     mx.int8,

@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten
 import mlx_fused_sgd as mfs
 from mlx_fused_sgd import optimizer as opt_module
 
-from conftest import assert_bitwise_equal, small_llama
+from helpers import assert_bitwise_equal, small_llama
 
 SETTINGS = settings(
     max_examples=300,

@@ -13,6 +13,10 @@ import pytest
 
 import mlx_fused_sgd as mfs
 
+# Once, on the CPU: type checking does not depend on the device.
+pytestmark = pytest.mark.devices("cpu")
+
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = Path(mfs.__file__).resolve().parent
 

@@ -12,7 +12,7 @@ the whole step with each, in interleaved rounds. Last, the convnet's step
 (few small tensors, in cache) split the same way, against the least an
 evaluation costs in MLX here.
 
-    python benchmarks/host_share.py
+    python benchmarks/studies/host_share.py [--quick]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench  # noqa: E402
 
@@ -59,6 +59,8 @@ def _build_and_evaluate(opt, grads, params, steps: int):
 
 
 def main() -> None:
+    quick = "--quick" in sys.argv[1:]  # a smoke run: few steps
+    steps = 60 if quick else STEPS
     shapes = bench.workload_shapes("small")
     params = bench.make_tree(shapes, mx.float32, 0)
     grads = bench.make_tree(shapes, mx.float32, 1)
@@ -68,7 +70,7 @@ def main() -> None:
 
     # Time the C++ op inside apply_gradients by wrapping it.
     ext = opt_module._ext
-    original = ext.sgd_update_many_scheduled
+    original = ext.sgd_update
     op_times: list[float] = []
 
     def timed_op(*args, **kwargs):
@@ -77,16 +79,16 @@ def main() -> None:
         op_times.append(time.perf_counter() - t0)
         return out
 
-    ext.sgd_update_many_scheduled = timed_op
+    ext.sgd_update = timed_op
     try:
-        params, build, evaluate = _build_and_evaluate(opt, grads, params, STEPS)
+        params, build, evaluate = _build_and_evaluate(opt, grads, params, steps)
     finally:
-        ext.sgd_update_many_scheduled = original
+        ext.sgd_update = original
 
     def ms(x: list[float]) -> float:
         return statistics.median(x[SKIP:]) * 1e3
 
-    print(f"1000 x (1024,) float32, median of {STEPS - SKIP} steps")
+    print(f"1000 x (1024,) float32, median of {steps - SKIP} steps")
     print(
         f"  apply_gradients {ms(build):.3f} ms: C++ op {ms(op_times):.3f} ms, "
         f"Python around it {ms(build) - ms(op_times):.3f} ms"
@@ -128,7 +130,7 @@ def main() -> None:
         f"    (direct key lookups, no checks: {_median_us(lookups):6.1f} us; "
         f"dict(zip(keys, leaves)): {zipped:6.1f} us)"
     )
-    whole_step(opt, grads, params)
+    whole_step(opt, grads, params, *((1, 10) if quick else ()))
 
 
 def _set_items_in_python(states, key, values) -> None:

@@ -7,7 +7,7 @@ and 40 bytes further on (views made with mx.as_strided), each against the
 same values made contiguous; interleaved rounds, medians of per-round
 ratios.
 
-    python benchmarks/grad_offset.py [rounds]
+    python benchmarks/studies/grad_offset.py [rounds]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_map
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Measure the FusedSGD step for each ``tensors_per_primitive`` on the three
 workloads: the measurement behind the default chunk size.
 
-    python benchmarks/chunk_sweep.py [--chunks 1 2 4 8 16 32] [--reps 20]
+    python benchmarks/studies/chunk_sweep.py [--chunks 1 2 4 8 16 32] [--reps 20]
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import HYPER, SCHEDULE, make_tree, workload_shapes  # noqa: E402
 
 import mlx_fused_sgd as mfs  # noqa: E402

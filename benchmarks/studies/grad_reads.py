@@ -1,7 +1,7 @@
 """Read speed of the gradient reads that max_grad_norm and skip_nonfinite add
 before the update: the global squared norm and the non-finite check, alone.
 
-    python benchmarks/grad_reads.py [--tensors 6] [--size 4194304] [--reps 15]
+    python benchmarks/studies/grad_reads.py [--tensors 6] [--size 4194304] [--reps 15]
 """
 
 from __future__ import annotations

@@ -7,11 +7,12 @@ as MLX creates them, then with every weight whose gradient is transposed
 copied into column-major storage (same values), and whether the loss and the
 gradients are bit-identical; and the forward and backward time of each.
 
-    python benchmarks/colmajor_weights.py
+    python benchmarks/studies/colmajor_weights.py
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -21,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench  # noqa: E402
 
@@ -50,16 +51,20 @@ def median_ms(w, batch, reps: int = 9) -> float:
 
 
 def main() -> None:
-    for name in ("mlp", "decoder", "convnet"):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workloads", nargs="+", default=["mlp", "decoder", "convnet"])
+    ap.add_argument("--reps", type=int, default=9)
+    args = ap.parse_args()
+    for name in args.workloads:
         w, batch, grads = bench.real_workload(name, mx.float32)
         params = w.model.trainable_parameters()
         loss0, g0 = forward_backward(w, batch)
-        row_ms = median_ms(w, batch)
+        row_ms = median_ms(w, batch, args.reps)
         moved = tree_map(column_major, params, grads)
         mx.eval(moved)
         w.model.update(moved)
         loss1, g1 = forward_backward(w, batch)
-        col_ms = median_ms(w, batch)
+        col_ms = median_ms(w, batch, args.reps)
         w.model.update(params)
         same = sum(mx.array_equal(g0[k], g1[k]).item() for k in g0)
         worst = max(mx.abs(g0[k] - g1[k]).max().item() for k in g0)
