@@ -83,11 +83,11 @@ def sgd_fallback(
     from mlx_fused_sgd import functional
 
     schedule = None if step is None else mfs.step_decay(init, decay_rate, step_size)
-    return functional.run(
+    return functional.apply_update(
         params,
         grads,
         velocities,
-        functional.settings(grads, **options),
+        functional.sgd_settings(grads, **options),
         learning_rate=learning_rate,
         step=step,
         schedule=schedule,

@@ -130,29 +130,38 @@ def test_probe_parity_passes_and_can_fail(monkeypatch):
     assert stock_rows and not any(r["ok"] for r in stock_rows)
 
 
-def test_the_run_writes_few_small_files_that_come_back(tmp_path):
-    """``run``'s phases on the CPU, with small settings: the output folder
-    holds at most 8 files (what a lent machine sends back), none more than 2
-    folders down, each named in letters, digits, '.', '_' and '-'."""
-    out = tmp_path / "out"
-    small = "--workloads mlp --rounds 1 --reps 1 --warmup 1 --no-training"
+def _run_on_the_cpu(out: Path, **settings: str) -> subprocess.CompletedProcess:
+    """``tools/gpu_check.sh run out`` on this machine's CPU (the quick probe),
+    with the environment ``settings``."""
     env = dict(
         os.environ,
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         MFS_GPU_CHECK_DEVICE="cpu",
-        MFS_GPU_CHECK_BUDGET_S="240",
         MFS_GPU_CHECK_PROBE="--quick",
-        MFS_GPU_CHECK_BENCH=small,
-        MFS_GPU_CHECK_BENCH_1B=small,
-        MFS_GPU_CHECK_TESTS="tests/test_gpu_check.py -k damaged",
+        **settings,
     )
-    done = subprocess.run(
+    return subprocess.run(
         ["bash", str(TOOLS / "gpu_check.sh"), "run", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
+    )
+
+
+def test_the_run_writes_few_small_files_that_come_back(tmp_path):
+    """``run``'s phases on the CPU, with small settings: the output folder
+    holds at most 8 files (what a lent machine sends back), none more than 2
+    folders down, each named in letters, digits, '.', '_' and '-'."""
+    out = tmp_path / "out"
+    small = "--workloads mlp --rounds 1 --reps 1 --warmup 1 --no-training"
+    done = _run_on_the_cpu(
+        out,
+        MFS_GPU_CHECK_BUDGET_S="240",
+        MFS_GPU_CHECK_BENCH=small,
+        MFS_GPU_CHECK_BENCH_1B=small,
+        MFS_GPU_CHECK_TESTS="tests/test_gpu_check.py -k damaged",
     )
     assert done.returncode == 0, done.stdout + done.stderr
     found = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
@@ -180,21 +189,7 @@ def test_the_run_stops_at_its_deadline(tmp_path):
     phases left once it is spent are skipped: the run ends inside the lent
     machine's window whatever hangs."""
     out = tmp_path / "out"
-    env = dict(
-        os.environ,
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        MFS_GPU_CHECK_DEVICE="cpu",
-        MFS_GPU_CHECK_BUDGET_S="14",
-        MFS_GPU_CHECK_PROBE="--quick",
-    )
-    done = subprocess.run(
-        ["bash", str(TOOLS / "gpu_check.sh"), "run", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _run_on_the_cpu(out, MFS_GPU_CHECK_BUDGET_S="14")
     assert done.returncode == 0, done.stdout + done.stderr
     log = (out / "log.txt").read_text()
     assert "== tests: skipped, the run's time is spent" in log, log[-2000:]

@@ -173,7 +173,7 @@ def _as_step(step: mx.array | int | None) -> mx.array | None:
     )
 
 
-def settings(
+def sgd_settings(
     grads: Sequence[mx.array],
     *,
     momentum: float = 0.0,
@@ -206,7 +206,7 @@ def settings(
     )
 
 
-def run(
+def apply_update(
     params: Sequence[mx.array],
     grads: Sequence[mx.array],
     velocities: Sequence[mx.array] | None,
@@ -228,8 +228,10 @@ def run(
             "step": step,
             "schedule": (float(s.init), float(s.decay_rate), s.step_size),
         }
+    elif learning_rate is None:
+        raise TypeError("pass learning_rate, or step and schedule.")
     else:
-        lr = {"learning_rate": _as_lr(learning_rate)}  # type: ignore[arg-type]
+        lr = {"learning_rate": _as_lr(learning_rate)}
     return _ext.sgd_update(
         list(params),
         list(grads),
@@ -457,7 +459,7 @@ def sgd_update_many(
         ``[]``, when momentum is 0), and ``new_master_params`` third when
         ``master_params`` is given.
     """
-    options = settings(
+    options = sgd_settings(
         grads,
         momentum=momentum,
         weight_decay=weight_decay,
@@ -472,7 +474,7 @@ def sgd_update_many(
         rounding_seed=rounding_seed,
         rounding_step=rounding_step,
     )
-    out = run(
+    out = apply_update(
         params,
         grads,
         velocities,
@@ -534,7 +536,7 @@ def sgd_update_many_scheduled(
 ) -> _Pair | _Triple:
     """:func:`sgd_update_many` with the step-decay learning rate computed in
     the kernel from ``step`` (also the default ``rounding_step``)."""
-    options = settings(
+    options = sgd_settings(
         grads,
         momentum=momentum,
         weight_decay=weight_decay,
@@ -549,7 +551,7 @@ def sgd_update_many_scheduled(
         rounding_seed=rounding_seed,
         rounding_step=rounding_step,
     )
-    out = run(
+    out = apply_update(
         params,
         grads,
         velocities,

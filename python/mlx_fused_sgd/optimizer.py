@@ -13,13 +13,13 @@ from mlx.optimizers import Optimizer
 
 from . import _ext
 from .functional import (
+    apply_update,
     as_grad_scale,
     check_learning_rate,
     check_max_grad_norm,
     check_rounding_seed,
     clip_factor_for,
     grad_norm,
-    run,
 )
 from .schedules import StepDecay
 
@@ -514,7 +514,7 @@ class FusedSGD(Optimizer):
                 "stochastic_rounding: use apply_gradients (or update)."
             )
         velocity = state.get("v") if self.momentum > 0 else None
-        new_params, new_velocities, _ = run(
+        new_params, new_velocities, _ = apply_update(
             [parameter],
             [gradient],
             None if velocity is None else [velocity],
@@ -768,7 +768,7 @@ class FusedSGD(Optimizer):
                 # The kernel computes lr_k from the step counter itself; the
                 # state still records lr_k as stock does.
                 learning_rate = scheduler(step)
-                new_params, new_velocities, new_masters = run(
+                new_params, new_velocities, new_masters = apply_update(
                     params, grads, velocities, settings, step=step, schedule=scheduler
                 )
             else:
@@ -778,7 +778,7 @@ class FusedSGD(Optimizer):
                     learning_rate = self.state["learning_rate"]
                 if not isinstance(learning_rate, mx.array):
                     learning_rate = mx.array(learning_rate)
-                new_params, new_velocities, new_masters = run(
+                new_params, new_velocities, new_masters = apply_update(
                     params, grads, velocities, settings, learning_rate=learning_rate
                 )
         except ValueError as e:
