@@ -842,7 +842,8 @@ SGDResult sgd_update(
         step, schedule.init, schedule.decay_rate, schedule.step_size, s);
     return run(check_real_scalar(lr, "learning_rate", s), std::nullopt, with);
   }
-  return run(step.ndim() == 0 ? step : mx::reshape(step, {}, s), schedule, with);
+  return run(
+      step.ndim() == 0 ? step : mx::reshape(step, {}, s), schedule, with);
 }
 
 // ---------------------------------------------------------------------------

@@ -61,9 +61,9 @@ struct SGDResult {
 // Default number of tensors per primitive. MLX gives every output of a
 // primitive its own copy of the input list and of its siblings, so a chunk of
 // k tensors costs O(k^2) to build and tear down, while every primitive costs
-// a fixed overhead. Measured with benchmarks/studies/chunk_sweep.py (2-core Linux):
-// 4 is best for 1000 small tensors (5.9 ms vs 6.4 at 8, 7.2 at 1, 10.7 at 32)
-// and within noise of the best for the large and gpt workloads.
+// a fixed overhead. Measured with benchmarks/studies/chunk_sweep.py (2-core
+// Linux): 4 is best for 1000 small tensors (5.9 ms vs 6.4 at 8, 7.2 at 1,
+// 10.7 at 32) and within noise of the best for the large and gpt workloads.
 inline constexpr int kDefaultTensorsPerPrimitive = 4;
 // The most: a primitive of k tensors costs O(k^2) memory and time to build
 // (4000 tiny tensors in one primitive measured 8.6 s and 2.5 GB).

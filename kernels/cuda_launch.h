@@ -1,9 +1,10 @@
 // How the CUDA kernels are launched: the multi-tensor tables (as Apex's
 // multi-tensor apply: one launch updates many tensors, each block one chunk
 // of one tensor; the plan itself is kernels/sgd_plan.h's, shared by every
-// backend), the strided layout passed by value, and CUDA's launch sizes. Shared by eval_gpu (csrc/cuda/) and the
-// host harness (tests/cuda_harness.cpp), so the harness cannot drift from
-// what eval_gpu launches.
+// backend), the strided layout passed by value, and CUDA's launch sizes.
+// Shared by eval_gpu (csrc/cuda/) and the host harness
+// (tests/cuda_harness.cpp), so the harness cannot drift from what eval_gpu
+// launches.
 #pragma once
 
 #include <algorithm>

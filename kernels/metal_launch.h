@@ -30,7 +30,7 @@ MFS_CONSTANT constexpr int kShape = 8; // general kernels: StridedLayout
 MFS_CONSTANT constexpr int kParamStrides = 9;
 MFS_CONSTANT constexpr int kGradStrides = 10;
 MFS_CONSTANT constexpr int kVelocityStrides = 11;
-MFS_CONSTANT constexpr int kGradScale = 12; // float32 scalar (args.hyper.scale_grad)
+MFS_CONSTANT constexpr int kGradScale = 12; // float32 (args.hyper.scale_grad)
 MFS_CONSTANT constexpr int kSkip = 13;      // uint32 scalar (args.has_skip)
 MFS_CONSTANT constexpr int kClipFactor = 14; // float32 (args.has_clip)
 // Master weights (kMasterWeights kernels): the float32 copy read in place of

@@ -152,7 +152,7 @@ def _run_on_the_cpu(out: Path, **settings: str) -> subprocess.CompletedProcess:
 
 def test_the_run_writes_few_small_files_that_come_back(tmp_path):
     """``run``'s phases on the CPU, with small settings: the output folder
-    holds at most 8 files (what a lent machine sends back), none more than 2
+    holds at most 8 files (what a borrowed GPU machine sends back), none more than 2
     folders down, each named in letters, digits, '.', '_' and '-'."""
     out = tmp_path / "out"
     small = "--workloads mlp --rounds 1 --reps 1 --warmup 1 --no-training"
@@ -186,7 +186,7 @@ def test_the_run_writes_few_small_files_that_come_back(tmp_path):
 
 def test_the_run_stops_at_its_deadline(tmp_path):
     """Each phase's time limit is cut to what is left of the run's, and the
-    phases left once it is spent are skipped: the run ends inside the lent
+    phases left once it is spent are skipped: the run ends inside the borrowed
     machine's window whatever hangs."""
     out = tmp_path / "out"
     done = _run_on_the_cpu(out, MFS_GPU_CHECK_BUDGET_S="14")

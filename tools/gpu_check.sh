@@ -22,11 +22,12 @@
 #                    7 files, none over a few MB.
 #   dryrun [DIR]     here: what can be checked without a GPU (see below).
 #
-# On a lent machine with the limits of 64 MiB per call, 10 minutes per
-# command and 15 minutes in all (starts included), the parts travel in two
-# calls made back to back (the machine stays warm between them):
-#   call 1: carry [".gpucheck/a"], command: bash tools/gpu_check.sh stage
-#   call 2: carry [".gpucheck/b"], command: bash tools/gpu_check.sh run $OUT
+# On a borrowed machine that takes at most 64 MiB per call beside the
+# checkout, 10 minutes per command and 15 minutes in all (starts included),
+# the parts travel in two calls made back to back (the machine stays warm
+# between them), each part placed at the same path in the checkout there:
+#   call 1: send .gpucheck/a, run: bash tools/gpu_check.sh stage
+#   call 2: send .gpucheck/b, run: bash tools/gpu_check.sh run OUT
 # Expected times (docs/gpu_check.md gives the reasoning): machine start
 # 1-2 min; call 1 under 30 s; call 2 about 8 min: install 30 s, probe 1 min,
 # bench 3 min, tests the rest up to a deadline that ends the run at 8.5 min
@@ -70,7 +71,7 @@ python312() {
     [[ -n "$p" ]] && "$p" -c "import sys; assert sys.version_info[:2] == (3, 12)" \
       >/dev/null 2>&1 && { echo "$p"; return; }
   done
-  die "Python 3.12 (the lent machine's) is needed to build the wheel: set PYTHON312"
+  die "Python 3.12 (the GPU machine's) is needed to build the wheel: set PYTHON312"
 }
 
 prepare() {
@@ -105,14 +106,14 @@ prepare() {
     exit 1
   local parts
   parts=$(ls "$dir")
-  echo "Prepared. On the lent machine, back to back:"
+  echo "Prepared. On the GPU machine, back to back (each part at the same path):"
   local last
   last=$(echo "$parts" | tail -1)
   for p in $parts; do
     if [[ "$p" == "$last" ]]; then
-      echo "  carry [\"$dir/$p\"]: bash tools/gpu_check.sh run \$OUT $dir"
+      echo "  send $dir/$p, run: bash tools/gpu_check.sh run OUT $dir"
     else
-      echo "  carry [\"$dir/$p\"]: bash tools/gpu_check.sh stage $dir"
+      echo "  send $dir/$p, run: bash tools/gpu_check.sh stage $dir"
     fi
   done
 }
@@ -124,7 +125,7 @@ stage() {
   for part in "$dir"/*/; do
     cp "$part"* "$CACHE"/ && n=$((n + 1))
   done
-  [[ $n -gt 0 ]] || die "no part found in $dir: carry one"
+  [[ $n -gt 0 ]] || die "no part found in $dir: send one"
   ls -l "$CACHE"
 }
 

@@ -1,6 +1,6 @@
 """Pack files into parts that each fit one transfer, and put them back together.
 
-A machine lent for a GPU check takes a limited number of bytes per call (64
+A machine borrowed for a GPU check takes a limited number of bytes per call (64
 MiB, with the repository itself), and MLX's CUDA wheel alone is larger, so
 ``tools/gpu_check.sh`` sends the prepared wheels as a few parts, one per call.
 This module cuts them into pieces, fills the parts in order, and writes a
@@ -12,7 +12,7 @@ what is missing or damaged, so an incomplete transfer never installs.
     python tools/gpu_pack.py verify DIR/a DIR/b
     python tools/gpu_pack.py unpack --out WHEELS SOURCE_DIR...
 
-Standard library only: it runs on the lent machine before anything is
+Standard library only: it runs on the GPU machine before anything is
 installed there.
 """
 
