@@ -321,7 +321,7 @@ bool uses_stock_ops(
   if (param.dtype() == mx::float64) {
     return true;
   }
-  if (!v.weight_decay && grad.dtype() != param.dtype()) {
+  if (!v.weight_decay() && grad.dtype() != param.dtype()) {
     return true;
   }
   return v.momentum && velocity != nullptr &&
@@ -352,7 +352,7 @@ std::pair<mx::array, std::optional<mx::array>> update_with_stock_ops(
   // float32 for the options' arithmetic, float64 for a float64 gradient.
   const auto wide_dtype = dtype == mx::float64 ? mx::float64 : mx::float32;
   auto g = grad;
-  if (v.scale_grad) {
+  if (v.scale_grad()) {
     auto divisor =
         v.maximize ? mx::multiply(grad_scale, mx::array(-1.0f), s) : grad_scale;
     auto wide = mx::divide(
@@ -371,7 +371,7 @@ std::pair<mx::array, std::optional<mx::array>> update_with_stock_ops(
     return like == mx::float64 ? mx::array(x, mx::float64)
                                : mx::array(static_cast<float>(x), like);
   };
-  if (v.weight_decay) {
+  if (v.weight_decay()) {
     // gradient += weight_decay * parameter: the param's dtype from here on.
     g = mx::add(
         g, mx::multiply(weak(exact.weight_decay, param.dtype()), param, s), s);
@@ -386,11 +386,11 @@ std::pair<mx::array, std::optional<mx::array>> update_with_stock_ops(
   auto vel = mx::multiply(weak(exact.momentum, old_vel.dtype()), old_vel, s);
   vel = mx::add(
       vel,
-      v.dampening ? mx::multiply(weak(exact.dampening_scale, g.dtype()), g, s)
+      v.dampening() ? mx::multiply(weak(exact.dampening_scale, g.dtype()), g, s)
                   : g,
       s);
   auto update =
-      v.nesterov
+      v.nesterov()
           ? mx::add(g, mx::multiply(weak(exact.momentum, vel.dtype()), vel, s), s)
           : vel;
   auto updated = mx::subtract(param, mx::multiply(lr_in_dtype, update, s), s);
@@ -457,13 +457,13 @@ SGDResult sgd_update_composed(
           mx::equal(mx::astype(*master, dtype, s), params[i], s), *master, p, s);
     }
     auto g = mx::astype(grads[i], mx::float32, s);
-    if (v.scale_grad) {
+    if (v.scale_grad()) {
       g = mx::divide(g, divisor, s);
       if (v.clip) {
         g = mx::multiply(g, clip_factor, s);
       }
     }
-    if (v.weight_decay) {
+    if (v.weight_decay()) {
       g = mx::add(g, mx::multiply(scalar(v.hyper.weight_decay), p, s), s);
     }
     // A skipped step keeps the old values (skip_nonfinite).
@@ -494,10 +494,10 @@ SGDResult sgd_update_composed(
     vel = mx::multiply(scalar(v.hyper.momentum), vel, s);
     vel = mx::add(
         vel,
-        v.dampening ? mx::multiply(scalar(v.hyper.dampening_scale), g, s) : g,
+        v.dampening() ? mx::multiply(scalar(v.hyper.dampening_scale), g, s) : g,
         s);
     auto update =
-        v.nesterov
+        v.nesterov()
             ? mx::add(g, mx::multiply(scalar(v.hyper.momentum), vel, s), s)
             : vel;
     store(mx::subtract(p, mx::multiply(lr, update, s), s));
@@ -599,7 +599,7 @@ SGDResult sgd_update_impl(
         params[i],
         grads[i],
         have_velocities ? &velocities_in[i] : nullptr,
-        variant.weight_decay,
+        variant.weight_decay(),
         i,
         n,
         s));
@@ -736,7 +736,7 @@ SGDResult sgd_update_impl(
         }
       }
       inputs.push_back(lr_input);
-      if (variant.scale_grad) {
+      if (variant.scale_grad()) {
         inputs.push_back(grad_scale);
       }
       if (variant.skip) {
@@ -857,7 +857,7 @@ SGDResult sgd_update(
 void SGDUpdate::check_layout(
     const std::vector<mx::array>& inputs,
     const std::vector<mx::array>& outputs) const {
-  const size_t scalars = 1 + variant_.scale_grad + variant_.skip +
+  const size_t scalars = 1 + variant_.scale_grad() + variant_.skip +
                          variant_.clip + stochastic_rounding();
   if (inputs.size() != inputs_per_tensor() * num_tensors_ + scalars ||
       outputs.size() != outputs_per_tensor() * num_tensors_) {

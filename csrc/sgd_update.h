@@ -153,7 +153,7 @@ class SGDUpdate : public mx::Primitive {
     return lr_index() + 1;
   }
   size_t skip_index() const {
-    return scale_index() + variant_.scale_grad;
+    return scale_index() + variant_.scale_grad();
   }
   size_t clip_index() const {
     return skip_index() + variant_.skip;
@@ -175,7 +175,7 @@ class SGDUpdate : public mx::Primitive {
     const auto& lr = inputs[lr_index()];
     return {
         lr,
-        variant_.scale_grad ? inputs[scale_index()] : lr,
+        variant_.scale_grad() ? inputs[scale_index()] : lr,
         variant_.skip ? inputs[skip_index()] : lr,
         variant_.clip ? inputs[clip_index()] : lr,
         stochastic_rounding() ? inputs[rounding_step_index()] : lr};

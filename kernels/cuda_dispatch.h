@@ -54,7 +54,7 @@ bool dispatch_sgd(
   if (!v.momentum) {
     state_dtype = dtype;
   }
-  if (v.nesterov && v.dampening) {
+  if (v.nesterov() && v.dampening()) {
     return false;
   }
   bool found = false;

@@ -84,11 +84,7 @@ enum class ElementType : uint8_t { float32, float16, bfloat16 };
 // stock's Python branches are) and its float32 constants, each rounded once
 // as stock rounds its Python scalars.
 struct SGDVariant {
-  bool weight_decay;
-  bool momentum;
-  bool dampening;
-  bool nesterov;
-  bool scale_grad; // a grad_scale input, or maximize
+  bool momentum; // a momentum buffer is read and written
   bool maximize;
   bool skip; // a skip-flag input (skip_nonfinite): a set flag copies instead
   bool clip; // a clip-factor input (max_grad_norm)
@@ -110,11 +106,7 @@ struct SGDVariant {
       int rounding = math::kRoundNearest,
       uint64_t seed = 0) {
     SGDVariant v;
-    v.weight_decay = weight_decay != 0;
     v.momentum = momentum > 0;
-    v.dampening = v.momentum && dampening > 0;
-    v.nesterov = v.momentum && nesterov;
-    v.scale_grad = has_grad_scale || maximize || clip;
     v.maximize = maximize;
     v.skip = skip;
     v.clip = clip;
@@ -127,11 +119,26 @@ struct SGDVariant {
     // Set when a launch runs, from the grad_scale read on the device.
     v.hyper.grad_divisor = 1.0f;
     v.hyper.clip_factor = 1.0f;
-    v.hyper.has_weight_decay = v.weight_decay;
-    v.hyper.has_dampening = v.dampening;
-    v.hyper.nesterov = v.nesterov;
-    v.hyper.scale_grad = v.scale_grad;
+    v.hyper.has_weight_decay = weight_decay != 0;
+    v.hyper.has_dampening = v.momentum && dampening > 0;
+    v.hyper.nesterov = v.momentum && nesterov;
+    v.hyper.scale_grad = has_grad_scale || maximize || clip;
     return v;
+  }
+
+  // The run-time flags, kept once, in the per-element math's options.
+  bool weight_decay() const {
+    return hyper.has_weight_decay;
+  }
+  bool dampening() const {
+    return hyper.has_dampening;
+  }
+  bool nesterov() const {
+    return hyper.nesterov;
+  }
+  // A grad_scale input, maximize or clipping: the gradient is transformed.
+  bool scale_grad() const {
+    return hyper.scale_grad;
   }
 
   // The divisor of a launch: the loss scale, negated for maximize (exact).
@@ -140,9 +147,9 @@ struct SGDVariant {
   }
 
   bool operator==(const SGDVariant& o) const {
-    return weight_decay == o.weight_decay && momentum == o.momentum &&
-           dampening == o.dampening && nesterov == o.nesterov &&
-           scale_grad == o.scale_grad && maximize == o.maximize &&
+    return weight_decay() == o.weight_decay() && momentum == o.momentum &&
+           dampening() == o.dampening() && nesterov() == o.nesterov() &&
+           scale_grad() == o.scale_grad() && maximize == o.maximize &&
            skip == o.skip && clip == o.clip && rounding == o.rounding &&
            seed == o.seed && hyper.weight_decay == o.hyper.weight_decay &&
            hyper.momentum == o.hyper.momentum &&

@@ -338,7 +338,7 @@ int run_sgd(
       seed);
   // As in eval_gpu, slots whose input is absent get the learning rate's
   // buffer (never read).
-  const float* scale_slot = variant.scale_grad ? grad_scale : lr;
+  const float* scale_slot = variant.scale_grad() ? grad_scale : lr;
   const uint* skip_slot =
       variant.skip ? skip : reinterpret_cast<const uint*>(lr);
   const float* clip_slot = variant.clip ? clip_factor : lr;

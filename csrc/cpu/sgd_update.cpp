@@ -122,8 +122,8 @@ void SGDUpdate::eval_cpu(
     encoder.set_input_array(inputs[index]);
     return inputs[index].data<T>();
   };
-  const float* scale_ptr =
-      scalar_ptr.template operator()<float>(variant_.scale_grad, scale_index());
+  const float* scale_ptr = scalar_ptr.template operator()<float>(
+      variant_.scale_grad(), scale_index());
   const uint32_t* skip_ptr =
       scalar_ptr.template operator()<uint32_t>(variant_.skip, skip_index());
   const float* clip_ptr =
