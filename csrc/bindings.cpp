@@ -28,8 +28,6 @@ namespace {
 
 using OptionalArray = std::optional<mx::array>;
 
-using OptionalArrays = std::vector<OptionalArray>;
-
 } // namespace
 
 static_assert(
@@ -181,66 +179,114 @@ does).)");
 the device (per tensor summed in double and rounded, then added in order).)");
 }
 
+// How Python spells a settings field's type and its default (every field
+// starts value-initialized: zero, false, None or empty).
+template <typename T> struct PythonField;
+template <> struct PythonField<double> {
+  static constexpr const char* type = "float";
+  static constexpr const char* value = "0.0";
+};
+template <> struct PythonField<bool> {
+  static constexpr const char* type = "bool";
+  static constexpr const char* value = "False";
+};
+template <> struct PythonField<OptionalArray> {
+  static constexpr const char* type = "mlx.core.array | None";
+  static constexpr const char* value = "None";
+};
+template <> struct PythonField<std::optional<uint64_t>> {
+  static constexpr const char* type = "int | None";
+  static constexpr const char* value = "None";
+};
+template <> struct PythonField<std::vector<OptionalArray>> {
+  static constexpr const char* type = "list[mlx.core.array | None]";
+  static constexpr const char* value = "[]";
+};
+
+// Applies `f(name, member)` to every field of SGDSettings, in the order of
+// the lists that declare them (MFS_SGD_OPTIONS, then MFS_SGD_INPUTS).
+template <typename F> void for_each_setting(F&& f) {
+#define MFS_VISIT_SETTING(type, name) f(#name, &mfs::SGDSettings::name);
+  MFS_SGD_OPTIONS(MFS_VISIT_SETTING)
+  MFS_SGD_INPUTS(MFS_VISIT_SETTING)
+#undef MFS_VISIT_SETTING
+}
+
+// SGDSettings from keyword arguments, each converted to its field's type; a
+// keyword that is no field, or a value of the wrong type, raises TypeError
+// naming it.
+mfs::SGDSettings settings_from(const nb::kwargs& kwargs) {
+  mfs::SGDSettings settings;
+  size_t used = 0;
+  for_each_setting([&](const char* name, auto member) {
+    if (!kwargs.contains(name)) {
+      return;
+    }
+    using Field = std::remove_reference_t<decltype(settings.*member)>;
+    nb::handle value = kwargs[name];
+    if (!nb::try_cast<Field>(value, settings.*member)) {
+      throw nb::type_error(
+          (std::string("SGDSettings: ") + name + " must be " +
+           PythonField<Field>::type + ", but got " +
+           nb::inst_name(value).c_str() + " " + nb::repr(value).c_str() + ".")
+              .c_str());
+    }
+    ++used;
+  });
+  if (used != kwargs.size()) {
+    for (auto [key, value] : kwargs) {
+      bool known = false;
+      for_each_setting([&](const char* name, auto) {
+        known = known || nb::str(key).equal(nb::str(name));
+      });
+      if (!known) {
+        throw nb::type_error(
+            (std::string("SGDSettings got an unexpected keyword argument '") +
+             nb::str(key).c_str() + "'.")
+                .c_str());
+      }
+    }
+  }
+  return settings;
+}
+
+// The typed signature of SGDSettings.__init__, for its stub and help().
+const char* settings_init_signature() {
+  static const std::string sig = [] {
+    std::string s = "def __init__(self, *";
+    for_each_setting([&](const char* name, auto member) {
+      using Field =
+          std::remove_cvref_t<decltype(std::declval<mfs::SGDSettings&>().*
+                                       member)>;
+      s += std::string(", ") + name + ": " + PythonField<Field>::type +
+           " = " + PythonField<Field>::value;
+    });
+    return s + ") -> None";
+  }();
+  return sig.c_str();
+}
+
 // The options of an update, as one value, and the update itself: one binding
 // for every way the Python functions call it.
 void bind_sgd_update(nb::module_& m) {
-  nb::class_<mfs::SGDSettings>(
+  auto settings = nb::class_<mfs::SGDSettings>(
       m,
       "SGDSettings",
       "Every option of one update (the hyperparameters as Python floats, "
-      "the device scalars, the half-precision storage options); "
-      "validate() raises ValueError naming the first bad hyperparameter.")
+      "the device scalars, the half-precision storage options), as keywords "
+      "and attributes; validate() raises ValueError naming the first bad "
+      "hyperparameter.");
+  settings
       .def(
           "__init__",
-          [](mfs::SGDSettings* self,
-             double momentum,
-             double weight_decay,
-             double dampening,
-             bool nesterov,
-             bool maximize,
-             const OptionalArray& grad_scale,
-             const OptionalArray& skip,
-             const OptionalArray& clip_factor,
-             const std::optional<OptionalArrays>& master_params,
-             std::optional<uint64_t> rounding_seed,
-             const OptionalArray& rounding_step) {
-            new (self) mfs::SGDSettings{
-                momentum,
-                weight_decay,
-                dampening,
-                nesterov,
-                maximize,
-                grad_scale,
-                skip,
-                clip_factor,
-                master_params.value_or(OptionalArrays{}),
-                rounding_seed,
-                rounding_step};
+          [](mfs::SGDSettings* self, const nb::kwargs& kwargs) {
+            new (self) mfs::SGDSettings(settings_from(kwargs));
           },
-          nb::kw_only(),
-          "momentum"_a = 0.0,
-          "weight_decay"_a = 0.0,
-          "dampening"_a = 0.0,
-          "nesterov"_a = false,
-          "maximize"_a = false,
-          "grad_scale"_a = nb::none(),
-          "skip"_a = nb::none(),
-          "clip_factor"_a = nb::none(),
-          "master_params"_a = nb::none(),
-          "rounding_seed"_a = nb::none(),
-          "rounding_step"_a = nb::none())
-      .def_rw("momentum", &mfs::SGDSettings::momentum)
-      .def_rw("weight_decay", &mfs::SGDSettings::weight_decay)
-      .def_rw("dampening", &mfs::SGDSettings::dampening)
-      .def_rw("nesterov", &mfs::SGDSettings::nesterov)
-      .def_rw("maximize", &mfs::SGDSettings::maximize)
-      .def_rw("grad_scale", &mfs::SGDSettings::grad_scale)
-      .def_rw("skip", &mfs::SGDSettings::skip)
-      .def_rw("clip_factor", &mfs::SGDSettings::clip_factor)
-      .def_rw("master_params", &mfs::SGDSettings::master_params)
-      .def_rw("rounding_seed", &mfs::SGDSettings::rounding_seed)
-      .def_rw("rounding_step", &mfs::SGDSettings::rounding_step)
+          nb::sig(settings_init_signature()))
       .def("validate", &mfs::SGDSettings::validate);
+  for_each_setting([&](const char* name, auto member) {
+    settings.def_rw(name, member);
+  });
 
   m.def(
       "sgd_update",

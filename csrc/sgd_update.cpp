@@ -535,15 +535,7 @@ SGDResult sgd_update_impl(
         std::to_string(n) + " params and " + std::to_string(grads.size()) +
         " grads.");
   }
-  const auto variant = SGDVariant::from(
-      settings.momentum,
-      settings.weight_decay,
-      settings.dampening,
-      settings.nesterov,
-      settings.grad_scale.has_value(),
-      settings.maximize,
-      settings.skip.has_value(),
-      settings.clip_factor.has_value());
+  const auto variant = SGDVariant::from(settings, settings.inputs());
   const ExactHyper exact{
       settings.momentum, settings.weight_decay, 1.0 - settings.dampening};
   const auto grad_scale =

@@ -17,33 +17,45 @@ namespace mlx_fused_sgd {
 
 namespace mx = mlx::core;
 
-// The optimizer's hyperparameters as the user gave them (Python floats).
-struct SGDSettings {
-  double momentum = 0.0;
-  double weight_decay = 0.0;
-  double dampening = 0.0;
-  bool nesterov = false;
-  // PyTorch's meaning: step up the gradient (it is negated first).
-  bool maximize = false;
-  // Loss scale: the gradient is divided by this scalar first (on device).
-  std::optional<mx::array> grad_scale;
-  // A device flag (grads_nonfinite): when nonzero the step keeps params and
-  // momentum buffers as they are.
-  std::optional<mx::array> skip;
-  // A float32 scalar every gradient is multiplied by after unscaling: the
-  // global-norm clip factor (max_grad_norm), computed on the device.
-  std::optional<mx::array> clip_factor;
-  // Master weights: empty, or one entry per param; a float32 copy of a
-  // float16/bfloat16 param is read and updated in its place, and the param
-  // written as its rounding. Entries of other params are empty.
-  std::vector<std::optional<mx::array>> master_params;
-  // Stochastic rounding of bfloat16 params (those without a master copy):
-  // the seed, and the integer step counter the random bits derive from.
-  std::optional<uint64_t> rounding_seed;
-  std::optional<mx::array> rounding_step;
+// The device inputs and storage options of an update, one line each,
+// X(C++ type, name), each empty by default. With the math's options
+// (MFS_SGD_OPTIONS in kernels/sgd_math.h) they make SGDSettings, and its
+// Python attributes (csrc/bindings.cpp) are made from both lists.
+//   grad_scale:    the loss scale; the gradient is divided by it first.
+//   skip:          a device flag (grads_nonfinite); nonzero keeps params and
+//                  momentum buffers as they are.
+//   clip_factor:   a float32 scalar every gradient is multiplied by after
+//                  unscaling (max_grad_norm's, computed on the device).
+//   master_params: empty, or one entry per param; a float32 copy of a
+//                  float16/bfloat16 param is read and updated in its place,
+//                  and the param written as its rounding (other entries
+//                  empty).
+//   rounding_seed, rounding_step: stochastic rounding of bfloat16 params
+//                  (those without a master copy): the seed, and the integer
+//                  step counter the random bits derive from.
+#define MFS_SGD_INPUTS(X)                                                     \
+  X(std::optional<mx::array>, grad_scale)                                     \
+  X(std::optional<mx::array>, skip)                                           \
+  X(std::optional<mx::array>, clip_factor)                                    \
+  X(std::vector<std::optional<mx::array>>, master_params)                     \
+  X(std::optional<uint64_t>, rounding_seed)                                   \
+  X(std::optional<mx::array>, rounding_step)
+
+// Every option of an update: the hyperparameters as the user gave them
+// (Python floats) and the device inputs.
+struct SGDSettings : math::SGDOptions {
+#define MFS_INPUT_FIELD(type, name) type name{};
+  MFS_SGD_INPUTS(MFS_INPUT_FIELD)
+#undef MFS_INPUT_FIELD
 
   // Throws std::invalid_argument naming the bad hyperparameter.
   void validate() const;
+
+  // Which device inputs the kernels read.
+  launch::SGDInputs inputs() const {
+    return {
+        grad_scale.has_value(), skip.has_value(), clip_factor.has_value()};
+  }
 };
 
 using launch::SGDVariant;

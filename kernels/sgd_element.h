@@ -43,47 +43,30 @@ struct Offsets {
   int64_t io;
 };
 
-// The learning rate of a launch, once per thread: a float32 scalar, or the
-// step-decay schedule of the uint64 step counter (a few ALU ops).
-MFS_INLINE float launch_learning_rate(
+// The values a launch reads on the device, once per thread: the learning
+// rate (a float32 scalar, or the step-decay schedule of the uint64 step
+// counter: a few ALU ops), and, where the launch transforms the gradient,
+// its divisor (the loss scale, negated for maximize) and clip factor.
+MFS_INLINE math::StepScalars launch_step_scalars(
     MFS_DEVICE const float* lr,
     MFS_DEVICE const uint64_t* step,
-    MFS_CONSTANT const launch::SGDArgs& args) {
-  if (args.scheduled) {
-    return math::step_decay_lr<uint64_t>(
-        step[0], uint64_t(args.step_size), args.init, args.decay_rate);
-  }
-  return lr[0];
-}
-
-// The options of a launch (math::SGDHyper, in its constants), with the
-// gradient divisor (loss scale, negated for maximize) and clip factor read
-// from their buffers where the launch has them.
-MFS_INLINE math::SGDHyper launch_hyper(
-    MFS_CONSTANT const launch::SGDArgs& args,
     MFS_DEVICE const float* grad_scale,
-    MFS_DEVICE const float* clip_factor) {
-  // Field by field: Metal copies no struct out of the constant address
-  // space with an implicit copy (the strict model, tests/metal_clang, holds
-  // it to that).
-  const MFS_CONSTANT math::SGDHyper& c = args.hyper;
-  math::SGDHyper h;
-  h.weight_decay = c.weight_decay;
-  h.momentum = c.momentum;
-  h.dampening_scale = c.dampening_scale;
-  h.grad_divisor = c.grad_divisor;
-  h.clip_factor = c.clip_factor;
-  h.has_weight_decay = c.has_weight_decay;
-  h.has_dampening = c.has_dampening;
-  h.nesterov = c.nesterov;
-  h.scale_grad = c.scale_grad;
-  if (h.scale_grad) {
-    h.grad_divisor = args.maximize ? -grad_scale[0] : grad_scale[0];
+    MFS_DEVICE const float* clip_factor,
+    MFS_CONSTANT const launch::SGDArgs& args) {
+  math::StepScalars s = {0.0f, 1.0f, 1.0f};
+  if (args.scheduled) {
+    s.lr = math::step_decay_lr<uint64_t>(
+        step[0], uint64_t(args.step_size), args.init, args.decay_rate);
+  } else {
+    s.lr = lr[0];
+  }
+  if (args.hyper.scale_grad) {
+    s.grad_divisor = args.maximize ? -grad_scale[0] : grad_scale[0];
     if (args.has_clip) {
-      h.clip_factor = clip_factor[0];
+      s.clip_factor = clip_factor[0];
     }
   }
-  return h;
+  return s;
 }
 
 // The random rounding stream of tensor `tensor` (its place in the whole
@@ -105,8 +88,8 @@ MFS_INLINE void update_one(
     MFS_THREAD const TensorBuffers<T, V>& b,
     Offsets at,
     uint64_t element,
-    float lr,
-    math::SGDHyper h,
+    math::StepScalars s,
+    MFS_CONSTANT const math::SGDHyper& h,
     uint64_t stream,
     bool copy) {
   constexpr bool kUseMaster = R == math::kMasterWeights;
@@ -127,7 +110,7 @@ MFS_INLINE void update_one(
   }
   float v = M ? static_cast<float>(b.velocity[at.iv]) : 0.0f;
   math::ParamVelocity r = math::sgd_update_element<M>(
-      p, static_cast<float>(b.grad[at.ig]), v, lr, h);
+      p, static_cast<float>(b.grad[at.ig]), v, s, h);
   if (kUseMaster) {
     b.master_out[at.io] = r.param;
   }
@@ -218,8 +201,8 @@ MFS_INLINE void update_band(
     MFS_THREAD const LayoutStrides& strides,
     int nd,
     Band band,
-    float lr,
-    math::SGDHyper h,
+    math::StepScalars s,
+    MFS_CONSTANT const math::SGDHyper& h,
     uint64_t stream,
     bool copy) {
   constexpr bool kUseMaster = R == math::kMasterWeights;
@@ -242,8 +225,7 @@ MFS_INLINE void update_band(
   const int64_t r_last = r0 + launch::kRowsPerThread;
   const int64_t r_end = r_last < rows ? r_last : rows;
   for (int64_t r = r0; r < r_end; ++r) {
-    update_one<T, V, M, R>(
-        b, at, uint64_t(at.io), lr, h, stream, copy);
+    update_one<T, V, M, R>(b, at, uint64_t(at.io), s, h, stream, copy);
     at.ip += row_step.ip;
     at.ig += row_step.ig;
     at.iv += row_step.iv;

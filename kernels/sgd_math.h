@@ -26,6 +26,8 @@
 #define MFS_FLOAT_BITS(x) metal::as_type<uint32_t>(x)
 #define MFS_BITS_FLOAT(b) metal::as_type<float>(b)
 #define MFS_CONSTANT_INT constant constexpr int
+// The address space of a launch's constants (a plain reference elsewhere).
+#define MFS_CONSTANT constant
 #elif defined(__CUDACC__)
 #include <cstdint>
 // Host and device: eval_gpu computes launch constants with the same code.
@@ -35,6 +37,7 @@
 #define MFS_FLOAT_BITS(x) __builtin_bit_cast(uint32_t, x)
 #define MFS_BITS_FLOAT(b) __builtin_bit_cast(float, b)
 #define MFS_CONSTANT_INT constexpr int
+#define MFS_CONSTANT
 #else
 #include <cmath>
 #include <cstdint>
@@ -45,6 +48,7 @@
 #define MFS_FLOAT_BITS(x) __builtin_bit_cast(uint32_t, x)
 #define MFS_BITS_FLOAT(b) __builtin_bit_cast(float, b)
 #define MFS_CONSTANT_INT constexpr int
+#define MFS_CONSTANT
 #endif
 
 namespace mlx_fused_sgd {
@@ -80,31 +84,76 @@ MFS_INLINE bool is_nonfinite(float x) {
   return !(d == 0.0f);
 }
 
-// The options of one update, uniform across a launch. The float32 constants
-// are each rounded once the way stock rounds its Python scalars:
-// float32(weight_decay), float32(momentum), float32(1 - dampening) with the
-// subtraction done in double precision. The flags mirror stock's Python
-// branches. They are run-time values, as in PyTorch's fused kernels: they
-// change neither types nor memory traffic, so a kernel per combination would
-// only multiply the instantiations (a CPU loop may still fold them as
-// compile-time constants).
+// The options of one update as the math reads them, uniform across a launch
+// (hyper_of, below, makes them from the user's). The flags are run-time
+// values, as in PyTorch's fused kernels: they change neither types nor
+// memory traffic, so a kernel per combination would only multiply the
+// instantiations. The GPU kernels read them where the launch's constants
+// are, by reference (Metal copies no struct out of its constant address
+// space implicitly).
 struct SGDHyper {
   float weight_decay;
   float momentum;
   float dampening_scale;
-  // The gradient is divided by this first (scale_grad only): the loss
-  // scale, negated for maximize (g / -s == -(g / s) exactly).
-  float grad_divisor;
-  // ... then multiplied by this (scale_grad only): the global-norm clip
-  // factor, 1 without clipping (g * 1 == g exactly).
-  float clip_factor;
   bool has_weight_decay; // weight_decay != 0
   bool has_dampening;    // dampening > 0 (with momentum)
   bool nesterov;         // with momentum
   // grad_scale, maximize or clipping (PyTorch's order: the gradient is
   // unscaled, clipped and negated before weight decay).
   bool scale_grad;
+#ifndef __METAL_VERSION__
+  bool operator==(const SGDHyper&) const = default;
+#endif
 };
+
+// The values of one step that are read on the device when it runs (they may
+// be the results of earlier ops of the same step).
+struct StepScalars {
+  float lr;
+  // The gradient is divided by this first (scale_grad only): the loss
+  // scale, negated for maximize (g / -s == -(g / s) exactly).
+  float grad_divisor;
+  // ... then multiplied by this (scale_grad only): the global-norm clip
+  // factor, 1 without clipping (g * 1 == g exactly).
+  float clip_factor;
+};
+
+#ifndef __METAL_VERSION__
+// The options of the math as the user gives them (Python floats and bools,
+// before any rounding), one line each, X(C++ type, name): the fields of
+// SGDOptions and their Python attributes (csrc/bindings.cpp) are made from
+// this list. Each defaults to zero (false).
+#define MFS_SGD_OPTIONS(X)                                                    \
+  X(double, momentum)                                                         \
+  X(double, weight_decay)                                                     \
+  X(double, dampening)                                                        \
+  X(bool, nesterov)                                                           \
+  X(bool, maximize) /* PyTorch's: step up the gradient (negated first) */
+
+struct SGDOptions {
+#define MFS_OPTION_FIELD(type, name) type name{};
+  MFS_SGD_OPTIONS(MFS_OPTION_FIELD)
+#undef MFS_OPTION_FIELD
+};
+
+// The math's options from the user's: each float32 constant rounded once as
+// stock rounds its Python scalars, each flag decided on the double values as
+// stock's Python branches are. `grad_input`: a loss scale or a clip factor
+// is read on the device.
+inline SGDHyper hyper_of(const SGDOptions& o, bool grad_input) {
+  const bool momentum = o.momentum > 0;
+  SGDHyper h;
+  h.weight_decay = static_cast<float>(o.weight_decay);
+  h.momentum = static_cast<float>(o.momentum);
+  // Stock computes (1 - dampening) on Python floats, then rounds once.
+  h.dampening_scale = static_cast<float>(1.0 - o.dampening);
+  h.has_weight_decay = o.weight_decay != 0;
+  h.has_dampening = momentum && o.dampening > 0;
+  h.nesterov = momentum && o.nesterov;
+  h.scale_grad = grad_input || o.maximize;
+  return h;
+}
+#endif
 
 struct ParamVelocity {
   float param;
@@ -116,18 +165,22 @@ struct ParamVelocity {
 // compile-time flag: it decides whether a momentum buffer is read and
 // written at all.
 template <bool kMomentum>
-MFS_INLINE ParamVelocity
-sgd_update_element(float p, float g, float v, float lr, SGDHyper h) {
+MFS_INLINE ParamVelocity sgd_update_element(
+    float p,
+    float g,
+    float v,
+    StepScalars s,
+    MFS_CONSTANT const SGDHyper& h) {
   if (h.scale_grad) {
-    g = g / h.grad_divisor;
-    g = g * h.clip_factor;
+    g = g / s.grad_divisor;
+    g = g * s.clip_factor;
   }
   if (h.has_weight_decay) {
     float decay = h.weight_decay * p;
     g = g + decay;
   }
   if (!kMomentum) {
-    float step = lr * g;
+    float step = s.lr * g;
     ParamVelocity out = {p - step, v};
     return out;
   }
@@ -143,7 +196,7 @@ sgd_update_element(float p, float g, float v, float lr, SGDHyper h) {
     float lookahead = h.momentum * v;
     update = g + lookahead;
   }
-  float step = lr * update;
+  float step = s.lr * update;
   ParamVelocity out = {p - step, v};
   return out;
 }

@@ -7,15 +7,13 @@
 // kernels/metal_launch.h and kernels/cuda_launch.h.
 #pragma once
 
-#ifdef __METAL_VERSION__
-#define MFS_CONSTANT constant
-#else
+#ifndef __METAL_VERSION__
 #include <algorithm>
 #include <cstdint>
 #include <vector>
-#define MFS_CONSTANT
 #endif
 
+// MFS_CONSTANT, the constants' address space, comes with the math header.
 #include "kernels/sgd_math.h"
 
 namespace mlx_fused_sgd {
@@ -43,8 +41,7 @@ struct SGDArgs {
   uint64_t rounding_seed;   // stochastic rounding: the user's seed
   uint64_t rounding_tensor; // ... and this tensor's index in the update
   // The update's options as the per-element math takes them (its float32
-  // constants and run-time flags); the gradient divisor and clip factor are
-  // read from their buffers when the launch runs.
+  // constants and run-time flags), read here by every thread.
   math::SGDHyper hyper;
   float init;        // float32(init), when scheduled
   float decay_rate;  // float32(decay_rate), when scheduled
@@ -80,14 +77,20 @@ span_tensor(MFS_CONSTANT const int64_t* block_end, int count, int64_t block) {
 // The element types of params and momentum buffers the kernels take.
 enum class ElementType : uint8_t { float32, float16, bfloat16 };
 
-// Which kernel variant an update needs (decided on the double values, as
-// stock's Python branches are) and its float32 constants, each rounded once
-// as stock rounds its Python scalars.
+// Which device inputs an update reads besides its tensors and learning rate.
+struct SGDInputs {
+  bool grad_scale = false; // a loss scale
+  bool skip = false; // a skip flag (skip_nonfinite): a set flag copies instead
+  bool clip = false; // a clip factor (max_grad_norm)
+};
+
+// Which kernel variant an update needs and the options of its math
+// (math::hyper_of: decided and rounded once, as stock does).
 struct SGDVariant {
   bool momentum; // a momentum buffer is read and written
   bool maximize;
-  bool skip; // a skip-flag input (skip_nonfinite): a set flag copies instead
-  bool clip; // a clip-factor input (max_grad_norm)
+  bool skip;
+  bool clip;
   // How updated params are stored: math::kRoundNearest, kRoundStochastic
   // (with a step input and `seed`) or kMasterWeights (with master inputs).
   int rounding;
@@ -95,34 +98,18 @@ struct SGDVariant {
   math::SGDHyper hyper;
 
   static SGDVariant from(
-      double momentum,
-      double weight_decay,
-      double dampening,
-      bool nesterov,
-      bool has_grad_scale = false,
-      bool maximize = false,
-      bool skip = false,
-      bool clip = false,
+      const math::SGDOptions& options,
+      SGDInputs inputs = {},
       int rounding = math::kRoundNearest,
       uint64_t seed = 0) {
     SGDVariant v;
-    v.momentum = momentum > 0;
-    v.maximize = maximize;
-    v.skip = skip;
-    v.clip = clip;
+    v.momentum = options.momentum > 0;
+    v.maximize = options.maximize;
+    v.skip = inputs.skip;
+    v.clip = inputs.clip;
     v.rounding = rounding;
     v.seed = rounding == math::kRoundStochastic ? seed : 0;
-    v.hyper.weight_decay = static_cast<float>(weight_decay);
-    v.hyper.momentum = static_cast<float>(momentum);
-    // Stock computes (1 - dampening) on Python floats, then rounds once.
-    v.hyper.dampening_scale = static_cast<float>(1.0 - dampening);
-    // Set when a launch runs, from the grad_scale read on the device.
-    v.hyper.grad_divisor = 1.0f;
-    v.hyper.clip_factor = 1.0f;
-    v.hyper.has_weight_decay = weight_decay != 0;
-    v.hyper.has_dampening = v.momentum && dampening > 0;
-    v.hyper.nesterov = v.momentum && nesterov;
-    v.hyper.scale_grad = has_grad_scale || maximize || clip;
+    v.hyper = math::hyper_of(options, inputs.grad_scale || inputs.clip);
     return v;
   }
 
@@ -146,15 +133,7 @@ struct SGDVariant {
     return maximize ? -grad_scale : grad_scale;
   }
 
-  bool operator==(const SGDVariant& o) const {
-    return weight_decay() == o.weight_decay() && momentum == o.momentum &&
-           dampening() == o.dampening() && nesterov() == o.nesterov() &&
-           scale_grad() == o.scale_grad() && maximize == o.maximize &&
-           skip == o.skip && clip == o.clip && rounding == o.rounding &&
-           seed == o.seed && hyper.weight_decay == o.hyper.weight_decay &&
-           hyper.momentum == o.hyper.momentum &&
-           hyper.dampening_scale == o.hyper.dampening_scale;
-  }
+  bool operator==(const SGDVariant&) const = default;
 };
 
 // How a tensor whose operands are not all row-contiguous is walked, by the

@@ -57,8 +57,8 @@ template <typename T, typename V, bool M, int R>
 __device__ __forceinline__ void update_vector(
     const element::TensorBuffers<T, V>& b,
     int64_t i,
-    float lr,
-    math::SGDHyper h,
+    math::StepScalars s,
+    const math::SGDHyper& h,
     uint64_t stream,
     bool copy) {
   constexpr int kN = cuda_launch::kVector;
@@ -81,7 +81,7 @@ __device__ __forceinline__ void update_vector(
         regs,
         element::Offsets{j, j, j, j, j},
         uint64_t(i + j),
-        lr,
+        s,
         h,
         stream,
         copy);
@@ -109,10 +109,8 @@ __global__ void sgd_multi_tensor(
   const int64_t end =
       begin + (left < cuda_launch::kChunk ? left : cuda_launch::kChunk);
   const bool copy = args.has_skip && scalars.skip[0] != 0;
-  const float lr =
-      element::launch_learning_rate(scalars.lr, scalars.step, args);
-  const math::SGDHyper h = element::launch_hyper(
-      args, scalars.grad_scale, scalars.clip_factor);
+  const math::StepScalars s = element::launch_step_scalars(
+      scalars.lr, scalars.step, scalars.grad_scale, scalars.clip_factor, args);
   const uint64_t stream = element::launch_rounding_stream<R>(
       scalars.rounding_step, args.rounding_seed, table.tensor_id[t]);
   const element::TensorBuffers<T, V> b = {
@@ -130,13 +128,19 @@ __global__ void sgd_multi_tensor(
       const int64_t i =
           begin + (int64_t(k) * cuda_launch::kThreads + threadIdx.x) *
                       cuda_launch::kVector;
-      update_vector<T, V, M, R>(b, i, lr, h, stream, copy);
+      update_vector<T, V, M, R>(b, i, s, args.hyper, stream, copy);
     }
     return;
   }
   for (int64_t i = begin + threadIdx.x; i < end; i += cuda_launch::kThreads) {
     element::update_one<T, V, M, R>(
-        b, element::Offsets{i, i, i, i, i}, uint64_t(i), lr, h, stream, copy);
+        b,
+        element::Offsets{i, i, i, i, i},
+        uint64_t(i),
+        s,
+        args.hyper,
+        stream,
+        copy);
   }
 }
 
@@ -152,10 +156,8 @@ __global__ void sgd_strided(
     return;
   }
   const bool copy = args.has_skip && scalars.skip[0] != 0;
-  const float lr =
-      element::launch_learning_rate(scalars.lr, scalars.step, args);
-  const math::SGDHyper h = element::launch_hyper(
-      args, scalars.grad_scale, scalars.clip_factor);
+  const math::StepScalars s = element::launch_step_scalars(
+      scalars.lr, scalars.step, scalars.grad_scale, scalars.clip_factor, args);
   const uint64_t stream = element::launch_rounding_stream<R>(
       scalars.rounding_step, args.rounding_seed, args.rounding_tensor);
   const element::LayoutStrides strides = {
@@ -165,7 +167,15 @@ __global__ void sgd_strided(
       layout.strides[launch::kLayoutMaster],
       layout.strides[launch::kLayoutOut]};
   element::update_band<T, V, M, R>(
-      b, layout.shape, strides, layout.ndim, band, lr, h, stream, copy);
+      b,
+      layout.shape,
+      strides,
+      layout.ndim,
+      band,
+      s,
+      args.hyper,
+      stream,
+      copy);
 }
 
 } // namespace cuda_kernels

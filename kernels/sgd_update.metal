@@ -16,9 +16,8 @@ inline uint64_t linear_thread(uint2 gid, uint2 grid) {
   return uint64_t(gid.x) + uint64_t(grid.x) * uint64_t(gid.y);
 }
 
-using mlx_fused_sgd::element::launch_hyper;
-using mlx_fused_sgd::element::launch_learning_rate;
 using mlx_fused_sgd::element::launch_rounding_stream;
+using mlx_fused_sgd::element::launch_step_scalars;
 using mlx_fused_sgd::element::Offsets;
 using mlx_fused_sgd::element::TensorBuffers;
 using mlx_fused_sgd::element::update_one;
@@ -53,9 +52,8 @@ template <typename T, typename V, bool M, int R>
     return;
   }
   bool copy = args.has_skip && skip[0] != 0;
-  float rate = launch_learning_rate(lr, step, args);
-  mlx_fused_sgd::math::SGDHyper h =
-      launch_hyper(args, grad_scale, clip_factor);
+  mlx_fused_sgd::math::StepScalars scalars =
+      launch_step_scalars(lr, step, grad_scale, clip_factor, args);
   uint64_t stream = launch_rounding_stream<R>(
       rounding_step, args.rounding_seed, args.rounding_tensor);
   TensorBuffers<T, V> b = {
@@ -65,12 +63,24 @@ template <typename T, typename V, bool M, int R>
     for (int k = 0; k < mlx_fused_sgd::launch::kWorkPerThread; ++k) {
       int64_t i = begin + k;
       update_one<T, V, M, R>(
-          b, Offsets{i, i, i, i, i}, uint64_t(i), rate, h, stream, copy);
+          b,
+          Offsets{i, i, i, i, i},
+          uint64_t(i),
+          scalars,
+          args.hyper,
+          stream,
+          copy);
     }
   } else {
     for (int64_t i = begin; i < args.size; ++i) {
       update_one<T, V, M, R>(
-          b, Offsets{i, i, i, i, i}, uint64_t(i), rate, h, stream, copy);
+          b,
+          Offsets{i, i, i, i, i},
+          uint64_t(i),
+          scalars,
+          args.hyper,
+          stream,
+          copy);
     }
   }
 }
@@ -125,9 +135,8 @@ template <typename T, typename V, bool M, int R>
           band)) {
     return;
   }
-  float rate = launch_learning_rate(lr, step, args);
-  mlx_fused_sgd::math::SGDHyper h =
-      launch_hyper(args, grad_scale, clip_factor);
+  mlx_fused_sgd::math::StepScalars scalars =
+      launch_step_scalars(lr, step, grad_scale, clip_factor, args);
   uint64_t stream = launch_rounding_stream<R>(
       rounding_step, args.rounding_seed, args.rounding_tensor);
   bool copy = args.has_skip && skip[0] != 0;
@@ -140,7 +149,15 @@ template <typename T, typename V, bool M, int R>
       master_strides,
       out_strides};
   mlx_fused_sgd::element::update_band<T, V, M, R>(
-      b, shape, strides, args.ndim, band, rate, h, stream, copy);
+      b,
+      shape,
+      strides,
+      args.ndim,
+      band,
+      scalars,
+      args.hyper,
+      stream,
+      copy);
 }
 
 // Instantiation by name. The Linux harness defines MFS_INSTANTIATE to record

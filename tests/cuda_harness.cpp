@@ -46,15 +46,15 @@ struct Variant {
 };
 
 mfs::launch::SGDVariant sgd_variant(const Variant& v) {
+  mfs::math::SGDOptions options;
+  options.momentum = v.momentum;
+  options.weight_decay = v.weight_decay;
+  options.dampening = v.dampening;
+  options.nesterov = v.nesterov != 0;
+  options.maximize = v.maximize != 0;
   return mfs::launch::SGDVariant::from(
-      v.momentum,
-      v.weight_decay,
-      v.dampening,
-      v.nesterov != 0,
-      v.scaled != 0,
-      v.maximize != 0,
-      v.has_skip != 0,
-      v.has_clip != 0,
+      options,
+      {v.scaled != 0, v.has_skip != 0, v.has_clip != 0},
       v.rounding,
       v.seed);
 }

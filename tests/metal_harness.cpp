@@ -325,17 +325,14 @@ int run_sgd(
     float* master_out,
     const int64_t* master_strides,
     const uint64_t* rounding_step) {
+  mlx_fused_sgd::math::SGDOptions options;
+  options.momentum = momentum;
+  options.weight_decay = weight_decay;
+  options.dampening = dampening;
+  options.nesterov = nesterov != 0;
+  options.maximize = maximize != 0;
   auto variant = launch::SGDVariant::from(
-      momentum,
-      weight_decay,
-      dampening,
-      nesterov,
-      scaled != 0,
-      maximize != 0,
-      has_skip != 0,
-      has_clip != 0,
-      rounding,
-      seed);
+      options, {scaled != 0, has_skip != 0, has_clip != 0}, rounding, seed);
   // As in eval_gpu, slots whose input is absent get the learning rate's
   // buffer (never read).
   const float* scale_slot = variant.scale_grad() ? grad_scale : lr;

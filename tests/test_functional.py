@@ -182,6 +182,104 @@ def test_every_binding_takes_and_returns_arrays():
     assert _ext.mlx_build_version == mx.__version__
 
 
+def _settings_values() -> dict:
+    """A value other than the default for every option of an update."""
+    return {
+        "momentum": 0.5,
+        "weight_decay": 0.25,
+        "dampening": 0.125,
+        "nesterov": True,
+        "maximize": True,
+        "grad_scale": mx.array(2.0),
+        "skip": mx.array(0, mx.uint32),
+        "clip_factor": mx.array(0.5),
+        "master_params": [None, mx.ones((2,))],
+        "rounding_seed": 7,
+        "rounding_step": mx.array(3, mx.uint64),
+    }
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, mx.array):
+        return (
+            isinstance(b, mx.array)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.tolist() == b.tolist()
+        )
+    return type(a) is type(b) and a == b
+
+
+def test_settings_keywords_attributes_and_signature():
+    """SGDSettings' keywords, attributes and typed signature are made from
+    the C++ lists that declare its fields: every field is all three, and
+    starts at zero, False, None or empty."""
+    values = _settings_values()
+    fields = {
+        name for name, v in vars(_ext.SGDSettings).items() if isinstance(v, property)
+    }
+    # A new option shows up here first: give it a value above.
+    assert fields == set(values)
+    defaults = _ext.SGDSettings()
+    for name in fields:
+        assert getattr(defaults, name) in (0.0, False, None, []), name
+    given = _ext.SGDSettings(**values)
+    assigned = _ext.SGDSettings()
+    for name, value in values.items():
+        setattr(assigned, name, value)
+        assert _same(getattr(given, name), value), name
+        assert _same(getattr(assigned, name), value), name
+    (signature,) = _ext.SGDSettings.__init__.__nb_signature__
+    for name in fields:
+        assert f" {name}: " in signature[0], name
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(momentum="0.9"), r"momentum must be float, but got str '0.9'"),
+        (dict(nesterov=1), r"nesterov must be bool, but got int 1"),
+        (dict(rounding_seed=-1), r"rounding_seed must be int \| None"),
+        (dict(master_params=None), r"master_params must be list"),
+        (dict(momentun=0.9), r"unexpected keyword argument 'momentun'"),
+    ],
+)
+def test_settings_refuse_a_bad_keyword_by_name(kw, match):
+    with pytest.raises(TypeError, match=match):
+        _ext.SGDSettings(**kw)
+
+
+def test_every_scalar_option_is_a_public_keyword():
+    """Each hyperparameter the settings hold as a Python float or bool is a
+    keyword of every public update and of FusedSGD, and reaches the settings
+    through functional.sgd_settings."""
+    import inspect
+
+    from mlx_fused_sgd import functional
+
+    values = _settings_values()
+    defaults = _ext.SGDSettings()
+    scalar = [n for n in values if isinstance(getattr(defaults, n), (bool, float))]
+    assert scalar
+    for fn in (
+        mfs.sgd_update,
+        mfs.sgd_update_scheduled,
+        mfs.sgd_update_many,
+        mfs.sgd_update_many_scheduled,
+        mfs.FusedSGD.__init__,
+    ):
+        missing = set(scalar) - set(inspect.signature(fn).parameters)
+        assert not missing, (fn.__qualname__, missing)
+    for name in scalar:
+        kw = {name: values[name]}
+        if name == "nesterov":
+            kw["momentum"] = 0.5
+        settings = functional.sgd_settings([], **kw)
+        assert _same(getattr(settings, name), values[name]), name
+
+
 @pytest.mark.parametrize(
     "call,match",
     [

@@ -68,10 +68,16 @@ PLANTED = [
     # device one.
     (
         "sgd_element.h",
-        "    MFS_DEVICE const float* lr,\n    MFS_DEVICE const uint64_t* step,\n"
-        "    MFS_CONSTANT const launch::SGDArgs& args) {",
-        "    const float* lr,\n    MFS_DEVICE const uint64_t* step,\n"
-        "    MFS_CONSTANT const launch::SGDArgs& args) {",
+        "    MFS_DEVICE const float* lr,\n    MFS_DEVICE const uint64_t* step,\n",
+        "    const float* lr,\n    MFS_DEVICE const uint64_t* step,\n",
+    ),
+    # The per-element math taking the launch's options by thread reference,
+    # given the constants' own (Metal copies no struct out of constant memory
+    # implicitly, and binds no thread reference to it).
+    (
+        "sgd_math.h",
+        "    StepScalars s,\n    MFS_CONSTANT const SGDHyper& h) {",
+        "    StepScalars s,\n    const SGDHyper& h) {",
     ),
     # A helper that reads the shape from device memory, given constant.
     (
@@ -100,7 +106,13 @@ PLANTED = [
 @pytest.mark.parametrize(
     "planted",
     PLANTED,
-    ids=["thread_lr", "device_shape", "unqualified_as_type", "const_flag"],
+    ids=[
+        "thread_lr",
+        "thread_hyper",
+        "device_shape",
+        "unqualified_as_type",
+        "const_flag",
+    ],
 )
 def test_planted_mistakes_fail(tmp_path, planted):
     name, good, bad = planted

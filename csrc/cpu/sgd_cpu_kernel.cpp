@@ -141,7 +141,7 @@ MFS_LOOP_INLINE void sgd_row(
     int64_t n,
     int64_t io,
     uint64_t stream,
-    float lr,
+    math::StepScalars s,
     math::SGDHyper h) {
   const T* p = row.p;
   const T* g = row.g;
@@ -157,7 +157,7 @@ MFS_LOOP_INLINE void sgd_row(
       pi = math::master_or_param(master[i], rounded_to<T>(master[i]), pi);
     }
     float vi = M ? load(v, i) : 0.0f;
-    auto r = math::sgd_update_element<M>(pi, load(g, i), vi, lr, h);
+    auto r = math::sgd_update_element<M>(pi, load(g, i), vi, s, h);
     if (R == math::kMasterWeights) {
       master_out[i] = r.param;
     }
@@ -509,12 +509,12 @@ void sgd_tensor_range(
     const TensorPointers& t,
     int64_t begin,
     int64_t end,
-    float lr,
+    math::StepScalars s,
     math::SGDHyper h) {
   const uint64_t stream = t.rounding_stream;
   if (t.contiguous) {
     sgd_row<T, V, M, R>(
-        contiguous_row<T, V>(t, begin), end - begin, begin, stream, lr, h);
+        contiguous_row<T, V>(t, begin), end - begin, begin, stream, s, h);
     return;
   }
   walk_strided<T, V>(
@@ -523,7 +523,7 @@ void sgd_tensor_range(
       end,
       true,
       [&](const RowPointers<T, V>& row, int64_t n, int64_t io) {
-        sgd_row<T, V, M, R>(row, n, io, stream, lr, h);
+        sgd_row<T, V, M, R>(row, n, io, stream, s, h);
       });
 }
 
@@ -533,10 +533,10 @@ void update_typed(
     const TensorPointers& t,
     int64_t begin,
     int64_t end,
-    float lr,
+    math::StepScalars s,
     math::SGDHyper h) {
-  return key.momentum ? sgd_tensor_range<T, V, true, R>(t, begin, end, lr, h)
-                      : sgd_tensor_range<T, V, false, R>(t, begin, end, lr, h);
+  return key.momentum ? sgd_tensor_range<T, V, true, R>(t, begin, end, s, h)
+                      : sgd_tensor_range<T, V, false, R>(t, begin, end, s, h);
 }
 
 } // namespace
@@ -546,7 +546,7 @@ void MFS_CAT(update_range_, MFS_CPU_ISA)(
     const TensorPointers& t,
     int64_t begin,
     int64_t end,
-    float lr,
+    math::StepScalars s,
     math::SGDHyper h) {
   // Half params keep their momentum in their own dtype or in float32, and
   // are stored rounded to nearest, stochastically (bfloat16) or from a
@@ -554,8 +554,8 @@ void MFS_CAT(update_range_, MFS_CPU_ISA)(
   auto half_param = [&]<typename T>() {
     auto with_state = [&]<int R>() {
       return key.state_dtype == ElementType::float32
-                 ? update_typed<T, float, R>(key, t, begin, end, lr, h)
-                 : update_typed<T, T, R>(key, t, begin, end, lr, h);
+                 ? update_typed<T, float, R>(key, t, begin, end, s, h)
+                 : update_typed<T, T, R>(key, t, begin, end, s, h);
     };
     switch (key.rounding) {
     case math::kMasterWeights:
@@ -572,7 +572,7 @@ void MFS_CAT(update_range_, MFS_CPU_ISA)(
   switch (key.dtype) {
   case ElementType::float32:
     return update_typed<float, float, math::kRoundNearest>(
-        key, t, begin, end, lr, h);
+        key, t, begin, end, s, h);
   case ElementType::bfloat16:
     return half_param.template operator()<mx::bfloat16_t>();
   case ElementType::float16:

@@ -101,7 +101,7 @@ using UpdateRangeFn = void(
     const TensorPointers& t,
     int64_t begin,
     int64_t end,
-    float lr,
+    math::StepScalars s,
     math::SGDHyper h);
 using UpdateRange = UpdateRangeFn*;
 

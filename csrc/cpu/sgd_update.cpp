@@ -26,7 +26,7 @@ constexpr int64_t kMinParallelElements = 1 << 17;
 void sgd_chunk(
     const std::vector<cpu_kernel::TensorPointers>& tensors,
     const cpu_kernel::KernelKey& key,
-    float lr,
+    math::StepScalars scalars,
     math::SGDHyper h,
     bool skip) {
   static const auto best_update_range = cpu_kernel::select_update_range();
@@ -34,13 +34,11 @@ void sgd_chunk(
   auto update_range = [&](const cpu_kernel::KernelKey& k,
                           const cpu_kernel::TensorPointers& t,
                           int64_t begin,
-                          int64_t end,
-                          float rate,
-                          math::SGDHyper hyper) {
+                          int64_t end) {
     if (skip) {
       cpu_kernel::copy_range(k, t, begin, end);
     } else {
-      best_update_range(k, t, begin, end, rate, hyper);
+      best_update_range(k, t, begin, end, scalars, h);
     }
   };
   int64_t total = 0;
@@ -51,7 +49,7 @@ void sgd_chunk(
   const int64_t shares = pool.num_threads();
   if (total < kMinParallelElements || shares == 1) {
     for (const auto& t : tensors) {
-      update_range(key, t, 0, t.size, lr, h);
+      update_range(key, t, 0, t.size);
     }
     return;
   }
@@ -64,7 +62,7 @@ void sgd_chunk(
       const int64_t lo = std::max(begin - offset, int64_t(0));
       const int64_t hi = std::min(end - offset, t.size);
       if (lo < hi) {
-        update_range(key, t, lo, hi, lr, h);
+        update_range(key, t, lo, hi);
       }
       offset += t.size;
       if (offset >= end) {
@@ -147,12 +145,21 @@ void SGDUpdate::eval_cpu(
                     variant = variant_]() mutable {
     // The learning rate, the loss scale and the rounding step are read when
     // the task runs, after the ops that produce them have run.
-    auto hyper = variant.hyper;
+    math::StepScalars scalars = {0.0f, 1.0f, 1.0f};
+    if (schedule) {
+      scalars.lr = math::step_decay_lr<uint64_t>(
+          *static_cast<const uint64_t*>(lr_ptr),
+          static_cast<uint64_t>(schedule->step_size),
+          static_cast<float>(schedule->init),
+          static_cast<float>(schedule->decay_rate));
+    } else {
+      scalars.lr = *static_cast<const float*>(lr_ptr);
+    }
     if (scale_ptr != nullptr) {
-      hyper.grad_divisor = variant.grad_divisor(*scale_ptr);
+      scalars.grad_divisor = variant.grad_divisor(*scale_ptr);
     }
     if (clip_ptr != nullptr) {
-      hyper.clip_factor = *clip_ptr;
+      scalars.clip_factor = *clip_ptr;
     }
     if (rounding_step_ptr != nullptr) {
       for (auto& t : tensors) {
@@ -160,17 +167,12 @@ void SGDUpdate::eval_cpu(
             variant.seed, *rounding_step_ptr, t.rounding_tensor);
       }
     }
-    float lr;
-    if (schedule) {
-      lr = math::step_decay_lr<uint64_t>(
-          *static_cast<const uint64_t*>(lr_ptr),
-          static_cast<uint64_t>(schedule->step_size),
-          static_cast<float>(schedule->init),
-          static_cast<float>(schedule->decay_rate));
-    } else {
-      lr = *static_cast<const float*>(lr_ptr);
-    }
-    sgd_chunk(tensors, key, lr, hyper, skip_ptr != nullptr && *skip_ptr != 0);
+    sgd_chunk(
+        tensors,
+        key,
+        scalars,
+        variant.hyper,
+        skip_ptr != nullptr && *skip_ptr != 0);
   });
 }
 

@@ -58,10 +58,12 @@ def grads_sq_norm(grads: list[mlx.core.array], *, tensors_per_primitive: int = 1
 
 class SGDSettings:
     """
-    Every option of one update (the hyperparameters as Python floats, the device scalars, the half-precision storage options); validate() raises ValueError naming the first bad hyperparameter.
+    Every option of one update (the hyperparameters as Python floats, the device scalars, the half-precision storage options), as keywords and attributes; validate() raises ValueError naming the first bad hyperparameter.
     """
 
-    def __init__(self, *, momentum: float = 0.0, weight_decay: float = 0.0, dampening: float = 0.0, nesterov: bool = False, maximize: bool = False, grad_scale: mlx.core.array | None = None, skip: mlx.core.array | None = None, clip_factor: mlx.core.array | None = None, master_params: Sequence[mlx.core.array | None] | None = None, rounding_seed: int | None = None, rounding_step: mlx.core.array | None = None) -> None: ...
+    def __init__(self, *, momentum: float = 0.0, weight_decay: float = 0.0, dampening: float = 0.0, nesterov: bool = False, maximize: bool = False, grad_scale: mlx.core.array | None = None, skip: mlx.core.array | None = None, clip_factor: mlx.core.array | None = None, master_params: list[mlx.core.array | None] = [], rounding_seed: int | None = None, rounding_step: mlx.core.array | None = None) -> None: ...
+
+    def validate(self) -> None: ...
 
     @property
     def momentum(self) -> float: ...
@@ -128,8 +130,6 @@ class SGDSettings:
 
     @rounding_step.setter
     def rounding_step(self, arg: mlx.core.array | None, /) -> None: ...
-
-    def validate(self) -> None: ...
 
 def sgd_update(params: list[mlx.core.array], grads: list[mlx.core.array], velocities: list[mlx.core.array], settings: SGDSettings, *, learning_rate: mlx.core.array | None = None, step: mlx.core.array | None = None, schedule: tuple[float, float, int] | None = None, tensors_per_primitive: int = 4, fallback: bool = False, stream: mlx.core.Stream | mlx.core.Device | None = None) -> tuple[list[mlx.core.array], list[mlx.core.array], list[mlx.core.array | None]]:
     """

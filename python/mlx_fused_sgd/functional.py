@@ -200,7 +200,7 @@ def sgd_settings(
         grad_scale=as_grad_scale(grad_scale),
         skip=skip,
         clip_factor=_clip(clip_factor, max_grad_norm, grads, grad_scale),
-        master_params=None if master_params is None else list(master_params),
+        master_params=[] if master_params is None else list(master_params),
         rounding_seed=check_rounding_seed(rounding_seed),
         rounding_step=_as_step(rounding_step),
     )
