@@ -389,10 +389,10 @@ std::pair<mx::array, std::optional<mx::array>> update_with_stock_ops(
       v.dampening() ? mx::multiply(weak(exact.dampening_scale, g.dtype()), g, s)
                   : g,
       s);
-  auto update =
-      v.nesterov()
-          ? mx::add(g, mx::multiply(weak(exact.momentum, vel.dtype()), vel, s), s)
-          : vel;
+  auto update = v.nesterov()
+      ? mx::add(
+            g, mx::multiply(weak(exact.momentum, vel.dtype()), vel, s), s)
+      : vel;
   auto updated = mx::subtract(param, mx::multiply(lr_in_dtype, update, s), s);
   return {keep_if_skipped(updated, param), keep_if_skipped(vel, old_vel)};
 }
@@ -454,7 +454,10 @@ SGDResult sgd_update_composed(
     auto p = mx::astype(params[i], mx::float32, s);
     if (master) {
       p = mx::where(
-          mx::equal(mx::astype(*master, dtype, s), params[i], s), *master, p, s);
+          mx::equal(mx::astype(*master, dtype, s), params[i], s),
+          *master,
+          p,
+          s);
     }
     auto g = mx::astype(grads[i], mx::float32, s);
     if (v.scale_grad()) {
