@@ -105,6 +105,37 @@ def test_a_part_over_the_limit_is_refused(files, tmp_path):
         gpu_pack.verify(parts, limit=100 * KIB)
 
 
+def test_parts_built_from_other_sources_are_refused(files, tmp_path):
+    repo = tmp_path / "repo"
+    for name in (
+        "CMakeLists.txt",
+        "pyproject.toml",
+        "cmake/MetalToolchain.cmake",
+        "csrc/sgd_update.cpp",
+        "kernels/sgd_math.h",
+        "python/mlx_fused_sgd/__init__.py",
+    ):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(f"// {name}\n")
+    out = tmp_path / "out"
+    manifest = gpu_pack.pack(files, out, 200 * KIB, source=gpu_pack.source_digest(repo))
+    parts = [out / p for p in manifest["parts"]]
+    gpu_pack.check_source(parts, repo)
+    # The last part alone (the first was staged by an earlier call).
+    gpu_pack.check_source(parts[-1:], repo)
+    # Bytecode is not a source.
+    cache = repo / "python/mlx_fused_sgd/__pycache__"
+    cache.mkdir()
+    (cache / "x.pyc").write_bytes(b"0")
+    gpu_pack.check_source(parts, repo)
+    (repo / "kernels/sgd_math.h").write_text("// changed\n")
+    with pytest.raises(gpu_pack.PackError, match="built from other sources"):
+        gpu_pack.check_source(parts, repo)
+    gpu_pack.pack(files, out, 200 * KIB)
+    with pytest.raises(gpu_pack.PackError, match="no source digest"):
+        gpu_pack.check_source([out / "a"], repo)
+
+
 def test_probe_parity_passes_and_can_fail(monkeypatch):
     """The probe's parity check on the CPU: FusedSGD against stock in float32
     and against itself; with a learning rate off by one ulp it must fail."""
@@ -207,3 +238,5 @@ def test_the_prepared_parts_are_complete_and_each_fits_one_transfer():
     names = {f["name"].split("-")[0] for f in manifest["files"]}
     assert {"mlx", "mlx_cuda_13", "nanobind", "mlx_lm", "mlx_fused_sgd"} <= names
     assert [p.name for p in parts] == manifest["parts"]
+    # Built from this checkout's sources (else: prepare again).
+    gpu_pack.check_source(parts, ROOT)

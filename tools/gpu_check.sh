@@ -102,7 +102,8 @@ prepare() {
     "$work/venv/bin/pip" wheel -q --no-build-isolation --no-deps -w "$work/wheels" . ||
     die "the build failed"
   echo "== packing into $dir"
-  python3 tools/gpu_pack.py pack --limit-mib "$LIMIT_MIB" --out "$dir" "$work"/wheels/*.whl ||
+  python3 tools/gpu_pack.py pack --limit-mib "$LIMIT_MIB" --source-root . --out "$dir" \
+    "$work"/wheels/*.whl ||
     exit 1
   local parts
   parts=$(ls "$dir")
@@ -172,6 +173,12 @@ run() {
   : >"$LOG"
   DEADLINE=$(($(date +%s) + ${MFS_GPU_CHECK_BUDGET_S:-510}))
   if [[ "$device" == gpu ]]; then
+    # Before anything else: parts built from other sources would spend the
+    # window checking old kernels.
+    python3 tools/gpu_pack.py check-source --root . "$dir"/*/ >>"$LOG" 2>&1 || {
+      tail -1 "$LOG"
+      die "stale parts (log: $LOG)"
+    }
     echo "== install" | tee -a "$LOG"
     install_parts "$dir" >>"$LOG" 2>&1 || {
       tail -5 "$LOG"
@@ -219,6 +226,7 @@ dryrun() {
       die "$part with the repository is over the ${CALL_LIMIT_MIB} MiB a call carries"
   done
   python3 tools/gpu_pack.py verify "$dir"/*/ --limit-mib "$LIMIT_MIB" || exit 1
+  python3 tools/gpu_pack.py check-source --root . "$dir"/*/ || exit 1
   local tmp
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' RETURN

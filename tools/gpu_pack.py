@@ -8,9 +8,14 @@ manifest (sizes and SHA-256 of every piece and every whole file) into each
 part; ``unpack`` checks every piece against it and refuses with the name of
 what is missing or damaged, so an incomplete transfer never installs.
 
-    python tools/gpu_pack.py pack --limit-mib 60 --out DIR FILE...
+    python tools/gpu_pack.py pack --limit-mib 60 --source-root . --out DIR FILE...
     python tools/gpu_pack.py verify DIR/a DIR/b
+    python tools/gpu_pack.py check-source --root . DIR/b
     python tools/gpu_pack.py unpack --out WHEELS SOURCE_DIR...
+
+A packing also records the digest of the sources its wheel was built from;
+``check-source`` refuses parts built from other sources than the checkout's
+(a stale wheel would spend the borrowed minutes checking old kernels).
 
 Standard library only: it runs on the GPU machine before anything is
 installed there.
@@ -33,8 +38,20 @@ MIB = 1 << 20
 DEFAULT_LIMIT_MIB = 60
 
 
+# What this package's wheel is built from (folders walked, __pycache__ left
+# out).
+SOURCE_PATHS = (
+    "CMakeLists.txt",
+    "pyproject.toml",
+    "cmake",
+    "csrc",
+    "kernels",
+    "python/mlx_fused_sgd",
+)
+
+
 class PackError(Exception):
-    """A part or piece is missing, oversized or damaged."""
+    """A part or piece is missing, oversized, damaged or stale."""
 
 
 def _sha256(path: Path) -> str:
@@ -45,10 +62,30 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def pack(files: list[Path], out: Path, limit: int) -> dict:
+def source_digest(root: Path) -> str:
+    """SHA-256 over the names and contents of the sources under ``root``
+    that the wheel is built from."""
+    digest = hashlib.sha256()
+    for top in SOURCE_PATHS:
+        base = root / top
+        if base.is_file():
+            found = [base]
+        else:
+            found = sorted(
+                p
+                for p in base.rglob("*")
+                if p.is_file() and "__pycache__" not in p.parts
+            )
+        for path in found:
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            digest.update(_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def pack(files: list[Path], out: Path, limit: int, source: str | None = None) -> dict:
     """Cut ``files`` into pieces and fill parts ``out/a``, ``out/b``, ...,
-    each holding at most ``limit`` bytes (its manifest included). Returns
-    the manifest."""
+    each holding at most ``limit`` bytes (its manifest included), recording
+    ``source`` (a :func:`source_digest`). Returns the manifest."""
     room = 64 * 1024  # for the manifest, in each part
     if limit <= room:
         raise PackError(f"limit must leave room for the manifest: {limit} bytes")
@@ -86,7 +123,7 @@ def pack(files: list[Path], out: Path, limit: int) -> dict:
                 if f.tell() >= entry["size"]:
                     break
         entries.append(entry)
-    manifest = {"limit": limit, "parts": parts, "files": entries}
+    manifest = {"limit": limit, "parts": parts, "files": entries, "source": source}
     for part in parts:
         (out / part / MANIFEST).write_text(json.dumps(manifest, indent=1))
     verify([out / p for p in parts], limit=limit)
@@ -143,6 +180,23 @@ def verify(sources: list[Path], limit: int | None = None) -> dict:
     return manifest
 
 
+def check_source(sources: list[Path], root: Path) -> None:
+    """Refuse parts whose wheel was built from other sources than those
+    under ``root``."""
+    recorded = _manifest(sources).get("source")
+    if recorded is None:
+        raise PackError(
+            "the parts record no source digest: prepare again "
+            "(tools/gpu_check.sh prepare)"
+        )
+    if recorded != source_digest(root):
+        raise PackError(
+            f"the parts were built from other sources than those in {root} "
+            f"({', '.join(SOURCE_PATHS)}): prepare again "
+            "(tools/gpu_check.sh prepare) and send the new parts"
+        )
+
+
 def unpack(sources: list[Path], out: Path) -> list[Path]:
     """Put every file back together in ``out``; each is checked whole."""
     manifest = verify(sources)
@@ -166,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--limit-mib", type=float, default=DEFAULT_LIMIT_MIB)
+    p.add_argument(
+        "--source-root", type=Path, help="record the digest of this checkout"
+    )
+    c = sub.add_parser("check-source", help="refuse parts built from other sources")
+    c.add_argument("sources", nargs="+", type=Path)
+    c.add_argument("--root", type=Path, required=True)
     v = sub.add_parser("verify", help="check the parts against their manifest")
     v.add_argument("sources", nargs="+", type=Path)
     v.add_argument("--limit-mib", type=float, default=None)
@@ -175,7 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "pack":
-            manifest = pack(args.files, args.out, int(args.limit_mib * MIB))
+            source = (
+                None if args.source_root is None else source_digest(args.source_root)
+            )
+            manifest = pack(args.files, args.out, int(args.limit_mib * MIB), source)
             for part in manifest["parts"]:
                 folder = args.out / part
                 size = sum(f.stat().st_size for f in folder.iterdir())
@@ -184,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
             limit = None if args.limit_mib is None else int(args.limit_mib * MIB)
             manifest = verify(args.sources, limit)
             print(f"complete: {len(manifest['files'])} files")
+        elif args.command == "check-source":
+            check_source(args.sources, args.root)
+            print(f"built from the sources in {args.root}")
         else:
             for path in unpack(args.sources, args.out):
                 print(path)
