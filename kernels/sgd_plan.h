@@ -41,7 +41,8 @@ struct SGDArgs {
   uint64_t rounding_seed;   // stochastic rounding: the user's seed
   uint64_t rounding_tensor; // ... and this tensor's index in the update
   // The update's options as the per-element math takes them (its float32
-  // constants and run-time flags), read here by every thread.
+  // constants and run-time flags); the kernels read them here, by
+  // reference.
   math::SGDHyper hyper;
   float init;        // float32(init), when scheduled
   float decay_rate;  // float32(decay_rate), when scheduled
@@ -89,8 +90,8 @@ struct SGDInputs {
 struct SGDVariant {
   bool momentum; // a momentum buffer is read and written
   bool maximize;
-  bool skip;
-  bool clip;
+  bool skip; // SGDInputs::skip
+  bool clip; // SGDInputs::clip
   // How updated params are stored: math::kRoundNearest, kRoundStochastic
   // (with a step input and `seed`) or kMasterWeights (with master inputs).
   int rounding;
