@@ -1,7 +1,8 @@
 // One element of a GPU update: the loads, the per-element math of
 // kernels/sgd_math.h, and the stores (a skipped step's copy, master weights,
 // stochastic rounding). Shared by the Metal kernels (kernels/*.metal) and the
-// CUDA kernels (kernels/*.cuh), which differ only in how they pick elements.
+// CUDA kernels (kernels/*.cuh), which differ only in how they pick elements;
+// the CPU loop reads its step's scalars with launch_step_scalars too.
 #pragma once
 
 #include "kernels/sgd_plan.h"

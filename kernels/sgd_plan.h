@@ -129,11 +129,6 @@ struct SGDVariant {
     return hyper.scale_grad;
   }
 
-  // The divisor of a launch: the loss scale, negated for maximize (exact).
-  float grad_divisor(float grad_scale) const {
-    return maximize ? -grad_scale : grad_scale;
-  }
-
   bool operator==(const SGDVariant&) const = default;
 };
 

@@ -7,6 +7,7 @@
 #include "common/sgd_update.h"
 #include "cpu/sgd_cpu_kernel.h"
 #include "cpu/thread_pool.h"
+#include "kernels/sgd_element.h"
 #include "sgd_update.h"
 #include "utils.h"
 
@@ -134,6 +135,9 @@ void SGDUpdate::eval_cpu(
           momentum ? inputs[2 * n].dtype() : inputs[0].dtype()),
       variant_.momentum,
       variant_.rounding};
+  // The launch constants the GPU kernels take: the CPU reads its step's
+  // scalars with the same code (element::launch_step_scalars).
+  const auto args = launch::sgd_args(variant_, fused_schedule(), 0);
   encoder.dispatch([tensors = std::move(tensors),
                     key,
                     lr_ptr,
@@ -141,37 +145,27 @@ void SGDUpdate::eval_cpu(
                     skip_ptr,
                     clip_ptr,
                     rounding_step_ptr,
-                    schedule = schedule_,
-                    variant = variant_]() mutable {
-    // The learning rate, the loss scale and the rounding step are read when
-    // the task runs, after the ops that produce them have run.
-    math::StepScalars scalars = {0.0f, 1.0f, 1.0f};
-    if (schedule) {
-      scalars.lr = math::step_decay_lr<uint64_t>(
-          *static_cast<const uint64_t*>(lr_ptr),
-          static_cast<uint64_t>(schedule->step_size),
-          static_cast<float>(schedule->init),
-          static_cast<float>(schedule->decay_rate));
-    } else {
-      scalars.lr = *static_cast<const float*>(lr_ptr);
-    }
-    if (scale_ptr != nullptr) {
-      scalars.grad_divisor = variant.grad_divisor(*scale_ptr);
-    }
-    if (clip_ptr != nullptr) {
-      scalars.clip_factor = *clip_ptr;
-    }
+                    args]() mutable {
+    // The learning rate (or step counter), the loss scale, the clip factor
+    // and the rounding step are read when the task runs, after the ops that
+    // produce them have run.
+    const math::StepScalars scalars = element::launch_step_scalars(
+        static_cast<const float*>(lr_ptr),
+        static_cast<const uint64_t*>(lr_ptr),
+        scale_ptr,
+        clip_ptr,
+        args);
     if (rounding_step_ptr != nullptr) {
       for (auto& t : tensors) {
         t.rounding_stream = math::rounding_stream(
-            variant.seed, *rounding_step_ptr, t.rounding_tensor);
+            args.rounding_seed, *rounding_step_ptr, t.rounding_tensor);
       }
     }
     sgd_chunk(
         tensors,
         key,
         scalars,
-        variant.hyper,
+        args.hyper,
         skip_ptr != nullptr && *skip_ptr != 0);
   });
 }
