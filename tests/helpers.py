@@ -230,6 +230,46 @@ def host_ptr(x: np.ndarray):
     return x.ctypes.data_as(ctypes.c_void_p)
 
 
+# Sentinel bytes around the tensors the kernel harnesses hand the kernels. A
+# kernel that strays past its tensor (on a GPU a fault, or a neighbour's data
+# silently overwritten) then reads memory the test owns, and what it writes
+# there is caught by assert_in_bounds; past a bare NumPy buffer it would be
+# undefined behaviour on the host's heap, which once hung a mutant's check
+# in CI instead of failing it. 16 KiB: a CUDA chunk of float32 each side.
+GUARD_BYTES = 16384
+SENTINEL = 0xA5
+
+
+def guarded(x: np.ndarray, misaligned: bool = False) -> np.ndarray:
+    """A copy of ``x`` with GUARD_BYTES of sentinel bytes each side, starting
+    on a 16-byte boundary or, ``misaligned``, one element past one (a CUDA
+    kernel must then take its scalar path)."""
+    x = np.ascontiguousarray(x)
+    raw = np.full(x.nbytes + 2 * GUARD_BYTES + 32, SENTINEL, np.uint8)
+    start = GUARD_BYTES + (-raw.ctypes.data) % 16 + (x.itemsize if misaligned else 0)
+    out = raw[start : start + x.nbytes].view(x.dtype).reshape(x.shape)
+    out[...] = x
+    return out
+
+
+def assert_in_bounds(buffers, what: str) -> None:
+    """Every ``guarded`` buffer's sentinel bytes are intact: nothing wrote
+    outside the tensor."""
+    for i, x in enumerate(buffers):
+        raw = x.base
+        assert raw is not None and raw.dtype == np.uint8, "not a guarded buffer"
+        start = x.ctypes.data - raw.ctypes.data
+        outside = np.concatenate([raw[:start], raw[start + x.nbytes :]])
+        wrote = np.flatnonzero(outside != SENTINEL)
+        if wrote.size:
+            first = int(wrote[0]) - start
+            first += x.nbytes if first >= 0 else 0  # past the end
+            raise AssertionError(
+                f"the kernel wrote outside {what} of tensor {i}: {wrote.size} "
+                f"bytes, the first {first} from the tensor's first byte"
+            )
+
+
 def buffer_ptr(x):
     """Address of element 0 of a buffer, or of a strided view's first element
     inside its base buffer (so that negative strides stay in bounds)."""
@@ -244,7 +284,7 @@ class Strided:
     def __init__(self, base: mx.array, view):
         self.base = base
         self.array = view(base)
-        nb = host_bits(base)
+        nb = guarded(host_bits(base))
         self.buffer = nb
         # Element strides of the view over the base buffer, from NumPy.
         nview = view(nb)

@@ -29,14 +29,17 @@ import mlx_fused_sgd as mfs
 from helpers import (
     GENERAL_LAYOUTS,
     HOST_DTYPE,
+    SENTINEL,
     VARIANTS,
     Strided,
     arrays_of,
     assert_bitwise_equal,
+    assert_in_bounds,
     buffer_ptr,
     cfg_id,
     compile_harness,
     general_operands,
+    guarded,
     host_bits,
     host_ptr,
     norm_in_both_orders,
@@ -169,17 +172,6 @@ def _back(x: np.ndarray, shape, dtype):
     return arr.view(mx.bfloat16) if dtype == mx.bfloat16 else arr
 
 
-def _misaligned(x: np.ndarray) -> np.ndarray:
-    """A copy of ``x`` that starts 1 element past a 16-byte boundary (the
-    kernel must take its scalar path)."""
-    raw = np.zeros(x.size + 16, x.dtype)
-    start = (-raw.ctypes.data // x.itemsize) % (16 // x.itemsize) + 1
-    out = raw[start : start + x.size]
-    out[:] = x
-    assert out.ctypes.data % 16 != 0
-    return out
-
-
 def cuda_sgd_many(
     h,
     params,
@@ -200,21 +192,20 @@ def cuda_sgd_many(
     dtype = params[0].dtype
     state_dtype = velocities[0].dtype if velocities else dtype
 
-    def host(a, i):
-        x = host_bits(a).reshape(-1)
-        return _misaligned(x) if i in misaligned else x
+    # Tensors in `misaligned` start 1 element past a 16-byte boundary (the
+    # kernel must take its scalar path); every one has guard bytes around it.
+    def host(x, i):
+        return guarded(x.reshape(-1), misaligned=i in misaligned)
 
     ins = [
-        [host(a, i) for i, a in enumerate(arrays)]
+        [host(host_bits(a), i) for i, a in enumerate(arrays)]
         for arrays in (params, grads, velocities or grads)
     ]
-    m_in = [host(a, i) for i, a in enumerate(masters)] if masters else None
-    outs = []
-    for out_dtype in (HOST_DTYPE[dtype], HOST_DTYPE[state_dtype], np.float32):
-        bufs = [np.zeros(p.size, out_dtype) for p in params]
-        outs.append(
-            [_misaligned(b) if i in misaligned else b for i, b in enumerate(bufs)]
-        )
+    m_in = [host(host_bits(a), i) for i, a in enumerate(masters)] if masters else None
+    outs = [
+        [host(np.zeros(p.size, out_dtype), i) for i, p in enumerate(params)]
+        for out_dtype in (HOST_DTYPE[dtype], HOST_DTYPE[state_dtype], np.float32)
+    ]
     n = len(params)
 
     def table(xs):
@@ -243,6 +234,17 @@ def cuda_sgd_many(
         ctypes.byref(scalars),
     )
     assert rc == 0, f"run_sgd_multi returned {rc}"
+    names = (
+        "param",
+        "grad",
+        "momentum buffer",
+        "param out",
+        "momentum out",
+        "master out",
+    )
+    for what, bufs in zip(names, ins + outs):
+        assert_in_bounds(bufs, what)
+    assert_in_bounds(m_in or [], "master")
     result = [
         [_back(o, p.shape, t) for o, p in zip(out, params)]
         for out, t in zip(outs, (dtype, state_dtype, mx.float32))
@@ -672,8 +674,30 @@ MUTATIONS = {
 }
 
 
-# Run in a child process: a mutant may also crash (an out-of-bounds tensor, a
-# misaligned vector load), which on a GPU is a fault and here a signal.
+def test_guard_bytes_catch_a_write_outside_a_tensor():
+    """The guard bytes that catch a kernel straying past its tensor, where
+    the stray write would be undefined behaviour on the host's heap."""
+    for misaligned in (False, True):
+        x = guarded(np.arange(5, dtype=np.float32), misaligned)
+        assert (
+            np.array_equal(x, np.arange(5)) and (x.ctypes.data % 16 != 0) == misaligned
+        )
+        assert_in_bounds([x], "param")
+        start = x.ctypes.data - x.base.ctypes.data
+        for byte, first in ((start + x.nbytes + 3, 23), (start - 1, -1)):
+            x.base[byte] = 0
+            with pytest.raises(
+                AssertionError,
+                match=f"outside param of tensor 0: 1 bytes, the first {first} ",
+            ):
+                assert_in_bounds([x], "param")
+            x.base[byte] = SENTINEL
+
+
+# Run in a child process: a mutant may also crash (a misaligned vector load,
+# on a GPU a fault, here a signal). One that strays past its tensor is caught
+# by the guard bytes around every tensor (helpers.guarded), as an
+# AssertionError.
 CHECK_MUTANT = """
 import sys
 sys.path.insert(0, {tests!r})
