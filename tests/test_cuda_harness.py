@@ -285,7 +285,7 @@ def cuda_sgd_strided(
             strides.append(st)
     size = int(np.prod(shape)) if shape else 1
     outs = [
-        np.zeros(size, t)
+        guarded(np.zeros(size, t))
         for t in (HOST_DTYPE[dtype], HOST_DTYPE[state_dtype], np.float32)
     ]
     variant = _variant(
@@ -315,6 +315,8 @@ def cuda_sgd_strided(
         ctypes.byref(scalars),
     )
     assert rc == 0, f"run_sgd_strided returned {rc}"
+    for what, out in zip(("param out", "momentum out", "master out"), outs):
+        assert_in_bounds([out], what)
     result = [
         _back(o, shape, t) for o, t in zip(outs, (dtype, state_dtype, mx.float32))
     ]

@@ -28,10 +28,12 @@ from helpers import (
     Strided,
     arrays_of,
     assert_bitwise_equal,
+    assert_in_bounds,
     buffer_ptr,
     cfg_id,
     compile_harness,
     general_operands,
+    guarded,
     host_bits,
     host_ptr,
     norm_in_both_orders,
@@ -170,9 +172,9 @@ def metal_sgd(
             strides.append(st)
     vref = arrays[2].array if isinstance(arrays[2], Strided) else arrays[2]
     state_dtype = vref.dtype if velocity is not None else dtype
-    out_p = np.zeros(size, HOST_DTYPE[dtype])
-    out_v = np.zeros(size, HOST_DTYPE[state_dtype])
-    out_m = np.zeros(size, np.float32)
+    out_p = guarded(np.zeros(size, HOST_DTYPE[dtype]))
+    out_v = guarded(np.zeros(size, HOST_DTYPE[state_dtype]))
+    out_m = guarded(np.zeros(size, np.float32))
     rstep_arr = np.array([rounding_step], np.uint64)
     shape_arr = np.array(shape, np.int32) if shape else np.zeros(1, np.int32)
     lr_arr = np.array([lr if lr is not None else 0.0], np.float32)
@@ -224,6 +226,12 @@ def metal_sgd(
         host_ptr(rstep_arr),
     )
     assert rc == 0, f"kernel for {dtype} {cfg} not instantiated (rc {rc})"
+    for what, out in (
+        ("param out", out_p),
+        ("momentum out", out_v),
+        ("master out", out_m),
+    ):
+        assert_in_bounds([out], what)
 
     def back(x, dt):
         arr = mx.array(x.reshape(shape))
